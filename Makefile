@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make demo  (the end-to-end demo)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+# timm needs torchvision; torch 2.14.1 + torchvision 0.29.1 is the pair that lies on this
+# kind of machine's disk (the 2.13.0 CPU build has no importable torchvision beside it).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PIP     = $(VENV)/bin/python -m pip
+STAMP   = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: venv test test-all demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	# Name the torch pins again so the resolver can never swap them for another build.
+	$(PIP) install -q -e '.[test]' $(TORCH)
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+venv: $(STAMP)
+
+# The default tier: CPU only, what CI runs.
+test: venv
+	$(VENV)/bin/python -m pytest -m "not gpu" -q
+
+# Everything, including GPU tests (run where a GPU is).
+test-all: venv
+	$(VENV)/bin/python -m pytest -q
+
+demo: venv
+	$(VENV)/bin/fusedist demo
+
+bench: venv
+	$(VENV)/bin/python benchmarks/tiling.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

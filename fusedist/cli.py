@@ -1,0 +1,109 @@
+"""``fusedist``: one command, one subcommand per stage.
+
+Each subcommand loads its stage's typed config from a YAML recipe (``--config``), applies
+``--set key=value`` overrides and a few shortcut flags, and calls the stage's Python function.
+Exit status: 0 all good, 1 the job ran but some items failed (see the summary/manifest),
+2 bad configuration or input (nothing was done), 3 a storage/infrastructure failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from fusedist.config import ConfigError, load_config
+
+# Tracebacks never print local variables: they could hold credentials.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distributed training and fusion of pathology foundation models.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: key=value (repeatable).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Ray and friends are chatty at INFO; our own loggers carry the story.
+    for noisy in ("ray", "botocore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(code: int, msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(model, config: Optional[Path], overrides: Optional[List[str]], **fields):
+    try:
+        return load_config(model, config, overrides, **fields)
+    except ConfigError as e:
+        _fail(2, str(e))
+
+
+@app.command()
+def synth(config: Optional[Path] = ConfigOpt,
+          output: Optional[str] = typer.Option(None, help="Where slides and labels.csv go."),
+          num_slides: Optional[int] = typer.Option(None, help="How many slides."),
+          size: Optional[int] = typer.Option(None, help="Level-0 side in pixels."),
+          seed: Optional[int] = typer.Option(None, help="Random seed."),
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Make synthetic H&E-like slides (pyramidal TIFF) and their labels CSV."""
+    from fusedist.storage import StorageError
+    from fusedist.synth import SynthConfig, synthesize
+
+    _setup_logging(quiet)
+    cfg = _load(SynthConfig, config, set_, output=output, num_slides=num_slides, size=size,
+                seed=seed)
+    try:
+        records = synthesize(cfg, progress=not quiet)
+    except StorageError as e:
+        _fail(3, str(e))
+    typer.echo(f"wrote {len(records)} slides and labels.csv to {cfg.output}")
+
+
+@app.command()
+def tile(config: Optional[Path] = ConfigOpt,
+         input: Optional[str] = typer.Option(None, "--input", "-i",
+                                             help="Slide file or folder (path or s3://)."),
+         output: Optional[str] = typer.Option(None, "--output", "-o",
+                                              help="Root of tile datasets (path or s3://)."),
+         dataset: Optional[str] = typer.Option(None, help="Dataset folder name."),
+         mode: Optional[str] = typer.Option(None, help="pairs or grid."),
+         mpp_override: Optional[float] = typer.Option(
+             None, "--mpp-override", help="Level-0 µm/px for slides whose metadata has none."),
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Tile slides into WebDataset shards (pairs for XMAG, or a grid)."""
+    from fusedist.storage import StorageError
+    from fusedist.tiling import TileConfig, run_tile
+
+    _setup_logging(quiet)
+    cfg = _load(TileConfig, config, set_, input=input, output=output, dataset=dataset,
+                mode=mode, mpp_override=mpp_override)
+    try:
+        result = run_tile(cfg, progress=not quiet)
+    except ConfigError as e:
+        _fail(2, str(e))
+    except StorageError as e:
+        _fail(3, str(e))
+    typer.echo(result.summary())
+    typer.echo(f"manifest: {result.dataset_url}/manifest.json")
+    if result.failed:
+        _fail(1, f"{len(result.failed)} slide(s) failed; the others were tiled. "
+                 "Reasons are in the manifest.")
+
+
+def main() -> None:
+    # Ray workers inherit this; keep them from printing their own warnings about it.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    app(prog_name="fusedist")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Configuration of ``fusedist tile``."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.tiling.slide import SLIDE_EXTENSIONS
+from fusedist.tiling.tissue import TissueConfig
+
+
+class TileConfig(StrictModel):
+    """Whole-slide images -> WebDataset tile shards (``pairs`` for XMAG, or a ``grid``)."""
+
+    input: str
+    """A slide file, or a directory (local path or s3:// prefix) searched recursively."""
+
+    output: str = "data/tiles"
+    """Root for tile datasets; this run writes ``<output>/<dataset>/``."""
+
+    dataset: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the dataset folder (letters, digits, ``_.-``)."""
+
+    mode: Literal["pairs", "grid"] = "pairs"
+    """``pairs``: a 20x region (hi.jpg) with the same region at 5x (lo.jpg), for XMAG.
+    ``grid``: one tile per position (img.jpg) at ``tile_mpp``."""
+
+    hi_size: int = Field(896, gt=0)
+    """pairs: side of hi.jpg in pixels (896 = a 4x4 grid of 224 px teacher tiles)."""
+
+    hi_mpp: float = Field(0.5, gt=0)
+    """pairs: resolution of hi.jpg in µm/px (0.5 = 20x)."""
+
+    lo_size: int = Field(224, gt=0)
+    """pairs: side of lo.jpg in pixels; the same region, so lo mpp = hi_size*hi_mpp/lo_size."""
+
+    tile_size: int = Field(224, gt=0)
+    """grid: tile side in pixels."""
+
+    tile_mpp: float = Field(0.5, gt=0)
+    """grid: tile resolution in µm/px."""
+
+    overlap: int = Field(0, ge=0)
+    """grid: overlap between neighbouring tiles, in tile pixels."""
+
+    min_tissue: float = Field(0.5, ge=0.0, le=1.0)
+    """Keep a tile only if at least this fraction of it is tissue."""
+
+    max_tiles_per_slide: int | None = Field(None, gt=0)
+    """Keep at most this many tiles per slide (a seeded, reproducible subset)."""
+
+    seed: int = 0
+    """Seed of the ``max_tiles_per_slide`` subset."""
+
+    mpp_override: float | None = Field(None, gt=0)
+    """Level-0 µm/px for slides whose metadata has neither mpp nor objective power."""
+
+    force_mpp: bool = False
+    """Use ``mpp_override`` even when the slide's metadata has an mpp (wrong metadata)."""
+
+    mpp_tolerance: float = Field(0.15, ge=0.0, le=1.0)
+    """A slide up to this much coarser than the target (e.g. 0.55 vs 0.5 µm/px) is upsampled
+    slightly instead of failing."""
+
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    """JPEG quality of the tile images."""
+
+    samples_per_shard: int = Field(1000, gt=0)
+    """Tiles per shard (pairs are ~200 KB each: 5000 makes ~1 GB shards)."""
+
+    extensions: list[str] = Field(default_factory=lambda: list(SLIDE_EXTENSIONS))
+    """File extensions treated as slides when ``input`` is a directory."""
+
+    thumbnails: bool = True
+    """Write ``thumbnails/<slide_id>.png`` with the tissue mask and kept tiles outlined."""
+
+    overwrite: bool = False
+    """Allow re-tiling into a dataset folder made with a different config (replaces it)."""
+
+    task_cpus: float = Field(1.0, gt=0)
+    """CPUs each Ray task reserves."""
+
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    """Tissue detection settings."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Where Ray runs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint, retries and multipart settings."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TileConfig":
+        if self.mode == "pairs" and self.hi_size % 4:
+            raise ValueError(f"hi_size={self.hi_size} must be divisible by 4 (the teacher sees "
+                             "a 4x4 grid of sub-tiles); use e.g. 896")
+        if self.mode == "grid" and self.overlap >= self.tile_size:
+            raise ValueError(f"overlap={self.overlap} must be smaller than tile_size="
+                             f"{self.tile_size}")
+        return self
+
+    @field_validator("extensions")
+    @classmethod
+    def _dots(cls, v: list[str]) -> list[str]:
+        return [e.lower() if e.startswith(".") else f".{e.lower()}" for e in v]
+
+    # Everything that changes the bytes of a shard; the rest (where, how fast) does not.
+    RUN_ONLY: ClassVar[set[str]] = {"input", "output", "thumbnails", "overwrite", "task_cpus", "ray", "storage"}
+
+    @property
+    def out_size(self) -> int:
+        return self.hi_size if self.mode == "pairs" else self.tile_size
+
+    @property
+    def target_mpp(self) -> float:
+        return self.hi_mpp if self.mode == "pairs" else self.tile_mpp
+
+    @property
+    def lo_mpp(self) -> float:
+        return self.hi_size * self.hi_mpp / self.lo_size
+
+    @property
+    def step_px(self) -> int:
+        """Distance between neighbouring tiles in output pixels."""
+        return self.out_size - (self.overlap if self.mode == "grid" else 0)

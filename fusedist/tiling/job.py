@@ -1,0 +1,285 @@
+"""``fusedist tile``: slides -> WebDataset shards, as Ray tasks, resumable.
+
+Two phases. *Plan*: one task per slide opens it, finds tissue and lists its tiles (cheap; the
+plan is saved and reused on re-runs). *Write*: shard numbers are assigned in slide-id order
+(a slide's tiles fill ``samples_per_shard``-sized shards of its own), then one task per shard
+writes it atomically followed by its done-entry. A shard whose entry exists with the same
+digest is skipped, so a re-run after a kill finishes the work and yields the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fusedist import storage
+from fusedist.config import ConfigError, config_digest
+from fusedist.runtime import Rate, init_ray, run_tasks
+from fusedist.shards import shard_name
+from fusedist.tiling.config import TileConfig
+from fusedist.tiling.plan import (plan_slide, shard_digest, shard_state_url, slide_state_url,
+                                  write_slide_shard)
+from fusedist.tiling.slide import slide_id_for
+
+log = logging.getLogger("fusedist.tile")
+
+MANIFEST = "manifest.json"
+FORMAT = "fusedist.tiles/1"
+
+
+@dataclass
+class SlideInput:
+    slide_id: str
+    url: str
+    siblings: list[str] = field(default_factory=list)  # other files of a multi-file slide
+
+
+@dataclass
+class TileResult:
+    manifest: dict
+    dataset_url: str
+    written_shards: int = 0
+    written_tiles: int = 0
+    written_bytes: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def failed(self) -> list[dict]:
+        return [s for s in self.manifest["slides"] if s["status"] == "failed"]
+
+    def summary(self) -> str:
+        t = self.manifest["totals"]
+        rate = self.written_tiles / self.elapsed if self.elapsed else 0.0
+        mbs = self.written_bytes / 1e6 / self.elapsed if self.elapsed else 0.0
+        lines = [f"tiled {self.dataset_url}: {t['slides_ok']}/{t['slides']} slides ok, "
+                 f"{t['slides_failed']} failed, {t['slides_skipped']} skipped; "
+                 f"{t['tiles']} tiles in {t['shards']} shards ({t['bytes'] / 1e6:.1f} MB)",
+                 f"this run: wrote {self.written_shards} shards, {self.written_tiles} tiles in "
+                 f"{self.elapsed:.1f} s ({rate:.1f} tiles/s, {mbs:.1f} MB/s)"]
+        for s in self.failed:
+            lines.append(f"  FAILED {s['slide_id']} [{s['code']}]: {s['reason']}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def discover(cfg: TileConfig) -> list[SlideInput]:
+    """Slides under ``cfg.input`` (a file or a directory, searched recursively), id-sorted."""
+    src = cfg.input.rstrip("/")
+    exts = tuple(cfg.extensions)
+    if src.lower().endswith(exts) and storage.exists(src):
+        return [SlideInput(slide_id_for(src), src)]
+    rels = [r for r in storage.walk_files(src)
+            if r.lower().endswith(exts) and not any(p.startswith(".") for p in r.split("/"))]
+    if not rels:
+        raise ConfigError(f"no slides found at {cfg.input} (looked for {', '.join(exts)}); "
+                          "check the input path or set extensions")
+    # DICOM: every .dcm of a folder is a candidate slide; siblings travel along so OpenSlide
+    # sees the whole series, and files of one series are merged after planning.
+    by_dir: dict[str, list[str]] = {}
+    for r in rels:
+        if r.lower().endswith(".dcm"):
+            by_dir.setdefault(r.rsplit("/", 1)[0] if "/" in r else "", []).append(r)
+    slides, seen = [], set()
+    for r in rels:
+        sid = slide_id_for(r.rsplit(".", 1)[0].replace("/", "_") + "." + r.rsplit(".", 1)[-1])
+        if sid in seen:  # a.svs and a.tiff side by side
+            sid = f"{sid}_{r.rsplit('.', 1)[-1].lower()}"
+        seen.add(sid)
+        sib = []
+        if r.lower().endswith(".dcm"):
+            d = r.rsplit("/", 1)[0] if "/" in r else ""
+            sib = [storage.join(src, o) for o in by_dir[d] if o != r]
+        slides.append(SlideInput(sid, storage.join(src, r), sib))
+    return sorted(slides, key=lambda s: s.slide_id)
+
+
+def _identity(s: SlideInput) -> str:
+    """What identifies a slide file's content cheaply: its name(s) and size(s)."""
+    return ";".join(f"{storage.basename(u)}:{storage.size(u)}" for u in [s.url, *s.siblings])
+
+
+# ----------------------------------------------------------------------------- phases
+
+def _check_existing(cfg: TileConfig, dataset_url: str, digest: str) -> None:
+    url = storage.join(dataset_url, MANIFEST)
+    if not storage.exists(url) or cfg.overwrite:
+        return
+    old = storage.read_json(url)
+    if old.get("config_digest") != digest:
+        raise ConfigError(f"{dataset_url} already holds tiles made with a different tiling "
+                          "config; choose another --dataset/--output, or pass "
+                          "--set overwrite=true to replace them")
+
+
+def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
+    import ray
+
+    records: dict[str, dict] = {}
+    todo = []
+    for s in slides:
+        ident = _identity(s)
+        state = slide_state_url(dataset_url, s.slide_id)
+        if storage.exists(state):
+            rec = storage.read_json(state)
+            # Only successful plans are reused: a failure may have been transient.
+            if (rec.get("status") == "ok" and rec.get("config_digest") == digest
+                    and rec.get("identity") == ident and rec.get("url") == s.url):
+                records[s.slide_id] = rec
+                continue
+        todo.append((s, ident))
+    task = ray.remote(plan_slide).options(num_cpus=cfg.task_cpus, max_retries=2)
+    refs = [task.remote(cfg, dataset_url, s.slide_id, s.url, s.siblings, ident)
+            for s, ident in todo]
+    run_tasks(refs, lambda r: records.__setitem__(r["slide_id"], r),
+              f"plan {len(todo)} slides", "slide", progress)
+    return _merge_dicom_series([records[s.slide_id] for s in slides])
+
+
+def _merge_dicom_series(records: list[dict]) -> list[dict]:
+    """Files of one DICOM series describe one slide: keep the first, mark the rest."""
+    first: dict[tuple, str] = {}
+    for r in records:
+        series = r.get("dicom_series")
+        if not series:
+            continue
+        key = (r["url"].rsplit("/", 1)[0], series)
+        if key in first:
+            r.update(status="skipped", code="duplicate", tiles=0,
+                     reason=f"{r['url']}: another file of DICOM series {series} "
+                            f"(slide {first[key]})", coords=[], tissue=[])
+        else:
+            first[key] = r["slide_id"]
+    return records
+
+
+def _assign_shards(cfg: TileConfig, records: list[dict]) -> list[dict]:
+    """Global shard numbers in slide order; each slide's tiles fill shards of its own."""
+    specs, index = [], 0
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        for start in range(0, r["tiles"], cfg.samples_per_shard):
+            stop = min(start + cfg.samples_per_shard, r["tiles"])
+            specs.append({"name": shard_name(index), "record": r, "start": start, "stop": stop,
+                          "digest": shard_digest(r, start, stop)})
+            index += 1
+    return specs
+
+
+def _remove_stale(dataset_url: str, specs: list[dict]) -> None:
+    """Shards from an earlier, different plan (slides removed or re-planned) are deleted."""
+    planned = {s["name"] for s in specs}
+    for entry in storage.listdir(storage.join(dataset_url, "_state", "shards"), ".json"):
+        name = entry[: -len(".json")]
+        if name not in planned:
+            storage.delete(storage.join(dataset_url, "_state", "shards", entry))
+            storage.delete(storage.join(dataset_url, name))
+
+
+def _clean_temp_files(dataset_url: str) -> None:
+    """Temp files of a killed local run (S3 uploads leave nothing visible)."""
+    if storage.is_s3(dataset_url):
+        return
+    root = storage.local_path(dataset_url)
+    if root.exists():
+        for p in root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+@dataclass
+class WriteStats:
+    shards: int = 0
+    tiles: int = 0
+    bytes: int = 0
+
+
+def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, dict, WriteStats]:
+    import ray
+
+    entries: dict[str, dict] = {}
+    failures: dict[str, dict] = {}
+    todo = []
+    for s in specs:
+        state = shard_state_url(dataset_url, s["name"])
+        if storage.exists(state):
+            e = storage.read_json(state)
+            if e.get("digest") == s["digest"] and storage.exists(
+                    storage.join(dataset_url, s["name"])):
+                entries[s["name"]] = e
+                continue
+        todo.append(s)
+    rate = Rate("tiles")
+    stats = WriteStats()
+
+    def done(e: dict) -> None:
+        if e["status"] == "ok":
+            entries[e["name"]] = e
+            rate.add(e["samples"])
+            stats.shards += 1
+            stats.tiles += e["samples"]
+            stats.bytes += e["bytes"]
+        else:
+            failures.setdefault(e["slide_id"], e)
+
+    task = ray.remote(write_slide_shard).options(num_cpus=cfg.task_cpus, max_retries=2)
+    refs = [task.remote(cfg, dataset_url, s["record"], s["name"], s["start"], s["stop"],
+                        s["digest"], slides_by_id[s["record"]["slide_id"]].siblings)
+            for s in todo]
+    run_tasks(refs, done, f"write {len(todo)} shards", "shard", progress, rate=lambda: str(rate))
+    return entries, failures, stats
+
+
+def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> dict:
+    for sid, f in failures.items():
+        rec = next(r for r in records if r["slide_id"] == sid)
+        rec.update(status="failed", code=f["code"], reason=f["reason"])
+        # Re-plan this slide next time rather than trusting the plan.
+        storage.write_json(slide_state_url(dataset_url, sid), rec)
+    shard_rows = []
+    for s in specs:
+        r = s["record"]
+        if r["status"] == "ok" and s["name"] in entries:
+            e = entries[s["name"]]
+            shard_rows.append({k: e[k] for k in ("name", "slide_id", "samples", "bytes",
+                                                  "sha256")})
+            r["shards"].append(s["name"])
+    slides = []
+    for r in records:
+        row = {k: v for k, v in r.items() if k not in ("coords", "tissue", "config_digest",
+                                                      "dicom_series")}
+        slides.append(row)
+    ok = [r for r in records if r["status"] == "ok"]
+    totals = {"slides": len(records), "slides_ok": len(ok),
+              "slides_failed": sum(r["status"] == "failed" for r in records),
+              "slides_skipped": sum(r["status"] == "skipped" for r in records),
+              "tiles": sum(s["samples"] for s in shard_rows), "shards": len(shard_rows),
+              "bytes": sum(s["bytes"] for s in shard_rows)}
+    return {"format": FORMAT, "dataset": cfg.dataset, "mode": cfg.mode,
+            "config": cfg.model_dump(mode="json", exclude=TileConfig.RUN_ONLY),
+            "config_digest": digest, "shards": shard_rows, "slides": slides, "totals": totals}
+
+
+def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
+    """Tile every slide of ``cfg.input`` into ``<output>/<dataset>``; see the module doc."""
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    dataset_url = storage.join(cfg.output, cfg.dataset)
+    digest = config_digest(cfg, TileConfig.RUN_ONLY)
+    _check_existing(cfg, dataset_url, digest)
+    slides = discover(cfg)
+    _clean_temp_files(dataset_url)
+    init_ray(cfg.ray)
+    records = _plan_all(cfg, dataset_url, slides, digest, progress)
+    specs = _assign_shards(cfg, records)
+    _remove_stale(dataset_url, specs)
+    for r in records:
+        r["shards"] = []
+    entries, failures, stats = _write_all(cfg, dataset_url, specs,
+                                         {s.slide_id: s for s in slides}, progress)
+    manifest = _manifest(cfg, dataset_url, digest, records, specs, entries, failures)
+    storage.write_json(storage.join(dataset_url, MANIFEST), manifest)
+    return TileResult(manifest, dataset_url, written_shards=stats.shards,
+                      written_tiles=stats.tiles, written_bytes=stats.bytes,
+                      elapsed=time.perf_counter() - t0)

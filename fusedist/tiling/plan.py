@@ -1,0 +1,172 @@
+"""Per-slide work of ``fusedist tile``: plan a slide's tiles, then write its shards.
+
+Both functions run inside Ray tasks and return plain dicts. A per-slide problem becomes a
+``failed`` record with a code and a reason; only storage failures raise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from fusedist import shards, storage
+from fusedist.tiling.config import TileConfig
+from fusedist.tiling.slide import (Geometry, SlideError, open_slide, plan_geometry, read_thumbnail,
+                                   read_tile, resolve_mpp)
+from fusedist.tiling.tissue import draw_overview, tile_fractions, tissue_mask
+
+
+def slide_state_url(dataset_url: str, slide_id: str) -> str:
+    return storage.join(dataset_url, "_state", "slides", f"{slide_id}.json")
+
+
+def shard_state_url(dataset_url: str, name: str) -> str:
+    return storage.join(dataset_url, "_state", "shards", f"{name}.json")
+
+
+def local_copy(url: str, siblings: list[str]) -> Path:
+    """A local path OpenSlide can open; multi-file formats (DICOM) fetch their siblings too."""
+    for s in siblings:
+        storage.fetch_local(s)
+    return storage.fetch_local(url)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_slide(path: str):
+    # Shard tasks of one slide often land on the same worker: reuse the open handle.
+    return open_slide(path)
+
+
+def _geometry(slide, cfg: TileConfig, mpp0: float, name: str) -> Geometry:
+    return plan_geometry(slide, mpp0, cfg.target_mpp, cfg.out_size, name, cfg.mpp_tolerance)
+
+
+def _grid(w0: int, h0: int, geo: Geometry, step0: int) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.arange(0, w0 - geo.size0 + 1, step0, dtype=np.int64)
+    ys = np.arange(0, h0 - geo.size0 + 1, step0, dtype=np.int64)
+    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
+    return gx.ravel(), gy.ravel()
+
+
+def plan_slide(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
+               siblings: list[str], identity: str) -> dict:
+    """Open one slide, find its tissue and choose its tiles. Returns the slide's record."""
+    storage.configure(cfg.storage)
+    from fusedist.config import config_digest
+
+    record = {"slide_id": slide_id, "url": url, "identity": identity,
+              "config_digest": config_digest(cfg, TileConfig.RUN_ONLY), "tiles": 0,
+              "shards": []}
+    try:
+        # _plan fills the record as it learns (mpp, size...), so a failure keeps what was known.
+        _plan(cfg, dataset_url, slide_id, url, siblings, record)
+        record["status"] = "ok"
+    except SlideError as e:
+        record.update(status="failed", code=e.code, reason=e.message)
+    except FileNotFoundError as e:
+        record.update(status="failed", code="missing", reason=f"{url}: {e}")
+    storage.write_json(slide_state_url(dataset_url, slide_id), record)
+    return record
+
+
+def _plan(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
+          siblings: list[str], info: dict) -> None:
+    path = local_copy(url, siblings)
+    slide = open_slide(path, url)
+    props = dict(slide.properties)
+    w0, h0 = slide.dimensions
+    info.update(level0_size=[w0, h0], vendor=props.get("openslide.vendor", ""),
+                dicom_series=props.get("dicom.SeriesInstanceUID"))
+    mpp = resolve_mpp(props, url, cfg.mpp_override, cfg.force_mpp)
+    info.update(mpp0=mpp.value, mpp_source=mpp.source)
+    geo = _geometry(slide, cfg, mpp.value, url)
+    info["read_level"] = geo.level
+    # The thumbnail decodes the slide's pixels: a corrupt file fails here as "unreadable"
+    # before any judgement about its size.
+    thumb, scale = read_thumbnail(slide, cfg.tissue.thumbnail_mpp, mpp.value, url)
+    if w0 < geo.size0 or h0 < geo.size0:
+        raise SlideError("too_small", f"{url}: {w0}x{h0} px at level 0 is smaller than one tile "
+                         f"({geo.size0}x{geo.size0} level-0 px = {cfg.out_size} px at "
+                         f"{cfg.target_mpp:g} µm/px); use a smaller tile or leave it out")
+    thumb_mpp = mpp.value / scale
+    mask = tissue_mask(thumb, thumb_mpp, cfg.tissue)
+    step0 = max(1, round(cfg.step_px * cfg.target_mpp / mpp.value))
+    xs, ys = _grid(w0, h0, geo, step0)
+    frac = tile_fractions(mask, scale, xs, ys, geo.size0)
+    keep = frac >= cfg.min_tissue
+    if cfg.max_tiles_per_slide and keep.sum() > cfg.max_tiles_per_slide:
+        rng = np.random.default_rng([cfg.seed, int(hashlib.sha256(slide_id.encode()).hexdigest()[:8], 16)])
+        idx = np.sort(rng.choice(np.flatnonzero(keep), cfg.max_tiles_per_slide, replace=False))
+        keep = np.zeros_like(keep)
+        keep[idx] = True
+    xs, ys, frac = xs[keep], ys[keep], frac[keep]
+    if cfg.thumbnails:
+        buf = io.BytesIO()
+        draw_overview(thumb, mask, scale, xs, ys, geo.size0).save(buf, "PNG")
+        storage.write_bytes(storage.join(dataset_url, "thumbnails", f"{slide_id}.png"),
+                            buf.getvalue())
+        info["thumbnail"] = f"thumbnails/{slide_id}.png"
+    if len(xs) == 0:
+        best = float(tile_fractions(mask, scale, *_grid(w0, h0, geo, step0), geo.size0).max(
+            initial=0.0))
+        raise SlideError("no_tissue", f"{url}: no tile reaches min_tissue={cfg.min_tissue} "
+                         f"(best tile: {best:.2f}); check the thumbnail, or lower it with "
+                         "--set min_tissue=...")
+    info.update(tiles=int(len(xs)), coords=np.stack([xs, ys], 1).tolist(),
+                tissue=np.round(frac, 4).tolist())
+
+
+def shard_digest(record: dict, start: int, stop: int) -> str:
+    """What a shard's bytes depend on: the config, the slide file and its tile list."""
+    payload = [record["config_digest"], record["slide_id"], record["identity"],
+               record["coords"][start:stop]]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
+             geo: Geometry) -> Iterator[tuple[str, dict]]:
+    sid = record["slide_id"]
+    for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
+        img = read_tile(slide, x, y, geo, record["url"])
+        meta = {"slide_id": sid, "dataset": cfg.dataset, "x": x, "y": y,
+                "mpp0": record["mpp0"], "tile_mpp": cfg.target_mpp, "size": cfg.out_size,
+                "tissue": frac}
+        if cfg.mode == "pairs":
+            # lo is made from the decoded-free hi pixels, so both JPEGs see the same region.
+            lo = img.resize((cfg.lo_size, cfg.lo_size), Image.Resampling.LANCZOS)
+            meta.update(lo_mpp=cfg.lo_mpp, lo_size=cfg.lo_size)
+            yield f"{sid}/{x}_{y}", {"hi.jpg": _jpeg(img, cfg.jpeg_quality),
+                                     "lo.jpg": _jpeg(lo, cfg.jpeg_quality), "meta.json": meta}
+        else:
+            yield f"{sid}/{x}_{y}", {"img.jpg": _jpeg(img, cfg.jpeg_quality), "meta.json": meta}
+
+
+def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str,
+                      start: int, stop: int, digest: str, siblings: list[str]) -> dict:
+    """Write one shard of a slide's tiles [start, stop) and then its done-entry."""
+    storage.configure(cfg.storage)
+    try:
+        slide = _cached_slide(str(local_copy(record["url"], siblings)))
+        geo = _geometry(slide, cfg, record["mpp0"], record["url"])
+        info = shards.write_shard(storage.join(dataset_url, name),
+                                  _samples(cfg, slide, record, start, stop, geo))
+    except SlideError as e:
+        return {"name": name, "slide_id": record["slide_id"], "status": "failed",
+                "code": e.code, "reason": e.message}
+    entry = {"name": name, "slide_id": record["slide_id"], "start": start, "stop": stop,
+             "digest": digest, "status": "ok", **info}
+    storage.write_json(shard_state_url(dataset_url, name), entry)
+    return entry
