@@ -1,0 +1,531 @@
+"""Streaming shard reader for training, with a resumable cursor.
+
+One epoch is a deterministic function of ``(seed, epoch)`` and the manifest:
+
+1. The shards listed in ``manifest.json`` are permuted by ``rng(seed, epoch)`` and their samples
+   concatenated into one global stream of ``N`` samples.
+2. The stream is cut into ``R * W`` contiguous blocks, one per *slot* (rank ``r``, loader worker
+   ``w``; ``slot = r * W + w``), sizes differing by at most one. Cutting samples rather than
+   shards means every slot gets work even with fewer shards than slots (WebDataset's shard split
+   hangs DDP there), and a slot reads only its part of a shard.
+3. A slot reads up to ``interleave`` of its shard pieces round-robin (a shard is one slide, so
+   this mixes slides), then a shuffle buffer seeded from ``(seed, epoch, slot)`` reorders it.
+
+Every yielded sample carries ``__key__``, ``__shard__``, ``__epoch__``, ``__slot__`` and
+``__index__`` (its position in the slot's stream). A training loop feeds the batches it has
+consumed to :meth:`Cursor.update`; a reader built with that cursor replays each slot's stream
+index-only (no payload kept, no decoding) and yields exactly the rest, in the same order an
+uninterrupted run would have (WebDataset has no mid-epoch resume, hence this module).
+
+Typical DDP loop (``equal=True`` so every rank takes the same number of steps)::
+
+    reader = ShardReader([tiles, feats], seed=0, equal=True, cursor=saved_or_None)
+    loader = DataLoader(reader, batch_size=64, num_workers=4)  # not persistent_workers
+    cursor = Cursor.from_dict(saved) if saved else reader.cursor(num_workers=4)
+    for epoch in range(cursor.epoch, epochs):
+        reader.set_epoch(epoch)
+        for batch in loader:
+            step(decode(batch)); cursor.update(batch)
+            if time_to_save:  # gather every rank's cursor: each knows only its own slots
+                parts = [None] * world; dist.all_gather_object(parts, cursor)
+                save(client_state={"data_cursor": Cursor.merge(parts).to_dict()})
+        cursor = cursor.next_epoch()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fusedist import storage
+
+Sample = dict[str, Any]
+META_KEYS = ("__key__", "__shard__", "__epoch__", "__slot__", "__index__")
+
+
+class ShardError(IOError):
+    """A shard could not be read as its manifest describes (corrupt, truncated, wrong count)."""
+
+
+class DatasetMismatchError(ValueError):
+    """Parallel datasets do not mirror each other (shard names, sample counts or keys)."""
+
+
+# ----------------------------------------------------------------------------- manifests
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+
+
+def _manifest_shards(url: str) -> list[ShardInfo]:
+    murl = storage.join(url, "manifest.json")
+    try:
+        manifest = storage.read_json(murl)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{murl}: no manifest; a dataset folder lists its shards in "
+                                "manifest.json (see docs/formats.md)") from e
+    try:
+        return [ShardInfo(str(s["name"]), int(s["samples"])) for s in manifest["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{murl}: 'shards' must be a list of {{name, samples}} ({e!r})") from e
+
+
+def load_shards(urls: Sequence[str]) -> list[ShardInfo]:
+    """The shard list of ``urls[0]``, checked to be mirrored by every other dataset."""
+    base = _manifest_shards(urls[0])
+    for url in urls[1:]:
+        other = {s.name: s.samples for s in _manifest_shards(url)}
+        missing = [s.name for s in base if s.name not in other]
+        if missing:
+            raise DatasetMismatchError(
+                f"{url} lacks {len(missing)} shard(s) of {urls[0]}, e.g. {missing[:5]}; "
+                "parallel datasets must list the same shards (is the feature cache complete?)")
+        for s in base:
+            if other[s.name] != s.samples:
+                raise DatasetMismatchError(
+                    f"{s.name}: {urls[0]} lists {s.samples} samples but {url} lists "
+                    f"{other[s.name]}")
+    return base
+
+
+# ----------------------------------------------------------------------------- epoch plan
+
+def _rng(*parts: object) -> random.Random:
+    # A digest, not hash(): the order must be identical in every process and Python version.
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    order = list(range(n_shards))
+    if shuffle:
+        _rng("shards", seed, epoch).shuffle(order)
+    return order
+
+
+def slot_block(n_total: int, n_slots: int, slot: int, equal: bool = False) -> tuple[int, int]:
+    """Half-open range of the global stream read by ``slot``; ``equal`` trims to N // slots."""
+    start = slot * n_total // n_slots
+    stop = (slot + 1) * n_total // n_slots
+    if equal:
+        stop = start + n_total // n_slots
+    return start, stop
+
+
+@dataclass(frozen=True)
+class _Piece:
+    shard: ShardInfo
+    start: int  # first sample (within the shard) this slot reads
+    stop: int
+
+
+def _slot_pieces(shards: list[ShardInfo], order: list[int], start: int,
+                 stop: int) -> list[_Piece]:
+    """Cut the global range [start, stop) into per-shard pieces, in the epoch's shard order."""
+    pieces, offset = [], 0
+    for i in order:
+        s = shards[i]
+        lo, hi = max(start, offset), min(stop, offset + s.samples)
+        if lo < hi:
+            pieces.append(_Piece(s, lo - offset, hi - offset))
+        offset += s.samples
+        if offset >= stop:
+            break
+    return pieces
+
+
+def _interleave(lengths: list[int], k: int) -> Iterator[int]:
+    """Piece id of each position of a slot's input: round-robin over ``k`` open pieces, each
+    finished piece replaced in place by the next one (deterministic from the lengths alone)."""
+    left = list(lengths)
+    active = list(range(min(k, len(left))))
+    nxt, i = len(active), 0
+    while active:
+        i %= len(active)
+        p = active[i]
+        yield p
+        left[p] -= 1
+        if left[p] > 0:
+            i += 1
+        elif nxt < len(left):
+            active[i] = nxt  # the next piece takes the finished one's turn
+            nxt += 1
+            i += 1
+        else:
+            active.pop(i)
+
+
+class _ShuffleOrder:
+    """Shuffle-buffer emission order over positions 0..n-1, computed without any payload.
+
+    The random draws depend only on buffer lengths, so replaying the first ``c`` emissions tells
+    exactly which positions a resumed slot must still yield: those in ``buf`` and those at or
+    after ``next_read``.
+    """
+
+    def __init__(self, n: int, size: int, rng: random.Random):
+        self.n, self.size, self.rng = n, max(1, size), rng
+        self.buf: list[int] = []
+        self.next_read = 0
+
+    def __iter__(self) -> "_ShuffleOrder":
+        return self
+
+    def __next__(self) -> int:
+        while self.next_read < self.n and len(self.buf) < self.size:
+            self.buf.append(self.next_read)
+            self.next_read += 1
+        if not self.buf:
+            raise StopIteration
+        j = self.rng.randrange(len(self.buf))
+        self.buf[j], self.buf[-1] = self.buf[-1], self.buf[j]
+        return self.buf.pop()
+
+
+# ----------------------------------------------------------------------------- tar streams
+
+def split_member(name: str) -> tuple[str, str]:
+    """``'s1/10_20.lo.jpg'`` -> ``('s1/10_20', 'lo.jpg')``: keys end at the basename's 1st dot."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {ext: bytes})`` from one tar; members of a sample are consecutive."""
+    key, members, count = None, {}, 0
+    try:
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            while (info := tf.next()) is not None:
+                tf.members.clear()  # stream mode keeps every TarInfo otherwise
+                if not info.isfile():
+                    continue
+                k, ext = split_member(info.name)
+                if k != key and key is not None:
+                    yield key, members
+                    count, members = count + 1, {}
+                key = k
+                members[ext] = tf.extractfile(info).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key seen "
+                         f"{key!r}): {type(e).__name__}: {e}") from e
+    if key is not None:
+        yield key, members
+
+
+def _zip_samples(urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Merge the members of mirrored shards sample by sample, checking that keys agree."""
+    its = [iter_tar_samples(u) for u in urls]
+    try:
+        for n in itertools.count():
+            got = [next(it, None) for it in its]
+            if all(g is None for g in got):
+                return
+            if any(g is None for g in got):
+                ended = [u for u, g in zip(urls, got) if g is None]
+                raise DatasetMismatchError(f"{ended[0]} ends after {n} samples but a mirrored "
+                                           f"shard goes on: {urls}")
+            key, merged = got[0][0], dict(got[0][1])
+            for u, (k, members) in zip(urls[1:], got[1:]):
+                if k != key:
+                    raise DatasetMismatchError(
+                        f"sample {n}: key {key!r} in {urls[0]} but {k!r} in {u}; mirrored "
+                        "shards must hold the same keys in the same order")
+                for ext, data in members.items():
+                    if merged.setdefault(ext, data) != data:
+                        raise DatasetMismatchError(f"sample {n} ({key!r}): member {ext!r} "
+                                                   f"differs between {urls[0]} and {u}")
+            yield key, merged
+    finally:
+        for it in its:
+            it.close()
+
+
+class _PieceReader:
+    """Reads one piece of a shard lazily: a piece whose samples are all skipped is never opened."""
+
+    def __init__(self, urls: list[str], piece: _Piece):
+        self.urls, self.piece = urls, piece
+        self.offset = piece.start
+        self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
+
+    def next(self, want: bool) -> tuple[str, dict[str, bytes]] | None:
+        if self._it is None and not want:
+            self.offset += 1
+            return None
+        if self._it is None:
+            self._it = _zip_samples(self.urls)
+            for _ in range(self.offset):  # headers and bytes stream past; nothing is decoded
+                self._take()
+        item = self._take()
+        self.offset += 1
+        if self.offset == self.piece.shard.samples and next(self._it, None) is not None:
+            raise ShardError(f"{self.urls[0]}: holds more than the {self.offset} samples its "
+                             "manifest lists")
+        if self.offset == self.piece.stop:
+            self.close()  # don't hold a connection while the slot's other pieces stream
+        return item if want else None
+
+    def _take(self) -> tuple[str, dict[str, bytes]]:
+        item = next(self._it, None)
+        if item is None:
+            raise ShardError(f"{self.urls[0]}: ends at sample {self.offset} but its manifest "
+                             f"lists {self.piece.shard.samples} (truncated shard?)")
+        return item
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # a closed generator stays non-None: the piece is never reopened
+
+
+# ----------------------------------------------------------------------------- cursor
+
+def _as_list(v: Any) -> list:
+    if isinstance(v, torch.Tensor):
+        return v.reshape(-1).tolist()
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+@dataclass
+class Cursor:
+    """How far each slot of one epoch has been consumed: a prefix length per global slot.
+
+    ``world`` is ``(ranks, loader workers per rank)``; ``fingerprint`` pins the dataset and the
+    reader settings that shape the streams, so a mismatched resume fails instead of skipping
+    the wrong samples. Each rank updates its own cursor; :meth:`merge` combines them.
+    """
+
+    epoch: int = 0
+    world: tuple[int, int] = (1, 1)
+    consumed: dict[int, int] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.world[0] * self.world[1]
+
+    def update(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Mark a consumed batch (collated dict, one sample, or a list of samples)."""
+        rows = batch if isinstance(batch, (list, tuple)) else [batch]
+        seen: dict[int, list[int]] = {}
+        for row in rows:
+            epochs = _as_list(row["__epoch__"])
+            if any(e != self.epoch for e in epochs):
+                raise ValueError(f"batch from epoch {set(epochs)} fed to a cursor of epoch "
+                                 f"{self.epoch}; start the new epoch with cursor.next_epoch()")
+            for s, i in zip(_as_list(row["__slot__"]), _as_list(row["__index__"])):
+                seen.setdefault(int(s), []).append(int(i))
+        for slot, idx in seen.items():
+            if not 0 <= slot < self.slots:
+                raise ValueError(f"slot {slot} outside this cursor's world {self.world}")
+            done = self.consumed.get(slot, 0)
+            # A gap would make a resumed job skip samples it never trained on: refuse it.
+            if sorted(idx) != list(range(done, done + len(idx))):
+                raise ValueError(f"slot {slot}: batch holds positions {sorted(idx)[:8]}... but "
+                                 f"{done} were consumed; feed every batch, in order")
+            self.consumed[slot] = done + len(idx)
+
+    def next_epoch(self) -> "Cursor":
+        return Cursor(self.epoch + 1, self.world, {}, self.fingerprint)
+
+    def total(self) -> int:
+        return sum(self.consumed.values())
+
+    @classmethod
+    def merge(cls, cursors: Iterable["Cursor"]) -> "Cursor":
+        """One cursor from the per-rank ones (e.g. after ``all_gather_object``)."""
+        cs = list(cursors)
+        for c in cs[1:]:
+            if (c.epoch, c.world, c.fingerprint) != (cs[0].epoch, cs[0].world, cs[0].fingerprint):
+                raise ValueError(f"cannot merge cursors of epoch/world {c.epoch}/{c.world} and "
+                                 f"{cs[0].epoch}/{cs[0].world} (or other datasets)")
+        consumed: dict[int, int] = {}
+        for c in cs:
+            for s, n in c.consumed.items():
+                consumed[s] = max(consumed.get(s, 0), n)
+        return cls(cs[0].epoch, cs[0].world, consumed, cs[0].fingerprint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "world": list(self.world),
+                "consumed": [self.consumed.get(s, 0) for s in range(self.slots)],
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Cursor":
+        world = (int(d["world"][0]), int(d["world"][1]))
+        consumed = {s: int(n) for s, n in enumerate(d.get("consumed", [])) if int(n)}
+        return cls(int(d["epoch"]), world, consumed, d.get("fingerprint"))
+
+
+# ----------------------------------------------------------------------------- reader
+
+def _resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    if rank is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank = int(os.environ.get("RANK", 0))
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return rank, world_size
+
+
+class ShardReader(IterableDataset):
+    """Streams the samples of one dataset (or of mirrored datasets zipped by key) for training.
+
+    ``urls``: a dataset folder with ``manifest.json``, or several folders that mirror it shard by
+    shard (tiles + cached features), merged per sample. ``equal``: every slot yields exactly
+    ``N // (R * W)`` samples so all DDP ranks take the same number of steps (drops < R*W per
+    epoch). ``cursor``: resume that epoch after its consumed prefix; needs the same world,
+    dataset and settings. ``decode``: applied to each yielded sample (see :func:`decode_sample`);
+    by default members stay raw bytes. Call :meth:`set_epoch` before each epoch, and use
+    non-persistent DataLoader workers so they see it.
+    """
+
+    def __init__(self, urls: str | Sequence[str], *, seed: int = 0, epoch: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, interleave: int = 4,
+                 equal: bool = False, rank: int | None = None, world_size: int | None = None,
+                 cursor: Cursor | Mapping[str, Any] | None = None,
+                 decode: Callable[[Sample], Any] | None = None):
+        super().__init__()
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("ShardReader needs at least one dataset URL")
+        self.shards = load_shards(self.urls)
+        self.seed, self.shuffle, self.equal = seed, shuffle, equal
+        # shuffle=False (evaluation) reads each slot's shards in manifest order, one at a time.
+        self.shuffle_buffer = shuffle_buffer if shuffle else 1
+        self.interleave = max(1, interleave) if shuffle else 1
+        self.rank, self.world_size = _resolve_world(rank, world_size)
+        self.decode = decode
+        self.total = sum(s.samples for s in self.shards)
+        self.fingerprint = self._fingerprint()
+        if isinstance(cursor, Mapping):
+            cursor = Cursor.from_dict(cursor)
+        self.resume = self._check_cursor(cursor) if cursor is not None else None
+        self.epoch = cursor.epoch if cursor is not None else epoch
+
+    def _fingerprint(self) -> str:
+        spec = [[s.name, s.samples] for s in self.shards]
+        spec.append([self.seed, self.shuffle, self.shuffle_buffer, self.interleave, self.equal])
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def _check_cursor(self, cursor: Cursor) -> Cursor:
+        if cursor.world[0] != self.world_size:
+            raise ValueError(f"cursor was saved with {cursor.world[0]} ranks x {cursor.world[1]} "
+                             f"loader workers but this job has {self.world_size} ranks; resume "
+                             "with the same world, or start the next epoch with a fresh cursor")
+        if cursor.fingerprint not in (None, self.fingerprint):
+            raise ValueError("cursor was saved for another dataset or other reader settings "
+                             "(shards, seed, shuffle, shuffle_buffer, interleave, equal)")
+        return Cursor(cursor.epoch, cursor.world, dict(cursor.consumed), cursor.fingerprint)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def cursor(self, num_workers: int = 0) -> Cursor:
+        """A fresh cursor for the current epoch of a DataLoader with ``num_workers``."""
+        return Cursor(self.epoch, (self.world_size, max(1, num_workers)), {}, self.fingerprint)
+
+    def num_samples(self, num_workers: int = 0) -> int:
+        """Samples this rank yields in one full epoch (same for every epoch)."""
+        w = max(1, num_workers)
+        slots = range(self.rank * w, (self.rank + 1) * w)
+        return sum(b - a for a, b in (slot_block(self.total, self.world_size * w, s, self.equal)
+                                      for s in slots))
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        slot, skip = self.rank * workers + worker, 0
+        if self.resume is not None and self.resume.epoch == self.epoch:
+            if self.resume.world != (self.world_size, workers):
+                r, w = self.resume.world
+                raise ValueError(f"cursor was saved with {r} ranks x {w} loader workers but this "
+                                 f"job runs {self.world_size} ranks x {workers} workers; use the "
+                                 "same DataLoader num_workers to resume mid-epoch")
+            skip = self.resume.consumed.get(slot, 0)
+        for sample in self._iter_slot(slot, self.world_size * workers, skip):
+            yield self.decode(sample) if self.decode is not None else sample
+
+    def _iter_slot(self, slot: int, n_slots: int, skip: int) -> Iterator[Sample]:
+        start, stop = slot_block(self.total, n_slots, slot, self.equal)
+        order = shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
+        pieces = _slot_pieces(self.shards, order, start, stop)
+        n = stop - start
+        if skip > n:
+            raise ValueError(f"cursor says slot {slot} consumed {skip} samples but it has {n}")
+        emit = _ShuffleOrder(n, self.shuffle_buffer, _rng("slot", self.seed, self.epoch, slot,
+                                                          n_slots))
+        for _ in range(skip):  # replay index-only: which positions were already yielded
+            next(emit)
+        kept, first_new = set(emit.buf), emit.next_read
+        readers = [_PieceReader([storage.join(u, p.shard.name) for u in self.urls], p)
+                   for p in pieces]
+        source = _interleave([p.stop - p.start for p in pieces], self.interleave)
+        pending: dict[int, tuple[str, str, dict[str, bytes]]] = {}
+        read = 0
+        try:
+            for index in range(skip, n):
+                pos = next(emit)
+                while pos not in pending:  # read forward; skipped positions keep no payload
+                    pid = next(source)
+                    item = readers[pid].next(read >= first_new or read in kept)
+                    if item is not None:
+                        pending[read] = (pieces[pid].shard.name, *item)
+                    read += 1
+                shard, key, members = pending.pop(pos)
+                yield {**members, "__key__": key, "__shard__": shard,
+                       "__epoch__": self.epoch, "__slot__": slot, "__index__": index}
+        finally:
+            for r in readers:
+                r.close()
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_sample(sample: Sample) -> Sample:
+    """Decode members by extension: images -> uint8 tensor (C, H, W), ``json`` -> object,
+    ``npy`` -> numpy array, ``txt`` -> str, ``cls`` -> int; others stay bytes."""
+    import io
+
+    import numpy as np
+
+    out: Sample = {}
+    for ext, v in sample.items():
+        kind = ext.rsplit(".", 1)[-1].lower()
+        if ext.startswith("__") or not isinstance(v, bytes):
+            out[ext] = v
+        elif kind in ("jpg", "jpeg", "png", "webp"):
+            from PIL import Image
+
+            with Image.open(io.BytesIO(v)) as im:
+                arr = np.asarray(im.convert("RGB"))
+            out[ext] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        elif kind == "json":
+            out[ext] = json.loads(v)
+        elif kind == "npy":
+            out[ext] = np.load(io.BytesIO(v), allow_pickle=False)
+        elif kind == "txt":
+            out[ext] = v.decode("utf-8")
+        elif kind == "cls":
+            out[ext] = int(v)
+        else:
+            out[ext] = v
+    return out

@@ -1,0 +1,302 @@
+"""The streaming shard reader: exactly-once splits, determinism, resume, equal mode, zipping."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fusedist.data import (
+    Cursor,
+    DatasetMismatchError,
+    ShardError,
+    ShardReader,
+    decode_sample,
+    split_member,
+)
+from tests.s3util import moto_server, s3_bucket  # noqa: F401
+
+SIZES = [7, 23, 12, 9, 16]  # uneven on purpose; 67 samples, not a multiple of 4 slots
+
+
+def _jpeg(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_dataset(root: Path, sizes: list[int], kind: str = "tiles",
+                 rename: tuple[int, int] | None = None) -> str:
+    """A dataset folder per docs/formats.md: one slide per shard, manifest written last.
+
+    ``kind="feats"`` writes mirrored feature shards (``t.npy`` holding the sample's number);
+    ``rename=(shard, sample)`` changes one key there, to break the mirror.
+    """
+    root.mkdir(parents=True)
+    shards = []
+    for i, n in enumerate(sizes):
+        name = f"shard-{i:06d}.tar"
+        with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j in range(n):
+                key = f"s{i}/{j * 224}_0"
+                if (i, j) == rename:
+                    key = f"s{i}/renamed_0"
+                if kind == "tiles":
+                    meta = {"slide_id": f"s{i}", "x": j * 224, "y": 0, "n": i * 1000 + j}
+                    _add(tf, f"{key}.lo.jpg", _jpeg(i * 1000 + j))
+                    _add(tf, f"{key}.meta.json", json.dumps(meta).encode())
+                else:
+                    npy = io.BytesIO()
+                    np.save(npy, np.full((4,), i * 1000 + j, dtype=np.float32))
+                    _add(tf, f"{key}.t.npy", npy.getvalue())
+        shards.append({"name": name, "slide_id": f"s{i}", "samples": n})
+    manifest = {"format": "fusedist.tiles/1", "dataset": "demo", "mode": "grid", "shards": shards}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def all_keys(sizes: list[int]) -> set[str]:
+    return {f"s{i}/{j * 224}_0" for i, n in enumerate(sizes) for j in range(n)}
+
+
+def load(reader: ShardReader, workers: int = 2, batch: int = 4, stop_after: int | None = None):
+    """Batches from a real DataLoader (workers interleave round-robin), optionally stopped early."""
+    out = []
+    for b in DataLoader(reader, batch_size=batch, num_workers=workers):
+        out.append(b)
+        if stop_after is not None and len(out) == stop_after:
+            break
+    return out
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
+
+
+def per_slot(batches) -> dict[int, list[tuple[int, str]]]:
+    slots: dict[int, list[tuple[int, str]]] = {}
+    for b in batches:
+        for s, i, k in zip(b["__slot__"].tolist(), b["__index__"].tolist(), b["__key__"]):
+            slots.setdefault(s, []).append((i, k))
+    return slots
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> str:
+    return make_dataset(tmp_path_factory.mktemp("ds") / "tiles", SIZES)
+
+
+def test_split_member_key_is_up_to_first_dot_of_basename():
+    assert split_member("s1/10_20.lo.jpg") == ("s1/10_20", "lo.jpg")
+    assert split_member("s1/10_20.meta.json") == ("s1/10_20", "meta.json")
+
+
+@pytest.mark.parametrize("sizes", [SIZES, [30, 11]], ids=["5-shards", "fewer-shards-than-slots"])
+def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, sizes):
+    url = make_dataset(tmp_path / "tiles", sizes)
+    rank0_keys = []
+    for epoch in (0, 3):  # (with seed 7, epochs 0 and 1 happen to start with the same shards)
+        batches = []
+        for rank in (0, 1):
+            reader = ShardReader(url, seed=7, epoch=epoch, rank=rank, world_size=2,
+                                 shuffle_buffer=8)
+            batches += load(reader)
+            if rank == 0:
+                rank0_keys.append(set(keys_of(batches)))
+        keys = keys_of(batches)
+        assert Counter(keys).most_common(1)[0][1] == 1, "a sample was yielded twice"
+        assert set(keys) == all_keys(sizes)
+        slots = per_slot(batches)
+        # All 4 slots work, also with 2 shards: the split cuts samples, not shards.
+        assert sorted(slots) == [0, 1, 2, 3]
+        assert max(len(v) for v in slots.values()) - min(len(v) for v in slots.values()) <= 1
+        for v in slots.values():  # each slot's positions run 0..n-1 in yield order
+            assert [i for i, _ in v] == list(range(len(v)))
+    if len(sizes) > 2:  # (two shards keep their order in half the epochs)
+        # The shard order is reshuffled per epoch, so a rank does not see the same slides again.
+        assert rank0_keys[0] != rank0_keys[1]
+
+
+def test_order_is_deterministic_per_seed_and_epoch_and_shuffled(tiles):
+    def order(seed: int, epoch: int) -> list[str]:
+        return [s["__key__"] for s in ShardReader(tiles, seed=seed, epoch=epoch, rank=0,
+                                                  world_size=1)]
+
+    first = order(3, 0)
+    assert order(3, 0) == first
+    assert order(3, 1) != first
+    assert order(4, 0) != first
+    assert sorted(first) == sorted(all_keys(SIZES))
+    manifest_order = [k for s in ShardReader(tiles, shuffle=False, rank=0, world_size=1)
+                      for k in [s["__key__"]]]
+    assert manifest_order[:SIZES[0]] == [f"s0/{j * 224}_0" for j in range(SIZES[0])]
+    assert first != manifest_order
+    # set_epoch changes the next iteration, as DistributedSampler.set_epoch does.
+    reader = ShardReader(tiles, seed=3, rank=0, world_size=1)
+    reader.set_epoch(1)
+    assert [s["__key__"] for s in reader] == order(3, 1)
+
+
+def test_resume_from_cursor_neither_repeats_nor_skips(tiles):
+    seed, epoch = 11, 2
+    full = []
+    for rank in (0, 1):
+        full += load(ShardReader(tiles, seed=seed, epoch=epoch, rank=rank, world_size=2,
+                                 shuffle_buffer=6))
+    full_slots = per_slot(full)
+
+    # Interrupted run: each rank consumes a different number of batches, then "crashes".
+    consumed, cursors = [], []
+    for rank, n_batches in ((0, 3), (1, 6)):
+        reader = ShardReader(tiles, seed=seed, epoch=epoch, rank=rank, world_size=2,
+                             shuffle_buffer=6)
+        cursor = reader.cursor(num_workers=2)
+        got = load(reader, stop_after=n_batches)
+        for b in got:
+            cursor.update(b)
+        consumed += got
+        cursors.append(cursor)
+    saved = json.loads(json.dumps(Cursor.merge(cursors).to_dict()))  # as in a checkpoint
+    assert sum(saved["consumed"]) == len(keys_of(consumed)) == 9 * 4
+
+    remaining, finals = [], []
+    for rank in (0, 1):
+        cursor = Cursor.from_dict(saved)
+        reader = ShardReader(tiles, seed=seed, rank=rank, world_size=2, shuffle_buffer=6,
+                             cursor=cursor)
+        got = load(reader)
+        for b in got:  # the resumed job keeps updating the loaded cursor
+            cursor.update(b)
+        remaining += got
+        finals.append(cursor)
+
+    keys = keys_of(consumed) + keys_of(remaining)
+    assert Counter(keys).most_common(1)[0][1] == 1, "a consumed sample was repeated"
+    assert set(keys) == all_keys(SIZES), "a sample was skipped"
+    # Each slot continues exactly where the uninterrupted run would have been.
+    rest = per_slot(remaining)
+    for slot, seq in full_slots.items():
+        done = saved["consumed"][slot]
+        assert rest.get(slot, []) == seq[done:], f"slot {slot} diverged after {done}"
+    assert Cursor.merge(finals).total() == sum(SIZES)
+
+
+def test_cursor_rejects_other_world_gaps_and_other_settings(tiles):
+    reader = ShardReader(tiles, rank=0, world_size=2)
+    cursor = reader.cursor(num_workers=2)
+    cursor.consumed[0] = 3
+    with pytest.raises(ValueError, match="2 ranks x 2 loader workers.*3 ranks"):
+        ShardReader(tiles, rank=0, world_size=3, cursor=cursor)
+    with pytest.raises(ValueError, match="2 ranks x 2 loader workers.*2 ranks x 1 workers"):
+        list(ShardReader(tiles, rank=0, world_size=2, cursor=cursor))  # no DataLoader: W=1
+    with pytest.raises(ValueError, match="another dataset or other reader settings"):
+        ShardReader(tiles, seed=1, rank=0, world_size=2, cursor=cursor)
+    sample = next(iter(ShardReader(tiles, rank=0, world_size=2)))
+    with pytest.raises(ValueError, match="feed every batch"):
+        reader.cursor(num_workers=2).update({**sample, "__index__": 1})  # position 0 missing
+
+
+def test_equal_mode_gives_every_rank_the_same_count(tiles):
+    counts, keys = [], []
+    for rank in (0, 1):
+        reader = ShardReader(tiles, seed=5, equal=True, rank=rank, world_size=2)
+        got = keys_of(load(reader))
+        counts.append(len(got))
+        keys += got
+        assert reader.num_samples(num_workers=2) == len(got)
+    assert counts == [2 * (sum(SIZES) // 4)] * 2  # 67 samples -> 16 per slot, 3 dropped
+    assert len(set(keys)) == len(keys)
+    # Without equal mode the ranks differ here (67 = 16 + 17 + 17 + 17).
+    plain = [ShardReader(tiles, rank=r, world_size=2).num_samples(2) for r in (0, 1)]
+    assert plain == [33, 34]
+
+
+def test_parallel_datasets_zip_by_key_and_decode(tmp_path, tiles):
+    feats = make_dataset(tmp_path / "feats", SIZES, kind="feats")
+    reader = ShardReader([tiles, feats], seed=1, rank=0, world_size=1, decode=decode_sample)
+    seen = 0
+    for s in reader:
+        n = s["meta.json"]["n"]
+        assert s["__key__"] == f"s{n // 1000}/{(n % 1000) * 224}_0"
+        assert float(s["t.npy"][0]) == n  # the feature row belongs to this tile
+        assert s["lo.jpg"].shape == (3, 8, 8) and s["lo.jpg"].dtype == torch.uint8
+        seen += 1
+    assert seen == sum(SIZES)
+
+
+def test_parallel_key_mismatch_fails_naming_both_shards_and_keys(tmp_path, tiles):
+    feats = make_dataset(tmp_path / "feats", SIZES, kind="feats", rename=(3, 4))
+    reader = ShardReader([tiles, feats], rank=0, world_size=1)
+    with pytest.raises(DatasetMismatchError) as e:
+        list(reader)
+    msg = str(e.value)
+    assert "'s3/896_0'" in msg and "'s3/renamed_0'" in msg
+    assert f"{tiles}/shard-000003.tar" in msg and f"{feats}/shard-000003.tar" in msg
+    short = make_dataset(tmp_path / "short", SIZES[:4], kind="feats")
+    with pytest.raises(DatasetMismatchError, match="lacks 1 shard.*shard-000004.tar"):
+        ShardReader([tiles, short], rank=0, world_size=1)
+
+
+def test_truncated_shard_raises_naming_shard_and_position(tmp_path):
+    url = make_dataset(tmp_path / "tiles", [6, 5])
+    path = Path(url) / "shard-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 700])  # cut inside a member
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: corrupt or truncated at sample \d"):
+        list(ShardReader(url, rank=0, world_size=1))
+    path.write_bytes(data)
+    manifest = json.loads((Path(url) / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] = 8  # the manifest promises more than the shard holds
+    (Path(url) / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: ends at sample 6 .* lists 8"):
+        list(ShardReader(url, rank=0, world_size=1))
+
+
+def test_reads_shards_from_s3_through_storage(tmp_path, s3_bucket):
+    from fusedist import storage
+
+    local = make_dataset(tmp_path / "tiles", [9, 14])
+    url = storage.join(s3_bucket, "tiles/demo")
+    for p in sorted(Path(local).iterdir()):
+        storage.upload_file(p, storage.join(url, p.name))
+    keys = []
+    for rank in (0, 1):  # loader workers open their own clients (storage keys them by pid)
+        keys += keys_of(load(ShardReader(url, seed=2, rank=rank, world_size=2)))
+    assert sorted(keys) == sorted(all_keys([9, 14]))
+
+
+def test_resume_at_every_position_yields_exactly_the_tail(tiles, monkeypatch):
+    from fusedist import storage
+
+    reader = ShardReader(tiles, seed=9, epoch=4, rank=0, world_size=1, shuffle_buffer=10,
+                         interleave=3)
+    full = [s["__key__"] for s in reader]
+    opened: list[str] = []
+    real_open = storage.open_read
+    monkeypatch.setattr(storage, "open_read", lambda u: opened.append(u) or real_open(u))
+    for done in range(len(full) + 1):
+        cursor = reader.cursor()
+        cursor.consumed[0] = done
+        opened.clear()
+        rest = [s["__key__"] for s in ShardReader(tiles, seed=9, rank=0, world_size=1,
+                                                  shuffle_buffer=10, interleave=3,
+                                                  cursor=cursor.to_dict())]
+        assert rest == full[done:], f"resume after {done} diverged"
+        # Only shards that still hold an unconsumed sample are opened, each once.
+        shards = sorted(u.rsplit("/", 1)[1] for u in opened if u.endswith(".tar"))
+        assert shards == sorted({f"shard-{int(k.split('/')[0][1:]):06d}.tar" for k in rest})
