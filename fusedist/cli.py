@@ -99,6 +99,31 @@ def tile(config: Optional[Path] = ConfigOpt,
                  "Reasons are in the manifest.")
 
 
+@app.command()
+def demo(workdir: Optional[str] = typer.Option(
+             None, "--storage", "--workdir",
+             help="Where the demo writes: a folder (default demo-output) or s3://bucket/prefix."),
+         num_slides: Optional[int] = typer.Option(None, help="Synthetic slides to make."),
+         size: Optional[int] = typer.Option(None, help="Level-0 side of each slide (px)."),
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Run the pipeline end to end on embedded defaults (local Ray, local files)."""
+    from fusedist.demo import DemoConfig, run_demo
+    from fusedist.storage import StorageError
+
+    _setup_logging(quiet)
+    cfg = _load(DemoConfig, None, set_, workdir=workdir, num_slides=num_slides, size=size)
+    try:
+        report = run_demo(cfg, progress=not quiet)
+    except StorageError as e:
+        _fail(3, str(e))
+    typer.echo(open_hint(report))
+
+
+def open_hint(report: str) -> str:
+    return (f"\ndemo finished. Report: {report}\n"
+            "Shards: <workdir>/tiles/<dataset>/ (manifest.json, thumbnails/)")
+
+
 def main() -> None:
     # Ray workers inherit this; keep them from printing their own warnings about it.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

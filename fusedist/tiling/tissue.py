@@ -98,12 +98,19 @@ def tile_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarra
 
 
 def draw_overview(thumb_rgb: np.ndarray, mask: np.ndarray, scale: float, xs: np.ndarray,
-                  ys: np.ndarray, size0: int) -> Image.Image:
-    """The thumbnail with the tissue mask tinted and each kept tile outlined in green."""
+                  ys: np.ndarray, size0: int, min_side: int = 768) -> Image.Image:
+    """The thumbnail with the tissue mask tinted and each kept tile outlined in green.
+
+    Small thumbnails are enlarged (nearest neighbour) to ``min_side`` so a person can see them.
+    """
     img = Image.fromarray(thumb_rgb).convert("RGB")
     tint = Image.new("RGB", img.size, (0, 90, 255))
     img = Image.composite(Image.blend(img, tint, 0.25), img,
                           Image.fromarray((mask * 255).astype(np.uint8)))
+    up = max(1, min_side // max(img.size))
+    if up > 1:
+        img = img.resize((img.width * up, img.height * up), Image.Resampling.NEAREST)
+        scale *= up
     draw = ImageDraw.Draw(img)
     s = max(1, round(size0 * scale))
     for x, y in zip(xs.tolist(), ys.tolist()):
