@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -47,8 +47,10 @@ class StorageConfig(StrictModel):
     max_attempts: int = 8
     """Attempts per S3 request (botocore retry mode below) before a clear error naming the URL."""
 
-    retry_mode: str = "adaptive"
-    """botocore retry mode: ``standard`` or ``adaptive`` (adds client-side rate limiting)."""
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore retry mode. ``adaptive`` adds client-side rate limiting, but one burst of 503
+    SlowDown replies then throttles the whole client for a long while; ``standard`` recovers
+    faster."""
 
     connect_timeout: float = 10.0
     """Seconds to wait for a TCP connection to the S3 endpoint."""
