@@ -106,8 +106,6 @@ if hasattr(os, "register_at_fork"):
 def configure(cfg: StorageConfig | None) -> None:
     """Set the process-wide storage options (each stage calls this with its config)."""
     global _config
-    if cfg is not None and cfg.retry_mode not in ("standard", "adaptive", "legacy"):
-        raise StorageError(f"storage.retry_mode={cfg.retry_mode!r}: use standard or adaptive")
     with _lock:
         _config = cfg or StorageConfig()
         _clients.clear()

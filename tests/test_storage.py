@@ -64,8 +64,11 @@ def test_url_helpers():
     assert storage.join("s3://b/", "/x/", "", "y.tar") == "s3://b/x/y.tar"
     assert storage.basename("s3://b/x/y.tar") == "y.tar"
     assert storage.is_s3("s3://b") and not storage.is_s3("/s3://b")
-    with pytest.raises(StorageError, match="retry_mode"):
-        storage.configure(StorageConfig(retry_mode="fastest"))
+    # A bad retry mode is rejected when the config is built, before any request.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="standard"):
+        StorageConfig(retry_mode="fastest")
 
 
 # ----------------------------------------------------------------------------- local
