@@ -80,23 +80,69 @@ def tile(config: Optional[Path] = ConfigOpt,
              None, "--mpp-override", help="Level-0 µm/px for slides whose metadata has none."),
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
     """Tile slides into WebDataset shards (pairs for XMAG, or a grid)."""
-    from fusedist.storage import StorageError
     from fusedist.tiling import TileConfig, run_tile
 
     _setup_logging(quiet)
     cfg = _load(TileConfig, config, set_, input=input, output=output, dataset=dataset,
                 mode=mode, mpp_override=mpp_override)
-    try:
-        result = run_tile(cfg, progress=not quiet)
-    except ConfigError as e:
-        _fail(2, str(e))
-    except StorageError as e:
-        _fail(3, str(e))
+    result = _run_stage(run_tile, cfg, quiet)
     typer.echo(result.summary())
     typer.echo(f"manifest: {result.dataset_url}/manifest.json")
     if result.failed:
         _fail(1, f"{len(result.failed)} slide(s) failed; the others were tiled. "
                  "Reasons are in the manifest.")
+
+
+@app.command()
+def cache(config: Optional[Path] = ConfigOpt,
+          tiles: Optional[str] = typer.Option(None, help="Tile dataset folder (path or s3://)."),
+          output: Optional[str] = typer.Option(None, "--output", "-o",
+                                               help="Root of feature datasets."),
+          teacher: Optional[List[str]] = typer.Option(
+              None, "--teacher", "-t", help="Registry name of a teacher (repeatable)."),
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Run teachers once over tile shards and cache their features (mirrored shards)."""
+    from fusedist.features import CacheConfig, run_cache
+
+    _setup_logging(quiet)
+    cfg = _load(CacheConfig, config, set_, tiles=tiles, output=output, teachers=teacher or None)
+    result = _run_stage(run_cache, cfg, quiet)
+    typer.echo(result.summary())
+    if result.failed:
+        _fail(1, f"{len(result.failed)} shard(s) failed; the others were cached. Reasons are in "
+                 "the feature manifests.")
+
+
+@app.command()
+def embed(config: Optional[Path] = ConfigOpt,
+          tiles: Optional[str] = typer.Option(None, help="Grid tile dataset folder."),
+          slides: Optional[str] = typer.Option(None, help="Or: slides to tile first."),
+          output: Optional[str] = typer.Option(None, "--output", "-o", help="Root of bags."),
+          encoder: Optional[List[str]] = typer.Option(
+              None, "--encoder", "-e", help="Registry name of an encoder (repeatable)."),
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Embed slides into HDF5 feature bags (one per slide per encoder)."""
+    from fusedist.features import EmbedConfig, run_embed
+
+    _setup_logging(quiet)
+    cfg = _load(EmbedConfig, config, set_, tiles=tiles, slides=slides, output=output,
+                encoders=encoder or None)
+    result = _run_stage(run_embed, cfg, quiet)
+    typer.echo(result.summary())
+    if result.failed:
+        _fail(1, f"{len(result.failed)} slide(s) failed; the others were embedded.")
+
+
+def _run_stage(fn, cfg, quiet: bool):
+    """Run a stage, turning expected failures into exit codes 2 (config/input) and 3 (storage)."""
+    from fusedist.storage import StorageError
+
+    try:
+        return fn(cfg, progress=not quiet)
+    except ConfigError as e:
+        _fail(2, str(e))
+    except StorageError as e:
+        _fail(3, str(e))
 
 
 @app.command()

@@ -13,6 +13,8 @@ from fusedist.config import load_config
 
 # configs/<folder>/*.yaml -> "module:ConfigClass"
 RECIPE_MODELS: dict[str, str] = {
+    "cache": "fusedist.features:CacheConfig",
+    "embed": "fusedist.features:EmbedConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",
 }

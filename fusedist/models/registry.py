@@ -103,6 +103,10 @@ def build_meta(name_or_spec: str | EncoderSpec) -> Encoder:
     return Encoder(spec, create_model(spec, "meta"), weights_source="none (meta)")
 
 
+RANDOM = "random"
+"""``weights="random"``: seeded random weights for any entry, flagged as such (benchmarks)."""
+
+
 def build_encoder(name_or_spec: str | EncoderSpec, weights: str | os.PathLike | None = None,
                   device: str | torch.device = "cpu", *, allow_random: bool = False) -> Encoder:
     """A frozen encoder (eval mode, no gradients) with verified weights, on ``device``."""
@@ -112,7 +116,9 @@ def build_encoder(name_or_spec: str | EncoderSpec, weights: str | os.PathLike | 
     if spec.loader == "transformers":
         require_transformers(spec)  # fail before any download
     source = str(weights) if weights is not None else spec.hub_id
-    if source is None:
+    if source == RANDOM:  # an explicit request (benchmarks of the real architectures)
+        model, source = _random_model(spec, True)
+    elif source is None:
         model, source = _random_model(spec, allow_random)
     elif source.startswith("hf-hub:"):
         model = _from_hub(spec, source)

@@ -1,0 +1,173 @@
+"""``fusedist cache``: run every teacher once over tile shards and keep their features.
+
+Feature shards mirror tile shards one to one (same names, keys and order) in one folder per
+teacher, ``<output>/<teacher>/<dataset>/``. Each shard is published atomically, then its
+done-entry; the folder's ``manifest.json`` lists only shards that are done. A re-run skips
+done shards, so a killed run finishes where it stopped and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusedist import shards, storage
+from fusedist.config import ConfigError
+from fusedist.features.config import CacheConfig
+from fusedist.features.engine import EngineSpec, ShardResult, run_engine
+from fusedist.features.runtime import (engine_resources, load_encoders, read_tile_manifest,
+                                       shard_progress)
+from fusedist.runtime import init_ray
+
+log = logging.getLogger("fusedist.cache")
+
+FORMAT = "fusedist.features/1"
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass
+class TeacherInfo:
+    name: str
+    url: str  # <output>/<teacher>/<dataset>
+    digest: str
+    dim: int
+    random_weights: bool
+
+
+@dataclass
+class CacheResult:
+    manifests: dict[str, dict]
+    failed: list[dict] = field(default_factory=list)
+    written: int = 0
+    tiles: int = 0
+    elapsed: float = 0.0
+    engine_seconds: float = 0.0  # decode + encoders + writes, without start-up and loading
+
+    def summary(self) -> str:
+        rate = self.tiles / self.elapsed if self.elapsed else 0.0
+        lines = [f"cached {len(self.manifests)} teacher(s): "
+                 + ", ".join(f"{t} ({m['totals']['shards']} shards, {m['totals']['samples']} "
+                             f"samples, dim {m['dim']})" for t, m in self.manifests.items()),
+                 f"this run: {self.written} shard(s) embedded, {self.tiles} tiles in "
+                 f"{self.elapsed:.1f} s ({rate:.1f} tiles/s)"]
+        lines += [f"  FAILED {f['name']}: {f['reason']}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def _entry_url(t: TeacherInfo, name: str) -> str:
+    return storage.join(t.url, "_state", "shards", f"{name}.json")
+
+
+def _done(t: TeacherInfo, shard: dict, overwrite: bool) -> bool:
+    url = _entry_url(t, shard["name"])
+    if not storage.exists(url):
+        return False
+    e = storage.read_json(url)
+    if e.get("weights_digest") != t.digest and not overwrite:
+        raise ConfigError(f"{t.url} holds features of {t.name} made with other weights "
+                          f"(digest {e.get('weights_digest', '?')[:12]} vs {t.digest[:12]}); "
+                          "choose another --output or pass --set overwrite=true")
+    return (e.get("weights_digest") == t.digest and e.get("source_sha256") == shard["sha256"]
+            and storage.exists(storage.join(t.url, shard["name"])))
+
+
+def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
+    feats = res.features[t.name].astype(np.float16)  # design.md: feature shards are float16
+    if feats.shape[1] == 1:  # grid: one vector per tile, (D,)
+        feats = feats[:, 0]
+    samples = ((k, {f"{t.name}.npy": npy_bytes(f)}) for k, f in zip(res.keys, feats))
+    info = shards.write_shard(storage.join(t.url, res.name), samples)
+    entry = {"name": res.name, "source_sha256": source["sha256"], "weights_digest": t.digest,
+             **info}
+    storage.write_json(_entry_url(t, res.name), entry)
+    return entry
+
+
+def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: list[dict],
+              per_sample: list[int]) -> dict:
+    rows = []
+    for s in tile_manifest["shards"]:
+        url = _entry_url(t, s["name"])
+        if storage.exists(url):
+            e = storage.read_json(url)
+            if e.get("weights_digest") == t.digest and e.get("source_sha256") == s["sha256"]:
+                rows.append({k: e[k] for k in ("name", "samples", "bytes", "sha256",
+                                               "source_sha256")})
+    return {"format": FORMAT, "teacher": t.name, "weights_digest": t.digest,
+            "random_weights": t.random_weights, "dim": t.dim, "dtype": "float16",
+            "sample_shape": [*per_sample, t.dim], "mode": tile_manifest["mode"],
+            "dataset": tile_manifest["dataset"], "source": cfg.tiles.rstrip("/"),
+            "source_config_digest": tile_manifest["config_digest"], "shards": rows,
+            "failed": failed,
+            "totals": {"shards": len(rows), "samples": sum(r["samples"] for r in rows),
+                       "bytes": sum(r["bytes"] for r in rows), "failed": len(failed)}}
+
+
+def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
+    """Cache every teacher's features for the tile dataset ``cfg.tiles``."""
+    from fusedist.tracking import start_run, warn_random_weights
+
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    tm = read_tile_manifest(cfg.tiles)
+    encoders = load_encoders(cfg.teachers)  # wrong weights fail here, before any work
+    teachers = [TeacherInfo(e.spec.name, storage.join(cfg.output, e.spec.name, tm["dataset"]),
+                            e.weights_digest, e.spec.dim, e.random_weights)
+                for e in encoders]
+    del encoders
+    todo = [s for s in tm["shards"] if not all(_done(t, s, cfg.overwrite) for t in teachers)]
+    by_name = {s["name"]: s for s in tm["shards"]}
+    init_ray(cfg.ray)
+    device, actors, gpus = engine_resources(cfg.engine)
+    per = 16 if tm["mode"] == "pairs" else 1
+    spec = EngineSpec(tiles_url=cfg.tiles.rstrip("/"), mode=tm["mode"],
+                      image_key="hi.jpg" if tm["mode"] == "pairs" else "img.jpg",
+                      tile_px=tm["config"]["lo_size"] if tm["mode"] == "pairs" else
+                      tm["config"]["tile_size"],
+                      chunk=max(1, cfg.engine.batch_size // per),
+                      encoders=tuple((r.name, r.weights) for r in cfg.teachers),
+                      device=device, compile=cfg.engine.compile,
+                      storage_cfg=cfg.storage.model_dump())
+    result = CacheResult(manifests={})
+    with start_run(cfg.mlflow, run_name=f"cache-{tm['dataset']}", params=cfg,
+                   tags={"fusedist.stage": "cache"}) as run:
+        warn_random_weights(run, [t.name for t in teachers if t.random_weights])
+        with shard_progress(len(todo), "cache", progress) as bar:
+            def on_shard(res: ShardResult) -> None:
+                if res.error:
+                    result.failed.append({"name": res.name, "reason": res.error})
+                    log.error("shard %s failed: %s", res.name, res.error)
+                else:
+                    for t in teachers:
+                        if not _done(t, by_name[res.name], True):
+                            _write(t, res, by_name[res.name])
+                    result.written += 1
+                    result.tiles += len(res.keys)
+                bar.advance(len(res.keys))
+
+            t_engine = time.perf_counter()
+            run_engine(spec, [(s["name"], s["samples"]) for s in todo], on_shard,
+                       num_actors=actors, gpus_per_actor=gpus,
+                       cpus_per_actor=cfg.engine.cpus_per_actor,
+                       decode_cpus=cfg.engine.decode_cpus)
+            result.engine_seconds = time.perf_counter() - t_engine
+        per_sample = [16] if tm["mode"] == "pairs" else []
+        for t in teachers:
+            m = _manifest(t, cfg, tm, result.failed, per_sample)
+            storage.write_json(storage.join(t.url, "manifest.json"), m)
+            result.manifests[t.name] = m
+            run.log_dict(m, f"manifests/{t.name}.json")
+        result.elapsed = time.perf_counter() - t0
+        run.log_metrics({"tiles": result.tiles, "shards_written": result.written,
+                         "shards_failed": len(result.failed),
+                         "tiles_per_s": result.tiles / max(result.elapsed, 1e-9)})
+    return result

@@ -1,0 +1,135 @@
+"""Configs of ``fusedist cache`` and ``fusedist embed`` (they share the inference engine)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.tracking import MlflowConfig
+
+
+class EncoderRef(StrictModel):
+    """An encoder from the registry, optionally with its weights."""
+
+    name: str
+    """Registry name (``fusedist.models.list_encoders()``), e.g. ``uni2-h`` or ``test-vit``."""
+
+    weights: str | None = None
+    """Local safetensors/.pt file or ``hf-hub:`` id; default: the entry's own source.
+    ``random``: random weights of the real architecture (benchmarks; flagged in logs/MLflow)."""
+
+
+def _refs(v):
+    """Accept ``[uni, {name: virchow2, weights: ...}]`` as well as full mappings."""
+    if isinstance(v, str):
+        v = [v]
+    return [{"name": x} if isinstance(x, str) else x for x in v]
+
+
+class EngineConfig(StrictModel):
+    """How the inference engine runs (Ray Data: CPU decode tasks -> encoder actors)."""
+
+    batch_size: int = Field(256, gt=0)
+    """Encoder inputs (224 px tiles) per forward; pairs samples count 16 each. Large on GPUs
+    (e.g. 1024), small on CPU."""
+
+    num_actors: int | None = Field(None, gt=0)
+    """Encoder actors; default one per GPU, or 1 on a machine without GPUs."""
+
+    gpus_per_actor: float = Field(1.0, ge=0)
+    """GPUs each actor holds when GPUs are present."""
+
+    cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs each actor holds (torch threads on CPU-only machines)."""
+
+    decode_cpus: float = Field(1.0, gt=0)
+    """CPUs per JPEG-decode task."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where encoders run: ``auto`` picks CUDA when the Ray cluster has GPUs."""
+
+    compile: bool = False
+    """``torch.compile`` the encoders (worth it on GPUs for long runs)."""
+
+
+class CacheConfig(StrictModel):
+    """Tile shards -> teacher feature shards, all teachers in one pass over the data."""
+
+    tiles: str
+    """A tile dataset folder (with manifest.json), e.g. ``data/tiles/pairs``."""
+
+    output: str = "data/features"
+    """Root for feature datasets; writes ``<output>/<teacher>/<dataset>/``."""
+
+    teachers: list[EncoderRef]
+    """Teachers to run, e.g. ``[uni2-h]`` or ``[{name: uni, weights: /models/uni.bin}]``."""
+
+    overwrite: bool = False
+    """Replace features made with other weights (otherwise that is an error)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """Batch size, actors, device."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Where Ray runs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint and retries."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """Experiment tracking."""
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _teacher_refs(cls, v):
+        return _refs(v)
+
+    RUN_ONLY: ClassVar[set[str]] = {"overwrite", "engine", "ray", "storage", "mlflow"}
+
+
+class EmbedConfig(StrictModel):
+    """Grid tile shards (or slides) -> one HDF5 bag per slide per encoder."""
+
+    tiles: str | None = None
+    """A ``grid`` tile dataset folder; or give ``slides`` to tile them first."""
+
+    slides: str | None = None
+    """Slides to tile at each encoder's resolution first (into ``<output>/_tiles/``)."""
+
+    output: str = "data/bags"
+    """Root for bags: ``<output>/<encoder>/<slide_id>.h5``."""
+
+    encoders: list[EncoderRef]
+    """Encoders to embed with (all in one pass over the tiles)."""
+
+    min_tissue: float = Field(0.5, ge=0, le=1)
+    """With ``slides``: minimum tissue fraction of a tile."""
+
+    allow_mpp_mismatch: bool = False
+    """Embed tiles whose mpp differs from the encoder's (normally an error)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """Batch size, actors, device."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Where Ray runs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint and retries."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """Experiment tracking."""
+
+    @field_validator("encoders", mode="before")
+    @classmethod
+    def _encoder_refs(cls, v):
+        return _refs(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EmbedConfig":
+        if (self.tiles is None) == (self.slides is None):
+            raise ValueError("give exactly one of 'tiles' (a grid tile dataset) or 'slides' "
+                             "(slides to tile first)")
+        return self

@@ -1,0 +1,181 @@
+"""``fusedist embed``: grid tile shards (or slides) -> one HDF5 bag per slide per encoder.
+
+Same engine as ``cache``; all encoders that share a resolution run in one pass over the tiles.
+Bags carry the weights digest and a digest of the slide's source shards, so a re-run skips
+slides whose bags are current and redoes only the rest (resumable per slide).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusedist import storage
+from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
+from fusedist.config import ConfigError
+from fusedist.features.config import EmbedConfig, EncoderRef
+from fusedist.features.engine import EngineSpec, ShardResult, run_engine
+from fusedist.features.runtime import (engine_resources, load_encoders, read_tile_manifest,
+                                       shard_progress)
+from fusedist.runtime import init_ray
+
+log = logging.getLogger("fusedist.embed")
+
+
+@dataclass
+class EmbedResult:
+    bags: dict[str, dict[str, str]] = field(default_factory=dict)  # encoder -> slide -> url
+    written: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    tiles: int = 0
+    elapsed: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.tiles / self.elapsed if self.elapsed else 0.0
+        lines = [f"embedded {sum(len(v) for v in self.bags.values())} bags for "
+                 f"{len(self.bags)} encoder(s): {self.written} written, {self.skipped} "
+                 f"already current; {self.tiles} tiles in {self.elapsed:.1f} s "
+                 f"({rate:.1f} tiles/s)"]
+        lines += [f"  FAILED {f['slide_id']}: {f['reason']}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def coords_of(keys: list[str]) -> np.ndarray:
+    """Level-0 (x, y) from keys ``<slide_id>/<x>_<y>``."""
+    xy = [k.rsplit("/", 1)[1].split("_") for k in keys]
+    return np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+
+
+def _groups(encoders: list) -> dict[tuple[float, int], list]:
+    """Encoders that see the same tiles (same mpp and input size) share one pass."""
+    out: dict[tuple[float, int], list] = {}
+    for e in encoders:
+        out.setdefault((float(e.spec.mpp), int(e.spec.input_size)), []).append(e)
+    return out
+
+
+def _tiles_for(cfg: EmbedConfig, mpp: float, size: int, names: list[str]) -> str:
+    """The grid tile dataset this group embeds: the given one (checked), or slides tiled now."""
+    if cfg.tiles:
+        tm = read_tile_manifest(cfg.tiles)
+        if tm["mode"] != "grid":
+            raise ConfigError(f"{cfg.tiles} holds '{tm['mode']}' tiles; embed needs a grid "
+                              "dataset (fusedist tile --mode grid)")
+        tmpp, tsize = float(tm["config"]["tile_mpp"]), int(tm["config"]["tile_size"])
+        if tsize != size or (abs(tmpp - mpp) > 1e-6 and not cfg.allow_mpp_mismatch):
+            raise ConfigError(f"{names} expect {size} px tiles at {mpp:g} µm/px but {cfg.tiles} "
+                              f"has {tsize} px at {tmpp:g} µm/px; tile with --set tile_size="
+                              f"{size} --set tile_mpp={mpp:g} (or allow_mpp_mismatch=true)")
+        return cfg.tiles.rstrip("/")
+    from fusedist.tiling import TileConfig, run_tile
+
+    dataset = f"grid_{size}px_{mpp:g}um"
+    tcfg = TileConfig(input=cfg.slides, output=storage.join(cfg.output, "_tiles"),
+                      dataset=dataset, mode="grid", tile_size=size, tile_mpp=mpp,
+                      min_tissue=cfg.min_tissue, ray=cfg.ray, storage=cfg.storage)
+    res = run_tile(tcfg, progress=False)
+    log.info("%s", res.summary())
+    return res.dataset_url
+
+
+def _slide_digest(slide: dict, shard_sha: dict[str, str]) -> str:
+    return hashlib.sha256("".join(shard_sha[n] for n in slide["shards"]).encode()).hexdigest()
+
+
+def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: EmbedResult,
+                 progress: bool) -> None:
+    tm = read_tile_manifest(tiles_url)
+    shard_sha = {s["name"]: s["sha256"] for s in tm["shards"]}
+    samples = {s["name"]: s["samples"] for s in tm["shards"]}
+    slides = [s for s in tm["slides"] if s["status"] == "ok" and s["shards"]]
+    todo: dict[str, list] = {}  # slide -> encoders whose bag is missing or stale
+    for s in slides:
+        digest = _slide_digest(s, shard_sha)
+        for e in encoders:
+            url = bag_url(cfg.output, e.spec.name, s["slide_id"])
+            result.bags.setdefault(e.spec.name, {})[s["slide_id"]] = url
+            if bag_is_current(url, {"weights_digest": e.weights_digest, "source_digest": digest}):
+                result.skipped += 1
+            else:
+                todo.setdefault(s["slide_id"], []).append(e)
+    by_id = {s["slide_id"]: s for s in slides}
+    shard_list = [(n, samples[n]) for sid in todo for n in by_id[sid]["shards"]]
+    parts: dict[str, dict[str, ShardResult]] = {}
+    failed: set[str] = set()
+    device, actors, gpus = engine_resources(cfg.engine)
+    spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
+                      tile_px=int(tm["config"]["tile_size"]),
+                      chunk=cfg.engine.batch_size,
+                      encoders=tuple((e.spec.name, _weights(cfg.encoders, e.spec.name))
+                                     for e in encoders),
+                      device=device, compile=cfg.engine.compile,
+                      storage_cfg=cfg.storage.model_dump())
+    shard_slide = {n: sid for sid in todo for n in by_id[sid]["shards"]}
+
+    with shard_progress(len(shard_list), f"embed {tm['dataset']}", progress) as bar:
+        def on_shard(res: ShardResult) -> None:
+            sid = shard_slide[res.name]
+            bar.advance(len(res.keys))
+            if sid in failed:
+                return
+            if res.error:
+                failed.add(sid)
+                result.failed.append({"slide_id": sid, "reason": res.error})
+                return
+            parts.setdefault(sid, {})[res.name] = res
+            result.tiles += len(res.keys)
+            if len(parts[sid]) == len(by_id[sid]["shards"]):
+                _write_bags(cfg, tm, by_id[sid], parts.pop(sid), todo[sid],
+                            _slide_digest(by_id[sid], shard_sha), result)
+
+        run_engine(spec, shard_list, on_shard, num_actors=actors, gpus_per_actor=gpus,
+                   cpus_per_actor=cfg.engine.cpus_per_actor, decode_cpus=cfg.engine.decode_cpus)
+
+
+def _weights(refs: list[EncoderRef], name: str) -> str | None:
+    return next((r.weights for r in refs if r.name == name), None)
+
+
+def _write_bags(cfg, tm, slide, parts, encoders, digest, result) -> None:
+    ordered = [parts[n] for n in slide["shards"]]
+    keys = [k for p in ordered for k in p.keys]
+    coords = coords_of(keys)
+    mpp0 = float(slide["mpp0"])
+    tile_mpp, size = float(tm["config"]["tile_mpp"]), int(tm["config"]["tile_size"])
+    for e in encoders:
+        feats = np.concatenate([p.features[e.spec.name][:, 0] for p in ordered]).astype(
+            np.float32)
+        bag = Bag(slide_id=slide["slide_id"], features=feats, coords=coords,
+                  encoder=e.spec.name, mpp=tile_mpp, tile_size=size,
+                  attrs={"weights_digest": e.weights_digest, "source_digest": digest,
+                         "source": tm.get("dataset", ""), "random_weights": e.random_weights,
+                         "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0))})
+        write_bag(bag_url(cfg.output, e.spec.name, slide["slide_id"]), bag)
+        result.written += 1
+
+
+def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
+    """Embed every slide of the tile dataset (or slide folder) with every encoder."""
+    from fusedist.tracking import start_run, warn_random_weights
+
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    encoders = load_encoders(cfg.encoders)
+    init_ray(cfg.ray)
+    result = EmbedResult()
+    with start_run(cfg.mlflow, run_name="embed", params=cfg,
+                   tags={"fusedist.stage": "embed"}) as run:
+        warn_random_weights(run, [e.spec.name for e in encoders if e.random_weights])
+        for (mpp, size), group in _groups(encoders).items():
+            tiles_url = _tiles_for(cfg, mpp, size, [e.spec.name for e in group])
+            _embed_group(cfg, tiles_url, group, result, progress)
+        result.elapsed = time.perf_counter() - t0
+        run.log_metrics({"bags_written": result.written, "bags_current": result.skipped,
+                         "slides_failed": len(result.failed), "tiles": result.tiles,
+                         "tiles_per_s": result.tiles / max(result.elapsed, 1e-9)})
+    return result

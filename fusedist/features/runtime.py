@@ -1,0 +1,84 @@
+"""Pieces shared by ``cache`` and ``embed``: inputs, encoders, resources, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterator
+
+from fusedist import storage
+from fusedist.config import ConfigError
+from fusedist.features.config import EncoderRef, EngineConfig
+
+log = logging.getLogger("fusedist.features")
+
+
+def read_tile_manifest(url: str) -> dict:
+    """The tile dataset's manifest, or a clear error saying to run ``fusedist tile``."""
+    murl = storage.join(url.rstrip("/"), "manifest.json")
+    if not storage.exists(murl):
+        raise ConfigError(f"no tile dataset at {url} (no manifest.json); make one with "
+                          "`fusedist tile`, or point --tiles at <tiles>/<dataset>")
+    m = storage.read_json(murl)
+    if not str(m.get("format", "")).startswith("fusedist.tiles/"):
+        raise ConfigError(f"{murl} is not a fusedist tile manifest (format "
+                          f"{m.get('format')!r})")
+    return m
+
+
+def load_encoders(refs: list[EncoderRef]) -> list:
+    """Build each encoder once on the CPU: bad names or weights fail here, before any work,
+    and the weights digests that mark outputs come from the real loaded weights."""
+    from fusedist.models import WeightsError, build_encoder, get_spec
+
+    out = []
+    for ref in refs:
+        try:
+            get_spec(ref.name)
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"")) from None
+        try:
+            out.append(build_encoder(ref.name, weights=ref.weights, device="cpu"))
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
+    names = [e.spec.name for e in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"encoder listed twice: {names}")
+    return out
+
+
+def engine_resources(cfg: EngineConfig) -> tuple[str, int, float]:
+    """(device, number of actors, GPUs per actor) for this Ray cluster."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ConfigError("engine.device=cuda but the Ray cluster has no GPUs; use "
+                          "engine.device=auto or cpu")
+    per = cfg.gpus_per_actor if device == "cuda" else 0.0
+    actors = cfg.num_actors or (max(1, int(gpus // per)) if per else 1)
+    return device, actors, per
+
+
+class _Bar:
+    def __init__(self, bar):
+        self.bar, self.tiles, self.t0 = bar, 0, time.perf_counter()
+
+    def advance(self, tiles: int) -> None:
+        self.tiles += tiles
+        rate = self.tiles / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.tiles} tiles, {rate:.1f} tiles/s", refresh=False)
+        self.bar.update(1)
+
+
+@contextlib.contextmanager
+def shard_progress(total: int, desc: str, enabled: bool) -> Iterator[_Bar]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="shard", disable=not enabled,
+              dynamic_ncols=True) as bar:
+        yield _Bar(bar)

@@ -1,0 +1,269 @@
+"""`fusedist cache` and `fusedist embed` on a real local Ray (Ray Data, CPU actors)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusedist.config import ConfigError, load_config
+from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
+from fusedist.models import build_encoder, save_weights
+from fusedist.tiling import run_tile
+from tests.slides import make_known_slide
+from tests.test_tiling import read_shard, tile_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHERS = ["test-vit", "test-convnext"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, ray_cluster):
+    """Pairs and grid tile datasets of two small 20x slides with known tissue."""
+    d = tmp_path_factory.mktemp("cache")
+    src = d / "slides"
+    src.mkdir()
+    for i in range(2):
+        make_known_slide(src / f"s{i}.tiff", width=3584, height=2688, mpp=0.5, seed=i)
+    run_tile(tile_cfg(src, d / "tiles", dataset="pairs", mode="pairs", min_tissue=0.3,
+                      samples_per_shard=2), progress=False)
+    run_tile(tile_cfg(src, d / "tiles", dataset="grid", mode="grid", samples_per_shard=25),
+             progress=False)
+    return d
+
+
+def cache_cfg(tiles, output, teachers=TEACHERS, **kw) -> CacheConfig:
+    sets = [f"{k}={v}" for k, v in {"engine.batch_size": 32, "mlflow.enabled": False,
+                                     **kw}.items()]
+    return load_config(CacheConfig, None, sets, tiles=str(tiles), output=str(output),
+                       teachers=list(teachers))
+
+
+def npy(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def uint8_chw(jpeg: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["pairs", "grid"])
+def test_cached_features_equal_teacher_forward(datasets, tmp_path, mode):
+    tiles = datasets / "tiles" / mode
+    res = run_cache(cache_cfg(tiles, tmp_path / "feats"), progress=False)
+    assert not res.failed and set(res.manifests) == set(TEACHERS)
+    tile_manifest = json.loads((tiles / "manifest.json").read_text())
+    encoders = {n: build_encoder(n) for n in TEACHERS}
+    for name, enc in encoders.items():
+        m = res.manifests[name]
+        folder = tmp_path / "feats" / name / mode
+        assert json.loads((folder / "manifest.json").read_text()) == m
+        assert m["weights_digest"] == enc.weights_digest and m["dim"] == enc.spec.dim
+        assert m["dtype"] == "float16" and m["random_weights"] is True
+        # Mirrors the tile shards one to one: same names, counts, source hashes.
+        assert [(s["name"], s["samples"], s["source_sha256"]) for s in m["shards"]] == \
+            [(s["name"], s["samples"], s["sha256"]) for s in tile_manifest["shards"]]
+        for shard in m["shards"][:3]:
+            feats = read_shard(folder / shard["name"])
+            tiles_ = read_shard(tiles / shard["name"])
+            assert list(feats) == list(tiles_)  # same keys, same order
+            for key, members in feats.items():
+                got = npy(members[f"{name}.npy"])
+                assert got.dtype == np.float16
+                if mode == "pairs":
+                    hi = uint8_chw(tiles_[key]["hi.jpg"])
+                    # Row-major 4x4 grid of 224 px sub-tiles.
+                    subs = torch.stack([hi[:, r * 224:(r + 1) * 224, c * 224:(c + 1) * 224]
+                                        for r in range(4) for c in range(4)])
+                    assert got.shape == (16, enc.spec.dim)
+                else:
+                    subs = uint8_chw(tiles_[key]["img.jpg"])[None]
+                    assert got.shape == (enc.spec.dim,)
+                want = enc.embed(subs).float().numpy().reshape(got.shape)
+                np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+                # Sensitivity: a transposed grid (column-major) would not match.
+                if mode == "pairs":
+                    assert not np.allclose(got.astype(np.float32), want.reshape(4, 4, -1)
+                                           .transpose(1, 0, 2).reshape(16, -1), atol=2e-3)
+
+
+def test_reader_zips_tiles_with_cached_features(datasets, tmp_path):
+    from fusedist.data import ShardReader
+
+    tiles = datasets / "tiles" / "pairs"
+    run_cache(cache_cfg(tiles, tmp_path / "feats", teachers=["test-vit"]), progress=False)
+    reader = ShardReader([str(tiles), str(tmp_path / "feats" / "test-vit" / "pairs")],
+                         shuffle=False)
+    samples = list(reader)
+    n = json.loads((tiles / "manifest.json").read_text())["totals"]["tiles"]
+    assert len(samples) == n and all({"lo.jpg", "test-vit.npy"} <= set(s) for s in samples)
+
+
+def test_rerun_skips_and_other_weights_need_overwrite(datasets, tmp_path):
+    tiles = datasets / "tiles" / "grid"
+    first = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    assert first.written == len(first.manifests["test-vit"]["shards"]) > 1
+    again = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    assert again.written == 0 and again.manifests == first.manifests
+    # Same teacher name, different weights: refused, then replaced with overwrite.
+    enc = build_encoder("test-vit")
+    with torch.no_grad():
+        next(enc.parameters()).add_(0.5)
+    w = save_weights(enc, tmp_path / "other.safetensors") or tmp_path / "other.safetensors"
+    other = [{"name": "test-vit", "weights": str(w)}]
+    with pytest.raises(ConfigError, match="other weights.*overwrite=true"):
+        run_cache(cache_cfg(tiles, tmp_path / "f", teachers=other), progress=False)
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=other, overwrite=True),
+                    progress=False)
+    assert res.written == again.manifests["test-vit"]["totals"]["shards"]
+    assert res.manifests["test-vit"]["weights_digest"] != first.manifests["test-vit"][
+        "weights_digest"]
+
+
+def test_wrong_architecture_weights_fail_before_any_work(datasets, tmp_path):
+    w = tmp_path / "vit.safetensors"
+    save_weights(build_encoder("test-vit"), w)
+    cfg = cache_cfg(datasets / "tiles" / "grid", tmp_path / "f",
+                    teachers=[{"name": "test-convnext", "weights": str(w)}])
+    with pytest.raises(ConfigError) as e:
+        run_cache(cfg, progress=False)
+    assert str(w) in str(e.value) and "test-convnext" in str(e.value)
+    assert not (tmp_path / "f").exists()
+
+
+def corrupt_copy(src: Path, dst: Path, shard: str, member: str) -> str:
+    """Copy a tile dataset, replacing one image in one shard with garbage; returns its key."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / shard
+    samples = read_shard(path)
+    key = list(samples)[1]
+    samples[key][member] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    from fusedist.shards import write_shard
+
+    info = write_shard(str(path), ((k, v) for k, v in samples.items()))
+    m = json.loads((dst / "manifest.json").read_text())
+    for s in m["shards"]:
+        if s["name"] == shard:
+            s["sha256"], s["bytes"] = info["sha256"], info["bytes"]
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return key
+
+
+def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path):
+    tiles = tmp_path / "tiles"
+    key = corrupt_copy(datasets / "tiles" / "grid", tiles, "shard-000001.tar", "img.jpg")
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    assert [f["name"] for f in res.failed] == ["shard-000001.tar"]
+    reason = res.failed[0]["reason"]
+    assert "shard-000001.tar" in reason and key in reason and "decode" in reason
+    m = res.manifests["test-vit"]
+    total = len(json.loads((tiles / "manifest.json").read_text())["shards"])
+    assert len(m["shards"]) == total - 1 and m["failed"][0]["name"] == "shard-000001.tar"
+    assert not (tmp_path / "f" / "test-vit" / "grid" / "shard-000001.tar").exists()
+
+
+def test_nan_features_are_an_error_not_written(datasets, tmp_path):
+    enc = build_encoder("test-vit")
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.fill_(float("nan"))
+    w = tmp_path / "nan.safetensors"
+    save_weights(enc, w)
+    res = run_cache(cache_cfg(datasets / "tiles" / "grid", tmp_path / "f",
+                              teachers=[{"name": "test-vit", "weights": str(w)}]),
+                    progress=False)
+    assert res.failed and all("NaN/inf" in f["reason"] and "test-vit" in f["reason"]
+                              for f in res.failed)
+    first_key = read_shard(datasets / "tiles" / "grid" / "shard-000000.tar")
+    assert any(next(iter(first_key)) in f["reason"] for f in res.failed)
+    assert res.manifests["test-vit"]["shards"] == []
+    assert not list((tmp_path / "f" / "test-vit" / "grid").glob("shard-*.tar"))
+
+
+def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cluster):
+    tiles = datasets / "tiles" / "pairs"
+    args = ["cache", "--tiles", str(tiles), "-t", "test-vit", "-t", "test-convnext", "-q",
+            "--set", "engine.batch_size=16", "--set", "mlflow.enabled=false"]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    clean = subprocess.run([sys.executable, "-m", "fusedist.cli", *args, "-o",
+                            str(tmp_path / "clean")], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", *args, "-o", str(out)],
+                            env=env, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "test-convnext" / "pairs" / "_state" / "shards"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(state.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_total = len(json.loads((tiles / "manifest.json").read_text())["shards"])
+    done = len(list(state.glob("*.json")))
+    assert 2 <= done < n_total and not (out / "test-vit" / "pairs" / "manifest.json").exists()
+    again = subprocess.run([sys.executable, "-m", "fusedist.cli", *args, "-o", str(out)],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for t in ("test-vit", "test-convnext"):
+        a, b = tmp_path / "clean" / t / "pairs", out / t / "pairs"
+        assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
+        names = sorted(p.name for p in a.glob("shard-*.tar"))
+        assert len(names) == n_total
+        for n in names:
+            assert (a / n).read_bytes() == (b / n).read_bytes(), (t, n)
+
+
+def test_embed_bags_from_grid_tiles_and_from_slides(datasets, tmp_path):
+    from fusedist.bags import read_bag
+
+    tiles = datasets / "tiles" / "grid"
+    cfg = load_config(EmbedConfig, None, ["engine.batch_size=32", "mlflow.enabled=false"],
+                      tiles=str(tiles), output=str(tmp_path / "bags"), encoders=TEACHERS)
+    res = run_embed(cfg, progress=False)
+    tm = json.loads((tiles / "manifest.json").read_text())
+    assert res.written == 2 * len(tm["slides"]) and not res.failed
+    enc = build_encoder("test-convnext")
+    for slide in tm["slides"]:
+        keys = [k for n in slide["shards"] for k in read_shard(tiles / n)]
+        bag = read_bag(str(tmp_path / "bags" / "test-convnext" / f"{slide['slide_id']}.h5"))
+        assert bag.features.shape == (len(keys), enc.spec.dim)
+        assert bag.coords.tolist() == [[int(v) for v in k.split("/")[1].split("_")]
+                                       for k in keys]
+        assert bag.encoder == "test-convnext" and bag.mpp == 0.5 and bag.tile_size == 224
+        first = read_shard(tiles / slide["shards"][0])[keys[0]]["img.jpg"]
+        np.testing.assert_allclose(bag.features[0], enc.embed(uint8_chw(first)[None])[0].numpy(),
+                                   rtol=1e-4, atol=1e-4)
+    assert run_embed(cfg, progress=False).written == 0  # resumable per slide: all current
+    # From slides: tiled first at the encoder's resolution, then embedded.
+    cfg2 = load_config(EmbedConfig, None, ["engine.batch_size=32", "mlflow.enabled=false"],
+                       slides=str(datasets / "slides"), output=str(tmp_path / "b2"),
+                       encoders=["test-vit"])
+    res2 = run_embed(cfg2, progress=False)
+    assert res2.written == 2 and (tmp_path / "b2" / "test-vit" / "s0.h5").is_file()
+
+
+def test_embed_refuses_tiles_at_the_wrong_resolution(datasets, tmp_path, ray_cluster):
+    from fusedist.tiling import TileConfig
+
+    run_tile(load_config(TileConfig, None, ["mode=grid", "tile_mpp=2.0"],
+                         input=str(datasets / "slides"), output=str(tmp_path / "t")),
+             progress=False)
+    cfg = load_config(EmbedConfig, None, ["mlflow.enabled=false"],
+                      tiles=str(tmp_path / "t" / "default"), output=str(tmp_path / "b"),
+                      encoders=["test-vit"])
+    with pytest.raises(ConfigError, match=r"0\.5 µm/px.*tile_mpp=0\.5"):
+        run_embed(cfg, progress=False)
