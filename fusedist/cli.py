@@ -162,12 +162,10 @@ def demo(workdir: Optional[str] = typer.Option(
         report = run_demo(cfg, progress=not quiet)
     except StorageError as e:
         _fail(3, str(e))
-    typer.echo(open_hint(report))
+    from fusedist.demo import tracking_uri
 
-
-def open_hint(report: str) -> str:
-    return (f"\ndemo finished. Report: {report}\n"
-            "Shards: <workdir>/tiles/<dataset>/ (manifest.json, thumbnails/)")
+    typer.echo(f"\ndemo finished. Report: {report}\n"
+               f"Open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """``fusedist demo``: the pipeline end to end on embedded defaults (local Ray, local files).
 
 Today it runs the stages that exist: synthetic slides -> ``tile`` (pairs for XMAG and a grid
-for bags) -> a streaming read of the shards, and writes a short Markdown report. Later stages
-(cache, distill, embed, fuse) join here as they land.
+for bags) -> a streaming read of the shards -> ``cache`` (two seeded ``test-*`` teachers on the
+pairs) -> ``embed`` (slide bags from two encoders), logs to a local MLflow store, and writes a
+short Markdown report. Later stages (distill, fuse) join here as they land.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from fusedist import storage
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.tracking import MlflowConfig
 
 
 class DemoConfig(StrictModel):
@@ -37,8 +39,17 @@ class DemoConfig(StrictModel):
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     """Where Ray runs (default: a private local Ray)."""
 
+    teachers: list[str] = Field(default_factory=lambda: ["test-vit", "test-vit-reg"])
+    """Teachers whose features are cached (registry names; ``test-*`` are seeded random)."""
+
+    encoders: list[str] = Field(default_factory=lambda: ["test-vit", "test-convnext"])
+    """Encoders that embed slide bags."""
+
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """S3 options when ``workdir`` is on S3."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """Tracking; default: a SQLite store in ``<workdir>/mlruns`` (or ``./mlruns`` for S3)."""
 
 
 @dataclass
@@ -57,6 +68,7 @@ def _read_back(dataset_url: str) -> int:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     """Run the demo; returns the URL of its report."""
+    from fusedist.features import CacheConfig, EmbedConfig, EngineConfig, run_cache, run_embed
     from fusedist.synth import SynthConfig, synthesize
     from fusedist.tiling import TileConfig, run_tile
 
@@ -89,9 +101,43 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     times.append(StageTime("read (pairs)", time.perf_counter() - t,
                            f"streamed {n} samples through the training reader"))
 
+    mlflow = _mlflow(cfg)
+    t = time.perf_counter()
+    cache = run_cache(CacheConfig(tiles=storage.join(tiles, "pairs"),
+                                  output=storage.join(root, "features"), teachers=cfg.teachers,
+                                  engine=EngineConfig(batch_size=64), ray=cfg.ray,
+                                  storage=cfg.storage, mlflow=mlflow), progress=progress)
+    summaries.append(cache.summary())
+    times.append(StageTime("cache", time.perf_counter() - t,
+                           f"{len(cfg.teachers)} teachers, {cache.tiles} pairs "
+                           f"(16 sub-tiles each), {len(cache.failed)} shards failed"))
+
+    t = time.perf_counter()
+    emb = run_embed(EmbedConfig(tiles=storage.join(tiles, "grid"),
+                                output=storage.join(root, "bags"), encoders=cfg.encoders,
+                                engine=EngineConfig(batch_size=64), ray=cfg.ray,
+                                storage=cfg.storage, mlflow=mlflow), progress=progress)
+    summaries.append(emb.summary())
+    times.append(StageTime("embed", time.perf_counter() - t,
+                           f"{emb.written + emb.skipped} bags ({len(cfg.encoders)} encoders), "
+                           f"{len(emb.failed)} slides failed"))
+
     report = storage.join(root, "report.md")
     storage.write_text(report, _report(cfg, times, summaries))
     return report
+
+
+def _mlflow(cfg: DemoConfig) -> MlflowConfig:
+    """The demo's runs go to a SQLite store beside its outputs unless told otherwise."""
+    if cfg.mlflow.tracking_uri or storage.is_s3(cfg.workdir):
+        return cfg.mlflow
+    db = storage.local_path(cfg.workdir).resolve() / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{db}"})
+
+
+def tracking_uri(cfg: DemoConfig) -> str:
+    return _mlflow(cfg).tracking_uri or "./mlruns"
 
 
 def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str]) -> str:
@@ -101,5 +147,8 @@ def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str]) -> st
     lines += ["", "## Tiling summaries", "", "```", *summaries, "```", "",
               "Thumbnails with the kept tiles outlined: `tiles/<dataset>/thumbnails/`.",
               "Shards and their manifest: `tiles/<dataset>/manifest.json` "
-              "(format in docs/formats.md).", ""]
+              "(format in docs/formats.md).",
+              "Teacher features: `features/<teacher>/pairs/`; slide bags: "
+              "`bags/<encoder>/<slide_id>.h5`.", "",
+              f"MLflow: `mlflow ui --backend-store-uri {tracking_uri(cfg)}`", ""]
     return "\n".join(lines)

@@ -98,6 +98,23 @@ def test_cached_features_equal_teacher_forward(datasets, tmp_path, mode):
                                            .transpose(1, 0, 2).reshape(16, -1), atol=2e-3)
 
 
+def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets):
+    """The encoders must never wait on JPEG decode: Ray Data must not fuse the two maps."""
+    from fusedist.features.engine import EngineSpec, run_engine
+
+    tiles = datasets / "tiles" / "grid"
+    m = json.loads((tiles / "manifest.json").read_text())
+    spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
+                      chunk=16, encoders=(("test-vit", None),), device="cpu")
+    results = []
+    run_engine(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]], results.append,
+               num_actors=1, gpus_per_actor=0, cpus_per_actor=1)
+    assert len(results) == 3 and not any(r.error for r in results)
+    decode = set().union(*(r.pids[0] for r in results))
+    actors = set().union(*(r.pids[1] for r in results))
+    assert decode and actors and not decode & actors
+
+
 def test_reader_zips_tiles_with_cached_features(datasets, tmp_path):
     from fusedist.data import ShardReader
 

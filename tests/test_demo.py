@@ -28,3 +28,19 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     report = (work / "report.md").read_text()
     pairs = json.loads((work / "tiles" / "pairs" / "manifest.json").read_text())
     assert f"streamed {pairs['totals']['tiles']} samples" in report
+    for teacher in ("test-vit", "test-vit-reg"):
+        feats = json.loads((work / "features" / teacher / "pairs" / "manifest.json").read_text())
+        assert feats["totals"]["samples"] == pairs["totals"]["tiles"]
+    for enc in ("test-vit", "test-convnext"):
+        assert len(list((work / "bags" / enc).glob("*.h5"))) == 3
+    # MLflow runs with metrics, in the demo's own store.
+    from mlflow.tracking import MlflowClient
+
+    assert "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fusedist")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags["fusedist.stage"]: r for r in runs}
+    assert by_stage["cache"].data.metrics["tiles"] == pairs["totals"]["tiles"]
+    assert by_stage["cache"].data.tags["fusedist.random_weights"] == "true"
+    assert by_stage["embed"].data.metrics["bags_written"] == 6

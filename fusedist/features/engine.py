@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -74,7 +75,7 @@ def _row(spec: EngineSpec, shard: str, index: int, n_chunks: int, keys: list[str
     return {"shard": np.array([shard]), "chunk": np.array([index]),
             "n_chunks": np.array([n_chunks]), "n": np.array([n]),
             "keys": np.array(["\n".join(keys)]), "error": np.array([error]),
-            "images": images[None]}
+            "decode_pid": np.array([os.getpid()]), "images": images[None]}
 
 
 def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
@@ -138,7 +139,9 @@ class EncoderActor:
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
-        out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "keys", "error")}
+        out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "keys", "error",
+                                     "decode_pid")}
+        out["actor_pid"] = np.full(len(out["shard"]), os.getpid())
         images = batch["images"]  # (rows, chunk, S, 3, t, t) uint8
         rows, chunk, s = images.shape[:3]
         x = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1, *images.shape[3:])
@@ -170,6 +173,7 @@ class ShardResult:
     keys: list[str]
     features: dict[str, np.ndarray]
     error: str = ""
+    pids: tuple[set[int], set[int]] = (set(), set())  # (decode, encoder) processes: kept apart
 
 
 def run_engine(spec: EngineSpec, shards: list[tuple[str, int]], on_shard: Callable[[ShardResult], None],
@@ -182,8 +186,13 @@ def run_engine(spec: EngineSpec, shards: list[tuple[str, int]], on_shard: Callab
         return
     ds = ray.data.from_items([{"shard": n, "samples": c} for n, c in shards],
                              override_num_blocks=len(shards))
+    # Decode must stay a separate pool of CPU tasks. Ray Data fuses consecutive maps whose
+    # remote args match (on CPU-only clusters they do), which would move JPEG decoding into
+    # the encoder actor, in series with the model. It never fuses an op that sets
+    # ray_remote_args_fn, so the decode tasks declare their args that way (and spread out).
     ds = ds.map_batches(decode_shard, fn_kwargs={"spec": spec}, batch_size=1,
-                        num_cpus=decode_cpus)
+                        num_cpus=decode_cpus,
+                        ray_remote_args_fn=lambda: {"scheduling_strategy": "SPREAD"})
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
@@ -212,4 +221,5 @@ def _assemble(name: str, chunks: dict[int, dict]) -> ShardResult:
     for col in ordered[0]:
         if col.startswith("feat:"):
             feats[col[5:]] = np.concatenate([c[col][: int(c["n"])] for c in ordered])
-    return ShardResult(name, keys, feats)
+    pids = ({int(c["decode_pid"]) for c in ordered}, {int(c["actor_pid"]) for c in ordered})
+    return ShardResult(name, keys, feats, pids=pids)
