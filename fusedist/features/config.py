@@ -54,7 +54,23 @@ class EngineConfig(StrictModel):
     """``torch.compile`` the encoders (worth it on GPUs for long runs)."""
 
 
-class CacheConfig(StrictModel):
+class _EngineStage(StrictModel):
+    """Sections every engine stage shares."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """Batch size, actors, device."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Where Ray runs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint and retries."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """Experiment tracking."""
+
+
+class CacheConfig(_EngineStage):
     """Tile shards -> teacher feature shards, all teachers in one pass over the data."""
 
     tiles: str
@@ -69,17 +85,6 @@ class CacheConfig(StrictModel):
     overwrite: bool = False
     """Replace features made with other weights (otherwise that is an error)."""
 
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    """Batch size, actors, device."""
-
-    ray: RayConfig = Field(default_factory=RayConfig)
-    """Where Ray runs."""
-
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    """S3 endpoint and retries."""
-
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    """Experiment tracking."""
 
     @field_validator("teachers", mode="before")
     @classmethod
@@ -89,7 +94,7 @@ class CacheConfig(StrictModel):
     RUN_ONLY: ClassVar[set[str]] = {"overwrite", "engine", "ray", "storage", "mlflow"}
 
 
-class EmbedConfig(StrictModel):
+class EmbedConfig(_EngineStage):
     """Grid tile shards (or slides) -> one HDF5 bag per slide per encoder."""
 
     tiles: str | None = None
@@ -110,17 +115,6 @@ class EmbedConfig(StrictModel):
     allow_mpp_mismatch: bool = False
     """Embed tiles whose mpp differs from the encoder's (normally an error)."""
 
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    """Batch size, actors, device."""
-
-    ray: RayConfig = Field(default_factory=RayConfig)
-    """Where Ray runs."""
-
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    """S3 endpoint and retries."""
-
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    """Experiment tracking."""
 
     @field_validator("encoders", mode="before")
     @classmethod

@@ -111,8 +111,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
-                      encoders=tuple((e.spec.name, _weights(cfg.encoders, e.spec.name))
-                                     for e in encoders),
+                      encoders=tuple(_refs_for(cfg.encoders, encoders)),
                       device=device, compile=cfg.engine.compile,
                       storage_cfg=cfg.storage.model_dump())
     shard_slide = {n: sid for sid in todo for n in by_id[sid]["shards"]}
@@ -137,8 +136,13 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
                    cpus_per_actor=cfg.engine.cpus_per_actor, decode_cpus=cfg.engine.decode_cpus)
 
 
-def _weights(refs: list[EncoderRef], name: str) -> str | None:
-    return next((r.weights for r in refs if r.name == name), None)
+def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | None]]:
+    """The (reference, weights) pairs of this group's encoders, as the user gave them, so
+    actors can resolve exported models in their own process."""
+    from fusedist.features.runtime import resolve_ref
+
+    names = {e.spec.name for e in encoders}
+    return [(r.name, r.weights) for r in refs if resolve_ref(r.name) in names]
 
 
 def _write_bags(cfg, tm, slide, parts, encoders, digest, result) -> None:

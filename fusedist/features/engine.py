@@ -126,13 +126,14 @@ class EncoderActor:
     def __init__(self, spec: EngineSpec):
         import torch
 
+        from fusedist.features.runtime import resolve_ref
         from fusedist.models import build_encoder
 
         self.spec = spec
         self.torch = torch
         self.device = torch.device(spec.device)
-        self.encoders = [build_encoder(name, weights=w, device=spec.device)
-                         for name, w in spec.encoders]
+        self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=spec.device)
+                         for ref, w in spec.encoders]
         if spec.compile:
             for enc in self.encoders:
                 enc.compile()  # compiles forward in place (the module keeps its attributes)

@@ -35,17 +35,32 @@ def load_encoders(refs: list[EncoderRef]) -> list:
     out = []
     for ref in refs:
         try:
-            get_spec(ref.name)
+            name = resolve_ref(ref.name)
+            get_spec(name)
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"")) from None
         try:
-            out.append(build_encoder(ref.name, weights=ref.weights, device="cpu"))
+            out.append(build_encoder(name, weights=ref.weights, device="cpu"))
         except WeightsError as e:
             raise ConfigError(str(e)) from None
     names = [e.spec.name for e in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"encoder listed twice: {names}")
     return out
+
+
+def resolve_ref(name: str) -> str:
+    """A registry name, or the folder/card.json of an exported model (registered here).
+
+    Each Ray worker has its own registry, so actors call this too with the same reference.
+    """
+    from fusedist.distill.export import resolve_encoder
+
+    try:
+        return resolve_encoder(name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"encoder {name!r}: {e}; give a registry name "
+                          "(fusedist.models.list_encoders()) or an exported model folder") from None
 
 
 def engine_resources(cfg: EngineConfig) -> tuple[str, int, float]:

@@ -115,7 +115,7 @@ def build_encoder(name_or_spec: str | EncoderSpec, weights: str | os.PathLike | 
         return build_meta(spec)
     if spec.loader == "transformers":
         require_transformers(spec)  # fail before any download
-    source = str(weights) if weights is not None else spec.hub_id
+    source = str(weights) if weights is not None else (spec.weights or spec.hub_id)
     if source == RANDOM:  # an explicit request (benchmarks of the real architectures)
         model, source = _random_model(spec, True)
     elif source is None:

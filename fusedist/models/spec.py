@@ -50,6 +50,9 @@ class EncoderSpec:
     """Default weights source, ``hf-hub:org/repo``; ``None``: seeded random (test-*) or the
     caller must pass ``weights=``."""
 
+    weights: str | None = None
+    """Default local weights file (e.g. an exported XMAG student); wins over ``hub_id``."""
+
     input_size: int = 224
     """Square tile size in pixels the encoder was trained on."""
 
@@ -100,8 +103,8 @@ class EncoderSpec:
 
     @property
     def random_weights(self) -> bool:
-        """True when this entry, built without ``weights=``, has random weights (no hub id)."""
-        return self.hub_id is None
+        """True when this entry, built without ``weights=``, has random weights."""
+        return self.hub_id is None and self.weights is None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (for logs, MLflow params, YAML)."""
@@ -127,7 +130,7 @@ def _problems(spec: EncoderSpec) -> list[str]:
     if spec.hub_id is not None and not spec.hub_id.startswith("hf-hub:"):
         p.append(f"hub_id '{spec.hub_id}' must look like 'hf-hub:org/repo'")
     # Random weights are a test device only: a real entry never silently falls back to them.
-    if spec.is_test and (spec.seed is None or spec.hub_id is not None):
+    if spec.is_test and (spec.seed is None or spec.hub_id is not None or spec.weights):
         p.append("test-* entries need a seed and no hub_id (they are seeded random models)")
     if not spec.is_test and spec.seed is not None:
         p.append("only test-* entries may have a seed; real entries load published weights")

@@ -1,0 +1,55 @@
+"""GPU tier (`pytest -m gpu`, `make test-all`): runs only where CUDA is; CI deselects it.
+
+No GPU was lent to the session that wrote these; they check the CUDA paths against the CPU
+reference the default tier already verifies.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tier needs CUDA; run it on a GPU machine (make test-all there)")
+
+
+def test_encoder_embed_on_cuda_matches_cpu_within_bf16():
+    from fusedist.models import build_encoder
+
+    x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8)
+    for name in ("test-vit", "test-vit-reg", "test-convnext"):
+        cpu = build_encoder(name).embed(x).float()
+        gpu = build_encoder(name, device="cuda").embed(x.cuda()).float().cpu()
+        cos = torch.nn.functional.cosine_similarity(cpu, gpu, dim=-1)
+        assert cos.min() > 0.99, (name, cos.min())
+
+
+def test_engine_on_cuda_matches_cpu(ray_cluster, tmp_path):
+    from fusedist.features.engine import EngineSpec, run_engine
+    from tests.slides import make_known_slide
+    from tests.test_tiling import tile_cfg
+    from fusedist.tiling import run_tile
+
+    make_known_slide(tmp_path / "s.tiff", width=3584, height=2688, mpp=0.5)
+    run_tile(tile_cfg(tmp_path / "s.tiff", tmp_path / "t", mode="grid"), progress=False)
+    tiles = tmp_path / "t" / "default"
+    m = json.loads((tiles / "manifest.json").read_text())
+    shards = [(s["name"], s["samples"]) for s in m["shards"]]
+    out = {}
+    for device, gpus in (("cpu", 0.0), ("cuda", 1.0)):
+        spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
+                          chunk=64, encoders=(("test-vit", None),), device=device)
+        res = []
+        run_engine(spec, shards, res.append, num_actors=1, gpus_per_actor=gpus, cpus_per_actor=1)
+        out[device] = np.concatenate([r.features["test-vit"][:, 0] for r in
+                                      sorted(res, key=lambda r: r.name)])
+    a, b = torch.from_numpy(out["cpu"]), torch.from_numpy(out["cuda"])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
