@@ -1,0 +1,419 @@
+"""LogitProd: sample-adaptive weighted product of frozen experts' distributions (methods.md §2).
+
+Every expert (one head per frozen FM) has already produced logits, out of fold. LogitProd
+never touches features: a gate reads confidence statistics of the experts' predictions and
+weights their log-probabilities,
+
+    w = softmax(gate(logit_features(z)) / tau)          (B, M), uniform at start
+    s_k = sum_m w_m * log_softmax(z_m)_k                 a weighted geometric mean
+    loss = CE(s, y) + lam * mean_b(w^T R w)              R: experts' error correlation
+
+Survival (T discrete-time hazard bins) fuses the T+1 outcome distributions in log space
+with one gate per outcome bin, renormalises, and converts back to hazards — with
+gradients throughout (the released code wrapped the conversions in no-grad, so only the
+penalty trained its survival gate).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ERROR_KINDS = ("nll", "brier", "zero_one")
+
+
+# --------------------------------------------------------------------------- gate features
+
+def _entropy(p: Tensor, eps: float) -> Tensor:
+    return -(p * torch.log(p + eps)).sum(dim=-1)
+
+
+@torch.no_grad()
+def logit_features(logits: Tensor, eps: float = 1e-12) -> Tensor:
+    """(B, M, K) expert logits -> (B, 3M + 2) gate features, no gradient.
+
+    Order: ``[msp_1..msp_M, margin_1..margin_M, entropy_1..entropy_M, mean_entropy,
+    mutual_info]`` with p_m = softmax(z_m), msp = max_k p, margin = top1 - top2 (0 when
+    K = 1), entropy = -sum p log(p + eps), mutual_info = H(mean_m p_m) - mean_entropy.
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, M, K), got {tuple(logits.shape)}")
+    p = logits.detach().float().softmax(dim=-1)
+    msp = p.amax(dim=-1)
+    if p.shape[-1] >= 2:
+        top2 = p.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+    else:
+        margin = torch.zeros_like(msp)
+    ent = _entropy(p, eps)                                   # (B, M)
+    mean_ent = ent.mean(dim=1, keepdim=True)                 # (B, 1)
+    mutual_info = _entropy(p.mean(dim=1), eps).unsqueeze(1) - mean_ent
+    return torch.cat([msp, margin, ent, mean_ent, mutual_info], dim=1)
+
+
+# ---------------------------------------------------------------------- error correlation
+
+def expert_errors(logits: Tensor, labels: Tensor, kind: str = "nll") -> Tensor:
+    """Per-sample, per-expert error (N, M) in float64: ``nll`` (-log p_y), ``brier``
+    (sum_k (p_k - 1[k = y])^2) or ``zero_one`` (argmax != y)."""
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (N, M, K), got {tuple(logits.shape)}")
+    z = logits.detach().double()
+    y = labels.detach().long().view(-1)
+    n, m, k = z.shape
+    if y.numel() != n:
+        raise ValueError(f"{y.numel()} labels for {n} samples")
+    logp = F.log_softmax(z, dim=-1)
+    if kind == "nll":
+        return -logp.gather(-1, y.view(n, 1, 1).expand(n, m, 1)).squeeze(-1)
+    if kind == "brier":
+        onehot = F.one_hot(y, k).double().unsqueeze(1)
+        return ((logp.exp() - onehot) ** 2).sum(dim=-1)
+    if kind == "zero_one":
+        return (z.argmax(dim=-1) != y.view(n, 1)).double()
+    raise ValueError(f"unknown error kind {kind!r}; choose one of {ERROR_KINDS}")
+
+
+def correlation_steps(errors: Tensor, shrink: float = 0.1) -> dict[str, Tensor]:
+    """Every stage of R, from per-sample errors (N, M), in float64.
+
+    ``raw`` = Z^T Z / (N - 1) of the column-z-scored errors (symmetrised; a correlation
+    matrix, diagonal 1), ``shrunk`` = (1 - shrink) raw + shrink * mean(diag) I, ``psd`` =
+    eigenvalues clamped at 0 (PSD by construction), ``final`` = entries clamped at 0 and
+    the diagonal zeroed. (``raw`` is a Gram matrix and ``shrunk`` a convex mix of it with a
+    non-negative multiple of I, so both are PSD already; the eigenvalue clamp only removes
+    rounding error. It is kept because the method specifies it.)
+
+    What holds for ``final``: symmetric, non-negative, zero diagonal, hence
+    w^T R w >= 0 for every non-negative w (copositive) — all the penalty needs, since gate
+    weights are a softmax. It is *not* PSD in general: its trace is 0, so unless every
+    entry is 0 it has a negative eigenvalue. Only ``psd`` (before the last two steps) is PSD.
+
+    An expert whose errors are constant (e.g. 0/1 error never wrong) has no variance to
+    correlate; its z-scores are set to 0, so its row and column of ``raw`` are 0.
+    """
+    e = errors.detach().double()
+    if e.ndim != 2 or e.shape[0] < 2:
+        raise ValueError(f"errors must be (N >= 2, M), got {tuple(e.shape)}")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+    n, m = e.shape
+    sd = e.std(dim=0, unbiased=True)
+    ok = sd > 1e-12
+    z = torch.where(ok, (e - e.mean(dim=0)) / torch.where(ok, sd, torch.ones_like(sd)),
+                    torch.zeros_like(e))
+    raw = z.T @ z / (n - 1)
+    raw = 0.5 * (raw + raw.T)
+    eye = torch.eye(m, dtype=raw.dtype)
+    shrunk = (1.0 - shrink) * raw + shrink * raw.diagonal().mean() * eye
+    evals, evecs = torch.linalg.eigh(shrunk)
+    psd = evecs @ torch.diag(evals.clamp(min=0.0)) @ evecs.T
+    psd = 0.5 * (psd + psd.T)
+    final = psd.clamp(min=0.0) * (1.0 - eye)
+    return {"raw": raw, "shrunk": shrunk, "psd": psd, "final": final}
+
+
+def error_correlation(logits: Tensor, labels: Tensor, kind: str = "nll",
+                      shrink: float = 0.1) -> Tensor:
+    """Out-of-fold expert logits (N, M, K) and labels (N,) -> diversity matrix R (M, M),
+    float32. See ``correlation_steps`` for the stages and what the result guarantees."""
+    return correlation_steps(expert_errors(logits, labels, kind), shrink)["final"].float()
+
+
+def survival_error_correlation(hazard_logits: Tensor, time_bin: Tensor, event: Tensor,
+                               shrink: float = 0.1, alpha: float = 0.4) -> Tensor:
+    """R for survival experts: the per-sample error is each expert's NLL-survival."""
+    n, m, _ = hazard_logits.shape
+    errs = torch.stack([nll_survival_loss(hazard_logits[:, j].detach().double(), time_bin,
+                                          event, alpha=alpha, reduction="none")
+                        for j in range(m)], dim=1)
+    return correlation_steps(errs, shrink)["final"].float()
+
+
+# ----------------------------------------------------------------------------- the gates
+
+def _make_gate(in_dim: int, out_dim: int, gate: str, hidden: int) -> nn.Module:
+    if gate == "linear":
+        layer = nn.Linear(in_dim, out_dim)
+        last = layer
+    elif gate == "mlp":
+        layer = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        last = layer[-1]
+    else:
+        raise ValueError(f"gate must be 'linear' or 'mlp', got {gate!r}")
+    # Zero output layer: every expert starts with weight 1/M (the plain geometric mean),
+    # and the gate moves away from it only as far as the data asks.
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return layer
+
+
+class LogitProd(nn.Module):
+    """``forward(logits (B, M, K))`` -> ``(fused_log_probs (B, K), weights (B, M))``.
+
+    ``fused_log_probs = log_softmax(s)`` with s_k = sum_m w_m log_softmax(z_m)_k.
+    Train with ``F.nll_loss(fused_log_probs, y)``, which equals CE on s (log_softmax is
+    idempotent); predict ``fused_log_probs.exp()`` = softmax(s).
+    ``gate="mlp"`` swaps the linear gate for Linear -> GELU -> Linear (last layer zeroed).
+    """
+
+    def __init__(self, num_experts: int, num_classes: int, gate: str = "linear",
+                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12) -> None:
+        super().__init__()
+        if num_experts < 1 or num_classes < 1:
+            raise ValueError("need at least one expert and one class")
+        self.num_experts, self.num_classes = num_experts, num_classes
+        self.temperature, self.eps = float(temperature), float(eps)
+        self.gate = _make_gate(3 * num_experts + 2, num_experts, gate, hidden)
+
+    def _check(self, logits: Tensor) -> Tensor:
+        if logits.ndim != 3 or logits.shape[1:] != (self.num_experts, self.num_classes):
+            raise ValueError(f"expected (B, {self.num_experts}, {self.num_classes}) logits, "
+                             f"got {tuple(logits.shape)}")
+        return logits.float()
+
+    def gate_weights(self, logits: Tensor) -> Tensor:
+        feats = logit_features(self._check(logits), self.eps)
+        return F.softmax(self.gate(feats) / self.temperature, dim=-1)
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        z = self._check(logits)
+        w = self.gate_weights(z)
+        s = torch.einsum("bm,bmk->bk", w, F.log_softmax(z, dim=-1))
+        return F.log_softmax(s, dim=-1), w
+
+
+def diversity_penalty(weights: Tensor, R: Tensor) -> Tensor:
+    """mean over all leading dims of w^T R w; weights (..., M)."""
+    R = R.to(weights.dtype)
+    return torch.einsum("...i,ij,...j->...", weights, R, weights).mean()
+
+
+def logitprod_loss_terms(fused: Tensor, weights: Tensor, labels: Tensor,
+                         R: Tensor | None, lam: float = 0.1) -> dict[str, Tensor]:
+    """``{"loss", "ce", "penalty"}`` with loss = CE + lam * mean_b(w^T R w)."""
+    ce = F.nll_loss(fused, labels.long().view(-1))
+    pen = diversity_penalty(weights, R) if R is not None else fused.new_zeros(())
+    return {"loss": ce + lam * pen, "ce": ce, "penalty": pen}
+
+
+def logitprod_loss(fused: Tensor, weights: Tensor, labels: Tensor, R: Tensor | None,
+                   lam: float = 0.1) -> Tensor:
+    """Scalar CE + lam * mean_b(w^T R w) (``fused`` = LogitProd's log-probs)."""
+    return logitprod_loss_terms(fused, weights, labels, R, lam)["loss"]
+
+
+# ------------------------------------------------------------------------------ survival
+
+def hazards_to_outcome_probs(hazards: Tensor) -> Tensor:
+    """Hazards h (..., T) in (0, 1) -> outcome distribution (..., T + 1):
+    P(t) = S(t-1) h(t) for t = 1..T, P(T+1) = S(T), with S(t) = prod_{u<=t} (1 - h(u))."""
+    surv = torch.cumprod(1.0 - hazards, dim=-1)
+    prev = torch.cat([torch.ones_like(surv[..., :1]), surv[..., :-1]], dim=-1)
+    return torch.cat([prev * hazards, surv[..., -1:]], dim=-1)
+
+
+def hazard_logits_to_outcome_log_probs(hazard_logits: Tensor) -> Tensor:
+    """The same map from hazard logits, in log space (stable for saturated hazards)."""
+    log_h = F.logsigmoid(hazard_logits)
+    log_surv = torch.cumsum(F.logsigmoid(-hazard_logits), dim=-1)
+    prev = torch.cat([torch.zeros_like(log_surv[..., :1]), log_surv[..., :-1]], dim=-1)
+    return torch.cat([prev + log_h, log_surv[..., -1:]], dim=-1)
+
+
+def outcome_log_probs_to_hazards(log_probs: Tensor, as_logits: bool = False) -> Tensor:
+    """Outcome log-probabilities (..., T + 1) -> hazards (..., T) (or their logits).
+
+    h(t) = P(t) / S(t-1) with S(t-1) = sum_{u>=t} P(u); logit h(t) = log P(t) - log S(t).
+    Works on unnormalised log-probs too (the ratio cancels the normaliser).
+    """
+    tail = torch.logcumsumexp(log_probs.flip(-1), dim=-1).flip(-1)  # log S(t-1), t = 1..T+1
+    if as_logits:
+        return log_probs[..., :-1] - tail[..., 1:]
+    return torch.exp(log_probs[..., :-1] - tail[..., :-1])
+
+
+def nll_survival_loss(hazards: Tensor, time_bin: Tensor, event: Tensor, alpha: float = 0.4,
+                      from_logits: bool = True, eps: float = 1e-7,
+                      reduction: str = "mean") -> Tensor:
+    """Discrete-time NLL-survival (Zadeh & Schmid; the MCAT/PORPOISE form).
+
+    ``hazards`` (B, T): hazard logits (``from_logits=True``) or hazards in (0, 1);
+    ``time_bin`` (B,) 0-based bin of the event/censoring time; ``event`` (B,) 1 = observed.
+        L_unc  = -event     * [log S(y-1) + log h(y)]
+        L_cens = -(1-event) * log S(y)
+        L      = (1 - alpha) * (L_unc + L_cens) + alpha * L_unc
+    i.e. alpha is extra weight on the uncensored term. Probabilities are clamped at eps
+    (as released); from logits the logs are exact (logsigmoid).
+    """
+    z = hazards if hazards.dtype == torch.float64 else hazards.float()
+    if from_logits:
+        log_h, log_1mh = F.logsigmoid(z), F.logsigmoid(-z)
+    else:
+        log_h, log_1mh = torch.log(z.clamp(min=eps)), torch.log((1.0 - z).clamp(min=eps))
+    y = time_bin.long().view(-1, 1)
+    ev = event.to(z.dtype).view(-1)
+    log_surv = torch.cat([torch.zeros_like(log_1mh[:, :1]), torch.cumsum(log_1mh, dim=1)], 1)
+    if not from_logits:
+        log_surv = log_surv.clamp(min=math.log(eps))
+    uncensored = -ev * (log_surv.gather(1, y).squeeze(1) + log_h.gather(1, y).squeeze(1))
+    censored = -(1.0 - ev) * log_surv.gather(1, y + 1).squeeze(1)
+    loss = (1.0 - alpha) * (uncensored + censored) + alpha * uncensored
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()
+
+
+def survival_risk(hazard_logits: Tensor) -> Tensor:
+    """Risk = -sum_t S(t) from hazard logits (..., T); higher = earlier event."""
+    return -torch.exp(torch.cumsum(F.logsigmoid(-hazard_logits.float()), dim=-1)).sum(dim=-1)
+
+
+def harrell_c_index(risk: np.ndarray | Tensor, time: np.ndarray | Tensor,
+                    event: np.ndarray | Tensor) -> float:
+    """Harrell's c: over pairs with time_i < time_j and event_i, the fraction with
+    risk_i > risk_j (ties in risk count 1/2). O(N^2) memory; fine per fold."""
+    r, t, e = (np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=float)
+               .ravel() for a in (risk, time, event))
+    comparable = (t[:, None] < t[None, :]) & (e[:, None] > 0)
+    if not comparable.any():
+        return float("nan")
+    diff = r[:, None] - r[None, :]
+    score = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+    return float(score[comparable].mean())
+
+
+class LogitProdSurvival(nn.Module):
+    """Survival LogitProd: ``forward(hazard_logits (B, M, T))`` -> dict with
+    ``hazard_logits`` (B, T), ``hazards`` (B, T), ``outcome_log_probs`` (B, T + 1) and
+    ``weights`` (B, T + 1, M).
+
+    Each expert's hazards become a distribution over T + 1 outcomes; the gate reads
+    ``logit_features`` of those distributions and emits one softmax over experts per
+    outcome bin; the fused log-probabilities are renormalised and turned back into hazards.
+    Everything after the (no-grad) gate features is differentiable, so the NLL trains the gate.
+    """
+
+    def __init__(self, num_experts: int, num_bins: int = 4, gate: str = "linear",
+                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.num_experts, self.num_bins = num_experts, num_bins
+        self.temperature, self.eps = float(temperature), float(eps)
+        self.gate = _make_gate(3 * num_experts + 2, (num_bins + 1) * num_experts, gate, hidden)
+
+    def forward(self, hazard_logits: Tensor) -> dict[str, Tensor]:
+        if hazard_logits.ndim != 3 or hazard_logits.shape[1:] != (self.num_experts,
+                                                                  self.num_bins):
+            raise ValueError(f"expected (B, {self.num_experts}, {self.num_bins}) hazard "
+                             f"logits, got {tuple(hazard_logits.shape)}")
+        logp = hazard_logits_to_outcome_log_probs(hazard_logits.float())   # (B, M, T+1)
+        b = logp.shape[0]
+        g = self.gate(logit_features(logp, self.eps)).view(b, self.num_bins + 1,
+                                                           self.num_experts)
+        w = F.softmax(g / self.temperature, dim=-1)                         # (B, T+1, M)
+        fused = F.log_softmax(torch.einsum("btm,bmt->bt", w, logp), dim=-1)
+        hz = outcome_log_probs_to_hazards(fused, as_logits=True)
+        return {"hazard_logits": hz, "hazards": torch.sigmoid(hz),
+                "outcome_log_probs": fused, "weights": w}
+
+
+def logitprod_survival_loss_terms(out: dict[str, Tensor], time_bin: Tensor, event: Tensor,
+                                  R: Tensor | None, lam: float = 0.1,
+                                  alpha: float = 0.4) -> dict[str, Tensor]:
+    """``{"loss", "nll", "penalty"}``: NLL-survival + lam * mean over samples and outcome
+    bins of w^T R w."""
+    nll = nll_survival_loss(out["hazard_logits"], time_bin, event, alpha=alpha)
+    pen = diversity_penalty(out["weights"], R) if R is not None else nll.new_zeros(())
+    return {"loss": nll + lam * pen, "nll": nll, "penalty": pen}
+
+
+# ------------------------------------------------------------------------------ training
+
+@dataclass
+class GateTrainConfig:
+    """methods.md §2 training: Adam lr 1e-5, wd 1e-4, cosine warm restarts (T0 = 10
+    epochs, x2, min 1e-6), batch 16, up to 600 epochs, early stopping on validation CE
+    (penalty excluded; NLL-survival for survival), best state restored."""
+
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    t0: int = 10
+    t_mult: int = 2
+    min_lr: float = 1e-6
+    batch_size: int = 16
+    max_epochs: int = 600
+    patience: int = 50
+    lam: float = 0.1
+    alpha: float = 0.4
+    seed: int = 0
+
+
+def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, lam: float,
+               alpha: float) -> dict[str, Tensor]:
+    if isinstance(model, LogitProdSurvival):
+        return logitprod_survival_loss_terms(model(batch[0]), batch[1], batch[2], R, lam, alpha)
+    fused, w = model(batch[0])
+    terms = logitprod_loss_terms(fused, w, batch[1], R, lam)
+    terms["nll"] = terms["ce"]
+    return terms
+
+
+def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...],
+                  val: tuple[Tensor, ...] | None = None, R: Tensor | None = None,
+                  cfg: GateTrainConfig | None = None) -> dict[str, object]:
+    """Train the gate. ``train``/``val`` = (logits, labels) or (hazard_logits, time_bin,
+    event). Without ``val``, runs ``max_epochs`` and keeps the last state.
+    Returns ``{"best_epoch", "best_val", "history"}`` (history: per-epoch train loss, val)."""
+    cfg = cfg or GateTrainConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.min_lr)
+    n = train[0].shape[0]
+    best = (math.inf, -1, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, cfg.alpha)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        row = {"epoch": epoch, "train_loss": total / n}
+        if val is not None:
+            model.eval()
+            with torch.no_grad():
+                v = float(_objective(model, val, None, 0.0, cfg.alpha)["nll"])
+            row["val"] = v
+            if v < best[0]:
+                best = (v, epoch, copy.deepcopy(model.state_dict()))
+            elif epoch - best[1] >= cfg.patience:
+                history.append(row)
+                break
+        history.append(row)
+    if val is not None:
+        model.load_state_dict(best[2])
+    return {"best_epoch": best[1] if val is not None else len(history) - 1,
+            "best_val": best[0] if val is not None else float("nan"), "history": history}
+
+
+__all__ = [
+    "ERROR_KINDS", "logit_features", "expert_errors", "correlation_steps", "error_correlation",
+    "survival_error_correlation", "LogitProd", "diversity_penalty", "logitprod_loss_terms",
+    "logitprod_loss", "hazards_to_outcome_probs", "hazard_logits_to_outcome_log_probs",
+    "outcome_log_probs_to_hazards", "nll_survival_loss", "survival_risk", "harrell_c_index",
+    "LogitProdSurvival", "logitprod_survival_loss_terms", "GateTrainConfig", "fit_logitprod",
+]
