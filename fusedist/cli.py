@@ -133,6 +133,52 @@ def embed(config: Optional[Path] = ConfigOpt,
         _fail(1, f"{len(result.failed)} slide(s) failed; the others were embedded.")
 
 
+@app.command()
+def distill(config: Optional[Path] = ConfigOpt,
+            tiles: Optional[str] = typer.Option(None, help="Pairs tile dataset folder."),
+            features: Optional[str] = typer.Option(
+                None, help="The teacher's feature dataset mirroring --tiles."),
+            run_name: Optional[str] = typer.Option(
+                None, help="Run name; the same name again resumes the run."),
+            storage_path: Optional[str] = typer.Option(
+                None, help="Where runs live (folder or s3://)."),
+            workers: Optional[int] = typer.Option(None, help="Training workers (ranks)."),
+            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Distil a 5x XMAG student from cached teacher features (Ray Train + DeepSpeed)."""
+    from fusedist.distill.config import DistillConfig
+    from fusedist.distill.train import run_distill
+
+    _setup_logging(quiet)
+    cfg = _load(DistillConfig, config, set_, tiles=tiles, features=features, run_name=run_name,
+                storage_path=storage_path)
+    if workers is not None:
+        cfg.scaling.num_workers = workers
+    result = _run_stage(run_distill, cfg, quiet)
+    typer.echo(result.summary())
+
+
+@app.command()
+def export(checkpoint: str = typer.Argument(
+               ..., help="A distill checkpoint folder, or a run folder (newest checkpoint)."),
+           output: Optional[str] = typer.Option(None, "--output", "-o",
+                                                help="Export folder (default: <run>/export)."),
+           name: Optional[str] = typer.Option(None, help="Encoder registry name."),
+           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Export a distill checkpoint's EMA student as an encoder (and register it in MLflow)."""
+    from fusedist.distill.config import ExportConfig
+    from fusedist.distill.train import run_export
+
+    _setup_logging(quiet)
+    cfg = _load(ExportConfig, None, set_, checkpoint=checkpoint, output=output, name=name)
+    try:
+        folder, encoder, version = _run_stage(run_export, cfg, quiet)
+    except FileNotFoundError as e:
+        _fail(2, str(e))
+    typer.echo(f"exported encoder '{encoder}' to {folder}"
+               + (f" (MLflow version {version})" if version else ""))
+    typer.echo(f"embed with: fusedist embed --encoder {folder} --tiles <5x grid tiles>")
+
+
 def _run_stage(fn, cfg, quiet: bool):
     """Run a stage, turning expected failures into exit codes 2 (config/input) and 3 (storage)."""
     from fusedist.storage import StorageError
@@ -166,6 +212,12 @@ def demo(workdir: Optional[str] = typer.Option(
 
     typer.echo(f"\ndemo finished. Report: {report}\n"
                f"Open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+
+
+# `fusedist launch ...` and `fusedist doctor` live with the launch package.
+from fusedist.launch.commands import register as _register_launch  # noqa: E402
+
+_register_launch(app)
 
 
 def main() -> None:

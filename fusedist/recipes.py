@@ -14,6 +14,8 @@ from fusedist.config import load_config
 # configs/<folder>/*.yaml -> "module:ConfigClass"
 RECIPE_MODELS: dict[str, str] = {
     "cache": "fusedist.features:CacheConfig",
+    "distill": "fusedist.distill.config:DistillConfig",
+    "launch": "fusedist.launch.config:LaunchConfig",
     "embed": "fusedist.features:EmbedConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",

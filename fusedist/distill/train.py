@@ -1,0 +1,355 @@
+"""``fusedist distill``: XMAG cross-magnification distillation on Ray Train + DeepSpeed.
+
+The driver (:func:`run_distill`) checks the data, opens the MLflow run and starts a
+``TorchTrainer``; each worker runs :func:`train_loop`: ``deepspeed.initialize`` on the student
+(+ heads; the teacher is cached features, never in the loop), then the loop below. Ray Train
+restarts a failed worker group (``max_failures``) from the newest checkpoint, and running the
+command again with the same ``run_name`` resumes a stopped run the same way. At the end the
+EMA student is exported as an encoder and registered in MLflow (:func:`export_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from fusedist import storage
+from fusedist.config import ConfigError
+from fusedist.distill.checkpoint import (Checkpointer, TrainState, find_checkpoint,
+                                         load_ema_student)
+from fusedist.distill.config import DistillConfig, ExportConfig
+from fusedist.distill.data import DataInfo, DistillData, dataset_info, steps_per_epoch
+
+log = logging.getLogger("fusedist.distill")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+def ds_config(cfg: DistillConfig, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO stage, precision, clipping, batch and AdamW from ``cfg``."""
+    o = cfg.optim
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
+        "gradient_accumulation_steps": cfg.batch.accumulation,
+        "train_batch_size": cfg.global_batch,
+        "gradient_clipping": o.clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bool(cuda and cfg.bf16)},  # CPU workers train in fp32
+        # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built fused Adam (its build
+        # fails on CPU-only machines and on H100's '9.0a' arch string).
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas),
+                                                  "eps": o.eps, "weight_decay": o.weight_decay,
+                                                  "torch_adam": True}},
+        "steps_per_print": 10**9,  # our own logger reports steps
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices only: biases, norms, tokens and position embeddings stay free."""
+    decay, free = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "pos_embed" not in name and "token" not in name
+             else free).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": free, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: DistillConfig, teacher_dim: int) -> tuple[Any, Any]:
+    """``deepspeed.initialize`` on a fresh student, and its EMA (inside a Ray Train worker)."""
+    import deepspeed
+
+    from fusedist.distill.ema import EMA
+    from fusedist.models.student import XmagStudent
+
+    torch.manual_seed(cfg.batch.seed)  # same head init on every rank (DeepSpeed also broadcasts)
+    student = XmagStudent.from_registry(cfg.student.name, teacher_dim=teacher_dim,
+                                        weights=cfg.student.weights, grid=cfg.student.grid)
+    engine, _, _, _ = deepspeed.initialize(
+        model=student, model_parameters=param_groups(student, cfg.optim.weight_decay),
+        config=ds_config(cfg, torch.cuda.is_available()))
+    return engine, EMA(engine.module, cfg.ema_decay)
+
+
+# ----------------------------------------------------------------------------- worker loop
+
+def _maybe_fail(cfg: DistillConfig, step: int, rank: int, ckpt: Checkpointer) -> None:
+    """Test hook: hard-exit ``fault.rank`` at ``fault.at_step``, on the first attempt only,
+    once the checkpoint before it is committed (so the test knows where the run resumes)."""
+    f = cfg.fault
+    if f.at_step is None or step != f.at_step or rank != f.rank:
+        return
+    marker = storage.join(cfg.run_url(), "_fault", f"step-{step}-rank-{rank}")
+    if storage.exists(marker):
+        return
+    ckpt.wait_committed()
+    storage.write_text(marker, "injected\n")
+    log.error("fault injection: rank %d exits at step %d", rank, step)
+    os._exit(17)
+
+
+def _batch_seed(seed: int, epoch: int, batch: dict[str, Any]) -> int:
+    # A function of the batch's identity, so a resumed run draws the same augmentations.
+    ident = (seed, epoch, int(batch["__slot__"][0]), int(batch["__index__"][0]))
+    return int.from_bytes(hashlib.sha256(repr(ident).encode()).digest()[:7], "little")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: one rank of the XMAG run (Ray Train V2)."""
+    import ray.train
+    import ray.train.torch
+
+    from fusedist.distill.augment import PairAugment
+    from fusedist.distill.losses import XmagObjective
+    from fusedist.distill.metrics import StepLogger, worker_tracker
+    from fusedist.distill.schedule import lr_at
+
+    cfg = DistillConfig.model_validate(config["cfg"])
+    info = DataInfo(**config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    storage.configure(cfg.storage)
+    device = ray.train.torch.get_device()
+    engine, ema = build_engine(cfg, info.dim)
+    ckpt = Checkpointer(cfg.run_url(), rank, world, cfg.sample_log)
+    state = ckpt.restore(engine, ema) or TrainState(meta=config["meta"])
+    data = DistillData(cfg, info.teacher, rank, world, state.cursor,
+                       pin_memory=device.type == "cuda")
+    spe = data.steps_per_epoch
+    total, warmup = spe * cfg.epochs, round(cfg.optim.warmup_epochs * spe)
+    objective = XmagObjective(cfg.loss.global_weight, cfg.loss.local_weight)
+    augment = PairAugment(flip_p=cfg.augment.flip_p, jitter_p=cfg.augment.jitter_p,
+                          grid=cfg.student.grid)
+    logger = StepLogger(worker_tracker(config.get("mlflow"), rank), cfg.log_every,
+                        cfg.global_batch, device)
+    gen = torch.Generator(device=device)
+    for epoch in range(state.epoch, cfg.epochs):
+        for batch in data.epoch(epoch, state.step):
+            _maybe_fail(cfg, state.step, rank, ckpt)
+            lr = lr_at(state.step, total, cfg.optim.lr, warmup, cfg.optim.schedule,
+                       cfg.optim.min_lr)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            gen.manual_seed(_batch_seed(cfg.batch.seed, epoch, batch))
+            images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+            targets = batch["target"].to(device, non_blocking=True).float()
+            images, targets = augment(images, targets, gen)
+            out = objective(engine(engine.module.normalize(images)), targets)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(out["loss"])
+            engine.step()
+            data.consumed(batch)
+            ckpt.samples.add(epoch, state.step, batch["__key__"])
+            if not boundary:
+                continue
+            state.step += 1
+            state.samples += cfg.global_batch
+            ema.update(engine.module)
+            logger.step(state.step, out, lr, epoch)
+            epoch_done = state.step % spe == 0
+            if epoch_done:
+                data.end_epoch()
+                state.epoch = epoch + 1
+            if epoch_done or state.step % cfg.checkpoint.every_steps == 0:
+                ckpt.save(engine, ema, state, data.cursor, logger.last)
+    ckpt.wait_committed()
+    logger.close()
+
+
+# ----------------------------------------------------------------------------- driver
+
+@dataclass
+class DistillResult:
+    run_url: str
+    checkpoint: str | None
+    steps: int
+    epochs: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    export_dir: str | None = None
+    encoder: str | None = None
+    model_version: str | None = None
+    mlflow_run_id: str | None = None
+    elapsed: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"distill run {self.run_url}: {self.steps} steps, {self.epochs} epoch(s) in "
+                 f"{self.elapsed:.1f} s; last checkpoint {self.checkpoint}"]
+        if self.metrics:
+            lines.append("  " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()
+                                          if isinstance(v, (int, float))))
+        if self.export_dir:
+            lines.append(f"  exported EMA student '{self.encoder}' to {self.export_dir}"
+                         + (f" (MLflow version {self.model_version})" if self.model_version
+                            else ""))
+        return "\n".join(lines)
+
+
+def _absolute(cfg: DistillConfig) -> DistillConfig:
+    """Local paths made absolute (Ray Train workers run in their own working directory) and
+    the S3 endpoint resolved here, so workers need no environment of ours."""
+    def fix(url: str) -> str:
+        return url if "://" in url else str(Path(url).expanduser().resolve())
+
+    storage_cfg = cfg.storage.model_copy(update={"endpoint_url": storage.endpoint_url()})
+    return cfg.model_copy(update={"tiles": fix(cfg.tiles), "features": fix(cfg.features),
+                                  "storage_path": fix(cfg.storage_path),
+                                  "storage": storage_cfg})
+
+
+def ray_storage(cfg: DistillConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig. pyarrow's S3FileSystem ignores
+    AWS_ENDPOINT_URL, so the endpoint is passed explicitly; credentials stay with the AWS
+    chain of each process (never serialised into the job)."""
+    if not storage.is_s3(cfg.storage_path):
+        return cfg.storage_path, None
+    import pyarrow.fs
+
+    bucket, prefix = storage.split_s3(cfg.storage_path)
+    kw: dict[str, Any] = {"region": cfg.storage.region or os.environ.get("AWS_DEFAULT_REGION")
+                          or "us-east-1"}
+    if ep := storage.endpoint_url():
+        u = urlparse(ep)
+        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
+    return f"{bucket}/{prefix}".rstrip("/"), pyarrow.fs.S3FileSystem(**kw)
+
+
+def make_trainer(cfg: DistillConfig, loop_config: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    # DeepSpeed picks CUDA if it can import it; CPU workers must say so.
+    env = {} if s.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    path, fs = ray_storage(cfg)
+    return TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.checkpoint.num_to_keep),
+                             worker_runtime_env={"env_vars": env}))
+
+
+def _checkpoint_url(cfg: DistillConfig, ckpt: Any) -> str | None:
+    if ckpt is None:
+        return None
+    return f"s3://{ckpt.path}" if storage.is_s3(cfg.storage_path) else str(ckpt.path)
+
+
+def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
+    """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
+    from fusedist.runtime import init_ray
+    from fusedist.tracking import start_run, warn_random_weights
+
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    cfg = _absolute(cfg)
+    info = dataset_info(cfg)
+    spe = steps_per_epoch(info.samples, cfg.scaling.num_workers, cfg.batch.loader_workers,
+                          cfg.batch.micro_batch, cfg.batch.accumulation)
+    if spe == 0:
+        raise ConfigError(f"{info.samples} samples do not fill one step of global batch "
+                          f"{cfg.global_batch}; lower batch.micro_batch or scaling.num_workers")
+    from fusedist.models import get_spec
+
+    student_spec = get_spec(cfg.student.name)
+    student_random = cfg.student.weights in (None, "random")
+    meta = {"student": cfg.student.name, "teacher": info.teacher, "teacher_dim": info.dim,
+            "grid": cfg.student.grid, "teacher_weights_digest": info.teacher_weights_digest,
+            "data_digest": info.data_digest, "run_name": cfg.run_name,
+            "init_weights": cfg.student.weights or "random", "mpp": student_spec.mpp,
+            "teacher_random_weights": info.teacher_random_weights}
+    init_ray(cfg.ray)
+    log.info("distill %s: %d samples, %d steps/epoch x %d epochs, global batch %d on %d "
+             "worker(s)", cfg.run_name, info.samples, spe, cfg.epochs, cfg.global_batch,
+             cfg.scaling.num_workers)
+    with start_run(cfg.mlflow, run_name=f"distill-{cfg.run_name}", params=cfg,
+                   tags={"fusedist.stage": "distill", "fusedist.run_name": cfg.run_name,
+                         "fusedist.teacher": info.teacher}) as run:
+        warn_random_weights(run, {*([cfg.student.name] if student_random else []),
+                                  *([info.teacher] if info.teacher_random_weights else [])})
+        run.log_dict(cfg, "config/distill.yaml")
+        run.log_metrics({"samples": info.samples, "steps_per_epoch": spe,
+                         "global_batch": cfg.global_batch})
+        mlflow = ({"run_id": run.run_id, "tracking_uri": run.tracking_uri} if run.active
+                  else None)
+        trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"),
+                                     "data": info.to_dict(), "meta": meta, "mlflow": mlflow})
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}")
+        ckpt = _checkpoint_url(cfg, result.checkpoint)
+        out = DistillResult(run_url=cfg.run_url(), checkpoint=ckpt, steps=0, epochs=0,
+                            metrics=dict(result.metrics or {}), mlflow_run_id=run.run_id)
+        if ckpt is not None:
+            state = storage.read_json(storage.join(ckpt, "fusedist_state.json"))
+            out.steps, out.epochs = int(state["step"]), int(state["epoch"])
+        export_dir = cfg.export.output or storage.join(cfg.run_url(), "export")
+        if cfg.export.enabled and ckpt is not None:
+            if _exported(export_dir, ckpt):  # a re-run of a finished run: nothing new
+                out.export_dir = export_dir
+                out.encoder = storage.read_json(storage.join(export_dir, "card.json"))["name"]
+            else:
+                out.export_dir, out.encoder, out.model_version = export_checkpoint(
+                    ckpt, export_dir, cfg.export.name, run, cfg.export.registered_model,
+                    cfg.export.alias)
+        out.elapsed = time.perf_counter() - t0
+        run.log_metrics({"elapsed_s": out.elapsed, "steps_total": out.steps})
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+def _exported(export_dir: str, checkpoint: str) -> bool:
+    card = storage.join(export_dir, "card.json")
+    return storage.exists(card) and storage.read_json(card).get("checkpoint") == checkpoint
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, name: str | None, tracker: Any,
+                      registered_model: str, alias: str) -> tuple[str, str, str | None]:
+    """EMA student of ``checkpoint`` -> an encoder folder; registered in MLflow via
+    ``tracker`` (no-op trackers skip it). Returns (folder, encoder name, model version)."""
+    from fusedist.distill.export import CARD, export_student, register_in_mlflow
+
+    student, state = load_ema_student(checkpoint)
+    m = state.meta
+    card = {"teacher": m.get("teacher"), "teacher_weights_digest": m.get("teacher_weights_digest"),
+            "data_digest": m.get("data_digest"), "distill_run": m.get("run_name"),
+            "step": state.step, "checkpoint": checkpoint}
+    if name:
+        card["name"] = name
+    export_student(student, out_dir, card)
+    encoder = storage.read_json(storage.join(out_dir, CARD))["name"]
+    version = register_in_mlflow(tracker, out_dir, registered_model, alias)
+    return out_dir, encoder, version
+
+
+def run_export(cfg: ExportConfig, progress: bool = True) -> tuple[str, str, str | None]:
+    """``fusedist export``: a checkpoint (or a run's newest) -> encoder folder + MLflow."""
+    from fusedist.tracking import start_run, warn_random_weights
+
+    storage.configure(cfg.storage)
+    ckpt = find_checkpoint(cfg.checkpoint)
+    out_dir = cfg.output or storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], "export")
+    meta = storage.read_json(storage.join(ckpt, "fusedist_state.json"))["meta"]
+    with start_run(cfg.mlflow, run_name="export", params=cfg,
+                   tags={"fusedist.stage": "export"}) as run:
+        random_init = str(meta.get("init_weights", "random")).startswith("random")
+        warn_random_weights(run, {*([meta["student"]] if random_init else []),
+                                  *([meta["teacher"]] if meta.get("teacher_random_weights")
+                                    else [])})
+        return export_checkpoint(ckpt, out_dir, cfg.name, run, cfg.registered_model,
+                                 cfg.alias)
