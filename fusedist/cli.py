@@ -200,14 +200,10 @@ def demo(workdir: Optional[str] = typer.Option(
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
     """Run the pipeline end to end on embedded defaults (local Ray, local files)."""
     from fusedist.demo import DemoConfig, run_demo
-    from fusedist.storage import StorageError
 
     _setup_logging(quiet)
     cfg = _load(DemoConfig, None, set_, workdir=workdir, num_slides=num_slides, size=size)
-    try:
-        report = run_demo(cfg, progress=not quiet)
-    except StorageError as e:
-        _fail(3, str(e))
+    report = _run_stage(run_demo, cfg, quiet)
     from fusedist.demo import tracking_uri
 
     typer.echo(f"\ndemo finished. Report: {report}\n"

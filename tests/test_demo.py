@@ -40,7 +40,19 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fusedist")
     runs = client.search_runs([exp.experiment_id])
-    by_stage = {r.data.tags["fusedist.stage"]: r for r in runs}
-    assert by_stage["cache"].data.metrics["tiles"] == pairs["totals"]["tiles"]
-    assert by_stage["cache"].data.tags["fusedist.random_weights"] == "true"
-    assert by_stage["embed"].data.metrics["bags_written"] == 6
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("fusedist.stage"), []).append(run)
+    (cache,) = by_stage["cache"]
+    assert cache.data.metrics["tiles"] == pairs["totals"]["tiles"]
+    assert cache.data.tags["fusedist.random_weights"] == "true"
+    # Two embed runs: the test encoders (2 x 3 bags), then the exported student (3 bags).
+    assert sorted(r.data.metrics["bags_written"] for r in by_stage["embed"]) == [3, 6]
+    # The XMAG student was trained (2 workers), exported, registered, and embedded the slides.
+    card = json.loads((work / "runs" / "xmag-demo" / "export" / "card.json").read_text())
+    assert card["mpp"] == 2.0 and card["teacher"] == "test-vit"
+    assert len(list((work / "bags" / card["name"]).glob("*.h5"))) == 3
+    distill = by_stage["distill"][0].data.metrics
+    assert distill["steps_total"] >= 1 and "loss" in distill
+    versions = client.search_model_versions("name='xmag-student'")
+    assert versions and client.get_model_version_by_alias("xmag-student", "champion")

@@ -153,7 +153,7 @@ class ExportSection(StrictModel):
     registered_model: str = "xmag-student"
     """MLflow registered-model name (a new version per export)."""
 
-    alias: str = "latest"
+    alias: str = "champion"
     """MLflow alias moved to the new version (MLflow 3: aliases, not stages), e.g.
     ``champion``. ``latest`` is MLflow's own name for the newest version: nothing is set."""
 
@@ -274,7 +274,7 @@ class ExportConfig(StrictModel):
     registered_model: str = "xmag-student"
     """MLflow registered-model name."""
 
-    alias: str = "latest"
+    alias: str = "champion"
     """MLflow alias moved to the new version (``latest``: MLflow's own, nothing is set)."""
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
