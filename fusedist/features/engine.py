@@ -177,6 +177,13 @@ class ShardResult:
     pids: tuple[set[int], set[int]] = (set(), set())  # (decode, encoder) processes: kept apart
 
 
+def decode_memory(spec: EngineSpec) -> int:
+    """Bytes a decode task holds: a chunk of decoded uint8 inputs, twice over (list + stack),
+    plus headroom for the JPEG bytes; at least 256 MiB."""
+    chunk = spec.chunk * spec.per_sample * 3 * spec.tile_px * spec.tile_px
+    return max(256 * 2**20, 3 * chunk)
+
+
 def run_engine(spec: EngineSpec, shards: list[tuple[str, int]], on_shard: Callable[[ShardResult], None],
                num_actors: int, gpus_per_actor: float, cpus_per_actor: float,
                decode_cpus: float = 1.0) -> None:
@@ -188,12 +195,12 @@ def run_engine(spec: EngineSpec, shards: list[tuple[str, int]], on_shard: Callab
     ds = ray.data.from_items([{"shard": n, "samples": c} for n, c in shards],
                              override_num_blocks=len(shards))
     # Decode must stay a separate pool of CPU tasks. Ray Data fuses consecutive maps whose
-    # remote args match (on CPU-only clusters they do), which would move JPEG decoding into
-    # the encoder actor, in series with the model. It never fuses an op that sets
-    # ray_remote_args_fn, so the decode tasks declare their args that way (and spread out).
+    # resource requests match (on CPU-only clusters they do), which would move JPEG decoding
+    # into the encoder actor, in series with the model. Decode tasks reserve the memory their
+    # decoded chunks need and the actors do not, so the requests differ and they never fuse
+    # (tests/test_cache.py checks decoding runs in other processes than the encoders).
     ds = ds.map_batches(decode_shard, fn_kwargs={"spec": spec}, batch_size=1,
-                        num_cpus=decode_cpus,
-                        ray_remote_args_fn=lambda: {"scheduling_strategy": "SPREAD"})
+                        num_cpus=decode_cpus, memory=decode_memory(spec))
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
