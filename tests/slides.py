@@ -61,3 +61,12 @@ def make_known_slide(path: Path, width: int = 3072, height: int = 2560, mpp: flo
     rgb = np.full((height, width, 3), 245, np.uint8)
     rgb[mask] = he_texture(width, height, seed)[mask]
     return write_pyramid(path, rgb, mpp), mask
+
+
+def known_slides(folder: Path, n: int, width: int = 3584, height: int = 2688,
+                 mpp: float = 0.5) -> Path:
+    """``folder`` with slides ``s0.tiff .. s{n-1}.tiff`` (seeds 0..n-1); returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_known_slide(folder / f"s{i}.tiff", width=width, height=height, mpp=mpp, seed=i)
+    return folder

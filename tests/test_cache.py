@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fusedist.config import ConfigError, load_config
 from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
 from fusedist.models import build_encoder, save_weights
 from fusedist.tiling import run_tile
-from tests.slides import make_known_slide
+from tests.slides import known_slides
 from tests.test_tiling import read_shard, tile_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +31,7 @@ TEACHERS = ["test-vit", "test-convnext"]
 def datasets(tmp_path_factory, ray_cluster):
     """Pairs and grid tile datasets of two small 20x slides with known tissue."""
     d = tmp_path_factory.mktemp("cache")
-    src = d / "slides"
-    src.mkdir()
-    for i in range(2):
-        make_known_slide(src / f"s{i}.tiff", width=3584, height=2688, mpp=0.5, seed=i)
+    src = known_slides(d / "slides", 2)
     run_tile(tile_cfg(src, d / "tiles", dataset="pairs", mode="pairs", min_tissue=0.3,
                       samples_per_shard=2), progress=False)
     run_tile(tile_cfg(src, d / "tiles", dataset="grid", mode="grid", samples_per_shard=25),

@@ -22,7 +22,7 @@ from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import steps_per_epoch
 from fusedist.distill.train import ds_config, param_groups, run_distill, run_export
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
-from tests.slides import make_known_slide
+from tests.slides import known_slides
 from tests.test_tiling import tile_cfg
 
 TEACHER = "test-vit"
@@ -35,10 +35,7 @@ def data(tmp_path_factory, ray_cluster):
     from fusedist.tiling import run_tile
 
     d = tmp_path_factory.mktemp("distill")
-    src = d / "slides"
-    src.mkdir()
-    for i in range(3):
-        make_known_slide(src / f"s{i}.tiff", width=3584, height=2688, mpp=0.5, seed=i)
+    src = known_slides(d / "slides", 3)
     run_tile(tile_cfg(src, d / "tiles", dataset="pairs", mode="pairs", min_tissue=0.1,
                       samples_per_shard=3), progress=False)
     run_cache(load_config(CacheConfig, None, ["engine.batch_size=48", "mlflow.enabled=false"],

@@ -21,7 +21,7 @@ from PIL import Image
 from fusedist.config import ConfigError, load_config
 from fusedist.tiling import TileConfig, resolve_mpp, run_tile
 from fusedist.tiling.slide import SlideError
-from tests.slides import make_known_slide, write_pyramid
+from tests.slides import known_slides, make_known_slide, write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,10 +210,7 @@ def test_rerun_skips_finished_work_and_refuses_other_config(ray_cluster, known_s
 
 
 def test_killed_run_resumes_to_identical_output(ray_cluster, tmp_path):
-    src = tmp_path / "slides"
-    src.mkdir()
-    for i in range(3):
-        make_known_slide(src / f"s{i}.tiff", width=4096, height=3584, mpp=0.5, seed=i)
+    src = known_slides(tmp_path / "slides", 3, width=4096, height=3584)
     args = ["tile", "-i", str(src), "--dataset", "d", "--set", "samples_per_shard=2", "-q"]
     env = {"RAY_ADDRESS": ray_cluster}
     clean = run_cli([*args, "-o", str(tmp_path / "clean")], env)

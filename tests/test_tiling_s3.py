@@ -11,7 +11,7 @@ from fusedist import storage
 from fusedist.storage import StorageError
 from fusedist.tiling import run_tile
 from tests.s3util import FAKE_SECRET, dead_endpoint, fault_proxy, moto_server, s3_bucket  # noqa: F401
-from tests.slides import make_known_slide
+from tests.slides import known_slides
 from tests.test_tiling import tile_cfg
 
 
@@ -19,10 +19,7 @@ from tests.test_tiling import tile_cfg
 def slides_and_reference(tmp_path_factory, ray_cluster):
     """Two slides and the shards a local run makes of them (the reference bytes)."""
     d = tmp_path_factory.mktemp("s3src")
-    src = d / "slides"
-    src.mkdir()
-    for i in range(2):
-        make_known_slide(src / f"s{i}.tiff", width=3072, height=2560, mpp=0.5, seed=i)
+    src = known_slides(d / "slides", 2, width=3072, height=2560)
     ref = run_tile(tile_cfg(src, d / "local", mode="grid", samples_per_shard=8), progress=False)
     return src, ref.manifest
 
