@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from fusedist.config import RayConfig
 
@@ -68,8 +68,3 @@ class Rate:
 
     def __str__(self) -> str:
         return f"{self.count} {self.unit}, {self.count / self.elapsed:.1f} {self.unit}/s"
-
-
-def iter_chunks(seq: list, n: int) -> Iterable[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]

@@ -67,17 +67,19 @@ def _entry_url(t: TeacherInfo, name: str) -> str:
     return storage.join(t.url, "_state", "shards", f"{name}.json")
 
 
-def _done(t: TeacherInfo, shard: dict, overwrite: bool) -> bool:
+def _valid_entry(t: TeacherInfo, shard: dict, overwrite: bool) -> dict | None:
+    """The shard's done-entry if it is current for this teacher's weights and source shard."""
     url = _entry_url(t, shard["name"])
     if not storage.exists(url):
-        return False
+        return None
     e = storage.read_json(url)
     if e.get("weights_digest") != t.digest and not overwrite:
         raise ConfigError(f"{t.url} holds features of {t.name} made with other weights "
                           f"(digest {e.get('weights_digest', '?')[:12]} vs {t.digest[:12]}); "
                           "choose another --output or pass --set overwrite=true")
-    return (e.get("weights_digest") == t.digest and e.get("source_sha256") == shard["sha256"]
-            and storage.exists(storage.join(t.url, shard["name"])))
+    current = (e.get("weights_digest") == t.digest and e.get("source_sha256") == shard["sha256"]
+               and storage.exists(storage.join(t.url, shard["name"])))
+    return e if current else None
 
 
 def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
@@ -93,15 +95,10 @@ def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
 
 
 def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: list[dict],
-              per_sample: list[int]) -> dict:
-    rows = []
-    for s in tile_manifest["shards"]:
-        url = _entry_url(t, s["name"])
-        if storage.exists(url):
-            e = storage.read_json(url)
-            if e.get("weights_digest") == t.digest and e.get("source_sha256") == s["sha256"]:
-                rows.append({k: e[k] for k in ("name", "samples", "bytes", "sha256",
-                                               "source_sha256")})
+              per_sample: list[int], done: dict[str, dict]) -> dict:
+    rows = [{k: done[s["name"]][k] for k in ("name", "samples", "bytes", "sha256",
+                                             "source_sha256")}
+            for s in tile_manifest["shards"] if s["name"] in done]
     return {"format": FORMAT, "teacher": t.name, "weights_digest": t.digest,
             "random_weights": t.random_weights, "dim": t.dim, "dtype": "float16",
             "sample_shape": [*per_sample, t.dim], "mode": tile_manifest["mode"],
@@ -124,7 +121,13 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                             e.weights_digest, e.spec.dim, e.random_weights)
                 for e in encoders]
     del encoders
-    todo = [s for s in tm["shards"] if not all(_done(t, s, cfg.overwrite) for t in teachers)]
+    # Done-entries are read once; writes add to this, and the manifests are built from it.
+    done: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
+    for t in teachers:
+        for s in tm["shards"]:
+            if (e := _valid_entry(t, s, cfg.overwrite)) is not None:
+                done[t.name][s["name"]] = e
+    todo = [s for s in tm["shards"] if any(s["name"] not in done[t.name] for t in teachers)]
     by_name = {s["name"]: s for s in tm["shards"]}
     init_ray(cfg.ray)
     device, actors, gpus = engine_resources(cfg.engine)
@@ -148,8 +151,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                     log.error("shard %s failed: %s", res.name, res.error)
                 else:
                     for t in teachers:
-                        if not _done(t, by_name[res.name], True):
-                            _write(t, res, by_name[res.name])
+                        if res.name not in done[t.name]:
+                            done[t.name][res.name] = _write(t, res, by_name[res.name])
                     result.written += 1
                     result.tiles += len(res.keys)
                 bar.advance(len(res.keys))
@@ -162,7 +165,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
             result.engine_seconds = time.perf_counter() - t_engine
         per_sample = [16] if tm["mode"] == "pairs" else []
         for t in teachers:
-            m = _manifest(t, cfg, tm, result.failed, per_sample)
+            m = _manifest(t, cfg, tm, result.failed, per_sample, done[t.name])
             storage.write_json(storage.join(t.url, "manifest.json"), m)
             result.manifests[t.name] = m
             run.log_dict(m, f"manifests/{t.name}.json")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import Iterator
 
 from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.features.config import EncoderRef, EngineConfig
+from fusedist.runtime import Rate
 
 log = logging.getLogger("fusedist.features")
 
@@ -81,12 +81,11 @@ def engine_resources(cfg: EngineConfig) -> tuple[str, int, float]:
 
 class _Bar:
     def __init__(self, bar):
-        self.bar, self.tiles, self.t0 = bar, 0, time.perf_counter()
+        self.bar, self.rate = bar, Rate("tiles")
 
     def advance(self, tiles: int) -> None:
-        self.tiles += tiles
-        rate = self.tiles / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{self.tiles} tiles, {rate:.1f} tiles/s", refresh=False)
+        self.rate.add(tiles)
+        self.bar.set_postfix_str(str(self.rate), refresh=False)
         self.bar.update(1)
 
 

@@ -191,8 +191,8 @@ def _clean_temp_files(dataset_url: str) -> None:
 @dataclass
 class WriteStats:
     shards: int = 0
-    tiles: int = 0
     bytes: int = 0
+    rate: Rate = field(default_factory=lambda: Rate("tiles"))  # tiles written, and tiles/s
 
 
 def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, dict, WriteStats]:
@@ -210,15 +210,13 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
                 entries[s["name"]] = e
                 continue
         todo.append(s)
-    rate = Rate("tiles")
     stats = WriteStats()
 
     def done(e: dict) -> None:
         if e["status"] == "ok":
             entries[e["name"]] = e
-            rate.add(e["samples"])
+            stats.rate.add(e["samples"])
             stats.shards += 1
-            stats.tiles += e["samples"]
             stats.bytes += e["bytes"]
         else:
             failures.setdefault(e["slide_id"], e)
@@ -227,7 +225,7 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
     refs = [task.remote(cfg, dataset_url, s["record"], s["name"], s["start"], s["stop"],
                         s["digest"], slides_by_id[s["record"]["slide_id"]].siblings)
             for s in todo]
-    run_tasks(refs, done, f"write {len(todo)} shards", "shard", progress, rate=lambda: str(rate))
+    run_tasks(refs, done, f"write {len(todo)} shards", "shard", progress, rate=lambda: str(stats.rate))
     return entries, failures, stats
 
 
@@ -281,5 +279,5 @@ def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
     manifest = _manifest(cfg, dataset_url, digest, records, specs, entries, failures)
     storage.write_json(storage.join(dataset_url, MANIFEST), manifest)
     return TileResult(manifest, dataset_url, written_shards=stats.shards,
-                      written_tiles=stats.tiles, written_bytes=stats.bytes,
+                      written_tiles=stats.rate.count, written_bytes=stats.bytes,
                       elapsed=time.perf_counter() - t0)
