@@ -179,6 +179,25 @@ def export(checkpoint: str = typer.Argument(
     typer.echo(f"embed with: fusedist embed --encoder {folder} --tiles <5x grid tiles>")
 
 
+@app.command()
+def fuse(config: Optional[Path] = ConfigOpt,
+         bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
+         labels: Optional[str] = typer.Option(None, help="Labels CSV (slide_id, ...)."),
+         task: Optional[str] = typer.Option(
+             None, help="classification | tile_classification | survival | regression."),
+         output: Optional[str] = typer.Option(None, "--output", "-o",
+                                              help="Results folder (or s3://)."),
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+    """Cross-validate experts, LogitProd, Meta-Encoder, FuseCPath and baselines on slide bags."""
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.run import run_fuse
+
+    _setup_logging(quiet)
+    cfg = _load(FuseConfig, config, set_, bags=bags, labels=labels, task=task, output=output)
+    result = _run_stage(run_fuse, cfg, quiet)
+    typer.echo(result.summary_text())
+
+
 def _run_stage(fn, cfg, quiet: bool):
     """Run a stage, turning expected failures into exit codes 2 (config/input) and 3 (storage)."""
     from fusedist.storage import StorageError

@@ -17,6 +17,7 @@ RECIPE_MODELS: dict[str, str] = {
     "distill": "fusedist.distill.config:DistillConfig",
     "launch": "fusedist.launch.config:LaunchConfig",
     "embed": "fusedist.features:EmbedConfig",
+    "fuse": "fusedist.fusion.config:FuseConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",
 }

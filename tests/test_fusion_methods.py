@@ -560,3 +560,52 @@ def test_plan_subbags_and_skip_reasons():
         assert (plan.labels[plan.indices[:, 3 * c:3 * c + 3].numpy()] == c).all()
     few = plan_subbags([v[:3] for v in views], n_clusters=4)
     assert not few.ok and "only 3 tiles" in few.reason
+
+
+def test_expert_fallback_switches_only_when_an_expert_is_better():
+    """One expert is right and confident, the other confidently wrong: the uniform gate is
+    worse than the good expert alone, so the fallback selects it; a gate that already
+    beats every expert is left as it is."""
+    from fusedist.fusion.logitprod import expert_fallback, select_expert, training_objective
+
+    y = torch.tensor([0, 1, 0, 1])
+    good = F.one_hot(y, 2).float() * 4.0
+    bad = F.one_hot(1 - y, 2).float() * 4.0
+    z = torch.stack([bad, good], dim=1)                       # (4, M=2, K=2)
+    model = LogitProd(2, 2)
+    before = training_objective(model, (z, y), None, 0.0)
+    assert expert_fallback(model, (z, y), None, 0.0) == 1
+    after = training_objective(model, (z, y), None, 0.0)
+    assert after < before
+    assert after == pytest.approx(float(F.cross_entropy(good, y)), abs=1e-6)
+    _, w = model(z)
+    assert torch.allclose(w, torch.tensor([[0.0, 1.0]]).expand(4, 2), atol=1e-6)
+    # Now the fitted state is the best expert itself: nothing better to switch to.
+    assert expert_fallback(model, (z, y), None, 0.0) is None
+    # Survival gate: one softmax per outcome bin, all on the chosen expert.
+    surv = LogitProdSurvival(3, num_bins=4)
+    select_expert(surv, 2)
+    out = surv(torch.randn(5, 3, 4))
+    assert torch.allclose(out["weights"][..., 2], torch.ones(5, 5), atol=1e-6)
+
+
+def test_meta_encoder_mil_fuses_per_tile_then_pools():
+    from fusedist.fusion.meta_encoder import MetaEncoderMIL, MetaEncoderTile
+
+    torch.manual_seed(0)
+    xs = [torch.randn(7, 5), torch.randn(7, 3)]
+    for strategy in ("concat", "self_attention", "cross_attention", "token_attention",
+                     "contrastive"):
+        m = MetaEncoderMIL([5, 3], strategy, 4, hidden=16, embed_dim=8, token_dim=8,
+                           proj_dim=8)
+        out = m(xs)
+        assert out["logits"].shape == (1, 4) and out["attention"].shape == (1, 7)
+        assert torch.allclose(out["attention"].sum(), torch.tensor(1.0))
+        (out["logits"].sum() + m.aux_loss()).backward()
+        assert all(p.grad is not None for p in m.meta.parameters() if p.requires_grad), strategy
+        # the bag's prediction does not depend on the order of its tiles
+        perm = torch.randperm(7)
+        m.eval()
+        assert torch.allclose(m(xs)["logits"], m([x[perm] for x in xs])["logits"], atol=1e-5)
+    t = MetaEncoderTile([5, 3], "token_attention", 4, token_dim=8)
+    assert t([torch.randn(6, 5), torch.randn(6, 3)]).shape == (6, 4)

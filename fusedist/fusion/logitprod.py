@@ -410,10 +410,58 @@ def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...
             "best_val": best[0] if val is not None else float("nan"), "history": history}
 
 
+def select_expert(model: LogitProd | LogitProdSurvival, m: int, scale: float = 50.0) -> None:
+    """Set the gate to (numerically) one-hot weights on expert ``m``: output weights zero,
+    bias ``scale`` at m (softmax leaves e^-scale for the others). The weighted-product family
+    contains every single expert; this is that member."""
+    last = model.gate if isinstance(model.gate, nn.Linear) else model.gate[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias.view(-1, model.num_experts)[:, m] = scale
+
+
+def training_objective(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ...],
+                       R: Tensor | None, lam: float, alpha: float = 0.4) -> float:
+    """The gate's objective (CE or NLL-survival, + lam * penalty) on ``data``, no grad."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        v = float(_objective(model, data, R, lam, alpha)["loss"])
+    model.train(was)
+    return v
+
+
+def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ...],
+                    R: Tensor | None, lam: float, alpha: float = 0.4) -> int | None:
+    """If one expert alone (one-hot weights, whose penalty is R_mm = 0) has a lower training
+    objective on ``data`` than the fitted gate, switch the gate to that expert.
+
+    The paper's guarantee (the optimal weighted product is at least as good as the best
+    expert under the training objective) is about the optimum; a gate trained at lr 1e-5
+    from uniform weights and stopped early need not reach it. Checking the M one-hot members
+    of the family makes the guarantee hold for the model that is actually used.
+    Returns the expert switched to, or None."""
+    fitted = training_objective(model, data, R, lam, alpha)
+    state = copy.deepcopy(model.state_dict())
+    best = (fitted, None)
+    for m in range(model.num_experts):
+        select_expert(model, m)
+        v = training_objective(model, data, R, lam, alpha)
+        if v < best[0]:
+            best = (v, m)
+    if best[1] is None:
+        model.load_state_dict(state)
+    else:
+        select_expert(model, best[1])
+    return best[1]
+
+
 __all__ = [
     "ERROR_KINDS", "logit_features", "expert_errors", "correlation_steps", "error_correlation",
     "survival_error_correlation", "LogitProd", "diversity_penalty", "logitprod_loss_terms",
     "logitprod_loss", "hazards_to_outcome_probs", "hazard_logits_to_outcome_log_probs",
     "outcome_log_probs_to_hazards", "nll_survival_loss", "survival_risk", "harrell_c_index",
     "LogitProdSurvival", "logitprod_survival_loss_terms", "GateTrainConfig", "fit_logitprod",
+    "select_expert", "training_objective", "expert_fallback",
 ]

@@ -180,4 +180,44 @@ class MetaEncoder(nn.Module):
         return torch.stack(list(self._aux.values())).sum()
 
 
-__all__ = ["STRATEGIES", "ProjectedAttention", "symmetric_infonce", "MetaEncoder"]
+class MetaEncoderMIL(nn.Module):
+    """Meta-Encoder fused per tile, then a gated-ABMIL head (methods.md §3: "for bags, fuse
+    per tile before the MIL head"). ``forward(xs)`` with one (B, N, d_i) or (N, d_i) tensor
+    per FM -> the ABMIL dict (``logits``, ``attention``, ``embedding``); ``aux_loss()`` as
+    MetaEncoder. ``strategy="concat"`` is the concatenated-feature ABMIL baseline."""
+
+    def __init__(self, dims: Sequence[int], strategy: str, num_outputs: int, *,
+                 hidden: int = 512, dropout: float = 0.25, **meta_kwargs: float) -> None:
+        super().__init__()
+        from fusedist.fusion.heads import GatedABMIL
+
+        self.meta = MetaEncoder(dims, strategy, None, **meta_kwargs)
+        self.mil = GatedABMIL(self.meta.fused_dim, num_outputs, hidden=hidden, dropout=dropout)
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        return self.mil(self.meta(xs), mask)
+
+    def aux_loss(self) -> Tensor:
+        return self.meta.aux_loss()
+
+
+class MetaEncoderTile(nn.Module):
+    """Meta-Encoder on tile features, then the tile MLP: one (B, d_i) per FM -> (B, K)."""
+
+    def __init__(self, dims: Sequence[int], strategy: str, num_outputs: int,
+                 **meta_kwargs: float) -> None:
+        super().__init__()
+        from fusedist.fusion.heads import TileMLP
+
+        self.meta = MetaEncoder(dims, strategy, None, **meta_kwargs)
+        self.mlp = TileMLP(self.meta.fused_dim, num_outputs)
+
+    def forward(self, xs: Sequence[Tensor]) -> Tensor:
+        return self.mlp(self.meta(xs))
+
+    def aux_loss(self) -> Tensor:
+        return self.meta.aux_loss()
+
+
+__all__ = ["STRATEGIES", "ProjectedAttention", "symmetric_infonce", "MetaEncoder",
+           "MetaEncoderMIL", "MetaEncoderTile"]

@@ -1,0 +1,295 @@
+"""Config of ``fusedist fuse``: which bags and labels, which task, which methods, how to train.
+
+Defaults follow methods.md (§2 LogitProd and experts, §3 Meta-Encoder, §4 FuseCPath); the
+recipes in ``configs/fuse/`` shrink epochs and cluster counts for small synthetic cohorts.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.tracking import MlflowConfig
+
+Task = Literal["classification", "tile_classification", "survival", "regression"]
+
+# Which methods can run on which task ("expert.<encoder>" rows always run).
+METHODS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "classification": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta",
+                       "fusecpath"),
+    "tile_classification": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta"),
+    "survival": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta"),
+    "regression": ("best_expert", "mean_ensemble", "concat", "meta"),
+}
+ALL_METHODS = ("best_expert", "mean_ensemble", "concat", "logitprod", "meta", "fusecpath")
+META_STRATEGIES = ("self_attention", "cross_attention", "token_attention", "contrastive")
+
+
+class ExpertConfig(StrictModel):
+    """One head per frozen encoder (methods.md §2): gated ABMIL for bags, the tile MLP for tiles."""
+
+    epochs: int = Field(20, gt=0)
+    """Epochs for classification and regression experts (methods.md: 20)."""
+
+    survival_epochs: int = Field(50, gt=0)
+    """Epochs for survival experts (methods.md: 50)."""
+
+    lr: float = Field(2e-4, gt=0)
+    """Adam learning rate (methods.md: 2e-4)."""
+
+    weight_decay: float = Field(1e-5, ge=0)
+    """Adam weight decay (methods.md: 1e-5)."""
+
+    hidden: int = Field(512, gt=0)
+    """ABMIL embedding width (methods.md: 512)."""
+
+    dropout: float = Field(0.25, ge=0, lt=1)
+    """Dropout after the ABMIL embedding (methods.md: 0.25)."""
+
+    max_tiles: int | None = Field(4096, gt=0)
+    """During training, a bag larger than this is subsampled (a fresh random subset every
+    epoch) to bound memory; evaluation always uses every tile. ``null``: never subsample."""
+
+    tile_batch_size: int = Field(256, gt=0)
+    """Batch size of tile-level heads (tile classification)."""
+
+
+class LogitProdConfig(StrictModel):
+    """LogitProd gate over the experts' logits (methods.md §2)."""
+
+    gate: Literal["linear", "mlp"] = "linear"
+    """``linear`` (3M+2 -> M, zero-initialised) or a small ``mlp``."""
+
+    lam: float = Field(0.1, ge=0)
+    """Weight of the diversity penalty mean(wᵀRw)."""
+
+    error: Literal["nll", "brier", "zero_one"] = "nll"
+    """Per-sample expert error that R correlates (out-of-fold)."""
+
+    shrink: float = Field(0.1, ge=0, le=1)
+    """Shrinkage of R toward mean(diag)·I."""
+
+    gate_data: Literal["oof", "in_fold"] = "oof"
+    """What the gate trains on: ``oof`` = the experts' out-of-fold logits on the training
+    folds, from an inner cross-validation (sound default); ``in_fold`` = logits of the experts
+    trained on those same slides, as the released code does (optimistic, cheaper)."""
+
+    lr: float = Field(1e-5, gt=0)
+    """Adam learning rate (methods.md: 1e-5)."""
+
+    weight_decay: float = Field(1e-4, ge=0)
+    """Adam weight decay (methods.md: 1e-4)."""
+
+    batch_size: int = Field(16, gt=0)
+    """Gate batch size (methods.md: 16)."""
+
+    max_epochs: int = Field(600, gt=0)
+    """Upper bound on gate epochs (methods.md: 600); early stopping usually ends sooner."""
+
+    patience: int = Field(50, gt=0)
+    """Epochs without a better validation loss before stopping (best state is restored)."""
+
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the gate's training samples held out for early stopping."""
+
+    expert_fallback: bool = True
+    """After training, if one expert alone (one-hot weights: a member of the weighted-product
+    family) has a lower training objective than the fitted gate, use that expert. Makes the
+    paper's guarantee (never worse than the best expert on the training objective) hold for
+    the gate actually used, not just for the optimum."""
+
+
+class MetaEncoderConfig(StrictModel):
+    """Meta-Encoder feature fusion (methods.md §3), fused per tile before an ABMIL head."""
+
+    strategies: list[Literal["self_attention", "cross_attention", "token_attention",
+                             "contrastive"]] = Field(default_factory=lambda: list(META_STRATEGIES))
+    """Strategies to compare (``concat`` is the baseline method ``concat``)."""
+
+    embed_dim: int = Field(1024, gt=0)
+    """Attention width of ``self_attention``/``cross_attention`` (as released: 1024)."""
+
+    token_dim: int = Field(256, gt=0)
+    """Common width of FM tokens (``token_attention``) and projections (``contrastive``)."""
+
+    contrastive_weight: float = Field(0.1, ge=0)
+    """Weight w of the pairwise InfoNCE term of ``contrastive``."""
+
+    epochs: int | None = Field(None, gt=0)
+    """Training epochs; default: the experts' (so the comparison is like for like)."""
+
+    lr: float | None = Field(None, gt=0)
+    """Adam learning rate; default: the experts'."""
+
+
+class FuseCPathConfig(StrictModel):
+    """FuseCPath (methods.md §4): clustered sub-bags, RRT student, collaborative distillation."""
+
+    n_clusters: int = Field(50, gt=1)
+    """Multi-view clusters per slide; slides with fewer non-empty clusters are skipped."""
+
+    n_bags: int = Field(50, gt=0)
+    """Sub-bags per slide."""
+
+    per_cluster: int = Field(10, gt=0)
+    """Tiles each sub-bag takes from every cluster."""
+
+    clustering: Literal["kmeans", "spectral"] = "kmeans"
+    """faiss k-means on the standardised, concatenated views, or multi-view spectral."""
+
+    slide_embeddings: dict[str, str] = Field(default_factory=dict)
+    """Slide-level teachers: name -> CSV (``slide_id`` + feature columns) or .npz
+    (``slide_ids``, ``features``). Empty: each feature encoder's mean-pooled bag is a teacher."""
+
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the cross-entropy term (1 - alpha goes to the teachers' KL)."""
+
+    temperature: float = Field(3.0, gt=0)
+    """Distillation temperature T."""
+
+    epochs: int = Field(60, gt=0)
+    """Epochs (methods.md: 60)."""
+
+    lr: float = Field(1e-4, gt=0)
+    """SGD learning rate (methods.md: 1e-4, cosine to 0.01 lr)."""
+
+    batch_size: int = Field(64, gt=0)
+    """Sub-bags per step (methods.md: 64)."""
+
+    region_num: int = Field(8, gt=0)
+    """Regions of the RRT re-embedding encoder."""
+
+    topk: int | None = Field(16, gt=0)
+    """Attention scores below each row's top-k are masked out (``null``: dense)."""
+
+
+class FuseConfig(StrictModel):
+    """Experts, LogitProd, Meta-Encoder, FuseCPath and baselines over slide bags, evaluated by
+    grouped, stratified K-fold cross-validation."""
+
+    bags: str
+    """Root of bag folders, one per encoder: ``<bags>/<encoder>/<slide_id>.h5`` (fusedist,
+    TRIDENT and CLAM layouts are read)."""
+
+    labels: str
+    """CSV with ``slide_id``, optional ``patient_id`` and the task's columns."""
+
+    task: Task = "classification"
+    """``classification`` (slide), ``tile_classification``, ``survival`` (``time`` +
+    ``event``) or ``regression`` (numeric targets)."""
+
+    target: str | list[str] = "label"
+    """Label column (classification), or target columns / one glob such as ``gene_*``
+    (regression). Survival reads ``time`` and ``event`` (see ``time_column``/``event_column``)."""
+
+    time_column: str = "time"
+    """Survival time column."""
+
+    event_column: str = "event"
+    """Survival event column (1 = event observed, 0 = censored)."""
+
+    encoders: list[str] | None = None
+    """Encoder folders under ``bags`` to use; default: every folder that holds bags."""
+
+    output: str = "fuse-output"
+    """Where results, plots, predictions and the report go (folder or ``s3://``)."""
+
+    folds: int = Field(5, ge=2)
+    """Outer cross-validation folds (stratified, grouped by patient)."""
+
+    inner_folds: int = Field(3, ge=2)
+    """Inner folds on each outer training set: out-of-fold logits for the LogitProd gate and R,
+    and the validation score that picks the best single expert."""
+
+    seed: int = 0
+    """Seeds folds, subsampling and every model's initialisation."""
+
+    methods: list[Literal["best_expert", "mean_ensemble", "concat", "logitprod", "meta",
+                          "fusecpath"]] = Field(default_factory=lambda: list(ALL_METHODS))
+    """Methods besides the per-encoder experts; ones that do not apply to the task are
+    recorded as such and skipped."""
+
+    survival_bins: int = Field(4, ge=2)
+    """Discrete-time bins (quantiles of uncensored times on each training fold)."""
+
+    survival_alpha: float = Field(0.4, ge=0, le=1)
+    """Weight of the uncensored term of the NLL-survival loss."""
+
+    tile_labels: str | None = None
+    """Tile classification: CSV ``slide_id, x, y, label`` (level-0 coords); default: every tile
+    takes its slide's label."""
+
+    tiles_per_slide: int = Field(64, gt=0)
+    """Tile classification: tiles sampled per slide (seeded)."""
+
+    thumbnails: str | None = None
+    """Folder of slide thumbnails (``<slide_id>.png``, as ``fusedist tile`` writes) for the
+    attention heatmaps; default: heatmaps over a blank canvas."""
+
+    heatmaps: int = Field(2, ge=0)
+    """Slides (per expert) to draw attention heatmaps for."""
+
+    experts: ExpertConfig = Field(default_factory=ExpertConfig)
+    """Expert heads."""
+
+    logitprod: LogitProdConfig = Field(default_factory=LogitProdConfig)
+    """LogitProd gate."""
+
+    meta: MetaEncoderConfig = Field(default_factory=MetaEncoderConfig)
+    """Meta-Encoder strategies."""
+
+    fusecpath: FuseCPathConfig = Field(default_factory=FuseCPathConfig)
+    """FuseCPath."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where heads train; ``auto`` uses a GPU when the fold task got one."""
+
+    fold_cpus: float = Field(1.0, gt=0)
+    """CPUs per fold task (torch threads); folds run in parallel as Ray tasks."""
+
+    fold_gpus: float = Field(0.0, ge=0)
+    """GPUs per fold task (heads are small: fractions such as 0.25 share a GPU)."""
+
+    overwrite: bool = False
+    """Discard finished folds of an earlier run with a different config and start over."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Where Ray runs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint and retries."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """Experiment tracking."""
+
+    # Fields that change where/how a run executes but not its results (excluded from the
+    # digest that guards resumption).
+    RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "device", "fold_cpus",
+                                    "fold_gpus", "overwrite", "ray", "storage", "mlflow"}
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("target: give at least one column")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "FuseConfig":
+        if self.task == "classification" or self.task == "tile_classification":
+            if isinstance(self.target, list) and len(self.target) != 1:
+                raise ValueError(f"task {self.task} takes one label column, got {self.target}; "
+                                 "set target: label")
+        if self.encoders is not None and len(set(self.encoders)) != len(self.encoders):
+            raise ValueError(f"encoders lists a name twice: {self.encoders}")
+        return self
+
+    def active_methods(self) -> tuple[list[str], dict[str, str]]:
+        """(methods to run for this task, {method: why it is skipped})."""
+        allowed = METHODS_BY_TASK[self.task]
+        run = [m for m in self.methods if m in allowed]
+        skipped = {m: f"not defined for {self.task} (methods.md)"
+                   for m in self.methods if m not in allowed}
+        return run, skipped

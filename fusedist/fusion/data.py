@@ -1,0 +1,455 @@
+"""The cohort ``fusedist fuse`` works on: labels joined with every encoder's bags, checked.
+
+Bad input never silently changes a result. A problem that concerns the whole run (a missing
+column, a class too small for the folds, encoders without any slide in common) is a
+``ConfigError`` that names the file and the fix. A problem with one slide (no bag for one
+encoder, a label row without bags, an empty label, NaN features) excludes that slide, and
+the exclusion and its reason go to the manifest and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusedist import storage
+from fusedist.bags import Bag, BagError, list_bags, read_bag
+from fusedist.config import ConfigError
+from fusedist.fusion.config import FuseConfig
+
+log = logging.getLogger("fusedist")
+
+
+@dataclass
+class Cohort:
+    """Everything a fold needs, as plain arrays (it travels to Ray tasks).
+
+    Slide-level tasks have one sample per slide; ``tile_classification`` has one sample per
+    sampled tile (``sample_slide`` maps a sample to its slide).
+    """
+
+    task: str
+    slide_ids: list[str]
+    patient_ids: list[str]
+    encoders: list[str]
+    """Encoders with an expert (all, or for tile tasks the feature group)."""
+    dims: dict[str, int]
+    bags: dict[str, list[np.ndarray]]
+    """encoder -> per-slide features (N_i, D) float32, each encoder's own tiles."""
+    coords: dict[str, list[np.ndarray]]
+    feature_group: list[str]
+    """Encoders that share tiles, so per-tile feature fusion (concat, Meta-Encoder,
+    FuseCPath) can combine them."""
+    aligned: dict[str, list[np.ndarray]]
+    """feature_group encoder -> per-slide features on the tiles all of them share."""
+    aligned_coords: list[np.ndarray]
+    y: np.ndarray | None = None
+    """Class ids (S,) int64, or regression targets (S, G) float32."""
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+    target_names: list[str] = field(default_factory=list)
+    tile_extent: dict[str, float] = field(default_factory=dict)
+    """encoder -> tile side in level-0 px (for heatmaps)."""
+    exclusions: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sample_slide: np.ndarray | None = None
+    """Tile tasks: slide index of each sample."""
+    sample_index: np.ndarray | None = None
+    """Tile tasks: row of each sample in its slide's aligned features."""
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.slide_ids) if self.sample_slide is None else len(self.sample_slide)
+
+    @property
+    def sample_groups(self) -> list[str]:
+        """Patient of each sample (folds never split a patient)."""
+        if self.sample_slide is None:
+            return self.patient_ids
+        return [self.patient_ids[i] for i in self.sample_slide]
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of a head's output: classes, hazard bins (set by the fold), or targets."""
+        if self.task in ("classification", "tile_classification"):
+            return len(self.classes)
+        if self.task == "regression":
+            return len(self.target_names)
+        raise ValueError("survival heads output the fold's number of time bins")
+
+
+# ------------------------------------------------------------------------------- labels
+
+def read_labels(url: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows and columns of a labels CSV; a missing file or ``slide_id`` column is a
+    ConfigError."""
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise ConfigError(f"labels: {url} does not exist; point `labels` at a CSV with a "
+                          "slide_id column (fusedist synth writes one: labels.csv)") from None
+    reader = csv.DictReader(io.StringIO(text))
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    if "slide_id" not in cols:
+        raise ConfigError(f"labels: {url} has no slide_id column (columns: {cols}); the first "
+                          "row must name the columns, one of them slide_id")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rows, start=2):
+        sid = r["slide_id"]
+        if sid in seen:
+            raise ConfigError(f"labels: {url} lists slide {sid!r} twice (lines {seen[sid]} and "
+                              f"{i}); keep one row per slide")
+        seen[sid] = i
+    return rows, cols
+
+
+def _need_columns(url: str, cols: list[str], needed: list[str], key: str) -> None:
+    missing = [c for c in needed if c not in cols]
+    if missing:
+        raise ConfigError(f"labels: {url} has no column(s) {missing} (columns: {cols}); "
+                          f"set `{key}` to the right column(s)")
+
+
+def target_columns(cfg: FuseConfig, cols: list[str]) -> list[str]:
+    """The regression targets: explicit columns, or every column matching one glob."""
+    pats = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
+    out: list[str] = []
+    for p in pats:
+        hits = [c for c in cols if fnmatch.fnmatchcase(c, p)] if any(ch in p for ch in "*?[") \
+            else [p]
+        if not hits:
+            raise ConfigError(f"labels: {cfg.labels}: no column matches target {p!r} "
+                              f"(columns: {cols})")
+        out += [h for h in hits if h not in out]
+    _need_columns(cfg.labels, cols, out, "target")
+    return out
+
+
+def _float(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
+                  ) -> tuple[dict[str, object], dict[str, str], list[str]]:
+    """slide_id -> parsed target, slide_id -> why it has none, and the target names."""
+    ok: dict[str, object] = {}
+    bad: dict[str, str] = {}
+    if cfg.task in ("classification", "tile_classification"):
+        col = cfg.target if isinstance(cfg.target, str) else cfg.target[0]
+        _need_columns(cfg.labels, cols, [col], "target")
+        for r in rows:
+            (ok.__setitem__(r["slide_id"], r[col]) if r[col] != ""
+             else bad.__setitem__(r["slide_id"], f"empty {col!r} in {cfg.labels}"))
+        return ok, bad, [col]
+    if cfg.task == "survival":
+        tc, ec = cfg.time_column, cfg.event_column
+        _need_columns(cfg.labels, cols, [tc, ec], "time_column/event_column")
+        for r in rows:
+            t, e = _float(r[tc]), _float(r[ec])
+            if t is None or t < 0 or e not in (0.0, 1.0):
+                bad[r["slide_id"]] = (f"{tc}={r[tc]!r}, {ec}={r[ec]!r} in {cfg.labels}: need a "
+                                      "time >= 0 and an event of 0 or 1")
+            else:
+                ok[r["slide_id"]] = (t, int(e))
+        return ok, bad, [tc, ec]
+    names = target_columns(cfg, cols)
+    for r in rows:
+        vals = [_float(r[c]) for c in names]
+        if any(v is None for v in vals):
+            bad[r["slide_id"]] = f"missing or non-numeric target(s) in {cfg.labels}"
+        else:
+            ok[r["slide_id"]] = vals
+    return ok, bad, names
+
+
+# --------------------------------------------------------------------------------- bags
+
+def discover_encoders(cfg: FuseConfig) -> list[str]:
+    if cfg.encoders:
+        return list(cfg.encoders)
+    found = [n.rstrip("/") for n in storage.listdir(cfg.bags) if n.endswith("/")]
+    found = [n for n in found if not n.startswith(("_", "."))]
+    if not found:
+        raise ConfigError(f"bags: {cfg.bags} has no encoder folders; run `fusedist embed` "
+                          "first or point `bags` at the folder holding <encoder>/<slide>.h5")
+    return found
+
+
+def bag_index(cfg: FuseConfig, encoders: list[str]) -> dict[str, dict[str, str]]:
+    index = {}
+    for e in encoders:
+        urls = list_bags(storage.join(cfg.bags, e))
+        if not urls:
+            raise ConfigError(f"bags: no bags for encoder {e!r} under "
+                              f"{storage.join(cfg.bags, e)}; fix `encoders` or run "
+                              f"`fusedist embed -e {e}`")
+        index[e] = urls
+    return index
+
+
+def _read_all(index: dict[str, dict[str, str]], slides: list[str]
+              ) -> tuple[dict[tuple[str, str], Bag], dict[str, str]]:
+    """Read every (encoder, slide) bag in threads; a bad bag excludes its slide."""
+    jobs = [(e, s, index[e][s]) for e in index for s in slides]
+
+    def one(job):
+        e, s, url = job
+        try:
+            return job, read_bag(url, s), None
+        except (BagError, OSError, ValueError) as err:
+            return job, None, str(err)
+
+    out: dict[tuple[str, str], Bag] = {}
+    bad: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for (e, s, url), bag, err in pool.map(one, jobs):
+            if err is not None:
+                bad.setdefault(s, f"{err} (re-run `fusedist embed` for this slide)")
+            elif bag.features.shape[0] == 0:
+                bad.setdefault(s, f"{url}: empty bag (no tiles)")
+            else:
+                out[(e, s)] = bag
+    return out, bad
+
+
+def _tile_extent(bag: Bag) -> float:
+    v = bag.attrs.get("patch_size_level0")
+    if v:
+        return float(v)
+    xs = np.unique(bag.coords[:, 0])
+    steps = np.diff(xs)
+    return float(steps[steps > 0].min()) if (steps > 0).any() else float(bag.tile_size or 224)
+
+
+def feature_group(bags: dict[tuple[str, str], Bag], encoders: list[str], slides: list[str]
+                  ) -> list[str]:
+    """The largest set of encoders that read the same tiles (same mpp and tile size)."""
+    keys: dict[tuple, list[str]] = {}
+    for e in encoders:
+        b = bags[(e, slides[0])]
+        keys.setdefault((round(b.mpp or 0.0, 4), b.tile_size), []).append(e)
+    return max(keys.values(), key=len)
+
+
+def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows of each bag on the tiles every bag has, in the first bag's order."""
+    keys = [{(int(x), int(y)): i for i, (x, y) in enumerate(b.coords)} for b in bags]
+    common = [xy for xy in keys[0] if all(xy in k for k in keys[1:])]
+    coords = np.array(common, np.int64).reshape(-1, 2)
+    return coords, [b.features[[k[xy] for xy in common]].astype(np.float32) for b, k in
+                    zip(bags, keys)]
+
+
+# ------------------------------------------------------------------------------- cohort
+
+def load_cohort(cfg: FuseConfig) -> Cohort:
+    """Join labels and bags, exclude bad slides with reasons, check what folds need."""
+    rows, cols = read_labels(cfg.labels)
+    targets, bad_targets, target_names = parse_targets(cfg, rows, cols)
+    encoders = discover_encoders(cfg)
+    index = bag_index(cfg, encoders)
+    exclusions: list[dict[str, str]] = []
+
+    def exclude(sid: str, reason: str) -> None:
+        exclusions.append({"slide_id": sid, "reason": reason})
+
+    labelled = [r["slide_id"] for r in rows]
+    with_all = set.intersection(*(set(v) for v in index.values()))
+    if not with_all:
+        raise ConfigError(f"bags: no slide has a bag for every encoder {encoders} under "
+                          f"{cfg.bags}; the encoders' slide ids do not match (e.g. "
+                          + ", ".join(f"{e}: {next(iter(index[e]))!r}" for e in encoders)
+                          + "); embed the same slides with each encoder, or limit `encoders`")
+    slides = []
+    for sid in labelled:
+        if sid in bad_targets:
+            exclude(sid, bad_targets[sid])
+        elif sid not in with_all:
+            missing = [e for e in encoders if sid not in index[e]]
+            exclude(sid, f"labelled, but no bag for encoder(s) {missing}")
+        else:
+            slides.append(sid)
+    for sid in sorted(with_all - set(labelled)):
+        exclude(sid, f"has bags but no row in {cfg.labels}")
+    partial = sorted(set().union(*(set(v) for v in index.values())) - with_all - set(labelled))
+    for sid in partial:
+        exclude(sid, "bags for only some encoders: "
+                + str([e for e in encoders if sid in index[e]]) + ", and no label row")
+
+    bags, bad_bags = _read_all(index, slides)
+    for sid, why in bad_bags.items():
+        exclude(sid, why)
+    slides = [s for s in slides if s not in bad_bags]
+    if not slides:
+        raise ConfigError(f"no usable slides: every labelled slide was excluded ("
+                          + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in exclusions[:3])
+                          + ")")
+    dims = {e: int(bags[(e, slides[0])].features.shape[1]) for e in encoders}
+    for e in encoders:
+        for s in slides:
+            if bags[(e, s)].features.shape[1] != dims[e]:
+                raise ConfigError(f"bags: {e}/{s} has {bags[(e, s)].features.shape[1]}-d "
+                                  f"features but {e}/{slides[0]} has {dims[e]}; one folder "
+                                  "must hold one encoder's bags")
+
+    group = feature_group(bags, encoders, slides)
+    notes = []
+    if len(group) < len(encoders):
+        notes.append(f"feature-level fusion uses {group}: the other encoders read different "
+                     "tiles (mpp or tile size), so only logit-level methods combine them all")
+    aligned: dict[str, list[np.ndarray]] = {e: [] for e in group}
+    aligned_coords, keep = [], []
+    for s in slides:
+        coords, feats = _align([bags[(e, s)] for e in group])
+        if len(coords) == 0:
+            exclude(s, f"encoders {group} share no tile coordinates on this slide")
+            continue
+        keep.append(s)
+        aligned_coords.append(coords)
+        for e, f in zip(group, feats):
+            aligned[e].append(f)
+    slides = keep
+
+    pid = {r["slide_id"]: (r.get("patient_id") or r["slide_id"]) for r in rows}
+    cohort = Cohort(
+        task=cfg.task, slide_ids=slides, patient_ids=[pid[s] for s in slides],
+        encoders=list(encoders), dims=dims,
+        bags={e: [bags[(e, s)].features.astype(np.float32) for s in slides] for e in encoders},
+        coords={e: [bags[(e, s)].coords for s in slides] for e in encoders},
+        feature_group=group, aligned=aligned, aligned_coords=aligned_coords,
+        tile_extent={e: _tile_extent(bags[(e, slides[0])]) for e in encoders},
+        exclusions=exclusions, notes=notes, target_names=target_names)
+    _set_targets(cohort, cfg, targets)
+    if cfg.task == "tile_classification":
+        _tile_samples(cohort, cfg)
+    check_folds(cohort, cfg)
+    if exclusions:
+        log.warning("fuse: %d slide(s) excluded (reasons in the manifest), e.g. %s: %s",
+                    len(exclusions), exclusions[0]["slide_id"], exclusions[0]["reason"])
+    return cohort
+
+
+def _class_order(values: list[str]) -> list[str]:
+    try:
+        return sorted(set(values), key=float)
+    except ValueError:
+        return sorted(set(values))
+
+
+def _set_targets(c: Cohort, cfg: FuseConfig, targets: dict[str, object]) -> None:
+    vals = [targets[s] for s in c.slide_ids]
+    if cfg.task in ("classification", "tile_classification"):
+        c.classes = _class_order([str(v) for v in vals])
+        if len(c.classes) < 2:
+            raise ConfigError(f"labels: {cfg.labels}: only one class ({c.classes}) among the "
+                              f"{len(vals)} usable slides; classification needs two or more")
+        c.y = np.array([c.classes.index(str(v)) for v in vals], np.int64)
+    elif cfg.task == "survival":
+        c.time = np.array([v[0] for v in vals], np.float64)
+        c.event = np.array([v[1] for v in vals], np.int64)
+        if c.event.sum() < cfg.survival_bins:
+            raise ConfigError(f"labels: {cfg.labels}: {int(c.event.sum())} uncensored slides, "
+                              f"fewer than survival_bins={cfg.survival_bins}; lower "
+                              "survival_bins or add events")
+    else:
+        c.y = np.array(vals, np.float32).reshape(len(vals), -1)
+
+
+def _tile_labels(cfg: FuseConfig, c: Cohort) -> dict[tuple[str, int, int], str] | None:
+    if cfg.tile_labels is None:
+        return None
+    rows, cols = _plain_csv(cfg.tile_labels)
+    _need_columns(cfg.tile_labels, cols, ["slide_id", "x", "y", "label"], "tile_labels")
+    return {(r["slide_id"], int(float(r["x"])), int(float(r["y"]))): r["label"] for r in rows}
+
+
+def _plain_csv(url: str) -> tuple[list[dict[str, str]], list[str]]:
+    reader = csv.DictReader(io.StringIO(storage.read_text(url)))
+    return [dict(r) for r in reader], list(reader.fieldnames or [])
+
+
+def _tile_samples(c: Cohort, cfg: FuseConfig) -> None:
+    """Sample tiles per slide (seeded); tiles take their own label or their slide's."""
+    c.encoders = list(c.feature_group)
+    c.dims = {e: c.dims[e] for e in c.encoders}
+    labels = _tile_labels(cfg, c)
+    slide_label = [c.classes[i] for i in c.y]
+    ss, si, ys = [], [], []
+    for i, s in enumerate(c.slide_ids):
+        n = len(c.aligned_coords[i])
+        rng = np.random.default_rng([cfg.seed, 0x711E, i])
+        pick = np.sort(rng.permutation(n)[: cfg.tiles_per_slide])
+        for j in pick:
+            x, y = (int(v) for v in c.aligned_coords[i][j])
+            lab = slide_label[i] if labels is None else labels.get((s, x, y))
+            if lab is None:
+                continue
+            ss.append(i), si.append(int(j)), ys.append(str(lab))
+    if not ss:
+        raise ConfigError(f"tile_labels: {cfg.tile_labels} labels none of the sampled tiles; "
+                          "its x, y must be the level-0 coords of the bags' tiles")
+    c.classes = _class_order(ys)
+    c.y = np.array([c.classes.index(v) for v in ys], np.int64)
+    c.sample_slide, c.sample_index = np.array(ss, np.int64), np.array(si, np.int64)
+
+
+# -------------------------------------------------------------------------------- folds
+
+def check_folds(c: Cohort, cfg: FuseConfig) -> None:
+    """Every class needs enough patients to appear in every outer and inner fold."""
+    groups = c.sample_groups
+    n_pat = len(set(groups))
+    if n_pat < cfg.folds:
+        raise ConfigError(f"{n_pat} patients for folds={cfg.folds}; lower `folds` or add slides")
+    if c.task not in ("classification", "tile_classification"):
+        return
+    need = max(cfg.folds, math.ceil(cfg.inner_folds * cfg.folds / (cfg.folds - 1)))
+    for k, name in enumerate(c.classes):
+        pats = {g for g, y in zip(groups, c.y) if y == k}
+        if len(pats) < need:
+            raise ConfigError(
+                f"class {name!r} has {len(pats)} patient(s); folds={cfg.folds} with "
+                f"inner_folds={cfg.inner_folds} need at least {need} per class. Lower folds/"
+                "inner_folds, merge the class with another, or drop its rows from "
+                f"{cfg.labels}")
+
+
+def strata(c: Cohort, idx: np.ndarray) -> np.ndarray:
+    """What folds stratify on: the class, the event indicator, or nothing (regression)."""
+    if c.task in ("classification", "tile_classification"):
+        return c.y[idx]
+    if c.task == "survival":
+        return c.event[idx]
+    return np.zeros(len(idx), np.int64)
+
+
+def make_folds(c: Cohort, idx: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold id (0..k-1) of each sample in ``idx``: stratified, grouped by patient, seeded."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = np.array(c.sample_groups)[idx]
+    y = strata(c, idx)
+    out = np.full(len(idx), -1, np.int64)
+    with warnings.catch_warnings():
+        # sklearn warns when a stratum has fewer members than folds; check_folds already
+        # guarantees what matters (every class in every fold where it can be).
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(idx)), y, groups)):
+            out[test] = f
+    return out

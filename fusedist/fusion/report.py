@@ -1,0 +1,398 @@
+"""Benchmark report: comparison tables, plots (ROC, Kaplan-Meier, fold bars, regression,
+attention heatmaps) and a small Markdown writer.
+
+Plots draw on a bare ``matplotlib.figure.Figure`` with an Agg canvas rather than pyplot:
+no global backend switch, no figure registry to leak, safe in Ray workers without a display.
+Every plot function writes a PNG (creating parent folders) and returns its ``Path``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fusedist.fusion.metrics import (METRICS, PRIMARY_METRIC, kaplan_meier, logrank_p,
+                                     per_target_pearson, summarize)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL.Image import Image
+
+DPI = 120
+FIGSIZE = (6.0, 5.0)
+HEATMAP_CMAP = "jet"
+HEATMAP_ALPHA = 0.45
+CANVAS_MAX_SIDE = 1024  # px of the blank canvas drawn when there is no thumbnail
+_MISSING = "—"
+
+
+# ------------------------------------------------------------------------------- tables
+
+def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """``"0.812 ± 0.031"``; ``"n/a"`` when the mean is nan (no fold produced a score)."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    std_s = f"{std:.{digits}f}" if std is not None and math.isfinite(std) else "n/a"
+    return f"{mean:.{digits}f} ± {std_s}"
+
+
+def _rank_key(mean: float) -> tuple[int, float]:
+    # Sort key for descending primary mean with nan last (sorted() is stable for ties).
+    return (1, 0.0) if not math.isfinite(mean) else (0, -mean)
+
+
+def _finite_folds(folds: Sequence[Mapping[str, float]], metric: str) -> int:
+    return sum(1 for f in folds if math.isfinite(float(f.get(metric, math.nan))))
+
+
+def _md_cell(text: str) -> str:
+    # A "|" inside a cell would split the Markdown row.
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _cost_cells(cost: Mapping[str, float]) -> tuple[str, str, str]:
+    """(n, train s, trainable params) as display strings; "—" where missing."""
+    n = cost.get("n")
+    train_s = cost.get("train_s")
+    params = cost.get("params")
+    return (str(int(n)) if n is not None else _MISSING,
+            f"{float(train_s):.2f}" if train_s is not None else _MISSING,
+            f"{int(params):,}" if params is not None else _MISSING)
+
+
+def comparison_table(task: str, fold_metrics: dict[str, list[dict[str, float]]],
+                     costs: dict[str, dict[str, float]], notes: dict[str, str] | None = None,
+                     labels: dict[str, str] | None = None) -> tuple[str, str]:
+    """(Markdown, CSV) comparison of methods for ``task``: one row per method, best primary
+    metric first (nan last, ties keep insertion order), the best primary cell in bold."""
+    notes, labels = notes or {}, labels or {}
+    metrics, primary = METRICS[task], PRIMARY_METRIC[task]
+    summary = summarize(fold_metrics)
+    stats = {m: {k: summary[m].get(k, (math.nan, math.nan)) for k in metrics}
+             for m in fold_metrics}
+    order = sorted(fold_metrics, key=lambda m: _rank_key(stats[m][primary][0]))
+    best = order[0] if order and math.isfinite(stats[order[0]][primary][0]) else None
+
+    header = ["method", *metrics, "folds", "n", "train s", "trainable params", "notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "label", *(f"{k}_{s}" for k in metrics for s in ("mean", "std")),
+                     "folds", "n", "train_s", "params", "notes"])
+    for m in order:
+        cost = costs.get(m, {})
+        folds = _finite_folds(fold_metrics[m], primary)
+        cells = [format_mean_std(*stats[m][k]) for k in metrics]
+        if m == best:
+            cells[metrics.index(primary)] = f"**{cells[metrics.index(primary)]}**"
+        row = [labels.get(m, m), *cells, str(folds), *_cost_cells(cost), notes.get(m, "")]
+        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+        writer.writerow([m, labels.get(m, m),
+                         *(repr(float(v)) for k in metrics for v in stats[m][k]), folds,
+                         *(_csv_number(cost.get(c), c != "train_s")
+                           for c in ("n", "train_s", "params")),
+                         notes.get(m, "")])
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def _csv_number(value: float | None, as_int: bool) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if as_int else repr(float(value))
+
+
+# ------------------------------------------------------------------------- plot plumbing
+
+def _new_figure(figsize: tuple[float, float] = FIGSIZE) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    fig.clear()  # no pyplot registry to close from; drop the artists now
+    return path
+
+
+def _colors(n: int) -> list:
+    """n distinct colours: tab10 up to 10, tab20 up to 20, then a sampled continuous map."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](x) for x in np.linspace(0, 1, n)]
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(max_cols, max(n, 1))
+    return math.ceil(max(n, 1) / cols), cols
+
+
+# ------------------------------------------------------------------------------- ROC
+
+def _roc_inputs(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled (truth, score) for one ROC curve: binary -> class-1 score; multi-class ->
+    micro-average, every (sample, class) pair as one binary decision. Drops nan rows."""
+    from sklearn.preprocessing import label_binarize
+
+    y = np.asarray(y).astype(int).ravel()
+    p = np.asarray(probs, dtype=float)
+    p = p.reshape(-1, 1) if p.ndim == 1 else p
+    keep = np.isfinite(p).all(axis=1)
+    y, p = y[keep], p[keep]
+    if p.shape[1] == 1:  # a bare positive-class score
+        return (y == 1).astype(int), p[:, 0]
+    if p.shape[1] == 2:
+        return (y == 1).astype(int), p[:, 1]
+    return label_binarize(y, classes=list(range(p.shape[1]))).ravel(), p.ravel()
+
+
+def plot_roc(y: np.ndarray, probs_by_method: dict[str, np.ndarray], path,
+             title: str = "ROC (out-of-fold)") -> Path:
+    """Pooled out-of-fold ROC, one curve per method, AUC in the legend."""
+    from sklearn.metrics import auc, roc_curve
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    for (name, probs), color in zip(probs_by_method.items(), _colors(len(probs_by_method))):
+        truth, score = _roc_inputs(y, probs)
+        if truth.size == 0 or truth.min() == truth.max():  # ROC needs both classes
+            ax.plot([], [], color=color, label=f"{name} (AUC n/a)")
+            continue
+        fpr, tpr, _ = roc_curve(truth, score)
+        ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
+           ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize="small" if len(probs_by_method) <= 6 else "x-small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------- Kaplan-Meier
+
+def _km_panel(ax, name: str, t: np.ndarray, e: np.ndarray, risk: np.ndarray) -> None:
+    """High- vs low-risk KM curves (split at the median risk) with censor marks."""
+    high = risk > np.median(risk)
+    for mask, label, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
+        if not mask.any():
+            continue
+        times, surv = kaplan_meier(t[mask], e[mask])
+        ax.step(times, surv, where="post", color=color, lw=1.5, label=f"{label} (n={mask.sum()})")
+        cens = np.unique(t[mask][~e[mask]])
+        ax.plot(cens, surv[np.searchsorted(times, cens, side="right") - 1], "+",
+                color=color, ms=7)
+    p = logrank_p(t[high], e[high], t[~high], e[~high])
+    ax.set_title(f"{name}\nlog-rank p = {p:.2g}" if math.isfinite(p)
+                 else f"{name}\nlog-rank p = n/a", fontsize="medium")
+    ax.set(ylim=(0, 1.05), xlabel="time", ylabel="survival probability")
+    ax.legend(loc="best", fontsize="x-small")
+
+
+def plot_km(time, event, risk_by_method: dict[str, np.ndarray], path,
+            max_panels: int = 6) -> Path:
+    """One Kaplan-Meier panel per method (the first ``max_panels``), patients split at the
+    median predicted risk; log-rank p in each panel's title. nan-risk rows are dropped."""
+    t_all = np.asarray(time, dtype=float).ravel()
+    e_all = np.asarray(event, dtype=float).ravel() > 0
+    methods = list(risk_by_method)[:max_panels]
+    rows, cols = _grid(len(methods))
+    fig = _new_figure(FIGSIZE if len(methods) <= 1 else (4.2 * cols, 3.8 * rows))
+    for i, name in enumerate(methods):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        risk = np.asarray(risk_by_method[name], dtype=float).ravel()
+        ok = np.isfinite(risk) & np.isfinite(t_all)
+        if not ok.any():
+            ax.set_title(f"{name}\nno predictions", fontsize="medium")
+            continue
+        _km_panel(ax, name, t_all[ok], e_all[ok], risk[ok])
+    if len(risk_by_method) > len(methods):
+        fig.suptitle(f"Kaplan-Meier by predicted risk (first {len(methods)} of "
+                     f"{len(risk_by_method)} methods)")
+    else:
+        fig.suptitle("Kaplan-Meier by predicted risk (median split)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- fold bars
+
+def plot_fold_bars(fold_metrics: dict[str, list[dict[str, float]]], metric: str, path) -> Path:
+    """Grouped bars: one group per method, one bar per fold, a black marker at the mean."""
+    methods = list(fold_metrics)
+    n_folds = max((len(f) for f in fold_metrics.values()), default=0)
+    width = 0.8 / max(n_folds, 1)
+    fig = _new_figure((max(6.0, 0.9 * len(methods) + 2.0), 5.0))
+    ax = fig.add_subplot()
+    x = np.arange(len(methods))
+    for k, color in zip(range(n_folds), _colors(n_folds)):
+        vals = np.array([float(fold_metrics[m][k].get(metric, np.nan))
+                         if k < len(fold_metrics[m]) else np.nan for m in methods])
+        ok = np.isfinite(vals)  # a failed fold gets no bar rather than a zero bar
+        ax.bar(x[ok] - 0.4 + (k + 0.5) * width, vals[ok], width, color=color,
+               label=f"fold {k}")
+    summary = summarize(fold_metrics)
+    means = np.array([summary[m].get(metric, (np.nan,))[0] for m in methods])
+    ok = np.isfinite(means)
+    ax.scatter(x[ok], means[ok], marker="D", color="black", zorder=3, label="mean")
+    ax.set_xticks(x, methods, rotation=30 if len(methods) > 4 else 0, ha="right"
+                  if len(methods) > 4 else "center")
+    ax.set(xlabel="method", ylabel=metric, title=f"{metric} per fold")
+    ax.legend(fontsize="x-small", ncols=2 if n_folds > 5 else 1)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- regression
+
+def plot_regression(y: np.ndarray, pred_by_method: dict[str, np.ndarray], path,
+                    max_panels: int = 6) -> Path:
+    """Per-target Pearson r per method. Several targets: one box per method (points are the
+    targets). A single target gives one r per method, so a box says nothing: instead draw a
+    predicted-vs-true scatter panel for each of the first ``max_panels`` methods."""
+    y2 = np.asarray(y, dtype=float)
+    y2 = y2.reshape(-1, 1) if y2.ndim == 1 else y2
+    if y2.shape[1] == 1:
+        return _regression_scatter(y2[:, 0], pred_by_method, path, max_panels)
+    names = list(pred_by_method)
+    rs = [per_target_pearson(y2, pred_by_method[m]) for m in names]
+    fig = _new_figure((max(6.0, 0.6 * len(names) + 2), 5.0))
+    ax = fig.add_subplot()
+    data = [r[np.isfinite(r)] for r in rs]
+    box = ax.boxplot(data, patch_artist=True, showfliers=False)
+    rng = np.random.default_rng(0)  # fixed jitter: identical plots on reruns
+    for i, (r, color) in enumerate(zip(data, _colors(len(names)))):
+        box["boxes"][i].set(facecolor=color, alpha=0.5)
+        ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, r.size), r, s=6, color=color, zorder=3)
+    ax.set_xticks(np.arange(1, len(names) + 1), names,
+                  rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="method", ylabel="Pearson r per target",
+           title=f"Per-target Pearson r ({y2.shape[1]} targets)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _regression_scatter(y: np.ndarray, pred_by_method: dict[str, np.ndarray], path,
+                        max_panels: int) -> Path:
+    names = list(pred_by_method)[:max_panels]
+    rows, cols = _grid(len(names))
+    fig = _new_figure((4.0 * cols, 3.6 * rows))
+    for i, (name, color) in enumerate(zip(names, _colors(len(names)))):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        p = np.asarray(pred_by_method[name], dtype=float).ravel()
+        ok = np.isfinite(p) & np.isfinite(y)
+        ax.scatter(y[ok], p[ok], s=8, color=color, alpha=0.7)
+        r = per_target_pearson(y[ok], p[ok])[0] if ok.any() else math.nan
+        ax.set_title(f"{name}\nr = {r:.3f}" if math.isfinite(r) else f"{name}\nr = n/a",
+                     fontsize="medium")
+        ax.set(xlabel="true", ylabel="predicted")
+    fig.suptitle("Predicted vs true (single target)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- attention heatmap
+
+def percentile_rank(values: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (ties share their mean rank): raw attention is often peaked on
+    a few tiles, so a linear colour scale would show one hot tile and a uniform background."""
+    from scipy.stats import rankdata
+
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size <= 1:
+        return np.ones_like(v)
+    return (rankdata(v) - 1.0) / (v.size - 1.0)
+
+
+def attention_composite(coords: np.ndarray, attention: np.ndarray, tile_extent: float,
+                        thumbnail: Image | None = None,
+                        slide_size: tuple[int, int] | None = None
+                        ) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB uint8 image of the slide (thumbnail, or white) with the attention overlay
+    alpha-blended over the tiles, and the level-0 (width, height) it covers.
+
+    Tiles are painted in increasing attention, so where tiles overlap the higher one shows.
+    """
+    from matplotlib import colormaps
+
+    xy = np.asarray(coords, dtype=float).reshape(-1, 2)
+    att = np.asarray(attention, dtype=float).ravel()
+    ok = np.isfinite(att) & np.isfinite(xy).all(axis=1)
+    xy, rank = xy[ok], percentile_rank(att[ok])
+    if slide_size is None:
+        ext = xy.max(axis=0) + tile_extent if xy.size else np.array([tile_extent] * 2)
+        slide_size = (float(ext[0]), float(ext[1]))
+    sw, sh = float(slide_size[0]), float(slide_size[1])
+    if thumbnail is not None:
+        base = np.asarray(thumbnail.convert("RGB"), dtype=float)
+    else:  # blank canvas at the slide's aspect ratio, longest side CANVAS_MAX_SIDE px
+        scale = CANVAS_MAX_SIDE / max(sw, sh)
+        base = np.full((max(1, round(sh * scale)), max(1, round(sw * scale)), 3), 255.0)
+    h, w = base.shape[:2]
+    sx, sy = w / sw, h / sh
+    colors = colormaps[HEATMAP_CMAP](rank)[:, :3] * 255.0
+    out = base.copy()
+    for i in np.argsort(rank, kind="stable"):
+        x0, y0 = int(math.floor(xy[i, 0] * sx)), int(math.floor(xy[i, 1] * sy))
+        x1 = max(x0 + 1, int(math.ceil((xy[i, 0] + tile_extent) * sx)))
+        y1 = max(y0 + 1, int(math.ceil((xy[i, 1] + tile_extent) * sy)))
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        out[y0:y1, x0:x1] = (1 - HEATMAP_ALPHA) * base[y0:y1, x0:x1] + HEATMAP_ALPHA * colors[i]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), (sw, sh)
+
+
+def plot_attention_heatmap(coords: np.ndarray, attention: np.ndarray, tile_extent: float, path,
+                           thumbnail=None, slide_size: tuple[int, int] | None = None,
+                           title: str = "") -> Path:
+    """Attention (as percentile rank) over the slide: tiles at level-0 ``coords`` (top-left
+    x, y) of side ``tile_extent``, blended over ``thumbnail`` (covering ``slide_size``; by
+    default the tiles' extent) or a white canvas; axes in level-0 pixels."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    image, (sw, sh) = attention_composite(coords, attention, tile_extent, thumbnail, slide_size)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.imshow(image, extent=(0, sw, sh, 0), interpolation="nearest")
+    mappable = ScalarMappable(norm=Normalize(0, 1), cmap=colormaps[HEATMAP_CMAP])
+    # A colorbar axis appended to the image axis matches the image's height at any aspect.
+    cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.1)
+    fig.colorbar(mappable, cax=cax, label="attention (percentile)")
+    ax.set(xlabel="x (level-0 px)", ylabel="y (level-0 px)",
+           title=title or f"Attention ({len(np.ravel(attention))} tiles)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def write_markdown_report(path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """Write ``# title`` then ``## heading`` + body for each section; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}\n"]
+    parts += [f"## {heading}\n\n{body.rstrip()}\n" for heading, body in sections]
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def image_md(rel_path: str, alt: str) -> str:
+    """Markdown image link ``![alt](rel_path)``."""
+    return f"![{alt}]({rel_path})"

@@ -1,0 +1,247 @@
+"""Training loops of the fusion heads, one per input shape: bags (one slide per step, as
+CLAM/ABMIL train), tiles (mini-batches), and FuseCPath sub-bags (mini-batches + teachers).
+
+What a task changes (the loss, the targets, how outputs become predictions) lives in
+``FoldTask``; the loops never look at the task name.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusedist.fusion.data import Cohort
+from fusedist.fusion.logitprod import nll_survival_loss, survival_risk
+
+
+def seed_for(*parts: object) -> int:
+    """A stable 31-bit seed from (run seed, fold, method, ...): every model and shuffle is
+    reproducible no matter which Ray worker runs the fold, or in which order."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class FoldTask:
+    """The task as one fold sees it: targets, loss and predictions for the samples ``idx``.
+
+    Survival bins come from the quantiles of the fold's uncensored training times, and
+    regression targets are standardised with the fold's training mean and sd, so nothing is
+    learnt from the test fold.
+    """
+
+    task: str
+    num_outputs: int
+    y: np.ndarray | None = None
+    time_bin: np.ndarray | None = None
+    event: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    alpha: float = 0.4
+    bin_edges: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, c: Cohort, train_idx: np.ndarray, bins: int, alpha: float) -> "FoldTask":
+        if c.task in ("classification", "tile_classification"):
+            return cls(c.task, len(c.classes), y=c.y)
+        if c.task == "survival":
+            t_unc = c.time[train_idx][c.event[train_idx] == 1]
+            edges = np.quantile(t_unc, np.linspace(0, 1, bins + 1))
+            tb = np.clip(np.searchsorted(edges[1:-1], c.time, side="right"), 0, bins - 1)
+            return cls(c.task, bins, time_bin=tb.astype(np.int64), event=c.event, alpha=alpha,
+                       bin_edges=edges)
+        mean, std = c.y[train_idx].mean(0), c.y[train_idx].std(0)
+        std = np.where(std > 1e-8, std, 1.0)
+        return cls(c.task, c.y.shape[1], y=(c.y - mean) / std, mean=mean, std=std)
+
+    def targets(self, idx: np.ndarray, device: torch.device) -> tuple[Tensor, ...]:
+        if self.task == "survival":
+            return (torch.as_tensor(self.time_bin[idx], device=device),
+                    torch.as_tensor(self.event[idx], device=device))
+        return (torch.as_tensor(self.y[idx], device=device),)
+
+    def loss(self, out: Tensor, tgt: tuple[Tensor, ...]) -> Tensor:
+        if self.task == "survival":
+            return nll_survival_loss(out, tgt[0], tgt[1], alpha=self.alpha)
+        if self.task == "regression":
+            return F.mse_loss(out.float(), tgt[0].float())
+        return F.cross_entropy(out.float(), tgt[0].long())
+
+    def predict(self, out: np.ndarray) -> np.ndarray:
+        """Raw head outputs -> what metrics read: class probabilities (N, K), risk (N,) or
+        targets in their own units (N, G)."""
+        t = torch.as_tensor(out, dtype=torch.float32)
+        if self.task == "survival":
+            return survival_risk(t).numpy()
+        if self.task == "regression":
+            return (t.numpy() * self.std + self.mean).astype(np.float32)
+        return F.softmax(t, dim=-1).numpy()
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+Forward = Callable[[nn.Module, list[Tensor]], dict[str, Tensor]]
+
+
+def _aux(model: nn.Module, like: Tensor) -> Tensor:
+    fn = getattr(model, "aux_loss", None)
+    return fn().to(like.device) if fn is not None else like.new_zeros(())
+
+
+def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
+               task: FoldTask, epochs: int, lr: float, weight_decay: float,
+               max_tiles: int | None, seed: int, device: torch.device) -> float:
+    """Adam, one slide per step; a bag above ``max_tiles`` is subsampled afresh each epoch.
+    ``views[v][slide]`` are the per-view features; the model takes the list of views.
+    Returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        for i in gen.permutation(idx):
+            n = views[0][i].shape[0]
+            rows = np.sort(gen.choice(n, max_tiles, replace=False)) if max_tiles and \
+                n > max_tiles else slice(None)
+            # A copy: arrays from Ray's object store are read-only.
+            xs = [torch.tensor(v[i][rows], device=device) for v in views]
+            out = model(xs)["logits"]
+            loss = task.loss(out, task.targets(np.array([i]), device))
+            loss = loss + _aux(model, loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
+                 device: torch.device, attention_for: Sequence[int] = ()
+                 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Raw outputs (len(idx), out) on every tile, and the attention of the slides in
+    ``attention_for`` (slide index -> (N,))."""
+    model.to(device).eval()
+    outs, attn = [], {}
+    for i in idx:
+        r = model([torch.tensor(v[i], device=device) for v in views])
+        outs.append(r["logits"].float().cpu().numpy()[0])
+        if i in attention_for:
+            attn[int(i)] = r["attention"].float().cpu().numpy()[0]
+    return np.stack(outs), attn
+
+
+def train_tiles(model: nn.Module, xs: Sequence[np.ndarray], idx: np.ndarray, task: FoldTask,
+                epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
+                device: torch.device) -> float:
+    """Adam on tile features (one (S, d_v) array per view); returns seconds."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        order = gen.permutation(idx)
+        for s in range(0, len(order), batch_size):
+            b = np.sort(order[s:s + batch_size])
+            out = model([torch.as_tensor(x[b], device=device) for x in xs])
+            loss = task.loss(out, task.targets(b, device))
+            loss = loss + _aux(model, loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict_tiles(model: nn.Module, xs: Sequence[np.ndarray], idx: np.ndarray,
+                  device: torch.device, batch_size: int = 4096) -> np.ndarray:
+    model.to(device).eval()
+    outs = [model([torch.as_tensor(x[idx[s:s + batch_size]], device=device) for x in xs])
+            .float().cpu().numpy() for s in range(0, len(idx), batch_size)]
+    return np.concatenate(outs)
+
+
+class ViewsTile(nn.Module):
+    """Adapts a one-view tile head (TileMLP) to the list-of-views calling convention."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, xs: Sequence[Tensor]) -> Tensor:
+        return self.head(xs[0])
+
+
+class ViewsBag(nn.Module):
+    """Adapts a one-view bag head (GatedABMIL) to the list-of-views calling convention."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, xs: Sequence[Tensor]) -> dict[str, Tensor]:
+        return self.head(xs[0])
+
+
+# ----------------------------------------------------------------------------- FuseCPath
+
+def _gather(feats: Sequence[Tensor], plans: Sequence[Tensor], items: Tensor) -> Tensor:
+    """Stack sub-bags ``items`` (rows of (slide, bag)) into (B, L, sum d), gathered lazily so
+    only one batch of sub-bags is ever materialised."""
+    return torch.stack([feats[s][plans[s][j]] for s, j in items.tolist()])
+
+
+def train_fusecpath(model: nn.Module, feats: Sequence[Tensor], plans: Sequence[Tensor],
+                    labels: Tensor, teachers: Sequence[Tensor], epochs: int, lr: float,
+                    batch_size: int, alpha: float, temperature: float, seed: int,
+                    device: torch.device) -> float:
+    """SGD + cosine (methods.md §4). Slide s has tile features ``feats[s]`` (N_s, sum d),
+    sub-bag indices ``plans[s]`` (n_bags, L), label ``labels[s]`` and teacher embeddings
+    ``teachers[i][s]``; every sub-bag is a sample with its slide's label and teachers."""
+    from fusedist.fusion.fusecpath import collaborative_kd_loss, fusecpath_optimizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    opt, sched = fusecpath_optimizer(model, epochs=epochs, lr=lr)
+    items = torch.tensor([(s, j) for s, p in enumerate(plans) for j in range(p.shape[0])])
+    for _ in range(epochs):
+        order = items[torch.randperm(len(items), generator=gen)]
+        for s in range(0, len(order), batch_size):
+            b = order[s:s + batch_size]
+            slides = b[:, 0]
+            logits = model(_gather(feats, plans, b).to(device))
+            t_logits = model.teacher_logits([t[slides].to(device) for t in teachers])
+            loss = collaborative_kd_loss(logits, t_logits, labels[slides].to(device), alpha,
+                                         temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict_fusecpath(model: nn.Module, feats: Tensor, plan: Tensor,
+                      device: torch.device) -> np.ndarray:
+    """A slide's probabilities: the mean over its sub-bags' probabilities."""
+    from fusedist.fusion.fusecpath import slide_probabilities
+
+    model.to(device).eval()
+    return slide_probabilities(model(feats[plan].to(device)).float().cpu()).numpy()

@@ -1,0 +1,265 @@
+"""`fusedist fuse` end to end: cohort checks, folds, every method on every task, resumption,
+the report and MLflow, and the LogitProd guarantee on the synthetic suite.
+
+Bags come from ``fusedist.fusion.synthetic`` (three encoders that see different cues) and are
+real HDF5 files read through ``fusedist.bags``; folds run as tasks on the session's real
+local Ray; MLflow is a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fusedist.config import ConfigError, load_config
+from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.data import load_cohort, make_folds
+from fusedist.fusion.synthetic import synthetic_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "fuse" / "synthetic.yaml"
+
+# Small enough for 2 CI cores: 3 outer x 2 inner folds, a few epochs, two Meta strategies.
+TINY = {"folds": 3, "inner_folds": 2, "experts": {"epochs": 3, "survival_epochs": 3,
+                                                  "hidden": 64},
+        "logitprod": {"lr": 1e-3, "max_epochs": 60, "patience": 15},
+        "meta": {"strategies": ["token_attention", "contrastive"], "epochs": 2,
+                 "embed_dim": 64, "token_dim": 32},
+        "fusecpath": {"n_clusters": 3, "n_bags": 3, "per_cluster": 3, "region_num": 2,
+                      "topk": 4, "epochs": 3, "lr": 0.01, "batch_size": 8},
+        "tiles_per_slide": 8, "heatmaps": 1, "mlflow": {"enabled": False}}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return synthetic_cohort(str(tmp_path_factory.mktemp("cohort")), num_slides=30,
+                            tiles=(12, 24), seed=3)
+
+
+def cfg_for(cohort, out: Path, **kw) -> FuseConfig:
+    fields = {**TINY, **kw}
+    return FuseConfig(bags=cohort.bags, labels=cohort.labels, output=str(out), **fields)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------ cohort and folds
+
+def test_folds_are_grouped_stratified_and_seeded(cohort):
+    c = load_cohort(FuseConfig(bags=cohort.bags, labels=cohort.labels, folds=3))
+    idx = np.arange(len(c.slide_ids))
+    folds = make_folds(c, idx, 3, seed=0)
+    assert sorted(set(folds)) == [0, 1, 2]
+    by_patient: dict[str, set[int]] = {}
+    for p, f in zip(c.patient_ids, folds):
+        by_patient.setdefault(p, set()).add(int(f))
+    assert all(len(v) == 1 for v in by_patient.values()), "a patient spans two folds"
+    assert any(c.patient_ids.count(p) > 1 for p in set(c.patient_ids)), "no paired slides"
+    for f in range(3):  # every class in every fold
+        assert set(c.y[folds == f]) == set(range(len(c.classes)))
+    assert (make_folds(c, idx, 3, seed=0) == folds).all()
+    assert (make_folds(c, idx, 3, seed=1) != folds).any()
+
+
+def test_mismatched_ids_missing_slides_and_nan_are_recorded(cohort, tmp_path):
+    import shutil
+
+    bags = tmp_path / "bags"
+    shutil.copytree(cohort.bags, bags)
+    # 1) one encoder lacks a slide; 2) a label row for a slide with no bags; 3) NaN in a bag.
+    (bags / "test-color" / "synth-0001.h5").unlink()
+    labels = tmp_path / "labels.csv"
+    text = Path(cohort.labels).read_text()
+    first = text.splitlines()[1].split(",")
+    labels.write_text(text + ",".join(["ghost-slide"] + first[1:]) + "\n")
+    with h5py.File(bags / "test-texture" / "synth-0002.h5", "r+") as f:
+        f["features"][3, 5] = np.nan
+    c = load_cohort(FuseConfig(bags=str(bags), labels=str(labels), folds=3))
+    why = {x["slide_id"]: x["reason"] for x in c.exclusions}
+    assert "no bag for encoder(s) ['test-color']" in why["synth-0001"]
+    assert "labelled, but no bag" in why["ghost-slide"]
+    assert "synth-0002" in why and "test-texture" in why["synth-0002"]
+    assert "nan" in why["synth-0002"].lower() or "finite" in why["synth-0002"].lower()
+    assert {"synth-0001", "synth-0002", "ghost-slide"}.isdisjoint(c.slide_ids)
+    assert len(c.slide_ids) == 28
+
+
+def test_encoders_without_common_slides_is_a_clear_error(cohort, tmp_path):
+    import shutil
+
+    bags = tmp_path / "bags"
+    shutil.copytree(cohort.bags, bags)
+    for p in (bags / "test-color").iterdir():
+        p.rename(p.with_name("other-" + p.name))
+    with pytest.raises(ConfigError, match="no slide has a bag for every encoder"):
+        load_cohort(FuseConfig(bags=str(bags), labels=cohort.labels, folds=3))
+
+
+def test_too_few_patients_per_class_names_the_class_and_fix(cohort, tmp_path):
+    rows = read_csv(Path(cohort.labels))
+    keep = [r for r in rows if r["label"] == "0"] + [r for r in rows if r["label"] == "1"][:2]
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    with pytest.raises(ConfigError, match=r"class '1' has \d patient\(s\).*Lower folds"):
+        load_cohort(FuseConfig(bags=cohort.bags, labels=str(labels), folds=3))
+
+
+def test_bad_labels_columns_and_config_typos(cohort, tmp_path):
+    with pytest.raises(ConfigError, match="no column.*'grade'"):
+        load_cohort(FuseConfig(bags=cohort.bags, labels=cohort.labels, target="grade"))
+    with pytest.raises(ConfigError, match="no column matches target 'expr_\\*'"):
+        load_cohort(FuseConfig(bags=cohort.bags, labels=cohort.labels, task="regression",
+                               target="expr_*"))
+    with pytest.raises(ConfigError, match="inner_fold"):
+        load_config(FuseConfig, RECIPE, ["inner_fold=3"])
+
+
+def test_encoders_on_other_tiles_only_join_logit_fusion(cohort, tmp_path):
+    """A 5x encoder (other mpp/tiles) gets an expert and joins LogitProd, while per-tile
+    feature fusion keeps to the encoders that share tiles."""
+    import shutil
+
+    from fusedist.bags import Bag, read_bag, write_bag
+
+    bags = tmp_path / "bags"
+    shutil.copytree(cohort.bags, bags)
+    (bags / "student-5x").mkdir()
+    for p in sorted((bags / "test-color").iterdir()):
+        b = read_bag(str(p))
+        write_bag(str(bags / "student-5x" / p.name),
+                  Bag(b.slide_id, b.features[::4] + 1, b.coords[::4] * 4, "student-5x",
+                      mpp=2.0, tile_size=224))
+    c = load_cohort(FuseConfig(bags=str(bags), labels=cohort.labels, folds=3))
+    assert c.encoders == ["student-5x", "test-color", "test-nuclei", "test-texture"]
+    assert c.feature_group == ["test-color", "test-nuclei", "test-texture"]
+    assert "feature-level fusion uses" in c.notes[0]
+
+
+# ------------------------------------------------------------------------------ methods
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("task,target", [("survival", "label"), ("regression", "gene_*"),
+                                         ("tile_classification", "label")])
+def test_every_task_runs_every_applicable_method(ray_cluster, cohort, tmp_path, task, target):
+    from fusedist.fusion.run import run_fuse
+
+    res = run_fuse(cfg_for(cohort, tmp_path / task, task=task, target=target), progress=False)
+    expected = {"expert.test-color", "expert.test-nuclei", "expert.test-texture", "best_expert",
+                "mean_ensemble", "concat", "meta.token_attention", "meta.contrastive"}
+    if task != "regression":
+        expected.add("logitprod")
+    assert set(res.methods) == expected  # FuseCPath is classification-only
+    metric = {"survival": "c_index", "regression": "pearson",
+              "tile_classification": "auc"}[task]
+    assert res.primary_metric == metric
+    for m in res.methods:
+        assert np.isfinite(res.summary[m][metric][0]), m
+    rows = read_csv(tmp_path / task / "predictions.csv")
+    n = 30 if task != "tile_classification" else 30 * 8
+    assert len(rows) == n * len(expected)
+    if task == "survival":
+        assert (tmp_path / task / "plots" / "km.png").stat().st_size > 0
+        # the survival gate trained and is not worse than an expert on its own objective
+        best = min(v for k, v in res.objectives.items() if k.startswith("expert."))
+        assert res.objectives["logitprod"] <= best + 1e-6
+    if task == "regression":
+        assert "pred_gene_0" in rows[0] and (tmp_path / task / "plots" /
+                                             "regression.png").exists()
+
+
+@pytest.mark.timeout(600)
+def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, tmp_path):
+    """The recipe through the real CLI (a subprocess joining the session's Ray), then a
+    resume after losing a fold: the same predictions as the uninterrupted run."""
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    sets = [f"bags={cohort.bags}", f"labels={cohort.labels}", f"output={out}",
+            f"mlflow.tracking_uri=sqlite:///{db}", "experts.epochs=3", "meta.epochs=2",
+            "meta.strategies=[self_attention,token_attention]", "fusecpath.epochs=3",
+            "fusecpath.n_clusters=3", "fusecpath.per_cluster=3", "fusecpath.n_bags=3",
+            "logitprod.max_epochs=60"]
+    cmd = [sys.executable, "-m", "fusedist.cli", "fuse", "--config", str(RECIPE), "-q"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "LogitProd" in p.stdout and "report:" in p.stdout
+
+    table = read_csv(out / "results.csv")
+    methods = [r["method"] for r in table]
+    assert {"logitprod", "fusecpath", "concat", "best_expert", "mean_ensemble",
+            "meta.self_attention", "meta.token_attention"} <= set(methods)
+    aucs = [float(r["auc_mean"]) for r in table]
+    assert aucs == sorted(aucs, reverse=True)
+    assert all(float(r["params"] or 0) >= 0 for r in table)
+    assert float(next(r for r in table if r["method"] == "logitprod")["train_s"]) > 0
+    report = (out / "report.md").read_text()
+    for png in ("roc.png", "folds_auc.png"):
+        assert f"plots/{png}" in report and (out / "plots" / png).stat().st_size > 1000
+    heat = sorted((out / "plots").glob("attention_*.png"))
+    assert len(heat) == 6  # two slides (the default) x three experts
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exclusions"] == [] and len(manifest["slides"]) == 30
+    assert manifest["objectives"]["logitprod"] <= min(
+        v for k, v in manifest["objectives"].items() if k.startswith("expert.")) + 1e-6
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run = next(r for r in runs if r.info.run_name == "fuse")
+    assert run.data.params["task"] == "classification"
+    assert "logitprod/auc_mean" in run.data.metrics
+    hist = client.get_metric_history(run.info.run_id, "logitprod/auc")
+    assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
+    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+
+    # Resume: lose one finished fold and the outputs, re-run, get the same predictions.
+    before = (out / "predictions.csv").read_text()
+    (out / "_state" / "fold-01.json").unlink()
+    (out / "predictions.csv").unlink()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(1 folds run, 2 resumed)" in p.stdout
+    assert (out / "predictions.csv").read_text() == before
+
+    # Other settings into the same output are refused (exit 2) with the fix.
+    p = subprocess.run(cmd + ["--set", "seed=7"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 2 and "overwrite=true" in p.stderr
+
+
+@pytest.mark.timeout(600)
+def test_logitprod_never_worse_than_best_expert_on_its_objective(ray_cluster, tmp_path):
+    """The synthetic suite's guarantee (issue 5), with the expert fallback OFF so that it is
+    the trained gate that must earn it: in every fold, LogitProd's objective on the gate's
+    training data (the experts' inner out-of-fold logits) is at most the best expert's."""
+    from fusedist.fusion.run import _decode, run_fuse
+
+    c = synthetic_cohort(str(tmp_path / "c"), num_slides=36, tiles=(12, 24), seed=11)
+    kw = dict(TINY, methods=["logitprod"], experts={"epochs": 20, "hidden": 128},
+              logitprod={"lr": 1e-2, "max_epochs": 300, "patience": 300,
+                         "expert_fallback": False})
+    res = run_fuse(FuseConfig(bags=c.bags, labels=c.labels, output=str(tmp_path / "o"),
+                              **kw), progress=False)
+    for f in range(3):
+        r = _decode((tmp_path / "o" / "_state" / f"fold-{f:02d}.json").read_text())
+        best = min(v for k, v in r.objectives.items() if k.startswith("expert."))
+        assert r.objectives["logitprod"] <= best + 1e-6, (f, r.objectives)
+        assert "fell back" not in r.notes["logitprod"]
+    assert np.isfinite(res.summary["logitprod"]["auc"][0])
