@@ -1,17 +1,20 @@
 """``fusedist demo``: the pipeline end to end on embedded defaults (local Ray, local files).
 
-Today it runs the stages that exist: synthetic slides -> ``tile`` (pairs for XMAG and a grid
-for bags) -> a streaming read of the shards -> ``cache`` (two seeded ``test-*`` teachers on the
-pairs) -> ``embed`` (slide bags from two encoders) -> ``distill`` (a tiny XMAG student on 2 Ray
-workers with DeepSpeed, exported and registered in MLflow) -> ``embed`` at 5x with that
-student, logs everything to a local MLflow store, and writes a short Markdown report. Fusion
-joins here when it lands.
+Synthetic slides -> ``tile`` (pairs for XMAG and a grid for bags) -> a streaming read of the
+shards -> ``cache`` (two seeded ``test-*`` teachers on the pairs) -> ``embed`` (slide bags from
+two encoders) -> ``distill`` (a tiny XMAG student on 2 Ray workers with DeepSpeed, exported and
+registered in MLflow) -> ``embed`` at 5x with that student -> ``fuse`` (experts, LogitProd,
+Meta-Encoder, FuseCPath and baselines, cross-validated, for slide classification and survival)
+-> a Markdown report with the results tables and plots. Everything is logged to a local
+MLflow store.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,13 +29,13 @@ class DemoConfig(StrictModel):
     workdir: str = "demo-output"
     """Where everything goes: a local folder, or ``s3://bucket/prefix`` (slides, shards, report)."""
 
-    num_slides: int = Field(6, gt=0)
-    """Synthetic slides to make."""
+    num_slides: int = Field(18, gt=0)
+    """Synthetic slides to make (fusion's folds need a few patients per class)."""
 
-    size: int = Field(6144, ge=1024)
+    size: int = Field(4096, ge=1024)
     """Level-0 side of each synthetic slide in pixels (at 0.25 µm/px, i.e. 40x)."""
 
-    num_classes: int = Field(3, ge=2)
+    num_classes: int = Field(2, ge=2)
     """Classes of the synthetic slide-level task."""
 
     seed: int = 0
@@ -47,8 +50,16 @@ class DemoConfig(StrictModel):
     encoders: list[str] = Field(default_factory=lambda: ["test-vit", "test-convnext"])
     """Encoders that embed slide bags."""
 
-    distill_epochs: int = Field(3, ge=1)
-    """Epochs of the demo's XMAG student (the first teacher's features are the targets)."""
+    distill_steps: int = Field(200, ge=1)
+    """Optimizer steps of the demo's XMAG student (rounded up to whole epochs); the first
+    teacher's features are the targets."""
+
+    fuse_folds: int = Field(3, ge=2)
+    """Cross-validation folds of the fuse step."""
+
+    fuse_tasks: list[Literal["classification", "survival", "regression"]] = Field(
+        default_factory=lambda: ["classification", "survival"])
+    """Slide-level tasks the fuse step evaluates (labels from the synthetic cues)."""
 
     distill_workers: int = Field(2, ge=1)
     """Ray Train workers (DeepSpeed ranks, gloo on CPU) for the student."""
@@ -77,6 +88,7 @@ def _read_back(dataset_url: str) -> int:
 def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     """Run the demo; returns the URL of its report."""
     from fusedist.distill.train import run_distill
+    from fusedist.fusion.run import run_fuse
     from fusedist.features import CacheConfig, EmbedConfig, EngineConfig, run_cache, run_embed
     from fusedist.synth import SynthConfig, synthesize
     from fusedist.tiling import TileConfig, run_tile
@@ -149,9 +161,37 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     times.append(StageTime("embed (5x student)", time.perf_counter() - t,
                            f"{emb5.written + emb5.skipped} bags from 5x tiles with the student"))
 
+    fused = []
+    for task in cfg.fuse_tasks:
+        t = time.perf_counter()
+        res = run_fuse(_fuse_config(cfg, root, slides, tiles, task, mlflow), progress=progress)
+        fused.append(res)
+        times.append(StageTime(f"fuse ({task})", time.perf_counter() - t,
+                               f"{len(res.methods)} methods x {cfg.fuse_folds} folds; best "
+                               f"{res.primary_metric}: {res.best()}"))
+
     report = storage.join(root, "report.md")
-    storage.write_text(report, _report(cfg, times, summaries))
+    storage.write_text(report, _report(cfg, times, summaries, fused))
     return report
+
+
+def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
+                 mlflow: MlflowConfig):
+    """The fuse step on every bag the demo made (two 20x encoders + the 5x student, which
+    joins the logit-level methods), sized for a few dozen tiles per slide."""
+    from fusedist.fusion.config import FuseConfig
+
+    return FuseConfig(
+        bags=storage.join(root, "bags"), labels=storage.join(slides, "labels.csv"), task=task,
+        target="gene_*" if task == "regression" else "label",
+        output=storage.join(root, "fuse", task), folds=cfg.fuse_folds, inner_folds=2,
+        seed=cfg.seed, thumbnails=storage.join(tiles, "grid"), heatmaps=1,
+        experts={"epochs": 10, "survival_epochs": 10, "hidden": 128},
+        logitprod={"lr": 1e-2, "max_epochs": 200, "patience": 30},
+        meta={"epochs": 6, "embed_dim": 128, "token_dim": 64},
+        fusecpath={"n_clusters": 4, "n_bags": 4, "per_cluster": 4, "region_num": 2, "topk": 8,
+                   "epochs": 10, "lr": 0.01, "batch_size": 8},
+        ray=cfg.ray, storage=cfg.storage, mlflow=mlflow)
 
 
 def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig,
@@ -164,11 +204,14 @@ def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig
                                          OptimConfig, ScalingSection, StudentConfig)
 
     teacher = cfg.teachers[0]
+    micro = max(1, min(4, n_pairs // cfg.distill_workers))
+    steps_per_epoch = max(1, n_pairs // (micro * cfg.distill_workers))
     return DistillConfig(
         tiles=storage.join(tiles, "pairs"),
         features=storage.join(root, "features", teacher, "pairs"), teacher=teacher,
-        student=StudentConfig(name="test-vit"), epochs=cfg.distill_epochs,
-        batch=BatchConfig(micro_batch=max(1, min(4, n_pairs // cfg.distill_workers)),
+        student=StudentConfig(name="test-vit"),
+        epochs=math.ceil(cfg.distill_steps / steps_per_epoch),
+        batch=BatchConfig(micro_batch=micro,
                           loader_workers=1, shuffle_buffer=64),
         optim=OptimConfig(lr=1e-3, warmup_epochs=0.5),
         scaling=ScalingSection(num_workers=cfg.distill_workers),
@@ -190,10 +233,31 @@ def tracking_uri(cfg: DemoConfig) -> str:
     return _mlflow(cfg).tracking_uri or "./mlruns"
 
 
-def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str]) -> str:
+def _fuse_section(res) -> list[str]:
+    """A fuse run's table and plots, linked relative to the demo's report."""
+    rel = f"fuse/{res.task}"
+    lines = [f"## Fusion: {res.task} ({res.primary_metric}, mean ± std over folds)", "",
+             res.table_md, ""]
+    if "feature_fusion_per_logitprod" in res.ratios:
+        lines += [f"LogitProd's gate trained "
+                  f"{res.ratios['feature_fusion_per_logitprod']:.1f}x faster than feature "
+                  "fusion (measured).", ""]
+    plot = {"classification": "roc.png", "survival": "km.png"}.get(res.task, "regression.png")
+    lines += [f"![{res.task}]({rel}/plots/{plot})",
+              f"![per fold]({rel}/plots/folds_{res.primary_metric}.png)", "",
+              f"Full report: [{rel}/report.md]({rel}/report.md) (attention heatmaps, "
+              "exclusions, out-of-fold predictions).", ""]
+    return lines
+
+
+def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str],
+            fused: list | None = None) -> str:
     lines = ["# fusedist demo", "", f"Work directory: `{cfg.workdir}`", "",
              "| stage | seconds | result |", "|---|---:|---|"]
     lines += [f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in times]
+    lines += [f"| total | {sum(s.seconds for s in times):.1f} | |", ""]
+    for res in fused or []:
+        lines += _fuse_section(res)
     lines += ["", "## Tiling summaries", "", "```", *summaries, "```", "",
               "Thumbnails with the kept tiles outlined: `tiles/<dataset>/thumbnails/`.",
               "Shards and their manifest: `tiles/<dataset>/manifest.json` "

@@ -1,4 +1,5 @@
-"""`fusedist demo` (small): synthetic slides -> tiles (pairs + grid) -> reader -> report."""
+"""`fusedist demo` (small): synthetic slides -> tiles (pairs + grid) -> reader -> cache ->
+embed -> distill -> embed with the student -> fuse -> report, on local files and on S3 (moto)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.s3util import moto_server, s3_bucket  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_small_demo_end_to_end(ray_cluster, tmp_path):
     work = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "fusedist.cli", "demo", "--storage", str(work),
-                        "--num-slides", "3", "--size", "4096", "-q"], capture_output=True,
-                       text=True, cwd=REPO, timeout=600,
+                        "--num-slides", "12", "--size", "3072", "--set", "distill_steps=20",
+                        "-q"], capture_output=True, text=True, cwd=REPO, timeout=900,
                        env=dict(os.environ, RAY_ADDRESS=ray_cluster))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Report: {work}/report.md" in r.stdout
     labels = (work / "slides" / "labels.csv").read_text().splitlines()
-    assert labels[0].startswith("slide_id,") and len(labels) == 4
-    for mode, members in (("pairs", {"hi.jpg", "lo.jpg"}), ("grid", {"img.jpg"})):
+    assert labels[0].startswith("slide_id,") and len(labels) == 13
+    for mode in ("pairs", "grid"):
         m = json.loads((work / "tiles" / mode / "manifest.json").read_text())
-        assert m["mode"] == mode and m["totals"]["slides_ok"] == 3 and m["totals"]["tiles"] > 0
-        assert len(list((work / "tiles" / mode / "thumbnails").glob("*.png"))) == 3
+        assert m["mode"] == mode and m["totals"]["slides_ok"] >= 6 and m["totals"]["tiles"] > 0
+    grid = json.loads((work / "tiles" / "grid" / "manifest.json").read_text())
+    assert grid["totals"]["slides_ok"] == 12
+    assert len(list((work / "tiles" / "grid" / "thumbnails").glob("*.png"))) == 12
     report = (work / "report.md").read_text()
     pairs = json.loads((work / "tiles" / "pairs" / "manifest.json").read_text())
     assert f"streamed {pairs['totals']['tiles']} samples" in report
@@ -32,7 +37,7 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         feats = json.loads((work / "features" / teacher / "pairs" / "manifest.json").read_text())
         assert feats["totals"]["samples"] == pairs["totals"]["tiles"]
     for enc in ("test-vit", "test-convnext"):
-        assert len(list((work / "bags" / enc).glob("*.h5"))) == 3
+        assert len(list((work / "bags" / enc).glob("*.h5"))) == 12
     # MLflow runs with metrics, in the demo's own store.
     from mlflow.tracking import MlflowClient
 
@@ -46,13 +51,59 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     (cache,) = by_stage["cache"]
     assert cache.data.metrics["tiles"] == pairs["totals"]["tiles"]
     assert cache.data.tags["fusedist.random_weights"] == "true"
-    # Two embed runs: the test encoders (2 x 3 bags), then the exported student (3 bags).
-    assert sorted(r.data.metrics["bags_written"] for r in by_stage["embed"]) == [3, 6]
+    # Two embed runs: the test encoders (2 x 12 bags), then the exported student (the slides
+    # large enough for a 5x tile).
+    written = sorted(r.data.metrics["bags_written"] for r in by_stage["embed"])
+    assert written[1] == 24 and 6 <= written[0] <= 12
     # The XMAG student was trained (2 workers), exported, registered, and embedded the slides.
     card = json.loads((work / "runs" / "xmag-demo" / "export" / "card.json").read_text())
     assert card["mpp"] == 2.0 and card["teacher"] == "test-vit"
-    assert len(list((work / "bags" / card["name"]).glob("*.h5"))) == 3
+    n_student = len(list((work / "bags" / card["name"]).glob("*.h5")))
+    assert n_student == written[0]
     distill = by_stage["distill"][0].data.metrics
-    assert distill["steps_total"] >= 1 and "loss" in distill
+    assert distill["steps_total"] == 20 and "loss" in distill
     versions = client.search_model_versions("name='xmag-student'")
     assert versions and client.get_model_version_by_alias("xmag-student", "champion")
+    # Fuse: both tasks, every method family, the student as an expert, tables and plots in
+    # the report, metrics in MLflow; slides without a student bag are excluded with a reason.
+    for task, metric, plot in (("classification", "auc", "roc.png"),
+                               ("survival", "c_index", "km.png")):
+        assert f"## Fusion: {task}" in report
+        assert f"(fuse/{task}/plots/{plot})" in report
+        assert (work / "fuse" / task / "plots" / plot).stat().st_size > 1000
+        rows = (work / "fuse" / task / "results.csv").read_text()
+        for m in ("logitprod", "best_expert", "mean_ensemble", "concat", "meta.token_attention",
+                  f"expert.{card['name']}"):
+            assert f"\n{m}," in rows, (task, m)
+        assert ("\nfusecpath," in rows) == (task == "classification")
+        manifest = json.loads((work / "fuse" / task / "manifest.json").read_text())
+        assert len(manifest["slides"]) == n_student
+        assert all("no bag for encoder(s)" in x["reason"] for x in manifest["exclusions"])
+        assert manifest["feature_group"] == ["test-convnext", "test-vit"]
+        (fuse,) = [x for x in by_stage["fuse"] if x.data.tags["fusedist.task"] == task]
+        assert f"logitprod/{metric}_mean" in fuse.data.metrics
+    assert len(list((work / "fuse" / "classification" / "plots").glob("attention_*"))) == 3
+
+
+def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):
+    """`--storage s3://...`: every stage reads and writes the bucket (moto), the report too."""
+    from fusedist import storage
+
+    url = f"{s3_bucket}/run1"
+    r = subprocess.run([sys.executable, "-m", "fusedist.cli", "demo", "--storage", url,
+                        "--num-slides", "12", "--size", "3072", "--set", "distill_steps=4",
+                        "--set", "fuse_tasks=[classification]",
+                        "--set", f"storage.endpoint_url={moto_server}",
+                        "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                        "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                       env=dict(os.environ, RAY_ADDRESS=ray_cluster))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Report: {url}/report.md" in r.stdout
+    report = storage.read_text(f"{url}/report.md")
+    assert "## Fusion: classification" in report and "| LogitProd |" in report
+    assert len(storage.listdir(f"{url}/bags/test-vit", ".h5")) == 12
+    assert storage.exists(f"{url}/tiles/grid/manifest.json")
+    assert storage.exists(f"{url}/runs/xmag-demo/export/card.json")
+    assert "fusecpath" in storage.read_text(f"{url}/fuse/classification/results.csv")
+    assert storage.exists(f"{url}/fuse/classification/plots/roc.png")
+    assert not (tmp_path / "run1").exists() and not any(tmp_path.glob("demo-output*"))

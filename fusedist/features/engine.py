@@ -133,6 +133,9 @@ class EncoderActor:
         self.spec = spec
         self.torch = torch
         self.device = torch.device(spec.device)
+        # An exported encoder on S3 is resolved here, in the actor's own process, which
+        # knows the endpoint only from the stage's storage config.
+        storage.configure(storage.StorageConfig(**spec.storage_cfg))
         self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=spec.device)
                          for ref, w in spec.encoders]
         if spec.compile:

@@ -146,9 +146,20 @@ def _thumbnail(cfg: FuseConfig, slide_id: str):
     return None, None
 
 
+def _rank_within_folds(risk: np.ndarray, fold_ids: np.ndarray) -> np.ndarray:
+    """Each fold's model has its own risk scale (and its own time bins), so pooled
+    out-of-fold risks are split at the median only after ranking them within their fold."""
+    out = np.full(len(risk), np.nan)
+    for f in np.unique(fold_ids):
+        m = (fold_ids == f) & np.isfinite(risk)
+        if m.any():
+            out[m] = (np.argsort(np.argsort(risk[m])) + 0.5) / m.sum()
+    return out
+
+
 def _plots(c: Cohort, cfg: FuseConfig, oof: dict[str, np.ndarray],
            fold_metrics: dict[str, list[dict[str, float]]], results: list[FoldResult],
-           out: Path) -> list[tuple[str, str]]:
+           out: Path, fold_ids: np.ndarray) -> list[tuple[str, str]]:
     """Draw every plot; returns (relative path, caption) pairs for the report."""
     from fusedist.fusion import report as rp
 
@@ -159,9 +170,10 @@ def _plots(c: Cohort, cfg: FuseConfig, oof: dict[str, np.ndarray],
         rp.plot_roc(c.y, named, pdir / "roc.png")
         plots.append(("plots/roc.png", "ROC curves of the out-of-fold predictions"))
     elif c.task == "survival":
-        rp.plot_km(c.time, c.event, named, pdir / "km.png", max_panels=9)
+        ranked = {k: _rank_within_folds(v, fold_ids) for k, v in named.items()}
+        rp.plot_km(c.time, c.event, ranked, pdir / "km.png", max_panels=12)
         plots.append(("plots/km.png", "Kaplan-Meier curves, patients split at the median "
-                                      "predicted risk (out-of-fold)"))
+                                      "out-of-fold risk (ranked within each fold)"))
     else:
         rp.plot_regression(c.y, named, pdir / "regression.png")
         plots.append(("plots/regression.png", "Pearson r per target (out-of-fold)"))
@@ -210,7 +222,7 @@ def evaluate(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, results: list[Fol
 
     with tempfile.TemporaryDirectory(prefix="fusedist-fuse-") as tmp:
         out = Path(tmp)
-        plots = _plots(c, cfg, oof, fold_metrics, results, out)
+        plots = _plots(c, cfg, oof, fold_metrics, results, out, fold_ids)
         (out / "results.md").write_text(table_md + "\n")
         (out / "results.csv").write_text(table_csv)
         (out / "predictions.csv").write_text(_predictions_csv(c, fold_ids, oof))

@@ -66,10 +66,10 @@ ENTRIES = [
           "configs/distill/xmag_paper.yaml"),
     Entry("jobs/rayjob-embed.yaml", "rayjob", "configs/launch/gpu.yaml", "embed",
           "configs/embed/multi_fm.yaml", [f"tiles={_S3}/tiles/grid", f"output={_S3}/bags"]),
-    Entry("jobs/rayjob-fuse.yaml", "rayjob", "configs/launch/gpu.yaml", "fuse", None,
-          note="The fuse config comes from a ConfigMap you create:\n"
-               "kubectl -n fusedist create configmap fusedist-fuse-config "
-               "--from-file=fuse.yaml=configs/fuse/<recipe>.yaml"),
+    Entry("jobs/rayjob-fuse.yaml", "rayjob", "configs/launch/gpu.yaml", "fuse",
+          "configs/fuse/classification.yaml",
+          [f"bags={_S3}/bags", f"labels={_S3}/labels.csv", f"output={_S3}/fuse/classification",
+           f"thumbnails={_S3}/tiles/grid"]),
     Entry("retrain/raycronjob.yaml", "raycronjob", "configs/launch/retrain_weekly.yaml",
           "distill", "configs/distill/xmag_paper.yaml",
           note="RayCronJob is alpha: start the KubeRay operator with the feature gate "
