@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,12 +94,28 @@ def pick_device(pref: str) -> torch.device:
     return torch.device("cpu")
 
 
-Forward = Callable[[nn.Module, list[Tensor]], dict[str, Tensor]]
-
-
 def _aux(model: nn.Module, like: Tensor) -> Tensor:
     fn = getattr(model, "aux_loss", None)
     return fn().to(like.device) if fn is not None else like.new_zeros(())
+
+
+def _start(model: nn.Module, lr: float, weight_decay: float, seed: int,
+           device: torch.device) -> tuple[np.random.Generator, torch.optim.Optimizer]:
+    """Seed, move to ``device``, train mode, Adam: the preamble of every head's loop."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    return (np.random.default_rng(seed),
+            torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, task: FoldTask, out: Tensor,
+          idx: np.ndarray, device: torch.device) -> None:
+    """One optimiser step on the task loss of samples ``idx`` plus the model's aux loss."""
+    loss = task.loss(out, task.targets(idx, device))
+    loss = loss + _aux(model, loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
@@ -109,10 +125,7 @@ def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.
     ``views[v][slide]`` are the per-view features; the model takes the list of views.
     Returns the wall time in seconds."""
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen, opt = _start(model, lr, weight_decay, seed, device)
     for _ in range(epochs):
         for i in gen.permutation(idx):
             n = views[0][i].shape[0]
@@ -120,12 +133,7 @@ def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.
                 n > max_tiles else slice(None)
             # A copy: arrays from Ray's object store are read-only.
             xs = [torch.tensor(v[i][rows], device=device) for v in views]
-            out = model(xs)["logits"]
-            loss = task.loss(out, task.targets(np.array([i]), device))
-            loss = loss + _aux(model, loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _step(model, opt, task, model(xs)["logits"], np.array([i]), device)
     return time.perf_counter() - t0
 
 
@@ -150,20 +158,13 @@ def train_tiles(model: nn.Module, xs: Sequence[np.ndarray], idx: np.ndarray, tas
                 device: torch.device) -> float:
     """Adam on tile features (one (S, d_v) array per view); returns seconds."""
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen, opt = _start(model, lr, weight_decay, seed, device)
     for _ in range(epochs):
         order = gen.permutation(idx)
         for s in range(0, len(order), batch_size):
             b = np.sort(order[s:s + batch_size])
             out = model([torch.as_tensor(x[b], device=device) for x in xs])
-            loss = task.loss(out, task.targets(b, device))
-            loss = loss + _aux(model, loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _step(model, opt, task, out, b, device)
     return time.perf_counter() - t0
 
 
