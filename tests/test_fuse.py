@@ -263,3 +263,39 @@ def test_logitprod_never_worse_than_best_expert_on_its_objective(ray_cluster, tm
         assert r.objectives["logitprod"] <= best + 1e-6, (f, r.objectives)
         assert "fell back" not in r.notes["logitprod"]
     assert np.isfinite(res.summary["logitprod"]["auc"][0])
+
+
+@pytest.mark.timeout(600)
+def test_multiclass_with_slide_fm_teachers(ray_cluster, tmp_path):
+    """3 classes; FuseCPath distils from a precomputed slide-level FM (an .npz of slide
+    embeddings, as GigaPath's slide encoder or TITAN would give) instead of pooled bags."""
+    from fusedist.bags import load_bags
+    from fusedist.fusion.run import run_fuse
+
+    c = synthetic_cohort(str(tmp_path / "c"), num_slides=36, num_classes=3, tiles=(12, 24),
+                         seed=2)
+    bags = load_bags(f"{c.bags}/test-color")
+    ids = sorted(bags)
+    emb = np.stack([bags[s].features.max(0) for s in ids])  # a 48-d "slide FM"
+    np.savez(tmp_path / "slide_fm.npz", slide_ids=np.array(ids), features=emb)
+    res = run_fuse(cfg_for(c, tmp_path / "o", methods=["logitprod", "mean_ensemble",
+                                                       "fusecpath"],
+                           fusecpath={**TINY["fusecpath"],
+                                      "slide_embeddings": {"slidefm": str(tmp_path /
+                                                                          "slide_fm.npz")}}),
+                   progress=False)
+    rows = read_csv(tmp_path / "o" / "predictions.csv")
+    assert {"prob_0", "prob_1", "prob_2"} <= set(rows[0])
+    for m in ("logitprod", "mean_ensemble", "fusecpath"):
+        assert np.isfinite(res.summary[m]["auc"][0]), m
+        probs = np.array([[float(r[f"prob_{k}"]) for k in range(3)] for r in rows
+                          if r["method"] == m])
+        assert probs.shape == (36, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    # a slide FM file that misses slides is refused with the file named
+    np.savez(tmp_path / "short.npz", slide_ids=np.array(ids[:-1]), features=emb[:-1])
+    with pytest.raises(ConfigError, match="short.npz has no row for 1 slide"):
+        run_fuse(cfg_for(c, tmp_path / "o2", methods=["fusecpath"],
+                         fusecpath={**TINY["fusecpath"],
+                                    "slide_embeddings": {"slidefm": str(tmp_path /
+                                                                        "short.npz")}}),
+                 progress=False)
