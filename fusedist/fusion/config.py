@@ -225,7 +225,8 @@ class FuseConfig(StrictModel):
     """Tile classification: tiles sampled per slide (seeded)."""
 
     thumbnails: str | None = None
-    """Folder of slide thumbnails (``<slide_id>.png``, as ``fusedist tile`` writes) for the
+    """The tile dataset the bags came from (its ``thumbnails/<slide_id>.png`` and the level-0
+    sizes in its ``manifest.json``), or a plain folder of ``<slide_id>.png``, for the
     attention heatmaps; default: heatmaps over a blank canvas."""
 
     heatmaps: int = Field(2, ge=0)
