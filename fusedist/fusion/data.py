@@ -294,7 +294,7 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
         exclude(sid, why)
     slides = [s for s in slides if s not in bad_bags]
     if not slides:
-        raise ConfigError(f"no usable slides: every labelled slide was excluded ("
+        raise ConfigError("no usable slides: every labelled slide was excluded ("
                           + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in exclusions[:3])
                           + ")")
     dims = {e: int(bags[(e, slides[0])].features.shape[1]) for e in encoders}
@@ -368,7 +368,7 @@ def _set_targets(c: Cohort, cfg: FuseConfig, targets: dict[str, object]) -> None
         c.y = np.array(vals, np.float32).reshape(len(vals), -1)
 
 
-def _tile_labels(cfg: FuseConfig, c: Cohort) -> dict[tuple[str, int, int], str] | None:
+def _tile_labels(cfg: FuseConfig) -> dict[tuple[str, int, int], str] | None:
     if cfg.tile_labels is None:
         return None
     rows, cols = _plain_csv(cfg.tile_labels)
@@ -385,7 +385,7 @@ def _tile_samples(c: Cohort, cfg: FuseConfig) -> None:
     """Sample tiles per slide (seeded); tiles take their own label or their slide's."""
     c.encoders = list(c.feature_group)
     c.dims = {e: c.dims[e] for e in c.encoders}
-    labels = _tile_labels(cfg, c)
+    labels = _tile_labels(cfg)
     slide_label = [c.classes[i] for i in c.y]
     ss, si, ys = [], [], []
     for i, s in enumerate(c.slide_ids):

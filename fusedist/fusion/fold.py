@@ -43,6 +43,9 @@ class FoldResult:
     """expert method -> slide index -> attention over that encoder's tiles."""
     gate_weights: list[float] | None = None
     """LogitProd's mean gate weight per expert on the held-out fold."""
+    chosen: dict[str, str] = field(default_factory=dict)
+    """Experts picked in this fold: ``best_expert`` (on inner scores) and, when the gate
+    fell back to one expert, ``logitprod_fallback``."""
 
 
 class _Fold:
@@ -105,12 +108,13 @@ class _Fold:
         return ex.survival_epochs if self.c.task == "survival" else ex.epochs
 
     # ------------------------------------------------------------------------ methods
-    def experts(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Every expert on the outer split: raw test outputs and raw in-fold train outputs."""
+    def experts(self, in_fold: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every expert on the outer split: raw test outputs and, if ``in_fold``, raw outputs
+        on its own training samples (the released code's gate data)."""
         test_raw, train_raw = {}, {}
         for e in self.c.encoders:
             name = f"expert.{e}"
-            both = np.concatenate([self.test, self.train])
+            both = np.concatenate([self.test, self.train]) if in_fold else self.test
             raw, secs, params = self.fit_predict(name, self.expert_maker(e), [e], self.train,
                                                  both, self.expert_epochs, self.cfg.experts.lr,
                                                  attention=True)
@@ -150,6 +154,7 @@ class _Fold:
         best = max(scores, key=scores.get)
         self.res.preds["best_expert"] = self.task.predict(test_raw[best])
         self.res.costs["best_expert"] = {"train_s": 0.0, "params": 0}
+        self.res.chosen["best_expert"] = best
         self.res.notes["best_expert"] = (f"fold {self.fold}: {best} ({metric} "
                                          f"{scores[best]:.3f} on {source} training outputs)")
 
@@ -206,6 +211,8 @@ class _Fold:
         self.res.objectives["logitprod"] = training_objective(model, data, R, lp.lam, alpha)
         self.res.objectives.update({f"expert.{e}": v for e, v in zip(es, per)})
         self.res.gate_weights = w.mean(0).tolist()
+        if fell_back is not None:
+            self.res.chosen["logitprod_fallback"] = es[fell_back]
         self.res.costs["logitprod"] = {"train_s": secs, "params": trainable_params(model)}
         self.res.notes["logitprod"] = (
             f"fold {self.fold}: gate stopped at epoch {fit['best_epoch']}"
@@ -286,7 +293,8 @@ def run_fold(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, fold: int,
     torch.set_num_threads(max(1, int(cfg.fold_cpus)))
     f = _Fold(c, cfg, fold_ids, fold, heatmap_slides)
     methods, _ = cfg.active_methods()
-    test_raw, train_raw = f.experts()
+    in_fold = "logitprod" in methods and cfg.logitprod.gate_data == "in_fold"
+    test_raw, train_raw = f.experts(in_fold)
     if "best_expert" in methods or "logitprod" in methods:
         oof = f.inner_oof() if (cfg.logitprod.gate_data == "oof" or
                                 "best_expert" in methods) else None

@@ -19,10 +19,7 @@ import csv
 import io
 import json
 import logging
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -30,51 +27,11 @@ from fusedist import storage
 from fusedist.config import ConfigError, config_digest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
+from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
 from fusedist.fusion.train import seed_for
 
 log = logging.getLogger("fusedist")
-
-
-@dataclass
-class FuseResult:
-    """What ``run_fuse`` measured; everything here is also in the output folder."""
-
-    output: str
-    task: str
-    primary_metric: str
-    methods: list[str]
-    fold_metrics: dict[str, list[dict[str, float]]]
-    summary: dict[str, dict[str, tuple[float, float]]]
-    costs: dict[str, dict[str, float]]
-    objectives: dict[str, float]
-    notes: dict[str, str]
-    exclusions: list[dict[str, str]]
-    table_md: str
-    table_csv: str
-    report: str
-    folds_run: int = 0
-    folds_resumed: int = 0
-    elapsed: float = 0.0
-    ratios: dict[str, float] = field(default_factory=dict)
-
-    def best(self) -> str:
-        ok = {m: s[self.primary_metric][0] for m, s in self.summary.items()
-              if np.isfinite(s[self.primary_metric][0])}
-        return max(ok, key=ok.get) if ok else ""
-
-    def summary_text(self) -> str:
-        lines = [self.table_md, "",
-                 f"{len(self.methods)} methods x {len(next(iter(self.fold_metrics.values())))} "
-                 f"folds in {self.elapsed:.1f} s ({self.folds_run} folds run, "
-                 f"{self.folds_resumed} resumed); best: {self.best()}",
-                 f"{len(self.exclusions)} slide(s) excluded (see manifest.json)",
-                 f"report: {self.report}"]
-        if "feature_fusion_per_logitprod" in self.ratios:
-            lines.append("LogitProd's gate trains "
-                         f"{self.ratios['feature_fusion_per_logitprod']:.1f}x faster than "
-                         "feature fusion (mean of concat and Meta-Encoder), measured")
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ state
@@ -122,7 +79,7 @@ def _encode(r: FoldResult) -> str:
         "preds": {m: arr(p) for m, p in r.preds.items()}, "costs": r.costs, "notes": r.notes,
         "objectives": r.objectives, "gate_weights": r.gate_weights,
         "attention": {m: {str(i): a.tolist() for i, a in d.items()}
-                      for m, d in r.attention.items()}})
+                      for m, d in r.attention.items()}, "chosen": r.chosen})
 
 
 def _decode(text: str) -> FoldResult:
@@ -134,7 +91,7 @@ def _decode(text: str) -> FoldResult:
         costs=d["costs"], notes=d["notes"], objectives=d["objectives"],
         gate_weights=d["gate_weights"],
         attention={m: {int(i): np.array(a, np.float32) for i, a in v.items()}
-                   for m, v in d["attention"].items()})
+                   for m, v in d["attention"].items()}, chosen=d.get("chosen", {}))
 
 
 # --------------------------------------------------------------------------- FuseCPath
@@ -211,7 +168,6 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     """Cross-validate every expert and fusion method on the bags and labels of ``cfg``."""
-    from fusedist.fusion.evaluate import evaluate
     from fusedist.tracking import start_run
 
     t0 = time.perf_counter()
