@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the session, paths to the shared real-format slides."""
+"""Shared fixtures: one local Ray for the session, paths to the real-format slide fixtures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "openslide"
+FIXTURES = REPO / "tests" / "fixtures" / "openslide"
 
 from tests.s3util import FAKE_ENV
 
@@ -24,8 +24,8 @@ for _k, _v in FAKE_ENV.items():
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        raise RuntimeError(f"real-format slide fixtures missing at {FIXTURES}: the repo must be "
-                           "checked out beside shared/")
+        raise RuntimeError(f"real-format slide fixtures missing at {FIXTURES}: they ship with the "
+                           "repository (tests/fixtures/openslide/); restore them with git")
     return FIXTURES
 
 

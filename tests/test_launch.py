@@ -36,7 +36,7 @@ from tests.s3util import moto_server, s3_bucket  # noqa: F401  (fixtures)
 from tests.slides import make_known_slide
 
 REPO = Path(__file__).resolve().parents[1]
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "fusedist" / "launch" / "crds"
 K8S_FILES = sorted((REPO / "k8s").rglob("*.yaml"))
 VENV_BIN = str(Path(sys.executable).parent)
 STAGES = ("tile", "cache", "distill", "embed", "fuse")

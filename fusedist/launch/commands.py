@@ -22,7 +22,7 @@ from fusedist.config import ConfigError, load_config
 SetOpt = typer.Option(None, "--set", "-s", help="Override a stage config key: key=value.")
 RecipeOpt = typer.Option(None, "--config", "-c", help="Stage recipe (configs/<stage>/*.yaml).")
 CrdsOpt = typer.Option(None, "--crds", help="Folder of the KubeRay CRDs (ray.io_*.yaml); "
-                       "default $FUSEDIST_KUBERAY_CRDS or ../shared/kuberay-crds.")
+                       "default $FUSEDIST_KUBERAY_CRDS, else the CRDs shipped with fusedist.")
 
 
 class _LaunchGroup(TyperGroup):

@@ -51,11 +51,11 @@ class ManifestError(ValueError):
 
 
 def default_crd_dir() -> Path:
-    """``$FUSEDIST_KUBERAY_CRDS``, else ``<repo>/../shared/kuberay-crds`` beside the checkout."""
+    """``$FUSEDIST_KUBERAY_CRDS``, else the KubeRay v1.7.0 CRDs shipped in ``fusedist/launch/crds``."""
     env = os.environ.get("FUSEDIST_KUBERAY_CRDS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "kuberay-crds"
+    return Path(__file__).resolve().parent / "crds"
 
 
 # ----------------------------------------------------------------------------- CRD schemas
