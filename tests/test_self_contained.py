@@ -64,7 +64,7 @@ def test_fresh_clone_without_shared_validates_k8s_and_has_fixtures(tmp_path):
     # The validator finds its CRDs as package data of the clone's own fusedist.
     env = {k: v for k, v in os.environ.items() if k != "FUSEDIST_KUBERAY_CRDS"}
     env["PYTHONPATH"] = str(clone)
-    r = subprocess.run([sys.executable, "-m", "fusedist.launch", "validate", "k8s/"],
+    r = subprocess.run([sys.executable, "-m", "fusedist.launch", "launch", "validate", "k8s/"],
                        cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     probe = subprocess.run([sys.executable, "-c", "import fusedist.launch.validate as v; "
