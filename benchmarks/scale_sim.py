@@ -72,9 +72,10 @@ STORAGE_OPS = ("exists", "size", "read_json", "read_text", "read_bytes", "listdi
 
 @dataclass
 class Point:
-    seconds: float
+    seconds: float  # wall
     mb: float  # peak Python allocation during the call (tracemalloc), MB
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: float = 0.0  # process CPU seconds (all threads): what the code costs on a loaded box
 
 
 @contextlib.contextmanager
@@ -111,10 +112,10 @@ def count_storage() -> Any:
 def measure(fn: Callable[[], Any], memory: bool = True) -> tuple[Point, Any]:
     """Time ``fn`` untraced, then run it again under tracemalloc for its peak (``fn`` must be
     repeatable). Returns the point and the first call's result."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with count_storage() as ops:
         out = fn()
-    p = Point(time.perf_counter() - t0, float("nan"))
+    p = Point(time.perf_counter() - t0, float("nan"), cpu=time.process_time() - c0)
     if ops:
         p.extra["storage_ops"] = dict(ops)
     if memory:
@@ -676,28 +677,29 @@ def _series(results: list[dict], name: str) -> list[tuple[float, Point]]:
 
 
 def full_scale(results: list[dict], name: str) -> tuple[float, bool]:
-    """Seconds at 100 %: measured, else the largest point scaled with the measured exponent
-    (never below linear: a sub-linear exponent between two points is not trusted)."""
+    """CPU seconds at 100 %: measured, else the largest point scaled with the measured
+    exponent (never below linear: a sub-linear exponent between two points is not trusted)."""
     pts = _series(results, name)
     f, p = pts[-1]
     if f >= 1.0:
-        return p.seconds, False
-    e = exponent(pts[-2][1].seconds, p.seconds, f / pts[-2][0]) if len(pts) > 1 else 1.0
-    return p.seconds * (1.0 / f) ** max(1.0, e if e == e else 1.0), True
+        return p.cpu, False
+    e = exponent(pts[-2][1].cpu, p.cpu, f / pts[-2][0]) if len(pts) > 1 else 1.0
+    return p.cpu * (1.0 / f) ** max(1.0, e if e == e else 1.0), True
 
 
 def report(results: list[dict]) -> str:
     names = list(dict.fromkeys(n for r in results for n in r["points"]))
     fr = [r["frac"] for r in results]
-    head = " | ".join(f"{f * 100:g}% s | {f * 100:g}% MB" for f in fr)
-    lines = [f"| piece | {head} | exponent | 100% s |", "|---|" + "---:|" * (2 * len(fr) + 2)]
+    head = " | ".join(f"{f * 100:g}% s | cpu s | MB" for f in fr)
+    lines = [f"| piece | {head} | exponent (cpu) | 100% cpu s |",
+             "|---|" + "---:|" * (3 * len(fr) + 2)]
     for n in names:
         cells = []
         for r in results:
             p = r["points"].get(n)
-            cells.append(f"{p.seconds:.3f} | {p.mb:.1f}" if p else "- | -")
+            cells.append(f"{p.seconds:.3f} | {p.cpu:.3f} | {p.mb:.1f}" if p else "- | - | -")
         pts = _series(results, n)
-        e = exponent(pts[-2][1].seconds, pts[-1][1].seconds, pts[-1][0] / pts[-2][0]) \
+        e = exponent(pts[-2][1].cpu, pts[-1][1].cpu, pts[-1][0] / pts[-2][0]) \
             if len(pts) > 1 else float("nan")
         s, extrap = full_scale(results, n)
         lines.append(f"| {n} | {' | '.join(cells)} | {e:.2f} | {s:.2f}{' (extrap.)' * extrap} |")
@@ -716,7 +718,7 @@ def goals(results: list[dict], ckpt_params: int, ckpt_bytes: int) -> str:
     """The issue's per-run goals, priced at full scale (measured or extrapolated)."""
     names = list(dict.fromkeys(n for r in results for n in r["points"]))
     run_rank_s = FULL_SAMPLES * EPOCHS / STUDENT_IMG_S / RANKS  # one GPU's share, seconds
-    lines = [f"Goals at full scale; a 10-epoch student run is "
+    lines = [f"Goals at full scale, in CPU seconds; a 10-epoch student run is "
              f"{FULL_SAMPLES * EPOCHS / STUDENT_IMG_S / 3600:.1f} GPU-hours = {run_rank_s:.0f} s "
              f"per rank at {RANKS} ranks (design.md: {STUDENT_IMG_S:g} img/s per GPU):"]
 
