@@ -247,9 +247,10 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     fentries = {}
     for sp in specs:
         e = entries[sp["name"]]
-        fentries[e["name"]] = fe = {"name": e["name"], "source_sha256": e["sha256"], "weights_digest": teacher.digest,
-              "samples": e["samples"], "bytes": e["samples"] * FEATURE_BYTES,
-              "sha256": rng.bytes(32).hex()}
+        fentries[e["name"]] = fe = {
+            "name": e["name"], "source_sha256": e["sha256"], "weights_digest": teacher.digest,
+            "samples": e["samples"], "bytes": e["samples"] * FEATURE_BYTES,
+            "sha256": rng.bytes(32).hex()}
         if files:
             storage.write_json(_entry_url(teacher, e["name"]), fe)
             (Path(feats_url) / e["name"]).touch()
