@@ -24,7 +24,7 @@ import torch
 from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.distill.checkpoint import (Checkpointer, TrainState, find_checkpoint,
-                                         load_ema_student)
+                                         load_ema_student, sample_log_fraction)
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import DataInfo, DistillData, dataset_info, steps_per_epoch
 
@@ -119,7 +119,8 @@ def train_loop(config: dict[str, Any]) -> None:
     storage.configure(cfg.storage)
     device = ray.train.torch.get_device()
     engine, ema = build_engine(cfg, info.dim)
-    ckpt = Checkpointer(cfg.run_url(), rank, world, cfg.sample_log)
+    ckpt = Checkpointer(cfg.run_url(), rank, world, cfg.sample_log,
+                        sample_log_fraction(cfg.sample_log_keys, info.samples))
     state = ckpt.restore(engine, ema) or TrainState(meta=config["meta"])
     data = DistillData(cfg, info.teacher, rank, world, state.cursor,
                        pin_memory=device.type == "cuda")

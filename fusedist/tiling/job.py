@@ -18,6 +18,7 @@ from fusedist.config import ConfigError, config_digest
 from fusedist.runtime import Rate, init_ray, run_tasks
 from fusedist.shards import shard_name
 from fusedist.tiling.config import TileConfig
+from fusedist.lookups import concurrently, read_state
 from fusedist.tiling.plan import (plan_slide, shard_digest, shard_state_url, slide_state_url,
                                   write_slide_shard)
 from fusedist.tiling.slide import slide_id_for
@@ -118,16 +119,14 @@ def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
 
     records: dict[str, dict] = {}
     todo = []
-    for s in slides:
-        ident = _identity(s)
-        state = slide_state_url(dataset_url, s.slide_id)
-        if storage.exists(state):
-            rec = storage.read_json(state)
-            # Only successful plans are reused: a failure may have been transient.
-            if (rec.get("status") == "ok" and rec.get("config_digest") == digest
-                    and rec.get("identity") == ident and rec.get("url") == s.url):
-                records[s.slide_id] = rec
-                continue
+    idents = concurrently(_identity, slides)
+    states = concurrently(read_state, [slide_state_url(dataset_url, s.slide_id) for s in slides])
+    for s, ident, rec in zip(slides, idents, states):
+        # Only successful plans are reused: a failure may have been transient.
+        if (rec is not None and rec.get("status") == "ok" and rec.get("config_digest") == digest
+                and rec.get("identity") == ident and rec.get("url") == s.url):
+            records[s.slide_id] = rec
+            continue
         todo.append((s, ident))
     task = ray.remote(plan_slide).options(num_cpus=cfg.task_cpus, max_retries=2)
     refs = [task.remote(cfg, dataset_url, s.slide_id, s.url, s.siblings, ident)
@@ -201,14 +200,12 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
     entries: dict[str, dict] = {}
     failures: dict[str, dict] = {}
     todo = []
-    for s in specs:
-        state = shard_state_url(dataset_url, s["name"])
-        if storage.exists(state):
-            e = storage.read_json(state)
-            if e.get("digest") == s["digest"] and storage.exists(
-                    storage.join(dataset_url, s["name"])):
-                entries[s["name"]] = e
-                continue
+    written = set(storage.listdir(dataset_url, ".tar"))  # one listing, not a request per shard
+    states = concurrently(read_state, [shard_state_url(dataset_url, s["name"]) for s in specs])
+    for s, e in zip(specs, states):
+        if e is not None and e.get("digest") == s["digest"] and s["name"] in written:
+            entries[s["name"]] = e
+            continue
         todo.append(s)
     stats = WriteStats()
 
