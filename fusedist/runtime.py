@@ -12,12 +12,22 @@ from fusedist.config import RayConfig
 log = logging.getLogger("fusedist")
 
 
-def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the configured Ray cluster, or start a private local one (the laptop default)."""
+# A private local Ray needs little shared memory here: stages pass shard names and small
+# results through it, not images (Ray's default reserves 30% of RAM and pins it in /dev/shm).
+LOCAL_OBJECT_STORE_MB = 1024
+
+
+def init_ray(cfg: RayConfig | None = None) -> bool:
+    """Join the configured Ray cluster, or start a private local one (the laptop default).
+
+    Ray is started once per process: a caller that runs several stages (``fusedist demo``, a
+    notebook) reuses the Ray of the first one. Returns whether this call started or joined it.
+    A local Ray is lean: no dashboard, a small object store, no usage-stats reporting.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # Workers must not inherit a huge log stream; keep Ray's own logging at warnings.
@@ -25,11 +35,16 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, **common)
-        return
-    ray.init(num_cpus=cfg.num_cpus,
-             object_store_memory=(cfg.object_store_memory_mb * 1024 * 1024
-                                  if cfg.object_store_memory_mb else None),
+        return True
+    # Offline machines would otherwise try to report usage on every start.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    store_mb = cfg.object_store_memory_mb or LOCAL_OBJECT_STORE_MB
+    t = time.perf_counter()
+    ray.init(num_cpus=cfg.num_cpus, object_store_memory=store_mb * 1024 * 1024,
              include_dashboard=False, **common)
+    log.info("started a local Ray in %.1f s (%s CPUs, %d MB object store)",
+             time.perf_counter() - t, cfg.num_cpus or "all", store_mb)
+    return True
 
 
 def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",
