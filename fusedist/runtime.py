@@ -40,7 +40,9 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     store_mb = cfg.object_store_memory_mb or LOCAL_OBJECT_STORE_MB
     t = time.perf_counter()
-    ray.init(num_cpus=cfg.num_cpus, object_store_memory=store_mb * 1024 * 1024,
+    # address="local": a private Ray even if `ray start` left a cluster on this machine (which
+    # plain ray.init() would join, and then refuse num_cpus/object_store_memory).
+    ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store_mb * 1024 * 1024,
              include_dashboard=False, **common)
     log.info("started a local Ray in %.1f s (%s CPUs, %d MB object store)",
              time.perf_counter() - t, cfg.num_cpus or "all", store_mb)

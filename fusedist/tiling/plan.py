@@ -140,7 +140,7 @@ def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
              geo: Geometry) -> Iterator[tuple[str, dict]]:
     sid = record["slide_id"]
     for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
-        img = read_tile(slide, x, y, geo, record["url"])
+        img = read_tile(slide, x, y, geo, record["url"], cfg.resample)
         meta = {"slide_id": sid, "dataset": cfg.dataset, "x": x, "y": y,
                 "mpp0": record["mpp0"], "tile_mpp": cfg.target_mpp, "size": cfg.out_size,
                 "tissue": frac}
