@@ -14,7 +14,8 @@ import openslide
 from PIL import Image
 
 from fusedist.config import load_config
-from fusedist.tiling import TileConfig, run_tile
+from fusedist.tiling import TileConfig, job, run_tile
+from fusedist.tiling.plan import write_slide_shard
 from fusedist.tiling.slide import _rgba_to_rgb, shrink
 from tests.slides import he_texture, known_mask, write_pyramid
 from tests.test_tiling import all_samples
@@ -69,7 +70,9 @@ def test_reduce_is_a_block_mean_and_close_to_lanczos():
     assert np.array_equal(np.asarray(shrink(img, 200)), np.asarray(two_step))
 
 
-def test_shards_hold_exactly_the_reference_tiles(ray_cluster, tmp_path):
+def test_shards_hold_exactly_the_reference_tiles(ray_cluster, tmp_path, monkeypatch):
+    # Small parts, so this one-shard slide is rendered by two tasks (2 CPUs) and then written.
+    monkeypatch.setattr(job, "MIN_PART_TILES", 4)
     # One pyramid level: 224 px at 0.5 µm/px are read as 448 px from the 0.25 µm/px level 0.
     mask = known_mask(3072, 2560)
     rgb = np.full((2560, 3072, 3), 245, np.uint8)
@@ -88,3 +91,13 @@ def test_shards_hold_exactly_the_reference_tiles(ray_cluster, tmp_path):
             ref = (_block_mean(region, 2) if resample == "reduce"
                    else region.resize((224, 224), Image.Resampling.LANCZOS))
             assert s["img.jpg"] == _jpeg(ref), (resample, meta)
+    # The split shard is byte for byte the shard one task writes alone.
+    (shard,) = res.manifest["shards"]
+    record = json.loads((tmp_path / "out" / "lanczos" / "_state" / "slides" / "one.json")
+                        .read_text())
+    assert len(job.split_range(0, record["tiles"], 1, 2)) == 2
+    alone = write_slide_shard(cfg, str(tmp_path / "alone"), record, shard["name"], 0,
+                              record["tiles"], "-", [])
+    assert alone["sha256"] == shard["sha256"]
+    assert (tmp_path / "alone" / shard["name"]).read_bytes() == (
+        tmp_path / "out" / "lanczos" / shard["name"]).read_bytes()
