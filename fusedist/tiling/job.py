@@ -5,8 +5,9 @@ plan is saved and reused on re-runs). *Write*: shard numbers are assigned in sli
 (a slide's tiles fill ``samples_per_shard``-sized shards of its own), then one task per shard
 writes it atomically followed by its done-entry. With fewer shards than CPUs, a shard's tiles
 are first rendered by several tasks (``split_range``) and its writer concatenates them in
-order, so one large slide uses every core and the bytes do not depend on the split. A shard whose entry exists with the same
-digest is skipped, so a re-run after a kill finishes the work and yields the same bytes.
+order, so one large slide uses every core and the bytes do not depend on the split. A shard
+whose entry exists with the same digest is skipped, so a re-run after a kill finishes the work
+and yields the same bytes.
 """
 
 from __future__ import annotations
