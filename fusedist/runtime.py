@@ -14,7 +14,7 @@ log = logging.getLogger("fusedist")
 
 # A private local Ray needs little shared memory here: stages pass shard names and small
 # results through it, not images (Ray's default reserves 30% of RAM and pins it in /dev/shm).
-LOCAL_OBJECT_STORE_MB = 1024
+LOCAL_OBJECT_STORE_MB = 2048
 
 
 def init_ray(cfg: RayConfig | None = None) -> bool:
