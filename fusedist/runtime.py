@@ -12,8 +12,9 @@ from fusedist.config import RayConfig
 log = logging.getLogger("fusedist")
 
 
-# A private local Ray needs little shared memory here: stages pass shard names and small
-# results through it, not images (Ray's default reserves 30% of RAM and pins it in /dev/shm).
+# A private local Ray's object store: what passes through it (encoded tile parts, decoded
+# batches of one shard, ~600 MB for 256 pairs) fits, and more spills to disk. Ray's default is
+# 30% of RAM in /dev/shm, on a laptop shared with everything else.
 LOCAL_OBJECT_STORE_MB = 2048
 
 
