@@ -37,14 +37,19 @@ def _env() -> dict:
     return env
 
 
-def _run(args: list[str], expect: int = 0) -> float:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env())
-    wall = time.perf_counter() - t
-    if p.returncode != expect:
-        raise RuntimeError(f"{args[:4]} exited {p.returncode}, expected {expect}:\n"
-                           f"{p.stderr[-2000:]}")
-    return wall
+def _run(args: list[str], expect: int = 0, tries: int = 2) -> float:
+    """Wall time of a run that exits ``expect``; on a loaded machine Ray's start can time
+    out, so a failed run is retried once (and said so)."""
+    for attempt in range(tries):
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env())
+        wall = time.perf_counter() - t
+        if p.returncode == expect:
+            return wall
+        print(f"  {args[:4]} exited {p.returncode}, try {attempt + 1}/{tries}: "
+              f"{p.stderr.strip().splitlines()[-1:]}", flush=True)
+    raise RuntimeError(f"{args[:4]} exited {p.returncode}, expected {expect}:\n"
+                       f"{p.stderr[-2000:]}")
 
 
 def _cli(*args: str) -> list[str]:
