@@ -4,8 +4,8 @@ For each stage, one tiny input (one small slide; one shard; one slide's grid til
 12-slide synthetic cohort for fuse) is run as ``fusedist <stage> ... -q`` in a fresh process,
 interleaved over ``--reps`` rounds (medians). In the same run, the floors it cannot go below:
 the CLI's imports, a lean local Ray start + stop (``fusedist.runtime.init_ray``) and a plain
-``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages pointed at a missing
-input (which must fail before Ray starts).
+``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
+pointed at a missing input (which must fail before Ray starts).
 
     python benchmarks/startup.py --reps 3
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 _RAY_LEAN = ("import ray; from fusedist.runtime import init_ray; init_ray(); "
              "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")
-_RAY_DEFAULT = "import ray; ray.init(address=\"local\"); ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()"
+_RAY_DEFAULT = ("import ray; ray.init(address='local'); "
+                "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")
 
 
 def _env() -> dict:
