@@ -146,11 +146,14 @@ def distill(config: Optional[Path] = ConfigOpt,
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
     """Distil a 5x XMAG student from cached teacher features (Ray Train + DeepSpeed)."""
     from fusedist.distill.config import DistillConfig
-    from fusedist.distill.train import run_distill
+    from fusedist.preflight import check_distill
 
     _setup_logging(quiet)
     cfg = _load(DistillConfig, config, set_, tiles=tiles, features=features, run_name=run_name,
                 storage_path=storage_path)
+    _run_stage(check_distill, cfg)  # before torch and Ray: bad inputs fail in a second
+    from fusedist.distill.train import run_distill
+
     if workers is not None:
         cfg.scaling.num_workers = workers
     result = _run_stage(run_distill, cfg, quiet)
@@ -190,20 +193,24 @@ def fuse(config: Optional[Path] = ConfigOpt,
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
     """Cross-validate experts, LogitProd, Meta-Encoder, FuseCPath and baselines on slide bags."""
     from fusedist.fusion.config import FuseConfig
-    from fusedist.fusion.run import run_fuse
+    from fusedist.preflight import check_fuse
 
     _setup_logging(quiet)
     cfg = _load(FuseConfig, config, set_, bags=bags, labels=labels, task=task, output=output)
+    _run_stage(check_fuse, cfg)  # before torch and Ray: bad inputs fail in a second
+    from fusedist.fusion.run import run_fuse
+
     result = _run_stage(run_fuse, cfg, quiet)
     typer.echo(result.summary_text())
 
 
-def _run_stage(fn, cfg, quiet: bool):
-    """Run a stage, turning expected failures into exit codes 2 (config/input) and 3 (storage)."""
+def _run_stage(fn, cfg, quiet: bool | None = None):
+    """Run a stage (or, with ``quiet=None``, its input check), turning expected failures into
+    exit codes 2 (config/input) and 3 (storage)."""
     from fusedist.storage import StorageError
 
     try:
-        return fn(cfg, progress=not quiet)
+        return fn(cfg) if quiet is None else fn(cfg, progress=not quiet)
     except ConfigError as e:
         _fail(2, str(e))
     except StorageError as e:

@@ -12,12 +12,23 @@ from fusedist.config import RayConfig
 log = logging.getLogger("fusedist")
 
 
-def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the configured Ray cluster, or start a private local one (the laptop default)."""
+# A private local Ray's object store: what passes through it (encoded tile parts, decoded
+# batches of one shard, ~600 MB for 256 pairs) fits, and more spills to disk. Ray's default is
+# 30% of RAM in /dev/shm, on a laptop shared with everything else.
+LOCAL_OBJECT_STORE_MB = 2048
+
+
+def init_ray(cfg: RayConfig | None = None) -> bool:
+    """Join the configured Ray cluster, or start a private local one (the laptop default).
+
+    Ray is started once per process: a caller that runs several stages (``fusedist demo``, a
+    notebook) reuses the Ray of the first one. Returns whether this call started or joined it.
+    A local Ray is lean: no dashboard, a small object store, no usage-stats reporting.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # Workers must not inherit a huge log stream; keep Ray's own logging at warnings.
@@ -25,11 +36,18 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, **common)
-        return
-    ray.init(num_cpus=cfg.num_cpus,
-             object_store_memory=(cfg.object_store_memory_mb * 1024 * 1024
-                                  if cfg.object_store_memory_mb else None),
+        return True
+    # Offline machines would otherwise try to report usage on every start.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    store_mb = cfg.object_store_memory_mb or LOCAL_OBJECT_STORE_MB
+    t = time.perf_counter()
+    # address="local": a private Ray even if `ray start` left a cluster on this machine (which
+    # plain ray.init() would join, and then refuse num_cpus/object_store_memory).
+    ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store_mb * 1024 * 1024,
              include_dashboard=False, **common)
+    log.info("started a local Ray in %.1f s (%s CPUs, %d MB object store)",
+             time.perf_counter() - t, cfg.num_cpus or "all", store_mb)
+    return True
 
 
 def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",

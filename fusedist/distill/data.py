@@ -45,13 +45,10 @@ class DataInfo:
 
 def dataset_info(cfg: DistillConfig) -> DataInfo:
     """Check that ``tiles`` is a pairs dataset mirrored by a teacher feature dataset."""
+    from fusedist.preflight import pair_manifests
+
     tiles, feats = cfg.tiles.rstrip("/"), cfg.features.rstrip("/")
-    try:
-        tm = storage.read_json(storage.join(tiles, "manifest.json"))
-        fm = storage.read_json(storage.join(feats, "manifest.json"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{e}; make tiles with `fusedist tile --mode pairs` and features with "
-                          "`fusedist cache`") from None
+    tm, fm = pair_manifests(cfg)
     if tm.get("mode") != "pairs" or fm.get("mode") != "pairs":
         raise ConfigError(f"XMAG needs pairs tiles and pairs features; {tiles} is "
                           f"'{tm.get('mode')}', {feats} is '{fm.get('mode')}'")

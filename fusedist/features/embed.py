@@ -21,6 +21,7 @@ from fusedist.features.config import EmbedConfig, EncoderRef
 from fusedist.features.engine import EngineSpec, ShardResult, run_engine
 from fusedist.features.runtime import (engine_resources, load_encoders, read_tile_manifest,
                                        shard_progress)
+from fusedist.preflight import check_embed
 from fusedist.runtime import init_ray
 
 log = logging.getLogger("fusedist.embed")
@@ -59,13 +60,19 @@ def _groups(encoders: list) -> dict[tuple[float, int], list]:
     return out
 
 
+def grid_manifest(url: str) -> dict:
+    """The manifest of a grid tile dataset (a pairs dataset cannot be embedded)."""
+    tm = read_tile_manifest(url)
+    if tm["mode"] != "grid":
+        raise ConfigError(f"{url} holds '{tm['mode']}' tiles; embed needs a grid "
+                          "dataset (fusedist tile --mode grid)")
+    return tm
+
+
 def _tiles_for(cfg: EmbedConfig, mpp: float, size: int, names: list[str]) -> str:
     """The grid tile dataset this group embeds: the given one (checked), or slides tiled now."""
     if cfg.tiles:
-        tm = read_tile_manifest(cfg.tiles)
-        if tm["mode"] != "grid":
-            raise ConfigError(f"{cfg.tiles} holds '{tm['mode']}' tiles; embed needs a grid "
-                              "dataset (fusedist tile --mode grid)")
+        tm = grid_manifest(cfg.tiles)
         tmpp, tsize = float(tm["config"]["tile_mpp"]), int(tm["config"]["tile_size"])
         if tsize != size or (abs(tmpp - mpp) > 1e-6 and not cfg.allow_mpp_mismatch):
             raise ConfigError(f"{names} expect {size} px tiles at {mpp:g} µm/px but {cfg.tiles} "
@@ -169,6 +176,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
 
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
+    check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts
     encoders = load_encoders(cfg.encoders)
     init_ray(cfg.ray)
     result = EmbedResult()

@@ -30,6 +30,9 @@ def read_tile_manifest(url: str) -> dict:
 def load_encoders(refs: list[EncoderRef]) -> list:
     """Build each encoder once on the CPU: bad names or weights fail here, before any work,
     and the weights digests that mark outputs come from the real loaded weights."""
+    from fusedist.preflight import check_encoder_refs
+
+    check_encoder_refs(refs)  # before torch is imported
     from fusedist.models import WeightsError, build_encoder, get_spec
 
     out = []

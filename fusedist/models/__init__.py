@@ -8,20 +8,25 @@
 Adding an encoder is one call: ``register_from_dict({...})`` (see ``EncoderSpec`` fields).
 """
 
-from fusedist.models.arch import MissingDependencyError, create_model
-from fusedist.models.encoder import Encoder
-from fusedist.models.registry import (
-    build_encoder,
-    build_meta,
-    check_weights,
-    get_spec,
-    list_encoders,
-    register,
-    register_from_dict,
-    register_from_yaml,
-)
-from fusedist.models.spec import EncoderSpec
-from fusedist.models.weights import WeightsError, save_weights, state_dict_digest
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562): the registry imports torch (~3 s), which a command
+# that only checks an encoder name (fusedist.preflight) must not pay.
+_WHERE = {
+    "MissingDependencyError": "arch", "create_model": "arch", "Encoder": "encoder",
+    "build_encoder": "registry", "build_meta": "registry", "check_weights": "registry",
+    "get_spec": "registry", "list_encoders": "registry", "register": "registry",
+    "register_from_dict": "registry", "register_from_yaml": "registry", "EncoderSpec": "spec",
+    "WeightsError": "weights", "save_weights": "weights", "state_dict_digest": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fusedist.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fusedist.models.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "Encoder",

@@ -21,7 +21,7 @@ from fusedist.models import weights as W
 from fusedist.models.arch import create_model, load_transformers_pretrained, require_transformers
 from fusedist.models.catalog import BUILTIN
 from fusedist.models.encoder import Encoder
-from fusedist.models.spec import EncoderSpec, spec_from_dict
+from fusedist.models.spec import EncoderSpec, spec_from_dict, unknown_encoder_message
 from fusedist.models.weights import WeightsError
 
 log = logging.getLogger("fusedist.models")
@@ -80,11 +80,7 @@ def get_spec(name: str) -> EncoderSpec:
         return _REGISTRY[name]
     except KeyError:
         pass
-    names = sorted(_REGISTRY)
-    lowered = {n.lower(): n for n in names}
-    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(lowered[c]) for c in close)}?" if close else ""
-    raise KeyError(f"unknown encoder '{name}'.{hint} Registered: {', '.join(names)}")
+    raise KeyError(unknown_encoder_message(name, _REGISTRY))
 
 
 def list_encoders(include_test: bool = True) -> list[str]:

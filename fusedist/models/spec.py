@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 Output = Literal["cls", "cls+mean", "pooled"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -174,3 +174,12 @@ def spec_from_dict(data: Mapping[str, Any]) -> EncoderSpec:
         if key in values:
             values[key] = tuple(values[key])
     return EncoderSpec(**values)
+
+
+def unknown_encoder_message(name: str, registered: Iterable[str]) -> str:
+    """What an unknown encoder name fails with: close names, then every registered one."""
+    names = sorted(registered)
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(lowered[c]) for c in close)}?" if close else ""
+    return f"unknown encoder '{name}'.{hint} Registered: {', '.join(names)}"

@@ -3,8 +3,11 @@
 Two phases. *Plan*: one task per slide opens it, finds tissue and lists its tiles (cheap; the
 plan is saved and reused on re-runs). *Write*: shard numbers are assigned in slide-id order
 (a slide's tiles fill ``samples_per_shard``-sized shards of its own), then one task per shard
-writes it atomically followed by its done-entry. A shard whose entry exists with the same
-digest is skipped, so a re-run after a kill finishes the work and yields the same bytes.
+writes it atomically followed by its done-entry. With fewer shards than CPUs, a shard's tiles
+are first rendered by several tasks (``split_range``) and its writer concatenates them in
+order, so one large slide uses every core and the bytes do not depend on the split. A shard
+whose entry exists with the same digest is skipped, so a re-run after a kill finishes the work
+and yields the same bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from fusedist.runtime import Rate, init_ray, run_tasks
 from fusedist.shards import shard_name
 from fusedist.tiling.config import TileConfig
 from fusedist.lookups import concurrently, read_state
-from fusedist.tiling.plan import (plan_slide, shard_digest, shard_state_url, slide_state_url,
-                                  write_slide_shard)
+from fusedist.tiling.plan import (plan_slide, render_part, shard_digest, shard_state_url,
+                                  slide_state_url, write_slide_shard)
 from fusedist.tiling.slide import slide_id_for
 
 log = logging.getLogger("fusedist.tile")
@@ -219,11 +222,31 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
             failures.setdefault(e["slide_id"], e)
 
     task = ray.remote(write_slide_shard).options(num_cpus=cfg.task_cpus, max_retries=2)
-    refs = [task.remote(cfg, dataset_url, s["record"], s["name"], s["start"], s["stop"],
-                        s["digest"], slides_by_id[s["record"]["slide_id"]].siblings)
-            for s in todo]
+    render = ray.remote(render_part).options(num_cpus=cfg.task_cpus, max_retries=2)
+    slots = int(ray.cluster_resources().get("CPU", 1) // cfg.task_cpus)
+    refs = []
+    for s in todo:
+        sib = slides_by_id[s["record"]["slide_id"]].siblings
+        parts = [render.remote(cfg, s["record"], a, b, sib)
+                 for a, b in split_range(s["start"], s["stop"], len(todo), slots)]
+        refs.append(task.remote(cfg, dataset_url, s["record"], s["name"], s["start"], s["stop"],
+                                s["digest"], sib, *parts))
     run_tasks(refs, done, f"write {len(todo)} shards", "shard", progress, rate=lambda: str(stats.rate))
     return entries, failures, stats
+
+
+MIN_PART_TILES = 32
+"""A shard is split into render tasks of at least this many tiles (task overhead ~10 ms)."""
+
+
+def split_range(start: int, stop: int, shards: int, slots: int) -> list[tuple[int, int]]:
+    """Sub-ranges of a shard's tiles to render in parallel when there are fewer shards than
+    CPU slots (one big slide uses every core); [] when the shard task should render alone."""
+    n = min(-(-slots // max(shards, 1)), (stop - start) // MIN_PART_TILES)
+    if n <= 1:
+        return []
+    edges = [start + (stop - start) * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -140,7 +141,7 @@ def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
              geo: Geometry) -> Iterator[tuple[str, dict]]:
     sid = record["slide_id"]
     for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
-        img = read_tile(slide, x, y, geo, record["url"])
+        img = read_tile(slide, x, y, geo, record["url"], cfg.resample)
         meta = {"slide_id": sid, "dataset": cfg.dataset, "x": x, "y": y,
                 "mpp0": record["mpp0"], "tile_mpp": cfg.target_mpp, "size": cfg.out_size,
                 "tissue": frac}
@@ -154,15 +155,40 @@ def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
             yield f"{sid}/{x}_{y}", {"img.jpg": _jpeg(img, cfg.jpeg_quality), "meta.json": meta}
 
 
-def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str,
-                      start: int, stop: int, digest: str, siblings: list[str]) -> dict:
-    """Write one shard of a slide's tiles [start, stop) and then its done-entry."""
+def render_part(cfg: TileConfig, record: dict, start: int, stop: int,
+                siblings: list[str]) -> list[tuple[str, dict]] | dict:
+    """Tiles [start, stop) of a slide as shard samples: one part of a shard, rendered in a task
+    of its own so that a slide with few shards still uses every core. A slide error comes
+    back as a ``failed`` dict for the shard's writer to record."""
     storage.configure(cfg.storage)
     try:
         slide = _cached_slide(str(local_copy(record["url"], siblings)))
         geo = _geometry(slide, cfg, record["mpp0"], record["url"])
-        info = shards.write_shard(storage.join(dataset_url, name),
-                                  _samples(cfg, slide, record, start, stop, geo))
+        return list(_samples(cfg, slide, record, start, stop, geo))
+    except SlideError as e:
+        return {"status": "failed", "code": e.code, "reason": e.message}
+
+
+def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str,
+                      start: int, stop: int, digest: str, siblings: list[str],
+                      *parts: list | dict) -> dict:
+    """Write one shard of a slide's tiles [start, stop) and then its done-entry.
+
+    ``parts``: the shard's samples already rendered by :func:`render_part` tasks, in order
+    (the bytes are the same either way); without them this task renders the tiles itself.
+    """
+    storage.configure(cfg.storage)
+    failed = next((p for p in parts if isinstance(p, dict)), None)
+    try:
+        if failed:
+            raise SlideError(failed["code"], failed["reason"])
+        if parts:
+            samples: Iterator = itertools.chain.from_iterable(parts)
+        else:
+            slide = _cached_slide(str(local_copy(record["url"], siblings)))
+            geo = _geometry(slide, cfg, record["mpp0"], record["url"])
+            samples = _samples(cfg, slide, record, start, stop, geo)
+        info = shards.write_shard(storage.join(dataset_url, name), samples)
     except SlideError as e:
         return {"name": name, "slide_id": record["slide_id"], "status": "failed",
                 "code": e.code, "reason": e.message}
