@@ -315,7 +315,11 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
                                   "must hold one encoder's bags")
 
     group = feature_group(bags, encoders, slides)
-    notes = []
+    from fusedist.tracking import random_weights_line
+
+    # Bags record their encoder's random_weights: say so in the report, manifest and summary.
+    notes = [x for x in [random_weights_line(
+        {b.encoder for b in bags.values() if b.attrs.get("random_weights") is True})] if x]
     if len(group) < len(encoders):
         notes.append(f"feature-level fusion uses {group}: the other encoders read different "
                      "tiles (mpp or tile size), so only logit-level methods combine them all")
