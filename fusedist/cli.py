@@ -40,7 +40,8 @@ def ray_log_path(stage: str) -> Path:
 
     root = os.environ.get("FUSEDIST_LOG_DIR") or os.path.join(tempfile.gettempdir(),
                                                                "fusedist-logs")
-    return Path(root) / f"{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(root) / f"{stage}-{stamp}-{os.getpid()}.log"
 
 
 def _setup_logging(quiet: bool, verbose: bool = False, stage: str | None = None) -> None:
@@ -96,8 +97,8 @@ def synth(config: Optional[Path] = ConfigOpt,
     from fusedist.synth import SynthConfig, synthesize
 
     _setup_logging(quiet, verbose, "synth")
-    cfg = _load(SynthConfig, config, set_, print_config, output=output, num_slides=num_slides, size=size,
-                seed=seed)
+    cfg = _load(SynthConfig, config, set_, print_config, output=output, num_slides=num_slides,
+                size=size, seed=seed)
     try:
         records = synthesize(cfg, progress=not quiet)
     except StorageError as e:
@@ -144,7 +145,8 @@ def cache(config: Optional[Path] = ConfigOpt,
     from fusedist.features import CacheConfig, run_cache
 
     _setup_logging(quiet, verbose, "cache")
-    cfg = _load(CacheConfig, config, set_, print_config, tiles=tiles, output=output, teachers=teacher or None)
+    cfg = _load(CacheConfig, config, set_, print_config, tiles=tiles, output=output,
+                teachers=teacher or None)
     result = _run_stage(run_cache, cfg, quiet)
     typer.echo(result.summary())
     if result.failed:
@@ -210,7 +212,8 @@ def export(checkpoint: str = typer.Argument(
     from fusedist.distill.train import run_export
 
     _setup_logging(quiet, verbose, "export")
-    cfg = _load(ExportConfig, None, set_, print_config, checkpoint=checkpoint, output=output, name=name)
+    cfg = _load(ExportConfig, None, set_, print_config, checkpoint=checkpoint, output=output,
+                name=name)
     try:
         folder, encoder, version = _run_stage(run_export, cfg, quiet)
     except FileNotFoundError as e:
@@ -235,7 +238,8 @@ def fuse(config: Optional[Path] = ConfigOpt,
     from fusedist.fusion.run import run_fuse
 
     _setup_logging(quiet, verbose, "fuse")
-    cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task, output=output)
+    cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task,
+                output=output)
     result = _run_stage(run_fuse, cfg, quiet)
     typer.echo(result.summary_text())
 
@@ -264,7 +268,8 @@ def demo(workdir: Optional[str] = typer.Option(
     from fusedist.demo import DemoConfig, run_demo
 
     _setup_logging(quiet, verbose, "demo")
-    cfg = _load(DemoConfig, None, set_, print_config, workdir=workdir, num_slides=num_slides, size=size)
+    cfg = _load(DemoConfig, None, set_, print_config, workdir=workdir, num_slides=num_slides,
+                size=size)
     report = _run_stage(run_demo, cfg, quiet)
     from fusedist.demo import tracking_uri
 

@@ -84,6 +84,9 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
             assert f"\n{m}," in rows, (task, m)
         assert ("\nfusecpath," in rows) == (task == "classification")
         manifest = json.loads((work / "fuse" / task / "manifest.json").read_text())
+        # The bags came from random-weight test encoders: the fuse report says so.
+        assert "RANDOM WEIGHTS: " in (work / "fuse" / task / "report.md").read_text()
+        assert any(n.startswith("RANDOM WEIGHTS: ") for n in manifest["notes"])
         assert len(manifest["slides"]) == n_student
         assert all("no bag for encoder(s)" in x["reason"] for x in manifest["exclusions"])
         assert manifest["feature_group"] == ["test-convnext", "test-vit"]
