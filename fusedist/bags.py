@@ -6,8 +6,10 @@ and free-form provenance (weights digest, source dataset, ...) as file attribute
 attributes TRIDENT writes on ``coords`` (patch_size, patch_size_level0, level0_magnification,
 target_magnification, name), so TRIDENT tools can read them too.
 
-Readers accept fusedist bags, TRIDENT feature folders (``features_<encoder>/<slide>.h5``) and
-CLAM feature folders (``<dir>/h5_files/<slide>.h5`` + ``<dir>/pt_files/<slide>.pt``).
+Readers accept fusedist bags, TRIDENT feature folders (``features_<encoder>/<slide>.h5``),
+CLAM feature folders (``<dir>/h5_files/<slide>.h5`` + ``<dir>/pt_files/<slide>.pt``) and STAMP
+feature files (``feats`` + ``coords`` in µm). :func:`encoder_folders` finds the encoder folders
+of a bag root, a TRIDENT job folder included.
 """
 
 from __future__ import annotations
@@ -166,10 +168,15 @@ def _magnification(mpp: float) -> int:
 
 
 def _trident_coords_attrs(bag: Bag) -> dict[str, Any]:
-    """The attributes TRIDENT writes on ``coords`` (only those we actually know)."""
+    """The attributes TRIDENT's ``coords_to_h5`` writes on ``coords`` (only those we know).
+
+    TRIDENT derives ``patch_size_level0`` from magnifications (patch_size * src // dst); we
+    write the true level-0 footprint, which is what readers use it for.
+    """
     out: dict[str, Any] = {"name": bag.slide_id}
-    level0_mpp = bag.attrs.get(LEVEL0_MPP)
-    size0 = bag.attrs.get(TILE_SIZE_LEVEL0)
+    # `fusedist embed` records the level-0 mpp as "mpp0" (the tile manifests' name).
+    level0_mpp = bag.attrs.get(LEVEL0_MPP, bag.attrs.get("mpp0"))
+    size0 = bag.attrs.get(TILE_SIZE_LEVEL0, bag.attrs.get("patch_size_level0"))
     if size0 is None and bag.tile_size and bag.mpp and level0_mpp:
         size0 = round(bag.tile_size * bag.mpp / level0_mpp)
     if bag.tile_size:
@@ -253,7 +260,8 @@ def write_bag(url: str, bag: Bag, *, compression: str | None = None) -> None:
         chunks = (_chunk_rows(n, features.strides[0]), features.shape[1]) if n else None
         dset = f.create_dataset("features", data=features, chunks=chunks,
                                 compression=compression if n else None)
-        dset.attrs["name"] = bag.slide_id  # as TRIDENT labels its features
+        # As TRIDENT's extract_patch_features labels its features: slide name and encoder.
+        dset.attrs.update({"name": bag.slide_id, "encoder": bag.encoder})
         f.create_dataset("coords", data=coords).attrs.update(_trident_coords_attrs(bag))
 
 
@@ -316,6 +324,8 @@ def _load_pt(url: str) -> np.ndarray:
 def _read_features(f: h5py.File, url: str) -> np.ndarray:
     if "features" in f:
         return f["features"][()]
+    if "feats" in f:  # STAMP
+        return f["feats"][()]
     pt = _clam_sibling(url, "pt_files", ".pt")
     if pt is not None and storage.exists(pt):
         return _load_pt(pt)  # a CLAM h5 that kept only the coords
@@ -331,6 +341,8 @@ def _read_coords(f: h5py.File, url: str) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise BagError(f"{url}: coords contain NaN or inf")
+        if _is_stamp(f):
+            return arr  # µm: _stamp_meta converts them with the tile size
         arr = np.rint(arr)  # float coords from other tools: nearest level-0 pixel
     return arr.astype(np.int64)
 
@@ -394,13 +406,49 @@ def _foreign_meta(f: h5py.File, url: str) -> tuple[str, float | None, int | None
             None if tile is None else int(tile), attrs)
 
 
+def _is_stamp(f: h5py.File) -> bool:
+    return "feats" in f and "features" not in f
+
+
+def _stamp_meta(f: h5py.File, coords: np.ndarray, url: str
+                ) -> tuple[np.ndarray, str, float | None, int | None, dict]:
+    """coords, encoder, mpp, tile size and attrs of a STAMP feature file.
+
+    STAMP stores tile corners in µm (``unit = "um"``) with ``tile_size_um`` and
+    ``tile_size_px``, but not the slide's level-0 µm/px, so level-0 pixels cannot be
+    recovered. The coords become pixels at the tile resolution instead (a tile's edge is
+    ``tile_size_px`` in them), recorded as ``level0_mpp = tile mpp``: neighbourhoods and
+    extents stay right, which is what the fusion methods use coords for. Files from STAMP
+    before v2 (no unit) keep their coords as stored.
+    """
+    attrs = {k: (None if v == "None" else v) for k, v in _read_attrs(f).items()}
+    encoder = str(attrs.get("extractor") or attrs.get("encoder") or _encoder_from_path(url))
+    size_um = attrs.get("tile_size_um", attrs.get("tile_size") if attrs.get("unit") == "um"
+                        else None)
+    size_px = attrs.get("tile_size_px")
+    mpp = tile = None
+    if attrs.get("unit") == "um":
+        if not size_um or not size_px:
+            raise BagError(f"{url}: STAMP coords are in µm but tile_size_um/tile_size_px are "
+                           "missing, so they cannot be turned into pixels; re-extract with "
+                           "`stamp preprocess` (v2.1 or later)")
+        mpp, tile = float(size_um) / float(size_px), int(size_px)
+        coords = np.rint(coords.astype(np.float64) / mpp).astype(np.int64)
+        attrs.update({LEVEL0_MPP: mpp, TILE_SIZE_LEVEL0: tile, "coords_frame": "tile_mpp"})
+    else:
+        coords = np.rint(coords).astype(np.int64)
+    attrs["source_format"] = "stamp"
+    attrs = {k: v for k, v in attrs.items() if k not in _RESERVED}
+    return coords, encoder, mpp, tile, attrs
+
+
 def _open_error(url: str, e: Exception) -> BagError:
     return BagError(f"{url}: cannot read as an HDF5 bag ({e}); the file may be truncated or "
                     "corrupt: delete it and extract it again")
 
 
 def read_bag(url: str, slide_id: str | None = None) -> Bag:
-    """Read a fusedist bag, a TRIDENT feature h5 or a CLAM h5/.pt feature file.
+    """Read a fusedist bag, a TRIDENT or STAMP feature h5 or a CLAM h5/.pt feature file.
 
     ``slide_id`` defaults to the one stored in a fusedist bag, else the file name. Raises
     FileNotFoundError for a missing file and :class:`BagError` naming the file for anything
@@ -422,6 +470,9 @@ def read_bag(url: str, slide_id: str | None = None) -> Bag:
             coords = _read_coords(f, h5_url)
             if FORMAT_ATTR in f.attrs:
                 stored_id, encoder, mpp, tile, attrs = _own_meta(f)
+            elif _is_stamp(f):
+                stored_id = None
+                coords, encoder, mpp, tile, attrs = _stamp_meta(f, coords, h5_url)
             else:
                 stored_id = None
                 encoder, mpp, tile, attrs = _foreign_meta(f, h5_url)
@@ -452,6 +503,52 @@ def list_bags(folder_url: str) -> dict[str, str]:
         raise BagError(f"{folder_url}: CLAM pt_files/ without h5_files/: the tile coords "
                        "are missing, so these features cannot be read as bags")
     return {n[:-3]: storage.join(folder_url, n) for n in names if n.endswith(".h5")}
+
+
+def _holds_tile_features(folder_url: str) -> bool:
+    """Whether a folder's first bag has tile features (TRIDENT's ``patches/`` holds coords-only
+    h5 files, ``visualization/`` images). An unreadable first file counts as features, so
+    reading it later reports the damage."""
+    try:
+        urls = list_bags(folder_url)
+    except BagError:
+        return True  # a broken CLAM folder: reading it names the problem
+    if not urls:
+        return False
+    first = next(iter(urls.values()))
+    if first.endswith(".pt") or "/h5_files/" in first:
+        return True
+    try:
+        with _open_metadata(first) as f:
+            return "features" in f or "feats" in f
+    except storage.StorageError:
+        raise
+    except (OSError, ValueError):
+        return True
+
+
+def encoder_folders(root_url: str) -> dict[str, str]:
+    """encoder -> folder URL of each encoder folder under a bag root, sorted by name.
+
+    A fusedist root holds ``<encoder>/``; a TRIDENT job folder (``20x_256px_0px_overlap/``)
+    holds ``features_<encoder>/`` (named without the prefix here) beside ``patches/``,
+    ``visualization/`` and ``slide_features_<encoder>/`` (slide embeddings), which are not
+    bags and are skipped, as are folders with no feature h5 and ``_``/``.`` ones.
+    """
+    out: dict[str, str] = {}
+    for name in storage.listdir(root_url):
+        folder = name.rstrip("/")
+        if not name.endswith("/") or folder.startswith(("_", ".", "slide_features_")):
+            continue
+        url = storage.join(root_url, folder)
+        if not _holds_tile_features(url):
+            continue
+        encoder = folder.removeprefix("features_") or folder
+        if encoder in out:
+            raise BagError(f"{root_url}: both {encoder}/ and features_{encoder}/ hold bags of "
+                           f"encoder {encoder!r}; keep one of them")
+        out[encoder] = url
+    return dict(sorted(out.items()))
 
 
 def load_bags(folder_url: str, slide_ids: list[str] | None = None,

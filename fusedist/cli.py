@@ -25,14 +25,43 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: key=value (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+VerboseOpt = typer.Option(False, "--verbose", "-v",
+                          help="Show Ray's own logs here (default: the run's log file).")
+PrintConfigOpt = typer.Option(False, "--print-config",
+                              help="Print the fully resolved config (defaults, file, --set) "
+                                   "as YAML and exit.")
 
 
-def _setup_logging(quiet: bool) -> None:
+def ray_log_path(stage: str) -> Path:
+    """The run's log file for Ray's own output: ``$FUSEDIST_LOG_DIR`` (default
+    ``<tmp>/fusedist-logs``) / ``<stage>-<UTC time>-<pid>.log``."""
+    import tempfile
+    import time
+
+    root = os.environ.get("FUSEDIST_LOG_DIR") or os.path.join(tempfile.gettempdir(),
+                                                               "fusedist-logs")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(root) / f"{stage}-{stamp}-{os.getpid()}.log"
+
+
+def _setup_logging(quiet: bool, verbose: bool = False, stage: str | None = None) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Ray and friends are chatty at INFO; our own loggers carry the story.
     for noisy in ("ray", "botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if stage is not None and not verbose:
+        import atexit
+
+        from fusedist.runtime import route_ray_logs
+
+        path = ray_log_path(stage)
+        route_ray_logs(str(path))
+
+        @atexit.register
+        def _say_where() -> None:  # one line, only when Ray did say something
+            if path.is_file() and path.stat().st_size:
+                typer.echo(f"Ray's logs: {path} (--verbose shows them here)", err=True)
 
 
 def _fail(code: int, msg: str) -> None:
@@ -40,11 +69,19 @@ def _fail(code: int, msg: str) -> None:
     raise typer.Exit(code)
 
 
-def _load(model, config: Optional[Path], overrides: Optional[List[str]], **fields):
+def _load(model, config: Optional[Path], overrides: Optional[List[str]],
+          print_config: bool = False, **fields):
     try:
-        return load_config(model, config, overrides, **fields)
+        cfg = load_config(model, config, overrides, **fields)
     except ConfigError as e:
         _fail(2, str(e))
+    if print_config:
+        from fusedist.config import dump_yaml
+        from fusedist.tracking import mask_text
+
+        typer.echo(mask_text(dump_yaml(cfg)).rstrip("\n"))
+        raise typer.Exit(0)
+    return cfg
 
 
 @app.command()
@@ -53,14 +90,15 @@ def synth(config: Optional[Path] = ConfigOpt,
           num_slides: Optional[int] = typer.Option(None, help="How many slides."),
           size: Optional[int] = typer.Option(None, help="Level-0 side in pixels."),
           seed: Optional[int] = typer.Option(None, help="Random seed."),
-          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Make synthetic H&E-like slides (pyramidal TIFF) and their labels CSV."""
     from fusedist.storage import StorageError
     from fusedist.synth import SynthConfig, synthesize
 
-    _setup_logging(quiet)
-    cfg = _load(SynthConfig, config, set_, output=output, num_slides=num_slides, size=size,
-                seed=seed)
+    _setup_logging(quiet, verbose, "synth")
+    cfg = _load(SynthConfig, config, set_, print_config, output=output, num_slides=num_slides,
+                size=size, seed=seed)
     try:
         records = synthesize(cfg, progress=not quiet)
     except StorageError as e:
@@ -78,12 +116,13 @@ def tile(config: Optional[Path] = ConfigOpt,
          mode: Optional[str] = typer.Option(None, help="pairs or grid."),
          mpp_override: Optional[float] = typer.Option(
              None, "--mpp-override", help="Level-0 µm/px for slides whose metadata has none."),
-         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+         verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Tile slides into WebDataset shards (pairs for XMAG, or a grid)."""
     from fusedist.tiling import TileConfig, run_tile
 
-    _setup_logging(quiet)
-    cfg = _load(TileConfig, config, set_, input=input, output=output, dataset=dataset,
+    _setup_logging(quiet, verbose, "tile")
+    cfg = _load(TileConfig, config, set_, print_config, input=input, output=output, dataset=dataset,
                 mode=mode, mpp_override=mpp_override)
     result = _run_stage(run_tile, cfg, quiet)
     typer.echo(result.summary())
@@ -100,12 +139,14 @@ def cache(config: Optional[Path] = ConfigOpt,
                                                help="Root of feature datasets."),
           teacher: Optional[List[str]] = typer.Option(
               None, "--teacher", "-t", help="Registry name of a teacher (repeatable)."),
-          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run teachers once over tile shards and cache their features (mirrored shards)."""
     from fusedist.features import CacheConfig, run_cache
 
-    _setup_logging(quiet)
-    cfg = _load(CacheConfig, config, set_, tiles=tiles, output=output, teachers=teacher or None)
+    _setup_logging(quiet, verbose, "cache")
+    cfg = _load(CacheConfig, config, set_, print_config, tiles=tiles, output=output,
+                teachers=teacher or None)
     result = _run_stage(run_cache, cfg, quiet)
     typer.echo(result.summary())
     if result.failed:
@@ -120,12 +161,13 @@ def embed(config: Optional[Path] = ConfigOpt,
           output: Optional[str] = typer.Option(None, "--output", "-o", help="Root of bags."),
           encoder: Optional[List[str]] = typer.Option(
               None, "--encoder", "-e", help="Registry name of an encoder (repeatable)."),
-          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Embed slides into HDF5 feature bags (one per slide per encoder)."""
     from fusedist.features import EmbedConfig, run_embed
 
-    _setup_logging(quiet)
-    cfg = _load(EmbedConfig, config, set_, tiles=tiles, slides=slides, output=output,
+    _setup_logging(quiet, verbose, "embed")
+    cfg = _load(EmbedConfig, config, set_, print_config, tiles=tiles, slides=slides, output=output,
                 encoders=encoder or None)
     result = _run_stage(run_embed, cfg, quiet)
     typer.echo(result.summary())
@@ -143,19 +185,19 @@ def distill(config: Optional[Path] = ConfigOpt,
             storage_path: Optional[str] = typer.Option(
                 None, help="Where runs live (folder or s3://)."),
             workers: Optional[int] = typer.Option(None, help="Training workers (ranks)."),
-            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+            verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Distil a 5x XMAG student from cached teacher features (Ray Train + DeepSpeed)."""
     from fusedist.distill.config import DistillConfig
     from fusedist.preflight import check_distill
 
-    _setup_logging(quiet)
-    cfg = _load(DistillConfig, config, set_, tiles=tiles, features=features, run_name=run_name,
-                storage_path=storage_path)
+    _setup_logging(quiet, verbose, "distill")
+    sets = [*(set_ or []), *([f"scaling.num_workers={workers}"] if workers is not None else [])]
+    cfg = _load(DistillConfig, config, sets, print_config, tiles=tiles, features=features,
+                run_name=run_name, storage_path=storage_path)
     _run_stage(check_distill, cfg)  # before torch and Ray: bad inputs fail in a second
     from fusedist.distill.train import run_distill
 
-    if workers is not None:
-        cfg.scaling.num_workers = workers
     result = _run_stage(run_distill, cfg, quiet)
     typer.echo(result.summary())
 
@@ -166,13 +208,15 @@ def export(checkpoint: str = typer.Argument(
            output: Optional[str] = typer.Option(None, "--output", "-o",
                                                 help="Export folder (default: <run>/export)."),
            name: Optional[str] = typer.Option(None, help="Encoder registry name."),
-           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Export a distill checkpoint's EMA student as an encoder (and register it in MLflow)."""
     from fusedist.distill.config import ExportConfig
     from fusedist.distill.train import run_export
 
-    _setup_logging(quiet)
-    cfg = _load(ExportConfig, None, set_, checkpoint=checkpoint, output=output, name=name)
+    _setup_logging(quiet, verbose, "export")
+    cfg = _load(ExportConfig, None, set_, print_config, checkpoint=checkpoint, output=output,
+                name=name)
     try:
         folder, encoder, version = _run_stage(run_export, cfg, quiet)
     except FileNotFoundError as e:
@@ -190,13 +234,15 @@ def fuse(config: Optional[Path] = ConfigOpt,
              None, help="classification | tile_classification | survival | regression."),
          output: Optional[str] = typer.Option(None, "--output", "-o",
                                               help="Results folder (or s3://)."),
-         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+         verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Cross-validate experts, LogitProd, Meta-Encoder, FuseCPath and baselines on slide bags."""
     from fusedist.fusion.config import FuseConfig
     from fusedist.preflight import check_fuse
 
-    _setup_logging(quiet)
-    cfg = _load(FuseConfig, config, set_, bags=bags, labels=labels, task=task, output=output)
+    _setup_logging(quiet, verbose, "fuse")
+    cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task,
+                output=output)
     _run_stage(check_fuse, cfg)  # before torch and Ray: bad inputs fail in a second
     from fusedist.fusion.run import run_fuse
 
@@ -223,12 +269,14 @@ def demo(workdir: Optional[str] = typer.Option(
              help="Where the demo writes: a folder (default demo-output) or s3://bucket/prefix."),
          num_slides: Optional[int] = typer.Option(None, help="Synthetic slides to make."),
          size: Optional[int] = typer.Option(None, help="Level-0 side of each slide (px)."),
-         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt) -> None:
+         set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+         verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run the pipeline end to end on embedded defaults (local Ray, local files)."""
     from fusedist.demo import DemoConfig, run_demo
 
-    _setup_logging(quiet)
-    cfg = _load(DemoConfig, None, set_, workdir=workdir, num_slides=num_slides, size=size)
+    _setup_logging(quiet, verbose, "demo")
+    cfg = _load(DemoConfig, None, set_, print_config, workdir=workdir, num_slides=num_slides,
+                size=size)
     report = _run_stage(run_demo, cfg, quiet)
     from fusedist.demo import tracking_uri
 

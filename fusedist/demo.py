@@ -260,8 +260,13 @@ def _fuse_section(res) -> list[str]:
 
 def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str],
             fused: list | None = None) -> str:
-    lines = ["# fusedist demo", "", f"Work directory: `{cfg.workdir}`", "",
-             "| stage | seconds | result |", "|---|---:|---|"]
+    lines = ["# fusedist demo", "", f"Work directory: `{cfg.workdir}`", ""]
+    # One line up front: the stages' summaries each carry it, the reader should not dig.
+    random_line = next((ln for s in summaries for ln in s.splitlines()
+                        if ln.startswith("RANDOM WEIGHTS")), None)
+    if random_line:
+        lines += [f"**{random_line}**", ""]
+    lines += ["| stage | seconds | result |", "|---|---:|---|"]
     lines += [f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in times]
     lines += [f"| total | {sum(s.seconds for s in times):.1f} | |", ""]
     for res in fused or []:

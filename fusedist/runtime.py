@@ -5,11 +5,56 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from fusedist.config import RayConfig
 
 log = logging.getLogger("fusedist")
+
+_ray_log_file: str | None = None  # set by route_ray_logs: where Ray's own output goes
+_ray_log_sink: Any = None  # that file, opened once for the process
+
+
+def route_ray_logs(path: str | None) -> None:
+    """Send Ray's own output (its loggers, worker stdout/stderr streamed to the driver, Ray
+    Data's progress dumps) to the file ``path`` instead of the terminal, so a stage prints
+    only fusedist's bars and summary; ``None`` leaves Ray as it is (``--verbose``)."""
+    global _ray_log_file
+    _ray_log_file = path
+    if path:
+        # Read when ray.data is imported (the driver's DataContext): no tqdm dumps of its own.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def _apply_ray_log_routing() -> None:
+    """Point Ray's console output at the routed log file (idempotent; after ray.init too,
+    since the worker-log printer is installed by ray.init)."""
+    if not _ray_log_file:
+        return
+    from ray._private import log as ray_log
+    from ray._private import worker as ray_worker
+
+    global _ray_log_sink
+    if _ray_log_sink is None:
+        Path(_ray_log_file).parent.mkdir(parents=True, exist_ok=True)
+        _ray_log_sink = open(_ray_log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    sink = _ray_log_sink
+    if not getattr(ray_log.PlainRayHandler, "_fusedist_routed", False):
+        # Every console handler Ray, Ray Data and Ray Train configure is a PlainRayHandler,
+        # some created only when those packages are imported later: patch the class, not
+        # the instances. Only this (driver) process is affected; workers keep their own.
+        to_file = logging.StreamHandler(sink)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        ray_log.PlainRayHandler.emit = lambda self, record: to_file.emit(record)
+        ray_log.PlainRayHandler._fusedist_routed = True
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        # Worker output (e.g. Ray Train's "Failed to query ... State API" warnings) that
+        # log_to_driver would print here: into the file, with Ray's own pid= prefixes.
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs",
+                               lambda data: ray_worker.print_worker_logs(data, sink))
 
 
 # A private local Ray's object store: what passes through it (encoded tile parts, decoded
@@ -29,6 +74,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    _apply_ray_log_routing()
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # Workers must not inherit a huge log stream; keep Ray's own logging at warnings.
@@ -36,6 +82,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, **common)
+        _apply_ray_log_routing()
         return True
     # Offline machines would otherwise try to report usage on every start.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -45,6 +92,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     # plain ray.init() would join, and then refuse num_cpus/object_store_memory).
     ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store_mb * 1024 * 1024,
              include_dashboard=False, **common)
+    _apply_ray_log_routing()
     log.info("started a local Ray in %.1f s (%s CPUs, %d MB object store)",
              time.perf_counter() - t, cfg.num_cpus or "all", store_mb)
     return True

@@ -1,4 +1,4 @@
-"""Deterministic WebDataset shard writing.
+"""Deterministic WebDataset shard writing (``webdataset.TarWriter``).
 
 A shard's bytes depend only on its samples: every tar member has mtime 0, uid/gid 0 and mode
 0644, so a re-run (or a resumed run) reproduces a shard byte for byte and its sha256 can be
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from typing import IO, Iterable, Mapping
 
 from fusedist import storage
@@ -51,17 +50,19 @@ def encode_member(value) -> bytes:
 
 def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, object]]]) -> int:
     """Write ``(key, {ext: value})`` samples to ``fileobj`` as a deterministic tar; returns the
-    number of samples. Members of a sample are written in sorted extension order."""
+    number of samples. Members of a sample are written in sorted extension order.
+
+    ``webdataset.TarWriter`` writes the tar, so shards are WebDataset's own format; fixing its
+    mtime, mode and (empty) owner names keeps the bytes a function of the samples alone.
+    """
+    import webdataset as wds
+
     n = 0
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    # encoder=False: members arrive as bytes (encode_member), so nothing is re-encoded.
+    with wds.TarWriter(fileobj, user="", group="", mode=0o644, mtime=0, encoder=False,
+                       compress=False) as tar:
         for key, members in samples:
-            for ext in sorted(members):
-                data = encode_member(members[ext])
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
+            tar.write({"__key__": key, **{ext: encode_member(v) for ext, v in members.items()}})
             n += 1
     return n
 

@@ -425,6 +425,15 @@ def random_weights_tag(names: Iterable[str]) -> dict[str, str]:
     return {RANDOM_WEIGHTS_TAG: "true", RANDOM_WEIGHTS_MODELS_TAG: ",".join(sorted(names))}
 
 
+def random_weights_line(names: Iterable[str]) -> str | None:
+    """The one line every summary and report carries when models had random weights."""
+    names = sorted(set(names))
+    if not names:
+        return None
+    return (f"RANDOM WEIGHTS: {', '.join(names)} loaded no pretrained checkpoint; these "
+            "results exercise the pipeline only and say nothing about model quality.")
+
+
 def warn_random_weights(tracker: Tracker, names: Iterable[str]) -> None:
     """Say in the log (rank 0) and in the run's tags that results come from random weights.
 

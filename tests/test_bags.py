@@ -14,6 +14,7 @@ import torch
 from fusedist import bags, storage
 from fusedist.bags import Bag, BagError, bag_is_current, bag_url, list_bags, load_bags, read_bag
 from fusedist.bags import write_bag
+from tests import trident
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 
 ATTRS = {"weights_digest": "sha256:abc123", "source": "tcga-brca", bags.LEVEL0_MPP: 0.25,
@@ -77,6 +78,23 @@ def test_written_file_is_trident_readable(tmp_path: Path) -> None:
     # 224 px at 0.5 µm/px = 448 level-0 px at 0.25 µm/px (40x); 0.5 µm/px is TRIDENT's 20x.
     assert coords_attrs == {"name": "s", "patch_size": 224, "patch_size_level0": 448,
                             "target_magnification": 20, "level0_magnification": 40}
+
+
+def test_embed_style_bag_read_by_trident_reader(tmp_path: Path) -> None:
+    """A bag with the attrs `fusedist embed` records (mpp0, patch_size_level0) passes the reads
+    TRIDENT's slide encoders and heatmaps do, and carries the encoder on `features`."""
+    bag = _bag("TCGA-X", n=6)
+    bag.attrs = {"mpp0": 0.25, "patch_size_level0": 448, "weights_digest": "sha256:1"}
+    path = tmp_path / "features_uni2-h" / "TCGA-X.h5"
+    write_bag(str(path), bag)
+    got = trident.read_patch_features(path)
+    np.testing.assert_array_equal(got["features"], bag.features)
+    np.testing.assert_array_equal(got["coords"], bag.coords)
+    assert got["encoder"] == "uni2-h"
+    assert {k: got["attrs"][k] for k in ("patch_size", "patch_size_level0", "level0_magnification",
+                                          "target_magnification", "name")} == \
+        {"patch_size": 224, "patch_size_level0": 448, "level0_magnification": 40,
+         "target_magnification": 20, "name": "TCGA-X"}
 
 
 def test_float64_and_float_coords_are_normalized(tmp_path: Path) -> None:
@@ -232,18 +250,6 @@ def test_missing_bag_is_file_not_found(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- other tools
 
-def _trident_save_h5(path: Path, assets: dict, attributes: dict) -> None:
-    """TRIDENT's IO.save_h5: (1, ...) chunks, unlimited first axis, None saved as 'None'."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        for key, val in assets.items():
-            dset = f.create_dataset(key, shape=val.shape, maxshape=(None,) + val.shape[1:],
-                                    chunks=(1,) + val.shape[1:], dtype=val.dtype)
-            dset[:] = val
-            for k, v in attributes.get(key, {}).items():
-                dset.attrs[k] = "None" if v is None else v
-
-
 def test_trident_folder(tmp_path: Path) -> None:
     folder = tmp_path / "job" / "20x_256px_0px_overlap" / "features_uni_v1"
     rng = np.random.default_rng(0)
@@ -253,7 +259,7 @@ def test_trident_folder(tmp_path: Path) -> None:
         feats = rng.standard_normal((n, 1024)).astype(np.float32)
         coords = rng.integers(0, 50_000, (n, 2)).astype(np.int64)
         stored = feats[None] if i == 1 else feats  # some TRIDENT versions save (1, N, D)
-        _trident_save_h5(folder / f"{name}.h5", {"features": stored, "coords": coords}, {
+        trident.save_h5(folder / f"{name}.h5", {"features": stored, "coords": coords}, {
             "features": {"name": name, "savetodir": str(folder)},
             "coords": {"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
                        "target_magnification": 20, "overlap": 0, "name": name,
@@ -271,6 +277,71 @@ def test_trident_folder(tmp_path: Path) -> None:
         assert bag.attrs["level0_width"] is None and bag.attrs["source_format"] == "trident"
     # A foreign file is never "current" for a fusedist job: it lacks our provenance.
     assert not bag_is_current(str(folder / "TCGA-A1.h5"), {})
+
+
+def test_trident_job_folder_discovery_and_fuse_index(tmp_path: Path) -> None:
+    """A TRIDENT job folder: features_<enc>/ are encoders (prefix stripped); patches/ (coords
+    only), visualization/ (images) and slide_features_<enc>/ (slide embeddings) are not."""
+    from fusedist.config import load_config
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.data import bag_index, discover_encoders
+
+    job = tmp_path / "job" / "20x_256px_0px_overlap"
+    rng = np.random.default_rng(3)
+    for name in ("s1", "s2"):
+        coords = rng.integers(0, 9000, (4, 2)).astype(np.int64)
+        for enc in ("conch_v15", "uni_v1"):
+            trident.write_job_slide(job, name, enc, rng.standard_normal((4, 8)).astype(
+                np.float32), coords)
+        trident.save_h5(job / "slide_features_titan" / f"{name}.h5",
+                        {"features": np.ones(8, np.float32), "coords": coords}, {})
+    (job / "_logs").mkdir()
+    folders = bags.encoder_folders(str(job))
+    assert folders == {"conch_v15": str(job / "features_conch_v15"),
+                       "uni_v1": str(job / "features_uni_v1")}
+    cfg = load_config(FuseConfig, None, [], bags=str(job), labels=str(tmp_path / "l.csv"))
+    assert discover_encoders(cfg) == ["conch_v15", "uni_v1"]
+    index = bag_index(cfg, ["uni_v1"])
+    assert index == {"uni_v1": {s: str(job / "features_uni_v1" / f"{s}.h5") for s in ("s1", "s2")}}
+    bag = read_bag(index["uni_v1"]["s1"])
+    assert (bag.encoder, bag.mpp, bag.tile_size) == ("uni_v1", 0.5, 256)
+    assert bag.attrs[bags.TILE_SIZE_LEVEL0] == 512 and bag.attrs["source_format"] == "trident"
+    # The same encoder twice (fusedist's and TRIDENT's naming): ambiguous, say which.
+    trident.write_job_slide(job, "s1", "x", np.ones((4, 8), np.float32), coords)
+    (job / "features_x").rename(job / "uni_v1")
+    with pytest.raises(BagError, match="uni_v1/ and features_uni_v1/"):
+        bags.encoder_folders(str(job))
+
+
+def test_stamp_feature_file(tmp_path: Path) -> None:
+    """STAMP (v2.1+ preprocess): `feats` float16, `coords` float µm, root attrs with the
+    extractor, unit 'um', tile_size_um and tile_size_px; and a pre-v2 file (px, no unit)."""
+    rng = np.random.default_rng(5)
+    grid = rng.integers(0, 40, (9, 2))
+    feats = rng.standard_normal((9, 12)).astype(np.float16)
+    path = tmp_path / "stamp" / "TCGA-S1.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:
+        f["coords"] = (grid * 256.0).astype(np.float32)  # 256 µm tiles
+        f["feats"] = feats
+        f.attrs.update({"stamp_version": "2.3.0", "extractor": "virchow2", "unit": "um",
+                        "tile_size_um": 256.0, "tile_size_px": 224, "feat_type": "tile"})
+    bag = read_bag(str(path))
+    assert (bag.slide_id, bag.encoder, bag.tile_size) == ("TCGA-S1", "virchow2", 224)
+    assert bag.mpp == pytest.approx(256 / 224) and bag.features.dtype == np.float16
+    np.testing.assert_array_equal(bag.features, feats)
+    np.testing.assert_array_equal(bag.coords, grid * 224)  # pixels at the tile mpp
+    assert bag.attrs["source_format"] == "stamp" and bag.attrs[bags.TILE_SIZE_LEVEL0] == 224
+    assert list_bags(str(path.parent)) == {"TCGA-S1": str(path)}
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as f:
+        f["coords"] = (grid * 224.0).astype(np.float64)
+        f["feats"] = feats
+    np.testing.assert_array_equal(read_bag(str(old)).coords, grid * 224)
+    with h5py.File(path, "a") as f:
+        del f.attrs["tile_size_px"]
+    with pytest.raises(BagError, match=r"TCGA-S1\.h5.*tile_size_px"):
+        read_bag(str(path))
 
 
 def test_clam_folder(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fusedist.config import ConfigError, load_config
 from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
 from fusedist.models import build_encoder, save_weights
 from fusedist.tiling import run_tile
+from tests import trident
 from tests.slides import known_slides
 from tests.test_tiling import read_shard, tile_cfg
 
@@ -257,6 +258,12 @@ def test_embed_bags_from_grid_tiles_and_from_slides(datasets, tmp_path):
         assert bag.coords.tolist() == [[int(v) for v in k.split("/")[1].split("_")]
                                        for k in keys]
         assert bag.encoder == "test-convnext" and bag.mpp == 0.5 and bag.tile_size == 224
+        # TRIDENT's own readers accept the bag (its attribute names on coords and features).
+        tri = trident.read_patch_features(
+            tmp_path / "bags" / "test-convnext" / f"{slide['slide_id']}.h5")
+        assert tri["encoder"] == "test-convnext" and tri["attrs"]["target_magnification"] == 20
+        assert tri["attrs"]["patch_size_level0"] == round(224 * 0.5 / slide["mpp0"])
+        assert tri["attrs"]["level0_magnification"] in (20, 40)
         first = read_shard(tiles / slide["shards"][0])[keys[0]]["img.jpg"]
         np.testing.assert_allclose(bag.features[0], enc.embed(uint8_chw(first)[None])[0].numpy(),
                                    rtol=1e-4, atol=1e-4)

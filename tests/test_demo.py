@@ -19,9 +19,15 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fusedist.cli", "demo", "--storage", str(work),
                         "--num-slides", "12", "--size", "3072", "--set", "distill_steps=20",
                         "-q"], capture_output=True, text=True, cwd=REPO, timeout=900,
-                       env=dict(os.environ, RAY_ADDRESS=ray_cluster))
+                       env=dict(os.environ, RAY_ADDRESS=ray_cluster,
+                                FUSEDIST_LOG_DIR=str(tmp_path / "logs")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Report: {work}/report.md" in r.stdout
+    # Ray's own chatter (Train's State-API warnings, Data's progress dumps, worker output)
+    # is in the run's log file, not on the terminal.
+    for noise in ("State API", "Failed to query Ray Train Controller", "Running Dataset",
+                  "(RayTrainWorker pid=", "(PlacementGroupCleaner"):
+        assert noise not in r.stdout and noise not in r.stderr, noise
     labels = (work / "slides" / "labels.csv").read_text().splitlines()
     assert labels[0].startswith("slide_id,") and len(labels) == 13
     for mode in ("pairs", "grid"):
@@ -31,6 +37,7 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     assert grid["totals"]["slides_ok"] == 12
     assert len(list((work / "tiles" / "grid" / "thumbnails").glob("*.png"))) == 12
     report = (work / "report.md").read_text()
+    assert "**RANDOM WEIGHTS: test-" in report  # the demo's models are seeded random
     pairs = json.loads((work / "tiles" / "pairs" / "manifest.json").read_text())
     assert f"streamed {pairs['totals']['tiles']} samples" in report
     for teacher in ("test-vit", "test-vit-reg"):
@@ -77,6 +84,9 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
             assert f"\n{m}," in rows, (task, m)
         assert ("\nfusecpath," in rows) == (task == "classification")
         manifest = json.loads((work / "fuse" / task / "manifest.json").read_text())
+        # The bags came from random-weight test encoders: the fuse report says so.
+        assert "RANDOM WEIGHTS: " in (work / "fuse" / task / "report.md").read_text()
+        assert any(n.startswith("RANDOM WEIGHTS: ") for n in manifest["notes"])
         assert len(manifest["slides"]) == n_student
         assert all("no bag for encoder(s)" in x["reason"] for x in manifest["exclusions"])
         assert manifest["feature_group"] == ["test-convnext", "test-vit"]

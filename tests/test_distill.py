@@ -126,7 +126,7 @@ def _metric(client, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data):
+def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data, capfd):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from mlflow import MlflowClient
 
@@ -169,9 +169,14 @@ def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data):
     # fresh engine on fresh workers restores it (the restore checks the weights digest).
     cfg5 = cfg.model_copy(update={"epochs": 5, "export": cfg.export.model_copy(
         update={"enabled": False})})
-    again = run_distill(cfg5, progress=False)
+    capfd.readouterr()
+    again = run_distill(cfg5, progress=True)
     state = read_state(again.checkpoint)
     assert again.steps == 15 and state.resumes == [12]
+    # The driver's bar: step of total, loss, img/s (ETA is tqdm's); the summary's warning.
+    bar = capfd.readouterr().err
+    assert "distill" in bar and "15/15" in bar and "loss " in bar and "img/s" in bar, bar[-2000:]
+    assert "RANDOM WEIGHTS: test-vit" in again.summary()
     log = read_sample_log(res.run_url)
     assert sorted(log) == [0, 1, 2, 3, 4]
     assert all(sorted(keys) == sorted(data["keys"]) for keys in log.values())

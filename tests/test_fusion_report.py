@@ -294,3 +294,55 @@ def test_write_markdown_report(tmp_path):
     path = R.write_markdown_report(tmp_path / "r" / "report.md", "Fusion",
                                    [("Table", "| a |"), ("ROC", R.image_md("roc.png", "ROC"))])
     assert path.read_text() == "# Fusion\n\n## Table\n\n| a |\n\n## ROC\n\n![ROC](roc.png)\n"
+
+
+def _figure_texts(monkeypatch) -> list[str]:
+    """Texts of every figure a plot function saves (captured before _save clears it)."""
+    texts: list[str] = []
+    real = R._save
+
+    def capture(fig, path):
+        texts.extend(t.get_text() for t in fig.findobj(
+            lambda a: hasattr(a, "get_text") and callable(a.get_text)))
+        return real(fig, path)
+
+    monkeypatch.setattr(R, "_save", capture)
+    return texts
+
+
+def test_km_has_bands_numbers_at_risk_and_a_time_label(tmp_path, monkeypatch):
+    texts = _figure_texts(monkeypatch)
+    time = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], float)
+    event = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
+    risk = {"m": -time}
+    _png(R.plot_km(time, event, risk, tmp_path / "km.png", time_label="time (months)"))
+    assert "time (months)" in texts
+    assert any(t.startswith("at risk (low") for t in texts)
+    assert any(t.startswith("at risk (high") for t in texts)
+    assert "5" in texts  # the low-risk group (the 5 longest times) has 5 at risk at t = 0
+    # Greenwood/log-log 95% band: brackets the curve, inside [0, 1]; first step by hand.
+    times, surv = R.kaplan_meier(time, event)
+    lo, hi = R._km_band(time, event, times, surv)
+    assert (lo <= surv + 1e-12).all() and (hi >= surv - 1e-12).all()
+    assert lo.min() >= 0 and hi.max() <= 1
+    s1, var = 0.9, 1 / (10 * 9)  # one death among 10 at t = 1
+    se = math.sqrt(var) / abs(math.log(s1))
+    assert lo[1] == pytest.approx(math.exp(-math.exp(math.log(-math.log(s1)) + 1.959964 * se)))
+
+
+def test_roc_legend_says_pooled_and_table_is_fold_mean(tmp_path, monkeypatch):
+    texts = _figure_texts(monkeypatch)
+    y = np.array([0, 1] * 10)
+    _png(R.plot_roc(y, {"a": np.stack([1 - y * .8, y * .8], 1)}, tmp_path / "roc.png"))
+    legend = " ".join(texts)
+    assert "pooled out-of-fold" in legend and "mean of per-fold AUCs" in legend
+
+
+def test_attention_colormap_is_perceptually_ordered():
+    """Lightness rises with attention rank (jet's does not: it peaks mid-scale)."""
+    from matplotlib import colormaps
+
+    rgb = colormaps[R.HEATMAP_CMAP](np.linspace(0, 1, 64))[:, :3]
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    lum = lin @ np.array([0.2126, 0.7152, 0.0722])  # relative luminance, monotone in L*
+    assert (np.diff(lum) > 0).all()

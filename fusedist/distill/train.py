@@ -110,6 +110,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from fusedist.distill.augment import PairAugment
     from fusedist.distill.losses import XmagObjective
     from fusedist.distill.metrics import StepLogger, worker_tracker
+    from fusedist.distill.progress import StepReporter
     from fusedist.distill.schedule import lr_at
 
     cfg = DistillConfig.model_validate(config["cfg"])
@@ -131,6 +132,7 @@ def train_loop(config: dict[str, Any]) -> None:
                           grid=cfg.student.grid)
     logger = StepLogger(worker_tracker(config.get("mlflow"), rank), cfg.log_every,
                         cfg.global_batch, device)
+    report = StepReporter(config.get("progress"), rank)  # the driver's progress bar
     gen = torch.Generator(device=device)
     for epoch in range(state.epoch, cfg.epochs):
         for batch in data.epoch(epoch, state.step):
@@ -155,6 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
             state.samples += cfg.global_batch
             ema.update(engine.module)
             logger.step(state.step, out, lr, epoch)
+            report(state.step, logger.last)
             epoch_done = state.step % spe == 0
             if epoch_done:
                 data.end_epoch()
@@ -163,6 +166,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 ckpt.save(engine, ema, state, data.cursor, logger.last)
     ckpt.wait_committed()
     logger.close()
+    report(state.step, logger.last, final=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -179,6 +183,7 @@ class DistillResult:
     model_version: str | None = None
     mlflow_run_id: str | None = None
     elapsed: float = 0.0
+    random_weights: list[str] = field(default_factory=list)  # student/teacher without weights
 
     def summary(self) -> str:
         lines = [f"distill run {self.run_url}: {self.steps} steps, {self.epochs} epoch(s) in "
@@ -190,6 +195,9 @@ class DistillResult:
             lines.append(f"  exported EMA student '{self.encoder}' to {self.export_dir}"
                          + (f" (MLflow version {self.model_version})" if self.model_version
                             else ""))
+        from fusedist.tracking import random_weights_line
+
+        lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
 
@@ -252,6 +260,7 @@ def _checkpoint_url(cfg: DistillConfig, ckpt: Any) -> str | None:
 
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
+    from fusedist.distill.progress import distill_bar
     from fusedist.runtime import init_ray
     from fusedist.tracking import start_run, warn_random_weights
 
@@ -280,21 +289,25 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     with start_run(cfg.mlflow, run_name=f"distill-{cfg.run_name}", params=cfg,
                    tags={"fusedist.stage": "distill", "fusedist.run_name": cfg.run_name,
                          "fusedist.teacher": info.teacher}) as run:
-        warn_random_weights(run, {*([cfg.student.name] if student_random else []),
-                                  *([info.teacher] if info.teacher_random_weights else [])})
+        random_models = {*([cfg.student.name] if student_random else []),
+                         *([info.teacher] if info.teacher_random_weights else [])}
+        warn_random_weights(run, random_models)
         run.log_dict(cfg, "config/distill.yaml")
         run.log_metrics({"samples": info.samples, "steps_per_epoch": spe,
                          "global_batch": cfg.global_batch})
         mlflow = ({"run_id": run.run_id, "tracking_uri": run.tracking_uri} if run.active
                   else None)
-        trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"),
-                                     "data": info.to_dict(), "meta": meta, "mlflow": mlflow})
-        result = trainer.fit()
+        with distill_bar(spe * cfg.epochs, enabled=progress) as bar:
+            trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"),
+                                         "data": info.to_dict(), "meta": meta,
+                                         "mlflow": mlflow, "progress": bar})
+            result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}")
         ckpt = _checkpoint_url(cfg, result.checkpoint)
         out = DistillResult(run_url=cfg.run_url(), checkpoint=ckpt, steps=0, epochs=0,
-                            metrics=dict(result.metrics or {}), mlflow_run_id=run.run_id)
+                            metrics=dict(result.metrics or {}), mlflow_run_id=run.run_id,
+                            random_weights=sorted(random_models))
         if ckpt is not None:
             state = storage.read_json(storage.join(ckpt, "fusedist_state.json"))
             out.steps, out.epochs = int(state["step"]), int(state["epoch"])

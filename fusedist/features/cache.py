@@ -52,6 +52,7 @@ class CacheResult:
     tiles: int = 0
     elapsed: float = 0.0
     engine_seconds: float = 0.0  # decode + encoders + writes, without start-up and loading
+    random_weights: list[str] = field(default_factory=list)  # teachers without a checkpoint
 
     def summary(self) -> str:
         rate = self.tiles / self.elapsed if self.elapsed else 0.0
@@ -61,6 +62,9 @@ class CacheResult:
                  f"this run: {self.written} shard(s) embedded, {self.tiles} tiles in "
                  f"{self.elapsed:.1f} s ({rate:.1f} tiles/s)"]
         lines += [f"  FAILED {f['name']}: {f['reason']}" for f in self.failed]
+        from fusedist.tracking import random_weights_line
+
+        lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
 
@@ -150,6 +154,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     with start_run(cfg.mlflow, run_name=f"cache-{tm['dataset']}", params=cfg,
                    tags={"fusedist.stage": "cache"}) as run:
         warn_random_weights(run, [t.name for t in teachers if t.random_weights])
+        result.random_weights = [t.name for t in teachers if t.random_weights]
         with shard_progress(len(todo), "cache", progress) as bar:
             def on_shard(res: ShardResult) -> None:
                 if res.error:

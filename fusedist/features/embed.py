@@ -35,6 +35,7 @@ class EmbedResult:
     failed: list[dict] = field(default_factory=list)
     tiles: int = 0
     elapsed: float = 0.0
+    random_weights: list[str] = field(default_factory=list)  # encoders without a checkpoint
 
     def summary(self) -> str:
         rate = self.tiles / self.elapsed if self.elapsed else 0.0
@@ -43,6 +44,9 @@ class EmbedResult:
                  f"already current; {self.tiles} tiles in {self.elapsed:.1f} s "
                  f"({rate:.1f} tiles/s)"]
         lines += [f"  FAILED {f['slide_id']}: {f['reason']}" for f in self.failed]
+        from fusedist.tracking import random_weights_line
+
+        lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
 
@@ -183,6 +187,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
     with start_run(cfg.mlflow, run_name="embed", params=cfg,
                    tags={"fusedist.stage": "embed"}) as run:
         warn_random_weights(run, [e.spec.name for e in encoders if e.random_weights])
+        result.random_weights = [e.spec.name for e in encoders if e.random_weights]
         for (mpp, size), group in _groups(encoders).items():
             tiles_url = _tiles_for(cfg, mpp, size, [e.spec.name for e in group])
             _embed_group(cfg, tiles_url, group, result, progress)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusedist import storage
-from fusedist.bags import Bag, BagError, list_bags, read_bag
+from fusedist.bags import Bag, BagError, encoder_folders, list_bags, read_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 
@@ -177,11 +177,18 @@ def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
 
 # --------------------------------------------------------------------------------- bags
 
+def _encoder_folders(root: str) -> dict[str, str]:
+    try:
+        return encoder_folders(root)
+    except BagError as e:
+        raise ConfigError(f"bags: {e}") from None
+
+
 def discover_encoders(cfg: FuseConfig) -> list[str]:
     if cfg.encoders:
         return list(cfg.encoders)
-    found = [n.rstrip("/") for n in storage.listdir(cfg.bags) if n.endswith("/")]
-    found = [n for n in found if not n.startswith(("_", "."))]
+    # TRIDENT job folders too: features_<encoder>/ named without the prefix, patches/ skipped.
+    found = list(_encoder_folders(cfg.bags))
     if not found:
         raise ConfigError(f"bags: {cfg.bags} has no encoder folders; run `fusedist embed` "
                           "first or point `bags` at the folder holding <encoder>/<slide>.h5")
@@ -190,11 +197,13 @@ def discover_encoders(cfg: FuseConfig) -> list[str]:
 
 def bag_index(cfg: FuseConfig, encoders: list[str]) -> dict[str, dict[str, str]]:
     index = {}
+    folders = _encoder_folders(cfg.bags)
     for e in encoders:
-        urls = list_bags(storage.join(cfg.bags, e))
+        folder = folders.get(e) or storage.join(cfg.bags, e)
+        urls = list_bags(folder)
         if not urls:
             raise ConfigError(f"bags: no bags for encoder {e!r} under "
-                              f"{storage.join(cfg.bags, e)}; fix `encoders` or run "
+                              f"{folder}; fix `encoders` or run "
                               f"`fusedist embed -e {e}`")
         index[e] = urls
     return index
@@ -306,7 +315,11 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
                                   "must hold one encoder's bags")
 
     group = feature_group(bags, encoders, slides)
-    notes = []
+    from fusedist.tracking import random_weights_line
+
+    # Bags record their encoder's random_weights: say so in the report, manifest and summary.
+    notes = [x for x in [random_weights_line(
+        {b.encoder for b in bags.values() if b.attrs.get("random_weights") is True})] if x]
     if len(group) < len(encoders):
         notes.append(f"feature-level fusion uses {group}: the other encoders read different "
                      "tiles (mpp or tile size), so only logit-level methods combine them all")

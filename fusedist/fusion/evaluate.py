@@ -112,6 +112,8 @@ class FuseResult:
     folds_resumed: int = 0
     elapsed: float = 0.0
     ratios: dict[str, float] = field(default_factory=dict)
+    random_weights: str = ""
+    """The RANDOM WEIGHTS line when some bags came from random-weight encoders."""
 
     def best(self) -> str:
         ok = {m: s[self.primary_metric][0] for m, s in self.summary.items()
@@ -129,6 +131,8 @@ class FuseResult:
             lines.append("LogitProd's gate trains "
                          f"{self.ratios['feature_fusion_per_logitprod']:.1f}x faster than "
                          "feature fusion (mean of concat and Meta-Encoder), measured")
+        if self.random_weights:
+            lines.append(self.random_weights)
         return "\n".join(lines)
 
 
@@ -209,10 +213,12 @@ def _plots(c: Cohort, cfg: FuseConfig, oof: dict[str, np.ndarray],
     named = {labels[m]: p for m, p in oof.items()}
     if c.task in ("classification", "tile_classification"):
         rp.plot_roc(c.y, named, pdir / "roc.png")
-        plots.append(("plots/roc.png", "ROC curves of the out-of-fold predictions"))
+        plots.append(("plots/roc.png", "ROC curves of the pooled out-of-fold predictions "
+                                       "(their AUC; the table's is the mean over folds)"))
     elif c.task == "survival":
         ranked = {k: _rank_within_folds(v, fold_ids) for k, v in named.items()}
-        rp.plot_km(c.time, c.event, ranked, pdir / "km.png", max_panels=12)
+        rp.plot_km(c.time, c.event, ranked, pdir / "km.png", max_panels=12,
+                   time_label=f"time (labels column '{cfg.time_column}')")
         plots.append(("plots/km.png", "Kaplan-Meier curves, patients split at the median "
                                       "out-of-fold risk (ranked within each fold)"))
     else:
@@ -305,7 +311,8 @@ def evaluate(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, results: list[Fol
         output=cfg.output, task=c.task, primary_metric=metric, methods=methods,
         fold_metrics=fold_metrics, summary=summary, costs=costs, objectives=objectives,
         notes=notes, exclusions=c.exclusions, table_md=table_md, table_csv=table_csv,
-        report=storage.join(cfg.output, "report.md"), ratios=ratios)
+        report=storage.join(cfg.output, "report.md"), ratios=ratios,
+        random_weights=next((n for n in c.notes if n.startswith("RANDOM WEIGHTS")), ""))
 
 
 def _cost_text(costs, ratios, objectives, c: Cohort) -> str:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 DPI = 120
 FIGSIZE = (6.0, 5.0)
-HEATMAP_CMAP = "jet"
+HEATMAP_CMAP = "viridis"  # perceptually uniform: equal rank steps look equally different
 HEATMAP_ALPHA = 0.45
 CANVAS_MAX_SIDE = 1024  # px of the blank canvas drawn when there is no thumbnail
 _MISSING = "—"
@@ -144,6 +144,8 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------- ROC
 
+ROC_LEGEND_TITLE = "AUC of pooled out-of-fold predictions\n(the table: mean of per-fold AUCs)"
+
 def _roc_inputs(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pooled (truth, score) for one ROC curve: binary -> class-1 score; multi-class ->
     micro-average, every (sample, class) pair as one binary decision. Drops nan rows."""
@@ -163,7 +165,9 @@ def _roc_inputs(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def plot_roc(y: np.ndarray, probs_by_method: dict[str, np.ndarray], path,
              title: str = "ROC (out-of-fold)") -> Path:
-    """Pooled out-of-fold ROC, one curve per method, AUC in the legend."""
+    """Pooled out-of-fold ROC, one curve per method, its AUC in the legend. That AUC is of
+    the pooled predictions, which differs from the table's mean of per-fold AUCs; the legend
+    says so."""
     from sklearn.metrics import auc, roc_curve
 
     fig = _new_figure()
@@ -178,40 +182,90 @@ def plot_roc(y: np.ndarray, probs_by_method: dict[str, np.ndarray], path,
         ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right", fontsize="small" if len(probs_by_method) <= 6 else "x-small")
+    ax.legend(loc="lower right", fontsize="small" if len(probs_by_method) <= 6 else "x-small",
+              title=ROC_LEGEND_TITLE, title_fontsize="x-small")
     fig.tight_layout()
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------------- Kaplan-Meier
 
-def _km_panel(ax, name: str, t: np.ndarray, e: np.ndarray, risk: np.ndarray) -> None:
-    """High- vs low-risk KM curves (split at the median risk) with censor marks."""
+KM_CI_Z = 1.959964  # 95% pointwise confidence bands
+
+
+def _km_band(t: np.ndarray, e: np.ndarray, times: np.ndarray, surv: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """95% pointwise bands for a KM curve (Greenwood variance, log(-log) transform, so the
+    band stays inside [0, 1]); at S = 0 or 1 the band collapses to the curve."""
+    var_terms = np.zeros(times.size)
+    acc = 0.0
+    for i, u in enumerate(times[1:], start=1):
+        n = np.count_nonzero(t >= u)
+        d = np.count_nonzero((t == u) & e)
+        if n > d:
+            acc += d / (n * (n - d))
+        var_terms[i] = acc
+    lo, hi = surv.copy(), surv.copy()
+    ok = (surv > 0) & (surv < 1)
+    log_s = np.log(surv[ok])
+    se = np.sqrt(var_terms[ok]) / np.abs(log_s)
+    ll = np.log(-log_s)
+    lo[ok] = np.exp(-np.exp(ll + KM_CI_Z * se))
+    hi[ok] = np.exp(-np.exp(ll - KM_CI_Z * se))
+    return lo, hi
+
+
+def _at_risk(t: np.ndarray, ticks: np.ndarray) -> list[int]:
+    return [int(np.count_nonzero(t >= x)) for x in ticks]
+
+
+def _km_panel(ax, name: str, t: np.ndarray, e: np.ndarray, risk: np.ndarray,
+              time_label: str = "time") -> None:
+    """High- vs low-risk KM curves (split at the median risk) with 95% bands, censor marks
+    and the numbers at risk under the time axis."""
     high = risk > np.median(risk)
+    groups = []
     for mask, label, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
         if not mask.any():
             continue
         times, surv = kaplan_meier(t[mask], e[mask])
+        lo, hi = _km_band(t[mask], e[mask], times, surv)
         ax.step(times, surv, where="post", color=color, lw=1.5, label=f"{label} (n={mask.sum()})")
+        ax.fill_between(times, lo, hi, step="post", color=color, alpha=0.15, lw=0)
         cens = np.unique(t[mask][~e[mask]])
         ax.plot(cens, surv[np.searchsorted(times, cens, side="right") - 1], "+",
                 color=color, ms=7)
+        groups.append((label, color, t[mask]))
     p = logrank_p(t[high], e[high], t[~high], e[~high])
     ax.set_title(f"{name}\nlog-rank p = {p:.2g}" if math.isfinite(p)
                  else f"{name}\nlog-rank p = n/a", fontsize="medium")
-    ax.set(ylim=(0, 1.05), xlabel="time", ylabel="survival probability")
+    ax.set(ylim=(0, 1.05), xlim=(0, float(t.max()) * 1.02 if t.size else 1.0),
+           ylabel="survival probability (95% CI)")
+    ax.set_xlabel(time_label)
     ax.legend(loc="best", fontsize="x-small")
+    # Numbers at risk at the tick positions, one row per group, below the axis label.
+    ticks = [x for x in ax.get_xticks() if 0 <= x <= ax.get_xlim()[1]]
+    for row, (label, color, tg) in enumerate(groups):
+        y = -0.28 - 0.09 * row
+        ax.annotate(f"at risk ({label.split()[0]})", xy=(0, y), xycoords="axes fraction",
+                    ha="right", fontsize="xx-small", color=color, xytext=(-6, 0),
+                    textcoords="offset points")
+        for x, n in zip(ticks, _at_risk(tg, np.asarray(ticks))):
+            ax.annotate(str(n), xy=(x, y), xycoords=("data", "axes fraction"), ha="center",
+                        fontsize="xx-small", color=color)
 
 
 def plot_km(time, event, risk_by_method: dict[str, np.ndarray], path,
-            max_panels: int = 6) -> Path:
+            max_panels: int = 6, time_label: str = "time (unit of the labels' time column)"
+            ) -> Path:
     """One Kaplan-Meier panel per method (the first ``max_panels``), patients split at the
-    median predicted risk; log-rank p in each panel's title. nan-risk rows are dropped."""
+    median predicted risk: 95% bands, numbers at risk under the labelled time axis, log-rank
+    p in each panel's title. nan-risk rows are dropped."""
     t_all = np.asarray(time, dtype=float).ravel()
     e_all = np.asarray(event, dtype=float).ravel() > 0
     methods = list(risk_by_method)[:max_panels]
     rows, cols = _grid(len(methods))
-    fig = _new_figure(FIGSIZE if len(methods) <= 1 else (4.2 * cols, 3.8 * rows))
+    fig = _new_figure(FIGSIZE if len(methods) <= 1 else (4.2 * cols, 4.4 * rows))
     for i, name in enumerate(methods):
         ax = fig.add_subplot(rows, cols, i + 1)
         risk = np.asarray(risk_by_method[name], dtype=float).ravel()
@@ -219,7 +273,7 @@ def plot_km(time, event, risk_by_method: dict[str, np.ndarray], path,
         if not ok.any():
             ax.set_title(f"{name}\nno predictions", fontsize="medium")
             continue
-        _km_panel(ax, name, t_all[ok], e_all[ok], risk[ok])
+        _km_panel(ax, name, t_all[ok], e_all[ok], risk[ok], time_label)
     if len(risk_by_method) > len(methods):
         fig.suptitle(f"Kaplan-Meier by predicted risk (first {len(methods)} of "
                      f"{len(risk_by_method)} methods)")

@@ -20,11 +20,13 @@ import copy
 import functools
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
+from fusedist.launch import kustomize as kz
 from fusedist.launch.config import CREDENTIAL_ENV_RE, DNS_LABEL, DNS_SUBDOMAIN
 
 K8S_VERSION = "1.34.0"
@@ -228,7 +230,15 @@ def load_docs(text: str) -> list[dict]:
 
 
 def validate_file(path: str | Path, crd_dir: Path | None = None) -> list[str]:
+    """Problems of one manifest file; a ``kustomization.yaml`` is rendered (``kubectl
+    kustomize``, or fusedist's Python rendering without a binary) and its output checked."""
     p = Path(path)
+    if kz.is_kustomization(p):
+        try:
+            docs, _ = kz.build(p.parent)
+        except (kz.KustomizeError, yaml.YAMLError, OSError, subprocess.SubprocessError) as e:
+            return [f"{p}: {e}"]
+        return [f"{p} (rendered): {e}" for e in validate_docs(docs, crd_dir)]
     try:
         docs = load_docs(p.read_text())
     except yaml.YAMLError as e:
