@@ -34,7 +34,8 @@ def ray_cluster():
     """A real local Ray (2 CPUs) shared by the session; yields its address for subprocesses."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a new private Ray, never a cluster another process started here.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
