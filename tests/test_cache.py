@@ -193,6 +193,33 @@ def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path):
     assert not (tmp_path / "f" / "test-vit" / "grid" / bad).exists()
 
 
+def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_path):
+    """Bytes flipped inside a JPEG member (the tar intact, the JPEG still decodes): cache
+    hashes each shard as it streams and fails that one; the others proceed, and the feature
+    manifest records the hash actually read."""
+    import hashlib
+    import shutil
+
+    from tests.test_reader import flip_member_byte
+
+    tiles = tmp_path / "tiles"
+    shutil.copytree(datasets / "tiles" / "grid", tiles)
+    names = shard_names(tiles)
+    bad = tiles / names[-1]
+    listed = json.loads((tiles / "manifest.json").read_text())["shards"][-1]["sha256"]
+    flip_member_byte(bad, ".img.jpg")
+    got = hashlib.sha256(bad.read_bytes()).hexdigest()
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    assert [f["name"] for f in res.failed] == [names[-1]]
+    reason = res.failed[0]["reason"]
+    assert str(bad) in reason and got in reason and listed in reason
+    m = res.manifests["test-vit"]
+    assert m["failed"][0]["reason"] == reason and [s["name"] for s in m["shards"]] == names[:-1]
+    for s in m["shards"]:
+        assert s["source_sha256"] == hashlib.sha256((tiles / s["name"]).read_bytes()).hexdigest()
+    assert not (tmp_path / "f" / "test-vit" / "grid" / names[-1]).exists()
+
+
 def test_nan_features_are_an_error_not_written(datasets, tmp_path):
     enc = build_encoder("test-vit")
     with torch.no_grad():
