@@ -232,7 +232,8 @@ def test_nan_features_are_an_error_not_written(datasets, tmp_path):
                     progress=False)
     assert res.failed and all("NaN/inf" in f["reason"] and "test-vit" in f["reason"]
                               for f in res.failed)
-    first_key = read_shard(datasets / "tiles" / "grid" / shard_names(datasets / "tiles" / "grid")[0])
+    grid = datasets / "tiles" / "grid"
+    first_key = read_shard(grid / shard_names(grid)[0])
     assert any(next(iter(first_key)) in f["reason"] for f in res.failed)
     assert res.manifests["test-vit"]["shards"] == []
     assert not list((tmp_path / "f" / "test-vit" / "grid").glob("*.tar"))

@@ -271,8 +271,8 @@ def iter_tar_samples(url: str, sha256: str | None = None,
                 members[ext] = tf.extractfile(info).read()
             got = f.drain()
     except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+        if isinstance(e, (FileNotFoundError, storage.StorageError)):
+            raise  # a missing file or a storage failure (named) is not a corrupt shard
         raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key read "
                          f"{key!r}): {type(e).__name__}: {e}") from e
     if digest is not None:

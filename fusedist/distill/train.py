@@ -291,7 +291,9 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
                                      "data": info.to_dict(), "meta": meta, "mlflow": mlflow})
         result = trainer.fit()
         if result.error is not None:
-            raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}")
+            # Chained: the CLI finds a storage failure (ENOSPC...) inside the workers' error.
+            raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}"
+                               ) from result.error
         ckpt = _checkpoint_url(cfg, result.checkpoint)
         out = DistillResult(run_url=cfg.run_url(), checkpoint=ckpt, steps=0, epochs=0,
                             metrics=dict(result.metrics or {}), mlflow_run_id=run.run_id)
