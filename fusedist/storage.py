@@ -277,13 +277,31 @@ def _s3_error(url: str, op: str, err: Exception) -> StorageError:
             hint += "; botocore's retry quota is spent: the endpoint has been failing often"
         if code == "NoSuchBucket":
             hint += "; create the bucket or fix the URL"
-        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            hint += "; check the credentials' permissions for this bucket"
+        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
+                      "Forbidden"):
+            hint += ("; check the credentials and their permissions for this bucket. They "
+                     f"come from {credential_source()} (the standard AWS chain: "
+                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                     "~/.aws/credentials, or the pod's IAM role / Kubernetes Secret)")
     else:
         hint = f"{type(err).__name__}: {err} (endpoint {ep}, {tries})"
     out = StorageError(_redact(f"{op} {url} failed: {hint}"))
     out.code = _error_code(err)
     return out
+
+
+def credential_source() -> str:
+    """Where boto3 found credentials (e.g. ``env``, ``shared-credentials-file``, ``iam-role``),
+    without touching the secrets themselves."""
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return "an unknown source"
+    if creds is None:
+        return "nowhere (no credentials found)"
+    return f"'{getattr(creds, 'method', None) or 'unknown'}'"
 
 
 def _chain_is_clean(err: BaseException) -> bool:

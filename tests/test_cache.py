@@ -313,3 +313,19 @@ def test_embed_refuses_tiles_at_the_wrong_resolution(datasets, tmp_path, ray_clu
                       encoders=["test-vit"])
     with pytest.raises(ConfigError, match=r"0\.5 µm/px.*tile_mpp=0\.5"):
         run_embed(cfg, progress=False)
+
+
+def test_embed_checks_an_export_cards_dim_against_its_weights(tmp_path):
+    from fusedist.distill.export import export_student
+    from fusedist.features.config import EncoderRef
+    from fusedist.features.runtime import load_encoders
+    from fusedist.models.student import XmagStudent
+
+    out = tmp_path / "export"
+    export_student(XmagStudent.from_registry("test-vit", teacher_dim=64), str(out),
+                   {"name": "dimcheck-student"})
+    assert load_encoders([EncoderRef(name=str(out))])[0].spec.dim == 64  # a true card loads
+    card = json.loads((out / "card.json").read_text())
+    (out / "card.json").write_text(json.dumps({**card, "dim": 65}))
+    with pytest.raises(ConfigError, match=r"card.json says dim=65 but its weights give 64-d"):
+        load_encoders([EncoderRef(name=str(out))])

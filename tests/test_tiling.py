@@ -277,3 +277,11 @@ def test_shard_names_survive_failed_and_added_slides(ray_cluster, tmp_path):
     # The manifest carries the slide -> shards mapping readers use.
     rows = {r["slide_id"]: r["shards"] for r in third.manifest["slides"]}
     assert rows["s1"] == [] and rows["a0"] == sorted(n for n in now if n.startswith("a0-"))
+
+
+def test_missing_input_says_it_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"input .*/nowhere does not exist; check the --input"):
+        run_tile(tile_cfg(tmp_path / "nowhere", tmp_path / "out"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no slides found"):
+        run_tile(tile_cfg(tmp_path / "empty", tmp_path / "out"), progress=False)

@@ -73,6 +73,9 @@ def discover(cfg: TileConfig) -> list[SlideInput]:
     """Slides under ``cfg.input`` (a file or a directory, searched recursively), id-sorted."""
     src = cfg.input.rstrip("/")
     exts = tuple(cfg.extensions)
+    if not storage.exists(src):
+        raise ConfigError(f"input {cfg.input} does not exist; check the --input path (a slide "
+                          "file or a folder, local or s3://)")
     if src.lower().endswith(exts) and storage.exists(src):
         return [SlideInput(slide_id_for(src), src)]
     rels = [r for r in storage.walk_files(src)
