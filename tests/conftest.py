@@ -34,7 +34,9 @@ def ray_cluster():
     """A real local Ray (2 CPUs) shared by the session; yields its address for subprocesses."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a new cluster even when `ray start` left one on this machine (which
+    # ray.init() would otherwise join, and then refuse num_cpus).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()

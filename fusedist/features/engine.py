@@ -200,17 +200,17 @@ def decode_memory(spec: EngineSpec) -> int:
     return 640 * 2**20 + 3 * chunk
 
 
-def run_engine(spec: EngineSpec, shards: list[tuple[str, int, str]],
-               on_shard: Callable[[ShardResult], None], num_actors: int, gpus_per_actor: float,
-               cpus_per_actor: float, decode_cpus: float = 1.0) -> None:
-    """Embed ``shards`` [(name, sample count, manifest sha256)] and call ``on_shard`` as each
-    one completes (a shard whose bytes do not hash to its sha256 fails)."""
+def run_engine(spec: EngineSpec, shards: list[tuple], on_shard: Callable[[ShardResult], None],
+               num_actors: int, gpus_per_actor: float, cpus_per_actor: float,
+               decode_cpus: float = 1.0) -> None:
+    """Embed ``shards`` [(name, sample count[, manifest sha256])] and call ``on_shard`` as each
+    one completes (a shard whose bytes do not hash to its given sha256 fails)."""
     import ray
 
     if not shards:
         return
-    ds = ray.data.from_items([{"shard": n, "samples": c, "sha256": h or ""}
-                              for n, c, h in shards],
+    ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
+                               "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],
                              override_num_blocks=len(shards))
     # Decode must stay a separate pool of CPU tasks. Ray Data fuses consecutive maps whose
     # resource requests match (on CPU-only clusters they do), which would move JPEG decoding
