@@ -231,7 +231,11 @@ def classify_error(e: BaseException) -> tuple[int, str] | None:
     from fusedist.storage import StorageError, local_write_error
     from fusedist.tracking import TrackingError
 
+    from fusedist.distill.stop import DistillStopped
+
     for c in _causes(e):
+        if isinstance(c, DistillStopped):
+            return c.exit_code, str(c)
         if type(c).__name__.startswith("RayTaskError"):
             continue  # Ray's wrapper subclasses the cause's type; its text holds a traceback
         if isinstance(c, ConfigError):

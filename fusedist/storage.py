@@ -681,6 +681,15 @@ def delete(url: str) -> None:
         local_path(url).unlink()
 
 
+def delete_tree(url: str) -> None:
+    """Remove a folder (local) or every object under a prefix (S3); missing is fine."""
+    if is_s3(url):
+        for rel in walk_files(url):
+            delete(join(url, rel))
+        return
+    shutil.rmtree(local_path(url), ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- local cache
 
 def cache_dir() -> Path:
