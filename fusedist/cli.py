@@ -3,11 +3,14 @@
 Each subcommand loads its stage's typed config from a YAML recipe (``--config``), applies
 ``--set key=value`` overrides and a few shortcut flags, and calls the stage's Python function.
 Exit status: 0 all good, 1 the job ran but some items failed (see the summary/manifest),
-2 bad configuration or input (nothing was done), 3 a storage/infrastructure failure.
+2 bad configuration or input (nothing was done), 3 a storage (full disk, read-only or
+forbidden output, S3) or tracking (MLflow) failure, one line naming the path or endpoint and
+the fix (``--debug`` adds the traceback); 130 / 143 a stopped ``distill`` (Ctrl-C / SIGTERM).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -30,6 +33,11 @@ VerboseOpt = typer.Option(False, "--verbose", "-v",
 PrintConfigOpt = typer.Option(False, "--print-config",
                               help="Print the fully resolved config (defaults, file, --set) "
                                    "as YAML and exit.")
+
+# `--debug` anywhere on the command line: expected failures print their traceback as well as
+# the one-line message. main() takes it out of argv, so every subcommand accepts it.
+DEBUG_ENV = "FUSEDIST_DEBUG"
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def ray_log_path(stage: str) -> Path:
@@ -93,16 +101,12 @@ def synth(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Make synthetic H&E-like slides (pyramidal TIFF) and their labels CSV."""
-    from fusedist.storage import StorageError
     from fusedist.synth import SynthConfig, synthesize
 
     _setup_logging(quiet, verbose, "synth")
     cfg = _load(SynthConfig, config, set_, print_config, output=output, num_slides=num_slides,
                 size=size, seed=seed)
-    try:
-        records = synthesize(cfg, progress=not quiet)
-    except StorageError as e:
-        _fail(3, str(e))
+    records = _run_stage(synthesize, cfg, quiet)
     typer.echo(f"wrote {len(records)} slides and labels.csv to {cfg.output}")
 
 
@@ -250,17 +254,62 @@ def fuse(config: Optional[Path] = ConfigOpt,
     typer.echo(result.summary_text())
 
 
+def _causes(e: BaseException):
+    """``e`` and what it wraps: Ray task errors (``.cause``), Ray Train's per-worker failures,
+    and the ``raise ... from`` chain, so a full disk inside a Ray worker is still recognised."""
+    seen, todo = set(), [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
+        failures = getattr(cur, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+
+
+def classify_error(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an expected failure, else None (a bug: traceback).
+
+    2: bad configuration or input. 3: storage (local or S3) or tracking (MLflow) failure."""
+    from fusedist.storage import StorageError, local_write_error
+    from fusedist.tracking import TrackingError
+
+    from fusedist.distill.stop import DistillStopped
+
+    for c in _causes(e):
+        if isinstance(c, DistillStopped):
+            return c.exit_code, str(c)
+        if type(c).__name__.startswith("RayTaskError"):
+            continue  # Ray's wrapper subclasses the cause's type; its text holds a traceback
+        if isinstance(c, ConfigError):
+            return 2, str(c)
+        if isinstance(c, (StorageError, TrackingError)):
+            return 3, str(c).strip().splitlines()[0]
+        if isinstance(c, OSError) and c.errno in WRITE_ERRNOS:
+            return 3, str(local_write_error(c.filename or "(unnamed file)", c, "access"))
+    return None
+
+
 def _run_stage(fn, cfg, quiet: bool | None = None):
     """Run a stage (or, with ``quiet=None``, its input check), turning expected failures into
-    exit codes 2 (config/input) and 3 (storage)."""
-    from fusedist.storage import StorageError
-
+    exit codes 2 (config/input) and 3 (storage or tracking) with one line; ``--debug`` prints
+    the traceback too."""
     try:
         return fn(cfg) if quiet is None else fn(cfg, progress=not quiet)
-    except ConfigError as e:
-        _fail(2, str(e))
-    except StorageError as e:
-        _fail(3, str(e))
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - classified below; anything else re-raises
+        found = classify_error(e)
+        if found is None:
+            raise
+        if os.environ.get(DEBUG_ENV) == "1":
+            import traceback
+
+            traceback.print_exc()
+        _fail(*found)
 
 
 @app.command()
@@ -293,6 +342,9 @@ _register_launch(app)
 def main() -> None:
     # Ray workers inherit this; keep them from printing their own warnings about it.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if "--debug" in sys.argv[1:]:
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
     app(prog_name="fusedist")
 
 

@@ -111,10 +111,27 @@ def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str =
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=None)
             for ref in done:
-                on_done(ray.get(ref))
+                try:
+                    result = ray.get(ref)
+                except BaseException:
+                    _stop(pending)
+                    raise
+                on_done(result)
                 bar.update(1)
                 if rate is not None:
                     bar.set_postfix_str(rate(), refresh=False)
+
+
+def _stop(refs: list, timeout: float = 60.0) -> None:
+    """Cancel tasks still running after one failed, and wait for them: a cancelled task gets
+    a KeyboardInterrupt and removes its temp file, where a driver that just exited would leave
+    half-written temp files behind."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 
 class Rate:

@@ -15,11 +15,18 @@ from typing import IO, Iterable, Mapping
 
 from fusedist import storage
 
-SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_PATTERN = "{slide_id}-{part:06d}.tar"
 
 
-def shard_name(index: int) -> str:
-    return SHARD_PATTERN.format(index)
+def shard_name(slide_id: str, part: int) -> str:
+    """A tile shard's name: its slide and its part of that slide, nothing else.
+
+    The name never depends on which other slides exist, failed or were added, so a re-run
+    over a changed slide set leaves every still-valid shard (and the feature shards that
+    mirror it by name) untouched. Slide ids hold only ``[A-Za-z0-9_-]`` and the suffix has a
+    fixed form, so a name parses back to one (slide, part) pair.
+    """
+    return SHARD_PATTERN.format(slide_id=slide_id, part=part)
 
 
 class _HashingWriter(io.RawIOBase):

@@ -10,6 +10,7 @@ Credentials come only from the standard AWS chain and are scrubbed from every er
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import http.client
 import io
@@ -34,6 +35,53 @@ class StorageError(IOError):
     """
 
     code: str = ""
+
+
+# Local errors that no retry fixes and that the user must act on: named with the path and a fix.
+_WRITE_FIXES = {
+    errno.ENOSPC: "no space left on the device; free space there or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free space there or write elsewhere",
+    errno.EROFS: "the file system is read-only; point the output at a writable folder",
+    errno.EACCES: "permission denied; fix the permissions or use another path",
+    errno.EPERM: "operation not permitted; fix the permissions or use another path",
+}
+
+
+def local_write_error(path: str | Path, err: OSError, verb: str = "write") -> StorageError:
+    """A one-line StorageError for a failed local write: the path, the errno name, the fix."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    fix = _WRITE_FIXES.get(err.errno or 0, f"{err.strerror or err}")
+    out = StorageError(f"cannot {verb} {path}: {fix} ({name or type(err).__name__})")
+    out.code = name
+    return out
+
+
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise local_write_error(path, e) from e
+
+
+class _LocalSink(io.RawIOBase):
+    """The caller's writes into a temp file; a failing write (ENOSPC...) names the target."""
+
+    def __init__(self, f: IO[bytes], target: Path):
+        self.f, self.target = f, target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        with _writing(self.target):
+            return self.f.write(b)
+
+    def flush(self) -> None:
+        with _writing(self.target):
+            self.f.flush()
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -229,13 +277,31 @@ def _s3_error(url: str, op: str, err: Exception) -> StorageError:
             hint += "; botocore's retry quota is spent: the endpoint has been failing often"
         if code == "NoSuchBucket":
             hint += "; create the bucket or fix the URL"
-        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            hint += "; check the credentials' permissions for this bucket"
+        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
+                      "Forbidden"):
+            hint += ("; check the credentials and their permissions for this bucket. They "
+                     f"come from {credential_source()} (the standard AWS chain: "
+                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                     "~/.aws/credentials, or the pod's IAM role / Kubernetes Secret)")
     else:
         hint = f"{type(err).__name__}: {err} (endpoint {ep}, {tries})"
     out = StorageError(_redact(f"{op} {url} failed: {hint}"))
     out.code = _error_code(err)
     return out
+
+
+def credential_source() -> str:
+    """Where boto3 found credentials (e.g. ``env``, ``shared-credentials-file``, ``iam-role``),
+    without touching the secrets themselves."""
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return "an unknown source"
+    if creds is None:
+        return "nowhere (no credentials found)"
+    return f"'{getattr(creds, 'method', None) or 'unknown'}'"
 
 
 def _chain_is_clean(err: BaseException) -> bool:
@@ -511,18 +577,28 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def _open_write_local(p: Path) -> Iterator[IO[bytes]]:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    # Our own steps and the caller's writes map OSErrors (ENOSPC, EROFS, EACCES...) to a
+    # StorageError naming ``p``; other errors the caller's body raises pass through unchanged.
+    with _writing(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    f = os.fdopen(fd, "wb")
     try:
-        # mkstemp creates 0600 files; give the result the mode a plain open() would have, so
-        # other users/pods sharing the volume can read the outputs.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            yield f
+        with _writing(p):
+            # mkstemp creates 0600 files; give the result the mode a plain open() would have,
+            # so other users/pods sharing the volume can read the outputs.
+            os.fchmod(fd, 0o666 & ~_umask())
+        yield _LocalSink(f, p)  # type: ignore[misc]
+        with _writing(p):
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, p)
+            f.close()
+            os.replace(tmp_name, p)
     except BaseException:
+        # Closing flushes what is buffered, which fails again on a full disk: that second
+        # error must not replace the first.
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
@@ -603,6 +679,15 @@ def delete(url: str) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         local_path(url).unlink()
+
+
+def delete_tree(url: str) -> None:
+    """Remove a folder (local) or every object under a prefix (S3); missing is fine."""
+    if is_s3(url):
+        for rel in walk_files(url):
+            delete(join(url, rel))
+        return
+    shutil.rmtree(local_path(url), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- local cache

@@ -40,6 +40,10 @@ def datasets(tmp_path_factory, ray_cluster):
     return d
 
 
+def shard_names(dataset: Path) -> list[str]:
+    return [s["name"] for s in json.loads((dataset / "manifest.json").read_text())["shards"]]
+
+
 def cache_cfg(tiles, output, teachers=TEACHERS, **kw) -> CacheConfig:
     sets = [f"{k}={v}" for k, v in {"engine.batch_size": 32, "mlflow.enabled": False,
                                      **kw}.items()]
@@ -178,15 +182,43 @@ def corrupt_copy(src: Path, dst: Path, shard: str, member: str) -> str:
 
 def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path):
     tiles = tmp_path / "tiles"
-    key = corrupt_copy(datasets / "tiles" / "grid", tiles, "shard-000001.tar", "img.jpg")
+    bad = shard_names(datasets / "tiles" / "grid")[1]
+    key = corrupt_copy(datasets / "tiles" / "grid", tiles, bad, "img.jpg")
     res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
-    assert [f["name"] for f in res.failed] == ["shard-000001.tar"]
+    assert [f["name"] for f in res.failed] == [bad]
     reason = res.failed[0]["reason"]
-    assert "shard-000001.tar" in reason and key in reason and "decode" in reason
+    assert bad in reason and key in reason and "decode" in reason
     m = res.manifests["test-vit"]
     total = len(json.loads((tiles / "manifest.json").read_text())["shards"])
-    assert len(m["shards"]) == total - 1 and m["failed"][0]["name"] == "shard-000001.tar"
-    assert not (tmp_path / "f" / "test-vit" / "grid" / "shard-000001.tar").exists()
+    assert len(m["shards"]) == total - 1 and m["failed"][0]["name"] == bad
+    assert not (tmp_path / "f" / "test-vit" / "grid" / bad).exists()
+
+
+def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_path):
+    """Bytes flipped inside a JPEG member (the tar intact, the JPEG still decodes): cache
+    hashes each shard as it streams and fails that one; the others proceed, and the feature
+    manifest records the hash actually read."""
+    import hashlib
+    import shutil
+
+    from tests.test_reader import flip_member_byte
+
+    tiles = tmp_path / "tiles"
+    shutil.copytree(datasets / "tiles" / "grid", tiles)
+    names = shard_names(tiles)
+    bad = tiles / names[-1]
+    listed = json.loads((tiles / "manifest.json").read_text())["shards"][-1]["sha256"]
+    flip_member_byte(bad, ".img.jpg")
+    got = hashlib.sha256(bad.read_bytes()).hexdigest()
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    assert [f["name"] for f in res.failed] == [names[-1]]
+    reason = res.failed[0]["reason"]
+    assert str(bad) in reason and got in reason and listed in reason
+    m = res.manifests["test-vit"]
+    assert m["failed"][0]["reason"] == reason and [s["name"] for s in m["shards"]] == names[:-1]
+    for s in m["shards"]:
+        assert s["source_sha256"] == hashlib.sha256((tiles / s["name"]).read_bytes()).hexdigest()
+    assert not (tmp_path / "f" / "test-vit" / "grid" / names[-1]).exists()
 
 
 def test_nan_features_are_an_error_not_written(datasets, tmp_path):
@@ -201,10 +233,11 @@ def test_nan_features_are_an_error_not_written(datasets, tmp_path):
                     progress=False)
     assert res.failed and all("NaN/inf" in f["reason"] and "test-vit" in f["reason"]
                               for f in res.failed)
-    first_key = read_shard(datasets / "tiles" / "grid" / "shard-000000.tar")
+    grid = datasets / "tiles" / "grid"
+    first_key = read_shard(grid / shard_names(grid)[0])
     assert any(next(iter(first_key)) in f["reason"] for f in res.failed)
     assert res.manifests["test-vit"]["shards"] == []
-    assert not list((tmp_path / "f" / "test-vit" / "grid").glob("shard-*.tar"))
+    assert not list((tmp_path / "f" / "test-vit" / "grid").glob("*.tar"))
 
 
 def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cluster):
@@ -235,7 +268,7 @@ def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cl
     for t in ("test-vit", "test-convnext"):
         a, b = tmp_path / "clean" / t / "pairs", out / t / "pairs"
         assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
-        names = sorted(p.name for p in a.glob("shard-*.tar"))
+        names = sorted(p.name for p in a.glob("*.tar"))
         assert len(names) == n_total
         for n in names:
             assert (a / n).read_bytes() == (b / n).read_bytes(), (t, n)
@@ -287,3 +320,19 @@ def test_embed_refuses_tiles_at_the_wrong_resolution(datasets, tmp_path, ray_clu
                       encoders=["test-vit"])
     with pytest.raises(ConfigError, match=r"0\.5 µm/px.*tile_mpp=0\.5"):
         run_embed(cfg, progress=False)
+
+
+def test_embed_checks_an_export_cards_dim_against_its_weights(tmp_path):
+    from fusedist.distill.export import export_student
+    from fusedist.features.config import EncoderRef
+    from fusedist.features.runtime import load_encoders
+    from fusedist.models.student import XmagStudent
+
+    out = tmp_path / "export"
+    export_student(XmagStudent.from_registry("test-vit", teacher_dim=64), str(out),
+                   {"name": "dimcheck-student"})
+    assert load_encoders([EncoderRef(name=str(out))])[0].spec.dim == 64  # a true card loads
+    card = json.loads((out / "card.json").read_text())
+    (out / "card.json").write_text(json.dumps({**card, "dim": 65}))
+    with pytest.raises(ConfigError, match=r"card.json says dim=65 but its weights give 64-d"):
+        load_encoders([EncoderRef(name=str(out))])

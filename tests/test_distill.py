@@ -278,3 +278,61 @@ def test_exported_student_embeds_a_slide_at_5x(trained, data, tmp_path):
     with torch.no_grad():
         want = student(student.normalize(img))["cls"][0].numpy()
     np.testing.assert_allclose(bag.features[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(1200)  # alone it also builds the module's fixtures (two runs + data)
+def test_sigterm_stops_cleanly_and_the_rerun_exports_what_an_uninterrupted_run_does(
+        trained, data, tmp_path, ray_cluster):
+    """SIGTERM to the `fusedist distill` driver: the trainer stops, the last committed
+    checkpoint stays, exit 143 with how to resume; the re-run resumes, leaves
+    checkpoint.num_to_keep checkpoints, and exports the same weights as the run that was never
+    stopped (the `trained` fixture, same config)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from fusedist.distill.stop import SNAPSHOT
+
+    cfg, res = trained
+    cfg = cfg.model_copy(update={"storage_path": str(tmp_path / "runs"), "run_name": "stopped",
+                                 "mlflow": cfg.mlflow.model_copy(update={"enabled": False})})
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = tmp_path / "runs" / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", "distill", "-c",
+                             str(tmp_path / "distill.yaml"), "-q"],
+                            env=dict(os.environ, RAY_ADDRESS=ray_cluster),
+                            cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / SNAPSHOT).exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the first committed checkpoint"
+    proc.send_signal(signal.SIGTERM)  # the driver only, as `kill` or Kubernetes would
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    # One line says it (Ray's worker log lines may interleave around it).
+    (last,) = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert "kept the last committed checkpoint" in last and str(run) in last, err[-3000:]
+    assert "running the same command again" in last
+    # No traceback from the driver (Ray's own actors may log theirs as they are torn down).
+    assert not [ln for ln in err.splitlines() if "Traceback" in ln and "pid=" not in ln]
+    assert not (run / "export").exists()
+    registered = {r["checkpoint_dir_name"]
+                  for r in json.loads((run / SNAPSHOT).read_text())["checkpoint_results"]}
+    def folders() -> set[str]:
+        return {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+
+    assert folders() == registered  # no orphans
+    stopped_at = read_state(find_checkpoint(str(run))).step
+    assert 0 < stopped_at < 12
+
+    again = run_distill(cfg, progress=False)
+    assert again.steps == 12 and stopped_at in read_state(again.checkpoint).resumes
+    assert len(folders()) == cfg.checkpoint.num_to_keep
+    card = json.loads((Path(again.export_dir) / "card.json").read_text())
+    ref = json.loads((Path(res.export_dir) / "card.json").read_text())
+    assert card["weights_sha256"] == ref["weights_sha256"]

@@ -480,12 +480,12 @@ def test_launch_runs_a_stage_on_the_cluster_and_follows_it(ray_head, tmp_path):
 
 def test_launch_exit_status_follows_the_job(ray_head, tmp_path):
     env = _launch_env(ray_head["token"])
-    # The stage fails on the cluster (no slides there): its own exit status 2 comes back.
+    # The stage fails on the cluster (no such input there): its own exit status 2 comes back.
     r = cli("launch", "submit", "tile", "-c", "configs/tile/grid.yaml", "--set",
             f"input={tmp_path}/none", "--set", f"output={tmp_path}/out",
             "--address", ray_head["url"], env=env)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "no slides found" in r.stdout.lower() and "FAILED (exit status 2)" in r.stderr
+    assert "does not exist" in r.stdout.lower() and "FAILED (exit status 2)" in r.stderr
 
     wrong = _launch_env("not-the-token-" + secrets.token_hex(4))
     r = cli("launch", "tile", "-c", "configs/tile/grid.yaml", "--set", "input=x",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -18,6 +20,7 @@ from fusedist.data import (
     Cursor,
     DatasetMismatchError,
     ShardError,
+    ShardHashError,
     ShardReader,
     decode_sample,
     split_member,
@@ -64,7 +67,8 @@ def make_dataset(root: Path, sizes: list[int], kind: str = "tiles",
                     npy = io.BytesIO()
                     np.save(npy, np.full((4,), i * 1000 + j, dtype=np.float32))
                     _add(tf, f"{key}.t.npy", npy.getvalue())
-        shards.append({"name": name, "slide_id": f"s{i}", "samples": n})
+        sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        shards.append({"name": name, "slide_id": f"s{i}", "samples": n, "sha256": sha})
     manifest = {"format": "fusedist.tiles/1", "dataset": "demo", "mode": "grid", "shards": shards}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return str(root)
@@ -257,8 +261,10 @@ def test_truncated_shard_raises_naming_shard_and_position(tmp_path):
     path = Path(url) / "shard-000001.tar"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2 + 700])  # cut inside a member
-    with pytest.raises(ShardError, match=r"shard-000001\.tar: corrupt or truncated at sample \d"):
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: corrupt or truncated at sample \d"
+                       ) as e:
         list(ShardReader(url, rank=0, world_size=1))
+    assert len(re.findall(r"'s1/\d+_0'", str(e.value))) == 1  # one last key, not two
     path.write_bytes(data)
     manifest = json.loads((Path(url) / "manifest.json").read_text())
     manifest["shards"][0]["samples"] = 8  # the manifest promises more than the shard holds
@@ -300,3 +306,30 @@ def test_resume_at_every_position_yields_exactly_the_tail(tiles, monkeypatch):
         # Only shards that still hold an unconsumed sample are opened, each once.
         shards = sorted(u.rsplit("/", 1)[1] for u in opened if u.endswith(".tar"))
         assert shards == sorted({f"shard-{int(k.split('/')[0][1:]):06d}.tar" for k in rest})
+
+
+def flip_member_byte(path: Path, member_suffix: str) -> str:
+    """Flip one byte in the middle of the first member ending in ``member_suffix`` (the tar stays
+    well-formed: headers and sizes are untouched); returns the member's name."""
+    with tarfile.open(path) as tf:
+        info = next(m for m in tf.getmembers() if m.name.endswith(member_suffix))
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + info.size // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    return info.name
+
+
+def test_changed_shard_bytes_fail_with_both_hashes(tmp_path, tiles):
+    """The distill reader hashes feature and tile shards as they stream (no second read)."""
+    feats = make_dataset(tmp_path / "feats", SIZES, kind="feats")
+    path = Path(feats) / "shard-000002.tar"
+    listed = json.loads((Path(feats) / "manifest.json").read_text())["shards"][2]["sha256"]
+    flip_member_byte(path, ".t.npy")
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ShardHashError) as e:
+        list(ShardReader([tiles, feats], rank=0, world_size=1, shuffle=False))
+    assert str(path) in str(e.value) and got in str(e.value) and listed in str(e.value)
+    # A slot that reads the shard to its end checks it even when it starts mid-shard.
+    with pytest.raises(ShardHashError, match="shard-000002.tar"):
+        for r in range(4):
+            list(ShardReader([tiles, feats], rank=r, world_size=4, shuffle=False))

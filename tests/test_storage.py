@@ -324,6 +324,29 @@ def test_dead_endpoint_fails_fast_with_a_clear_error(moto_server):
             _no_secret(ei.value)
 
 
+def test_forbidden_says_to_check_credentials_and_their_source(s3_bucket, moto_server):
+    """moto with its IAM checks on: the fake keys are unknown, every request gets a 403."""
+    import urllib.request
+
+    def auth_after(count: str) -> None:
+        # text/plain: a form body would be parsed away before moto reads it.
+        urllib.request.urlopen(urllib.request.Request(
+            f"{moto_server}/moto-api/reset-auth", data=count.encode(), method="POST",
+            headers={"Content-Type": "text/plain"}))
+
+    auth_after("0")
+    try:
+        for op in (lambda u: storage.read_bytes(u), lambda u: storage.write_bytes(u, b"x")):
+            with pytest.raises(StorageError) as ei:
+                op(storage.join(s3_bucket, "k.bin"))
+            msg = str(ei.value)
+            assert "check the credentials" in msg and "'env'" in msg, msg
+            assert "AWS_ACCESS_KEY_ID" in msg and "403" in msg
+            _no_secret(ei.value)
+    finally:
+        auth_after("inf")
+
+
 @pytest.mark.timeout(30)
 def test_silent_endpoint_times_out(moto_server):
     with silent_endpoint() as ep:

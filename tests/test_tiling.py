@@ -95,7 +95,8 @@ def test_pairs_geometry_and_tissue(ray_cluster, known_slide, tmp_path):
                 assert (x, y) in kept
     assert (tmp_path / "p" / "thumbnails" / "known.png").is_file()
     shard_names = [s["name"] for s in m["shards"]]
-    assert shard_names == [f"shard-{i:06d}.tar" for i in range(len(shard_names))]
+    # Named by slide and part, never by position among slides (docs/formats.md).
+    assert shard_names == [f"known-{i:06d}.tar" for i in range(len(shard_names))]
 
 
 def test_grid_reads_from_the_level_above_target(ray_cluster, tmp_path):
@@ -195,18 +196,18 @@ def test_rerun_skips_finished_work_and_refuses_other_config(ray_cluster, known_s
     cfg = tile_cfg(known_slide[0], tmp_path, mode="grid", samples_per_shard=16)
     first = run_tile(cfg, progress=False)
     assert first.written_shards == len(first.manifest["shards"]) > 1
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "default").glob("shard-*.tar")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "default").glob("*.tar")}
     again = run_tile(cfg, progress=False)
     assert again.written_shards == 0 and again.manifest == first.manifest
     assert mtimes == {p.name: p.stat().st_mtime_ns
-                      for p in (tmp_path / "default").glob("shard-*.tar")}
+                      for p in (tmp_path / "default").glob("*.tar")}
     with pytest.raises(ConfigError, match="different tiling config.*overwrite=true"):
         run_tile(tile_cfg(known_slide[0], tmp_path, mode="grid", min_tissue=0.9), progress=False)
     other = run_tile(tile_cfg(known_slide[0], tmp_path, mode="grid", min_tissue=0.9,
                               overwrite=True), progress=False)
     assert other.manifest["totals"]["tiles"] < first.manifest["totals"]["tiles"]
     names = {s["name"] for s in other.manifest["shards"]}
-    assert {p.name for p in (tmp_path / "default").glob("shard-*.tar")} == names
+    assert {p.name for p in (tmp_path / "default").glob("*.tar")} == names
 
 
 def test_killed_run_resumes_to_identical_output(ray_cluster, tmp_path):
@@ -238,8 +239,49 @@ def test_killed_run_resumes_to_identical_output(ray_cluster, tmp_path):
     assert 1 <= wrote <= n_total - done_at_kill
     a, b = tmp_path / "clean" / "d", out / "d"
     assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
-    names = sorted(p.name for p in a.glob("shard-*.tar"))
-    assert names == sorted(p.name for p in b.glob("shard-*.tar")) and len(names) == n_total
+    names = sorted(p.name for p in a.glob("*.tar"))
+    assert names == sorted(p.name for p in b.glob("*.tar")) and len(names) == n_total
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
     assert not list(b.rglob(".*.tmp"))
+
+
+def test_shard_names_survive_failed_and_added_slides(ray_cluster, tmp_path):
+    """A shard is named by its slide and part: a slide that fails on a re-run, or slides added
+    that sort earlier, leave every other shard untouched (same names, bytes, mtimes)."""
+    src = known_slides(tmp_path / "slides", 3, width=2048, height=1792)
+    cfg = tile_cfg(src, tmp_path / "out", mode="grid", samples_per_shard=8)
+    out = tmp_path / "out" / "default"
+
+    def state() -> dict[str, tuple[bytes, int]]:
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+
+    first = run_tile(cfg, progress=False)
+    before = state()
+    assert {s["slide_id"] for s in first.manifest["shards"]} == {"s0", "s1", "s2"}
+    assert any(n.endswith("-000001.tar") for n in before)  # slides span several parts
+    # s1 becomes unreadable between runs (a truncated upload): its shards go, nobody else's.
+    data = (src / "s1.tiff").read_bytes()
+    (src / "s1.tiff").write_bytes(data[: len(data) // 2])
+    second = run_tile(cfg, progress=False)
+    assert [s["slide_id"] for s in second.failed] == ["s1"] and second.written_shards == 0
+    kept = {n: v for n, v in before.items() if not n.startswith("s1-")}
+    assert state() == kept
+    assert [s["name"] for s in second.manifest["shards"]] == sorted(kept)
+    # A slide that sorts before all others is added: only its own shards are written.
+    (src / "a0.tiff").write_bytes((src / "s0.tiff").read_bytes())
+    third = run_tile(cfg, progress=False)
+    now = state()
+    assert {n: v for n, v in now.items() if not n.startswith("a0-")} == kept
+    assert third.written_shards == sum(n.startswith("a0-") for n in now) > 0
+    # The manifest carries the slide -> shards mapping readers use.
+    rows = {r["slide_id"]: r["shards"] for r in third.manifest["slides"]}
+    assert rows["s1"] == [] and rows["a0"] == sorted(n for n in now if n.startswith("a0-"))
+
+
+def test_missing_input_says_it_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"input .*/nowhere does not exist; check the --input"):
+        run_tile(tile_cfg(tmp_path / "nowhere", tmp_path / "out"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no slides found"):
+        run_tile(tile_cfg(tmp_path / "empty", tmp_path / "out"), progress=False)

@@ -35,13 +35,14 @@ Typical DDP loop (``equal=True`` so every rank takes the same number of steps)::
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
 import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -56,6 +57,10 @@ class ShardError(IOError):
     """A shard could not be read as its manifest describes (corrupt, truncated, wrong count)."""
 
 
+class ShardHashError(ShardError):
+    """A shard's bytes, hashed as they were streamed, differ from its manifest's sha256."""
+
+
 class DatasetMismatchError(ValueError):
     """Parallel datasets do not mirror each other (shard names, sample counts or keys)."""
 
@@ -66,6 +71,7 @@ class DatasetMismatchError(ValueError):
 class ShardInfo:
     name: str
     samples: int
+    sha256: str | None = None  # from the manifest; checked as the shard streams past
 
 
 def _manifest_shards(url: str) -> list[ShardInfo]:
@@ -76,16 +82,26 @@ def _manifest_shards(url: str) -> list[ShardInfo]:
         raise FileNotFoundError(f"{murl}: no manifest; a dataset folder lists its shards in "
                                 "manifest.json (see docs/formats.md)") from e
     try:
-        return [ShardInfo(str(s["name"]), int(s["samples"])) for s in manifest["shards"]]
+        return [ShardInfo(str(s["name"]), int(s["samples"]), s.get("sha256"))
+                for s in manifest["shards"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{murl}: 'shards' must be a list of {{name, samples}} ({e!r})") from e
 
 
 def load_shards(urls: Sequence[str]) -> list[ShardInfo]:
     """The shard list of ``urls[0]``, checked to be mirrored by every other dataset."""
+    return load_mirrored(urls)[0]
+
+
+def load_mirrored(urls: Sequence[str]) -> tuple[list[ShardInfo], list[dict[str, str | None]]]:
+    """The shard list of ``urls[0]`` (checked to be mirrored by every other dataset) and, per
+    dataset, each shard's manifest sha256 by name."""
     base = _manifest_shards(urls[0])
+    hashes: list[dict[str, str | None]] = [{s.name: s.sha256 for s in base}]
     for url in urls[1:]:
-        other = {s.name: s.samples for s in _manifest_shards(url)}
+        listed = _manifest_shards(url)
+        hashes.append({s.name: s.sha256 for s in listed})
+        other = {s.name: s.samples for s in listed}
         missing = [s.name for s in base if s.name not in other]
         if missing:
             raise DatasetMismatchError(
@@ -96,7 +112,7 @@ def load_shards(urls: Sequence[str]) -> list[ShardInfo]:
                 raise DatasetMismatchError(
                     f"{s.name}: {urls[0]} lists {s.samples} samples but {url} lists "
                     f"{other[s.name]}")
-    return base
+    return base, hashes
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -202,11 +218,47 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
-def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream ``(key, {ext: bytes})`` from one tar; members of a sample are consecutive."""
+class _HashingReader(io.RawIOBase):
+    """Pass-through reader that hashes every byte handed to the tar parser (no second read)."""
+
+    def __init__(self, source: IO[bytes]):
+        self.source = source
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.source.read(n)
+        self.sha.update(b)
+        return b
+
+    def readinto(self, buf) -> int:
+        b = self.read(len(buf))
+        buf[: len(b)] = b
+        return len(b)
+
+    def drain(self) -> str:
+        """Read (and hash) what the tar parser left, e.g. the record padding; the hex digest."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+
+def iter_tar_samples(url: str, sha256: str | None = None,
+                     digest: dict[str, str] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {ext: bytes})`` from one tar; members of a sample are consecutive.
+
+    The bytes are hashed as they stream. The last sample is yielded only after the whole file
+    was hashed: with ``sha256`` (the manifest's) a mismatch raises :class:`ShardHashError`
+    naming the file and both hashes before it, so a consumer that reads a shard to its end
+    never finishes on unverified data. ``digest["sha256"]`` receives the hash actually read.
+    """
     key, members, count = None, {}, 0
     try:
-        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        with storage.open_read(url) as raw, tarfile.open(fileobj=(f := _HashingReader(raw)),
+                                                         mode="r|") as tf:
             while (info := tf.next()) is not None:
                 tf.members.clear()  # stream mode keeps every TarInfo otherwise
                 if not info.isfile():
@@ -217,18 +269,27 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     count, members = count + 1, {}
                 key = k
                 members[ext] = tf.extractfile(info).read()
+            got = f.drain()
     except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key seen "
+        if isinstance(e, (FileNotFoundError, storage.StorageError)):
+            raise  # a missing file or a storage failure (named) is not a corrupt shard
+        raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key read "
                          f"{key!r}): {type(e).__name__}: {e}") from e
+    if digest is not None:
+        digest["sha256"] = got
+    if sha256 is not None and got != sha256:
+        raise ShardHashError(f"{url}: sha256 of the bytes read is {got} but its manifest lists "
+                             f"{sha256}; the shard changed after it was written (re-run the "
+                             "stage that wrote it, or restore the file)")
     if key is not None:
         yield key, members
 
 
-def _zip_samples(urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Merge the members of mirrored shards sample by sample, checking that keys agree."""
-    its = [iter_tar_samples(u) for u in urls]
+def _zip_samples(urls: list[str], hashes: Sequence[str | None]
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Merge the members of mirrored shards sample by sample, checking that keys agree and,
+    once a shard is read to its end, its sha256."""
+    its = [iter_tar_samples(u, h) for u, h in zip(urls, hashes)]
     try:
         for n in itertools.count():
             got = [next(it, None) for it in its]
@@ -257,8 +318,8 @@ def _zip_samples(urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
 class _PieceReader:
     """Reads one piece of a shard lazily: a piece whose samples are all skipped is never opened."""
 
-    def __init__(self, urls: list[str], piece: _Piece):
-        self.urls, self.piece = urls, piece
+    def __init__(self, urls: list[str], piece: _Piece, hashes: Sequence[str | None]):
+        self.urls, self.piece, self.hashes = urls, piece, hashes
         self.offset = piece.start
         self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
 
@@ -267,7 +328,7 @@ class _PieceReader:
             self.offset += 1
             return None
         if self._it is None:
-            self._it = _zip_samples(self.urls)
+            self._it = _zip_samples(self.urls, self.hashes)
             for _ in range(self.offset):  # headers and bytes stream past; nothing is decoded
                 self._take()
         item = self._take()
@@ -407,7 +468,7 @@ class ShardReader(IterableDataset):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("ShardReader needs at least one dataset URL")
-        self.shards = load_shards(self.urls)
+        self.shards, self.hashes = load_mirrored(self.urls)
         self.seed, self.shuffle, self.equal = seed, shuffle, equal
         # shuffle=False (evaluation) reads each slot's shards in manifest order, one at a time.
         self.shuffle_buffer = shuffle_buffer if shuffle else 1
@@ -476,7 +537,8 @@ class ShardReader(IterableDataset):
         for _ in range(skip):  # replay index-only: which positions were already yielded
             next(emit)
         kept, first_new = set(emit.buf), emit.next_read
-        readers = [_PieceReader([storage.join(u, p.shard.name) for u in self.urls], p)
+        readers = [_PieceReader([storage.join(u, p.shard.name) for u in self.urls], p,
+                                [h.get(p.shard.name) for h in self.hashes])
                    for p in pieces]
         source = _interleave([p.stop - p.start for p in pieces], self.interleave)
         pending: dict[int, tuple[str, str, dict[str, bytes]]] = {}

@@ -27,6 +27,7 @@ from fusedist.distill.checkpoint import (Checkpointer, TrainState, find_checkpoi
                                          load_ema_student, sample_log_fraction)
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import DataInfo, DistillData, dataset_info, steps_per_epoch
+from fusedist.distill.stop import DistillStopped, last_committed, prune_unregistered, stoppable
 
 log = logging.getLogger("fusedist.distill")
 
@@ -241,7 +242,7 @@ def make_trainer(cfg: DistillConfig, loop_config: dict[str, Any]):
     # DeepSpeed picks CUDA if it can import it; CPU workers must say so.
     env = {} if s.use_gpu else {"DS_ACCELERATOR": "cpu"}
     path, fs = ray_storage(cfg)
-    return TorchTrainer(
+    return stoppable(TorchTrainer)(  # SIGTERM stops it like Ctrl-C (fusedist.distill.stop)
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
@@ -250,6 +251,33 @@ def make_trainer(cfg: DistillConfig, loop_config: dict[str, Any]):
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.checkpoint.num_to_keep),
                              worker_runtime_env={"env_vars": env}))
+
+
+def _fit(trainer: Any, cfg: DistillConfig) -> Any:
+    """``trainer.fit()``; a SIGINT/SIGTERM stops it and raises :class:`DistillStopped` saying
+    which checkpoint is kept and how to resume."""
+    import signal
+
+    try:
+        return trainer.fit()
+    except Exception:
+        if trainer.stopped_by is None:
+            raise
+    finally:
+        # Ray's handlers point at a controller that is gone once fit returns.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    prune_unregistered(cfg.run_url())  # the workers are dead: what they left unregistered goes
+    ckpt = last_committed(cfg.run_url())
+    kept = "no checkpoint was committed yet, so a re-run starts from step 0"
+    if ckpt is not None:
+        step = storage.read_json(storage.join(ckpt, "fusedist_state.json"))["step"]
+        kept = f"kept the last committed checkpoint {ckpt} (step {step})"
+    name = signal.Signals(trainer.stopped_by).name
+    raise DistillStopped(trainer.stopped_by,
+                         f"distill run {cfg.run_name} stopped by {name}; {kept}. Resume by "
+                         f"running the same command again (same run_name={cfg.run_name} and "
+                         f"storage_path={cfg.storage_path})")
 
 
 def _checkpoint_url(cfg: DistillConfig, ckpt: Any) -> str | None:
@@ -301,9 +329,12 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
             trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"),
                                          "data": info.to_dict(), "meta": meta,
                                          "mlflow": mlflow, "progress": bar})
-            result = trainer.fit()
+            prune_unregistered(cfg.run_url())  # folders a stopped attempt left half-uploaded
+            result = _fit(trainer, cfg)
         if result.error is not None:
-            raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}")
+            # Chained: the CLI finds a storage failure (ENOSPC...) inside the workers' error.
+            raise RuntimeError(f"distill run {cfg.run_name} failed: {result.error}"
+                               ) from result.error
         ckpt = _checkpoint_url(cfg, result.checkpoint)
         out = DistillResult(run_url=cfg.run_url(), checkpoint=ckpt, steps=0, epochs=0,
                             metrics=dict(result.metrics or {}), mlflow_run_id=run.run_id,

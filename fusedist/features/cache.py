@@ -102,7 +102,9 @@ def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
         feats = feats[:, 0]
     samples = ((k, {f"{t.name}.npy": npy_bytes(f)}) for k, f in zip(res.keys, feats))
     info = shards.write_shard(storage.join(t.url, res.name), samples)
-    entry = {"name": res.name, "source_sha256": source["sha256"], "weights_digest": t.digest,
+    # The hash of the tile bytes actually read (the engine failed the shard had it differed).
+    entry = {"name": res.name, "source_sha256": res.sha256 or source["sha256"],
+             "weights_digest": t.digest,
              **info}
     storage.write_json(_entry_url(t, res.name), entry)
     return entry
@@ -169,7 +171,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                 bar.advance(len(res.keys))
 
             t_engine = time.perf_counter()
-            run_engine(spec, [(s["name"], s["samples"]) for s in todo], on_shard,
+            run_engine(spec, [(s["name"], s["samples"], s.get("sha256")) for s in todo],
+                       on_shard,
                        num_actors=actors, gpus_per_actor=gpus,
                        cpus_per_actor=cfg.engine.cpus_per_actor,
                        decode_cpus=cfg.engine.decode_cpus)

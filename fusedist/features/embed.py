@@ -115,7 +115,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
             else:
                 todo.setdefault(s["slide_id"], []).append(e)
     by_id = {s["slide_id"]: s for s in slides}
-    shard_list = [(n, samples[n]) for sid in todo for n in by_id[sid]["shards"]]
+    shard_list = [(n, samples[n], shard_sha[n]) for sid in todo for n in by_id[sid]["shards"]]
     parts: dict[str, dict[str, ShardResult]] = {}
     failed: set[str] = set()
     device, actors, gpus = engine_resources(cfg.engine)

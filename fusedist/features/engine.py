@@ -68,7 +68,7 @@ def _cut(img: np.ndarray, spec: EngineSpec) -> np.ndarray:
 
 
 def _row(spec: EngineSpec, shard: str, index: int, n_chunks: int, keys: list[str],
-         images: np.ndarray, error: str = "") -> dict:
+         images: np.ndarray, error: str = "", sha256: str = "") -> dict:
     n = len(keys)
     if n < spec.chunk:  # pad to a fixed shape: Ray Data tensor columns stay uniform
         pad = np.zeros((spec.chunk - n, *images.shape[1:]), np.uint8)
@@ -76,6 +76,7 @@ def _row(spec: EngineSpec, shard: str, index: int, n_chunks: int, keys: list[str
     return {"shard": np.array([shard]), "chunk": np.array([index]),
             "n_chunks": np.array([n_chunks]), "n": np.array([n]),
             "keys": np.array(["\n".join(keys)]), "error": np.array([error]),
+            "sha256": np.array([sha256]),
             "decode_pid": np.array([os.getpid()]), "images": images[None]}
 
 
@@ -83,20 +84,24 @@ def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
     """Ray Data map_batches fn (CPU): one shard name in, one row per chunk of decoded images.
 
     A sample that cannot be decoded ends the shard with an error row naming the shard and key;
-    the driver records the shard as failed and the other shards proceed.
+    the driver records the shard as failed and the other shards proceed. The shard is hashed as
+    it streams (the reader yields its last sample only once the hash matches the manifest's),
+    so the last chunk of a shard whose bytes changed never leaves: an error row takes its
+    place, and the last row carries the hash actually read.
     """
-    from fusedist.data.reader import iter_tar_samples
+    from fusedist.data.reader import ShardError, iter_tar_samples
 
     storage.configure(storage.StorageConfig(**spec.storage_cfg))
-    for shard, expected in zip(batch["shard"], batch["samples"]):
+    for shard, expected, sha in zip(batch["shard"], batch["samples"], batch["sha256"]):
         shard, expected = str(shard), int(expected)
         n_chunks = max(1, -(-expected // spec.chunk))
         url = storage.join(spec.tiles_url, shard)
         keys: list[str] = []
         images: list[np.ndarray] = []
         index, seen, key = 0, 0, "<start>"
+        digest: dict[str, str] = {}
         try:
-            for key, sample in iter_tar_samples(url):
+            for key, sample in iter_tar_samples(url, str(sha) or None, digest):
                 if spec.image_key not in sample:
                     raise ValueError(f"no {spec.image_key} member")
                 try:
@@ -106,16 +111,19 @@ def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
                 keys.append(key)
                 seen += 1
                 if len(keys) == spec.chunk:
-                    yield _row(spec, shard, index, n_chunks, keys, np.stack(images))
+                    yield _row(spec, shard, index, n_chunks, keys, np.stack(images),
+                               sha256=digest.get("sha256", ""))
                     index, keys, images = index + 1, [], []
             if seen != expected:
                 raise ValueError(f"holds {seen} samples but its manifest says {expected}")
             if keys or index == 0:
                 yield _row(spec, shard, index, n_chunks, keys,
                            np.stack(images) if images else np.zeros(
-                               (0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8))
+                               (0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8),
+                           sha256=digest.get("sha256", ""))
         except Exception as e:  # noqa: BLE001 - recorded per shard, never fatal to the job
-            msg = f"{url}: sample {seen} (after key {key}): {e}"
+            # The reader's own errors name the file, the sample and one last key already.
+            msg = str(e) if isinstance(e, ShardError) else f"{url}: sample {seen} (key {key}): {e}"
             yield _row(spec, shard, index, n_chunks, [],
                        np.zeros((0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8),
                        error=msg)
@@ -145,7 +153,7 @@ class EncoderActor:
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
         out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "keys", "error",
-                                     "decode_pid")}
+                                     "sha256", "decode_pid")}
         out["actor_pid"] = np.full(len(out["shard"]), os.getpid())
         images = batch["images"]  # (rows, chunk, S, 3, t, t) uint8
         rows, chunk, s = images.shape[:3]
@@ -182,6 +190,7 @@ class ShardResult:
     features: dict[str, np.ndarray]
     error: str = ""
     pids: tuple[set[int], set[int]] = (set(), set())  # (decode, encoder) processes: kept apart
+    sha256: str = ""  # of the tile shard's bytes as they were read (checked against the manifest)
 
 
 def decode_memory(spec: EngineSpec) -> int:
@@ -191,15 +200,17 @@ def decode_memory(spec: EngineSpec) -> int:
     return 640 * 2**20 + 3 * chunk
 
 
-def run_engine(spec: EngineSpec, shards: list[tuple[str, int]], on_shard: Callable[[ShardResult], None],
+def run_engine(spec: EngineSpec, shards: list[tuple], on_shard: Callable[[ShardResult], None],
                num_actors: int, gpus_per_actor: float, cpus_per_actor: float,
                decode_cpus: float = 1.0) -> None:
-    """Embed ``shards`` [(name, sample count)] and call ``on_shard`` as each one completes."""
+    """Embed ``shards`` [(name, sample count[, manifest sha256])] and call ``on_shard`` as each
+    one completes (a shard whose bytes do not hash to its given sha256 fails)."""
     import ray
 
     if not shards:
         return
-    ds = ray.data.from_items([{"shard": n, "samples": c} for n, c in shards],
+    ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
+                               "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],
                              override_num_blocks=len(shards))
     # Decode must stay a separate pool of CPU tasks. Ray Data fuses consecutive maps whose
     # resource requests match (on CPU-only clusters they do), which would move JPEG decoding
@@ -237,4 +248,4 @@ def _assemble(name: str, chunks: dict[int, dict]) -> ShardResult:
         if col.startswith("feat:"):
             feats[col[5:]] = np.concatenate([c[col][: int(c["n"])] for c in ordered])
     pids = ({int(c["decode_pid"]) for c in ordered}, {int(c["actor_pid"]) for c in ordered})
-    return ShardResult(name, keys, feats, pids=pids)
+    return ShardResult(name, keys, feats, pids=pids, sha256=str(ordered[-1]["sha256"]))

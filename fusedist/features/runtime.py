@@ -43,13 +43,33 @@ def load_encoders(refs: list[EncoderRef]) -> list:
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"")) from None
         try:
-            out.append(build_encoder(name, weights=ref.weights, device="cpu"))
+            enc = build_encoder(name, weights=ref.weights, device="cpu")
         except WeightsError as e:
             raise ConfigError(str(e)) from None
+        _check_exported_dim(enc, ref.name)
+        out.append(enc)
     names = [e.spec.name for e in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"encoder listed twice: {names}")
     return out
+
+
+def _check_exported_dim(enc, ref: str) -> None:
+    """An exported model's card says its ``dim``; its weights decide what comes out. A card
+    edited (or copied from another export) must fail here, not write bags of the wrong width."""
+    import torch
+
+    from fusedist.distill.export import exported_weights
+
+    if exported_weights(enc.spec.name) is None:
+        return  # registry encoders: their dim is checked by the registry's own tests
+    s = int(enc.spec.input_size)
+    with torch.inference_mode():
+        got = int(enc.embed(torch.zeros(1, 3, s, s, dtype=torch.uint8)).shape[-1])
+    if got != int(enc.spec.dim):
+        raise ConfigError(f"export {ref}: card.json says dim={enc.spec.dim} but its weights "
+                          f"give {got}-d features; fix the card's dim or re-export the model "
+                          "(fusedist export)")
 
 
 def resolve_ref(name: str) -> str:

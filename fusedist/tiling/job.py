@@ -1,13 +1,14 @@
 """``fusedist tile``: slides -> WebDataset shards, as Ray tasks, resumable.
 
 Two phases. *Plan*: one task per slide opens it, finds tissue and lists its tiles (cheap; the
-plan is saved and reused on re-runs). *Write*: shard numbers are assigned in slide-id order
-(a slide's tiles fill ``samples_per_shard``-sized shards of its own), then one task per shard
-writes it atomically followed by its done-entry. With fewer shards than CPUs, a shard's tiles
-are first rendered by several tasks (``split_range``) and its writer concatenates them in
-order, so one large slide uses every core and the bytes do not depend on the split. A shard
-whose entry exists with the same digest is skipped, so a re-run after a kill finishes the work
-and yields the same bytes.
+plan is saved and reused on re-runs). *Write*: a slide's tiles fill ``samples_per_shard``-sized
+shards of its own, named ``<slide_id>-<part>.tar`` (never by position among the slides, so
+adding, removing or failing a slide renames nothing), then one task per shard writes it
+atomically followed by its done-entry. With fewer shards than CPUs, a shard's tiles are first
+rendered by several tasks (``split_range``) and its writer concatenates them in order, so one
+large slide uses every core and the bytes do not depend on the split. A shard whose entry
+exists with the same digest is skipped, so a re-run after a kill finishes the work and yields
+the same bytes.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def discover(cfg: TileConfig) -> list[SlideInput]:
     """Slides under ``cfg.input`` (a file or a directory, searched recursively), id-sorted."""
     src = cfg.input.rstrip("/")
     exts = tuple(cfg.extensions)
+    if not storage.exists(src):
+        raise ConfigError(f"input {cfg.input} does not exist; check the --input path (a slide "
+                          "file or a folder, local or s3://)")
     if src.lower().endswith(exts) and storage.exists(src):
         return [SlideInput(slide_id_for(src), src)]
     rels = [r for r in storage.walk_files(src)
@@ -157,16 +161,15 @@ def _merge_dicom_series(records: list[dict]) -> list[dict]:
 
 
 def _assign_shards(cfg: TileConfig, records: list[dict]) -> list[dict]:
-    """Global shard numbers in slide order; each slide's tiles fill shards of its own."""
-    specs, index = [], 0
+    """Each slide's tiles fill shards of its own, named by slide and part (in slide order)."""
+    specs = []
     for r in records:
         if r["status"] != "ok":
             continue
-        for start in range(0, r["tiles"], cfg.samples_per_shard):
+        for part, start in enumerate(range(0, r["tiles"], cfg.samples_per_shard)):
             stop = min(start + cfg.samples_per_shard, r["tiles"])
-            specs.append({"name": shard_name(index), "record": r, "start": start, "stop": stop,
-                          "digest": shard_digest(r, start, stop)})
-            index += 1
+            specs.append({"name": shard_name(r["slide_id"], part), "record": r, "start": start,
+                          "stop": stop, "digest": shard_digest(r, start, stop)})
     return specs
 
 
