@@ -63,7 +63,7 @@ def _write_dataset(root: str) -> tuple[list[str], list[str], dict]:
             samples[f"{slide}/{x}_{y}"] = {
                 "hi.jpg": _jpeg(10 * s + i), "lo.jpg": _jpeg(100 + 10 * s + i),
                 "meta.json": {"slide_id": slide, "x": x, "y": y, "tile_mpp": 0.5}}
-        name = shards.shard_name(s)
+        name = shards.shard_name(slide, 0)
         tiles.append(storage.join(root, "tiles", name))
         shards.write_shard(tiles[-1], samples.items())
         fsamples = {k: {"test-vit.npy": npy_bytes(rng.standard_normal(16).astype(np.float16))}
