@@ -40,7 +40,7 @@ class MultiNode:
     def head_node_id(self) -> str:
         return self.cluster.head_node.node_id
 
-    def add_gpu_worker(self, cpus: float = 1, gpus: int = 1, wait: bool = True):
+    def add_gpu_worker(self, cpus: float = 2, gpus: int = 1, wait: bool = True):
         """A GPU worker node (one pod of the GPU group): its own raylet."""
         node = self.cluster.add_node(num_cpus=cpus, num_gpus=gpus,
                                      object_store_memory=OBJECT_STORE, wait=wait)
@@ -71,7 +71,7 @@ class MultiNode:
                 if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
 
 
-def start_multinode(workers: int = 2, cpus: float = 1, gpus: int = 1) -> MultiNode:
+def start_multinode(workers: int = 2, cpus: float = 2, gpus: int = 1) -> MultiNode:
     """Start head (CPU 0) + ``workers`` GPU nodes and connect this process to it."""
     import ray
     from ray.cluster_utils import Cluster
@@ -99,7 +99,8 @@ def stop_multinode(mn: MultiNode) -> None:
 
 @pytest.fixture
 def multinode() -> Iterator[MultiNode]:
-    """Head (``num_cpus=0``) + 2 GPU worker nodes (1 CPU, 1 declared GPU each), with
+    """Head (``num_cpus=0``) + 2 GPU worker nodes (2 CPUs, 1 declared GPU each: room for an
+    actor and decode tasks, as a GPU pod has), with
     ``FUSEDIST_DEVICE_OVERRIDE=cpu`` in every process; torn down after the test, so a test may
     remove and add nodes freely."""
     with pytest.MonkeyPatch.context() as mp:
