@@ -294,3 +294,21 @@ def test_embed_refuses_tiles_at_the_wrong_resolution(datasets, tmp_path, ray_clu
                       encoders=["test-vit"])
     with pytest.raises(ConfigError, match=r"0\.5 µm/px.*tile_mpp=0\.5"):
         run_embed(cfg, progress=False)
+
+
+def test_device_comes_from_the_config_not_from_a_startup_snapshot(caplog):
+    """An autoscaling cluster has no GPU until something asks: ``cuda`` requests GPU actors
+    anyway; ``auto`` on such a cluster runs on CPU but says why and how to ask for GPUs."""
+    from fusedist.features.config import EngineConfig
+    from fusedist.features.runtime import choose_device
+
+    cuda, auto = EngineConfig(device="cuda"), EngineConfig()
+    assert choose_device(cuda, joined=True, gpus_now=0) == "cuda"
+    with pytest.raises(ConfigError, match="local Ray has no GPUs.*engine.device=cpu"):
+        choose_device(cuda, joined=False, gpus_now=0)
+    with caplog.at_level("INFO", logger="fusedist.features"):
+        assert choose_device(auto, joined=True, gpus_now=0) == "cpu"
+        assert choose_device(auto, joined=True, gpus_now=8) == "cuda"
+    assert "set engine.device=cuda" in caplog.text and "has 8 GPU(s)" in caplog.text
+    with pytest.raises(ValueError, match="max_actors.*below.*min_actors"):
+        EngineConfig(min_actors=3, max_actors=2)
