@@ -39,3 +39,12 @@ def ray_cluster():
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run ``cluster`` tests last: their fixture (tests/cluster.py) replaces the session's local
+    Ray with a multi-node cluster, and no later test may find its Ray gone."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+from tests.cluster import multinode  # noqa: E402,F401 - fixture for `cluster` tests

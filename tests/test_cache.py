@@ -99,21 +99,35 @@ def test_cached_features_equal_teacher_forward(datasets, tmp_path, mode):
                                            .transpose(1, 0, 2).reshape(16, -1), atol=2e-3)
 
 
-def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets):
+def features_of(name: str, payload, results) -> dict:
+    """A finish function for engine tests: hands the features back (small test shards)."""
+    return {n: r.features for n, r in results.items()}
+
+
+def run_engine_collect(spec, shards, pool=None) -> tuple[dict, object]:
+    """Run the engine with one group per shard; ({shard: features or error}, stats)."""
+    from fusedist.features.engine import Group, PoolSpec, run_engine
+
+    out: dict = {}
+    stats = run_engine(spec, shards, {n: Group((n,)) for n, _ in shards}, features_of,
+                       lambda g, e, err: out.__setitem__(g, err or e[g]),
+                       pool or PoolSpec(1, 1, 0.0, 1.0, 0.25))
+    return out, stats
+
+
+def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_path):
     """The encoders must never wait on JPEG decode: Ray Data must not fuse the two maps."""
-    from fusedist.features.engine import EngineSpec, run_engine
+    from fusedist.features.engine import EngineSpec
 
     tiles = datasets / "tiles" / "grid"
     m = json.loads((tiles / "manifest.json").read_text())
     spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
-                      chunk=16, encoders=(("test-vit", None),), device="cpu")
-    results = []
-    run_engine(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]], results.append,
-               num_actors=1, gpus_per_actor=0, cpus_per_actor=1)
-    assert len(results) == 3 and not any(r.error for r in results)
-    decode = set().union(*(r.pids[0] for r in results))
-    actors = set().union(*(r.pids[1] for r in results))
-    assert decode and actors and not decode & actors
+                      chunk=16, encoders=(("test-vit", None),), device="cpu",
+                      staging=str(tmp_path / "parts"))
+    out, stats = run_engine_collect(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]])
+    assert len(out) == 3 and all(isinstance(v, dict) for v in out.values())
+    assert stats.decode_pids and stats.actor_pids and not stats.decode_pids & stats.actor_pids
+    assert not (tmp_path / "parts").exists()  # finish tasks and the end clear the staging
 
 
 def test_reader_zips_tiles_with_cached_features(datasets, tmp_path):
@@ -336,3 +350,21 @@ def test_embed_checks_an_export_cards_dim_against_its_weights(tmp_path):
     (out / "card.json").write_text(json.dumps({**card, "dim": 65}))
     with pytest.raises(ConfigError, match=r"card.json says dim=65 but its weights give 64-d"):
         load_encoders([EncoderRef(name=str(out))])
+
+
+def test_device_comes_from_the_config_not_from_a_startup_snapshot(caplog):
+    """An autoscaling cluster has no GPU until something asks: ``cuda`` requests GPU actors
+    anyway; ``auto`` on such a cluster runs on CPU but says why and how to ask for GPUs."""
+    from fusedist.features.config import EngineConfig
+    from fusedist.features.runtime import choose_device
+
+    cuda, auto = EngineConfig(device="cuda"), EngineConfig()
+    assert choose_device(cuda, joined=True, gpus_now=0) == "cuda"
+    with pytest.raises(ConfigError, match="local Ray has no GPUs.*engine.device=cpu"):
+        choose_device(cuda, joined=False, gpus_now=0)
+    with caplog.at_level("INFO", logger="fusedist.features"):
+        assert choose_device(auto, joined=True, gpus_now=0) == "cpu"
+        assert choose_device(auto, joined=True, gpus_now=8) == "cuda"
+    assert "set engine.device=cuda" in caplog.text and "has 8 GPU(s)" in caplog.text
+    with pytest.raises(ValueError, match="max_actors.*below.*min_actors"):
+        EngineConfig(min_actors=3, max_actors=2)

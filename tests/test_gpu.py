@@ -33,7 +33,8 @@ def test_encoder_embed_on_cuda_matches_cpu_within_bf16():
 
 
 def test_engine_on_cuda_matches_cpu(ray_cluster, tmp_path):
-    from fusedist.features.engine import EngineSpec, run_engine
+    from fusedist.features.engine import EngineSpec, PoolSpec
+    from tests.test_cache import run_engine_collect
     from tests.slides import make_known_slide
     from tests.test_tiling import tile_cfg
     from fusedist.tiling import run_tile
@@ -46,11 +47,10 @@ def test_engine_on_cuda_matches_cpu(ray_cluster, tmp_path):
     out = {}
     for device, gpus in (("cpu", 0.0), ("cuda", 1.0)):
         spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
-                          chunk=64, encoders=(("test-vit", None),), device=device)
-        res = []
-        run_engine(spec, shards, res.append, num_actors=1, gpus_per_actor=gpus, cpus_per_actor=1)
-        out[device] = np.concatenate([r.features["test-vit"][:, 0] for r in
-                                      sorted(res, key=lambda r: r.name)])
+                          chunk=64, encoders=(("test-vit", None),), device=device,
+                          staging=str(tmp_path / "parts"))
+        res, _ = run_engine_collect(spec, shards, PoolSpec(1, 1, gpus, 1.0, 0.25))
+        out[device] = np.concatenate([res[n]["test-vit"][:, 0] for n in sorted(res)])
     a, b = torch.from_numpy(out["cpu"]), torch.from_numpy(out["cuda"])
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
 

@@ -18,8 +18,9 @@ import numpy as np
 from fusedist import shards, storage
 from fusedist.config import ConfigError
 from fusedist.features.config import CacheConfig
-from fusedist.features.engine import EngineSpec, ShardResult, run_engine
-from fusedist.features.runtime import (engine_resources, load_encoders, read_tile_manifest,
+from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
+from fusedist.features.parts import ShardResult
+from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
                                        shard_progress)
 from fusedist.lookups import concurrently, read_state
 from fusedist.runtime import init_ray
@@ -53,6 +54,7 @@ class CacheResult:
     elapsed: float = 0.0
     engine_seconds: float = 0.0  # decode + encoders + writes, without start-up and loading
     random_weights: list[str] = field(default_factory=list)  # teachers without a checkpoint
+    engine: EngineStats = field(default_factory=EngineStats)
 
     def summary(self) -> str:
         rate = self.tiles / self.elapsed if self.elapsed else 0.0
@@ -110,6 +112,14 @@ def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
     return entry
 
 
+def _finish_shard(name: str, payload: tuple[list[TeacherInfo], dict],
+                  results: dict[str, ShardResult]) -> dict:
+    """Finish task (runs on a worker): write the shard's feature shards and done-entries for
+    the teachers that lack them; returns {teacher: done-entry}."""
+    teachers, source = payload
+    return {t.name: _write(t, results[name], source) for t in teachers}
+
+
 def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: list[dict],
               per_sample: list[int], done: dict[str, dict]) -> dict:
     rows = [{k: done[s["name"]][k] for k in ("name", "samples", "bytes", "sha256",
@@ -142,7 +152,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     todo = [s for s in tm["shards"] if any(s["name"] not in done[t.name] for t in teachers)]
     by_name = {s["name"]: s for s in tm["shards"]}
     init_ray(cfg.ray)
-    device, actors, gpus = engine_resources(cfg.engine)
+    device, pool, threads = engine_pool(cfg.engine, cfg.ray)
     per = 16 if tm["mode"] == "pairs" else 1
     spec = EngineSpec(tiles_url=cfg.tiles.rstrip("/"), mode=tm["mode"],
                       image_key="hi.jpg" if tm["mode"] == "pairs" else "img.jpg",
@@ -151,31 +161,33 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                       chunk=max(1, cfg.engine.batch_size // per),
                       encoders=tuple((r.name, r.weights) for r in cfg.teachers),
                       device=device, compile=cfg.engine.compile,
-                      storage_cfg=cfg.storage.model_dump())
+                      staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
+                      threads=threads, storage_cfg=cfg.storage.model_dump())
+    # One group per shard: its finish task writes each teacher's shard that is not done yet.
+    groups = {s["name"]: Group((s["name"],), ([t for t in teachers if s["name"] not in
+                                               done[t.name]], s)) for s in todo}
     result = CacheResult(manifests={})
     with start_run(cfg.mlflow, run_name=f"cache-{tm['dataset']}", params=cfg,
                    tags={"fusedist.stage": "cache"}) as run:
         warn_random_weights(run, [t.name for t in teachers if t.random_weights])
         result.random_weights = [t.name for t in teachers if t.random_weights]
         with shard_progress(len(todo), "cache", progress) as bar:
-            def on_shard(res: ShardResult) -> None:
-                if res.error:
-                    result.failed.append({"name": res.name, "reason": res.error})
-                    log.error("shard %s failed: %s", res.name, res.error)
-                else:
-                    for t in teachers:
-                        if res.name not in done[t.name]:
-                            done[t.name][res.name] = _write(t, res, by_name[res.name])
-                    result.written += 1
-                    result.tiles += len(res.keys)
-                bar.advance(len(res.keys))
+            def on_group(name: str, entries: dict | None, error: str) -> None:
+                if error:
+                    result.failed.append({"name": name, "reason": error})
+                    log.error("shard %s failed: %s", name, error)
+                    bar.advance(0)
+                    return
+                for t, e in entries.items():
+                    done[t][name] = e
+                result.written += 1
+                result.tiles += by_name[name]["samples"]
+                bar.advance(by_name[name]["samples"])
 
             t_engine = time.perf_counter()
-            run_engine(spec, [(s["name"], s["samples"], s.get("sha256")) for s in todo],
-                       on_shard,
-                       num_actors=actors, gpus_per_actor=gpus,
-                       cpus_per_actor=cfg.engine.cpus_per_actor,
-                       decode_cpus=cfg.engine.decode_cpus)
+            result.engine = run_engine(spec, [(s["name"], s["samples"], s.get("sha256"))
+                                              for s in todo], groups, _finish_shard, on_group,
+                                       pool)
             result.engine_seconds = time.perf_counter() - t_engine
         per_sample = [16] if tm["mode"] == "pairs" else []
         for t in teachers:

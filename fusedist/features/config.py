@@ -35,23 +35,43 @@ class EngineConfig(StrictModel):
     """Encoder inputs (224 px tiles) per forward; pairs samples count 16 each. Large on GPUs
     (e.g. 1024), small on CPU."""
 
-    num_actors: int | None = Field(None, gt=0)
-    """Encoder actors; default one per GPU, or 1 on a machine without GPUs."""
+    min_actors: int = Field(1, gt=0)
+    """Encoder actors the pool starts with (Ray Data ``ActorPoolStrategy(min_size=...)``)."""
+
+    max_actors: int | None = Field(None, gt=0)
+    """Most encoder actors (``max_size``): Ray Data adds actors up to this while there is work,
+    and on an autoscaling cluster their GPU requests make the autoscaler bring up GPU nodes.
+    Default: ``min_actors`` (a fixed pool). The GPU recipes set the GPUs the worker group can
+    reach (e.g. 16 for 2 nodes x 8)."""
 
     gpus_per_actor: float = Field(1.0, ge=0)
-    """GPUs each actor holds when GPUs are present."""
+    """GPUs each actor requests when the device is ``cuda``."""
 
-    cpus_per_actor: float = Field(1.0, gt=0)
-    """CPUs each actor holds (torch threads on CPU-only machines)."""
+    cpus_per_actor: float | None = Field(None, gt=0)
+    """CPUs each actor holds; its torch uses that many threads. Default: 1 on ``cuda`` (the
+    GPU computes); on ``cpu`` the largest node's CPUs minus ``decode_cpus``, so the model gets
+    all the cores that decoding does not need."""
 
-    decode_cpus: float = Field(1.0, gt=0)
-    """CPUs per JPEG-decode task."""
+    decode_cpus: float = Field(0.25, gt=0)
+    """CPUs per JPEG-decode task. Decoding a 224 px JPEG costs ~1/50 of a ViT-S forward on
+    CPU, so a quarter CPU keeps the encoders fed without taking a core from them."""
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where encoders run: ``auto`` picks CUDA when the Ray cluster has GPUs."""
+    """Where encoders run. ``cuda``: actors request ``gpus_per_actor`` GPUs each, whether or
+    not a GPU node is up yet (an autoscaling cluster starts GPU nodes for them); the GPU
+    recipes set it. ``auto``: ``cuda`` when the Ray cluster has GPUs when the stage starts,
+    else ``cpu``; on a cluster joined by address that has no GPU yet this logs a warning,
+    because an autoscaling cluster has none until something asks for one."""
 
     compile: bool = False
     """``torch.compile`` the encoders (worth it on GPUs for long runs)."""
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "EngineConfig":
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(f"engine.max_actors ({self.max_actors}) is below "
+                             f"engine.min_actors ({self.min_actors}); raise max_actors")
+        return self
 
 
 class _EngineStage(StrictModel):

@@ -18,8 +18,9 @@ from fusedist import storage
 from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.config import ConfigError
 from fusedist.features.config import EmbedConfig, EncoderRef
-from fusedist.features.engine import EngineSpec, ShardResult, run_engine
-from fusedist.features.runtime import (engine_resources, load_encoders, read_tile_manifest,
+from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
+from fusedist.features.parts import ShardResult
+from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
                                        shard_progress)
 from fusedist.preflight import check_embed
 from fusedist.runtime import init_ray
@@ -36,6 +37,7 @@ class EmbedResult:
     tiles: int = 0
     elapsed: float = 0.0
     random_weights: list[str] = field(default_factory=list)  # encoders without a checkpoint
+    engine: list[EngineStats] = field(default_factory=list)  # one per resolution group
 
     def summary(self) -> str:
         rate = self.tiles / self.elapsed if self.elapsed else 0.0
@@ -116,35 +118,34 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
                 todo.setdefault(s["slide_id"], []).append(e)
     by_id = {s["slide_id"]: s for s in slides}
     shard_list = [(n, samples[n], shard_sha[n]) for sid in todo for n in by_id[sid]["shards"]]
-    parts: dict[str, dict[str, ShardResult]] = {}
-    failed: set[str] = set()
-    device, actors, gpus = engine_resources(cfg.engine)
+    device, pool, threads = engine_pool(cfg.engine, cfg.ray)
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
                       encoders=tuple(_refs_for(cfg.encoders, encoders)),
                       device=device, compile=cfg.engine.compile,
-                      storage_cfg=cfg.storage.model_dump())
-    shard_slide = {n: sid for sid in todo for n in by_id[sid]["shards"]}
+                      staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
+                      threads=threads, storage_cfg=cfg.storage.model_dump())
+    meta = {"tile_mpp": float(tm["config"]["tile_mpp"]),
+            "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", "")}
+    # One group per slide: its finish task writes the slide's bags from all its shards.
+    groups = {sid: Group(tuple(by_id[sid]["shards"]),
+                         _BagJob(cfg.output, by_id[sid], meta, _slide_digest(by_id[sid], shard_sha),
+                                 [_EncInfo(e.spec.name, e.weights_digest, e.random_weights)
+                                  for e in todo[sid]]))
+              for sid in todo}
 
-    with shard_progress(len(shard_list), f"embed {tm['dataset']}", progress) as bar:
-        def on_shard(res: ShardResult) -> None:
-            sid = shard_slide[res.name]
-            bar.advance(len(res.keys))
-            if sid in failed:
+    with shard_progress(len(todo), f"embed {tm['dataset']}", progress) as bar:
+        def on_group(sid: str, entry: dict | None, error: str) -> None:
+            bar.advance(entry["tiles"] if entry else 0)
+            if error:
+                result.failed.append({"slide_id": sid, "reason": error})
                 return
-            if res.error:
-                failed.add(sid)
-                result.failed.append({"slide_id": sid, "reason": res.error})
-                return
-            parts.setdefault(sid, {})[res.name] = res
-            result.tiles += len(res.keys)
-            if len(parts[sid]) == len(by_id[sid]["shards"]):
-                _write_bags(cfg, tm, by_id[sid], parts.pop(sid), todo[sid],
-                            _slide_digest(by_id[sid], shard_sha), result)
+            result.tiles += entry["tiles"]
+            result.written += entry["bags"]
 
-        run_engine(spec, shard_list, on_shard, num_actors=actors, gpus_per_actor=gpus,
-                   cpus_per_actor=cfg.engine.cpus_per_actor, decode_cpus=cfg.engine.decode_cpus)
+        result.engine.append(run_engine(spec, shard_list, groups, _finish_slide, on_group,
+                                        pool))
 
 
 def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | None]]:
@@ -156,22 +157,40 @@ def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | N
     return [(r.name, r.weights) for r in refs if resolve_ref(r.name) in names]
 
 
-def _write_bags(cfg, tm, slide, parts, encoders, digest, result) -> None:
-    ordered = [parts[n] for n in slide["shards"]]
+@dataclass(frozen=True)
+class _EncInfo:
+    name: str
+    weights_digest: str
+    random_weights: bool
+
+
+@dataclass(frozen=True)
+class _BagJob:
+    """What the finish task of one slide needs to write its bags (plain data)."""
+
+    output: str
+    slide: dict
+    meta: dict  # tile_mpp, tile_size, dataset
+    digest: str
+    encoders: list[_EncInfo]
+
+
+def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict:
+    """Finish task (runs on a worker): one bag per encoder from the slide's shards in order."""
+    ordered = [parts[n] for n in job.slide["shards"]]
     keys = [k for p in ordered for k in p.keys]
     coords = coords_of(keys)
-    mpp0 = float(slide["mpp0"])
-    tile_mpp, size = float(tm["config"]["tile_mpp"]), int(tm["config"]["tile_size"])
-    for e in encoders:
-        feats = np.concatenate([p.features[e.spec.name][:, 0] for p in ordered]).astype(
-            np.float32)
-        bag = Bag(slide_id=slide["slide_id"], features=feats, coords=coords,
-                  encoder=e.spec.name, mpp=tile_mpp, tile_size=size,
-                  attrs={"weights_digest": e.weights_digest, "source_digest": digest,
-                         "source": tm.get("dataset", ""), "random_weights": e.random_weights,
+    mpp0 = float(job.slide["mpp0"])
+    tile_mpp, size = job.meta["tile_mpp"], job.meta["tile_size"]
+    for e in job.encoders:
+        feats = np.concatenate([p.features[e.name][:, 0] for p in ordered]).astype(np.float32)
+        bag = Bag(slide_id=sid, features=feats, coords=coords, encoder=e.name, mpp=tile_mpp,
+                  tile_size=size,
+                  attrs={"weights_digest": e.weights_digest, "source_digest": job.digest,
+                         "source": job.meta["dataset"], "random_weights": e.random_weights,
                          "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0))})
-        write_bag(bag_url(cfg.output, e.spec.name, slide["slide_id"]), bag)
-        result.written += 1
+        write_bag(bag_url(job.output, e.name, sid), bag)
+    return {"tiles": len(keys), "bags": len(job.encoders)}
 
 
 def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:

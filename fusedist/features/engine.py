@@ -1,11 +1,13 @@
 """The batch-inference engine behind ``fusedist cache`` and ``fusedist embed``.
 
-Ray Data pipeline: shard names -> (CPU tasks) read + JPEG-decode each shard into fixed-size
-chunks of uint8 images -> (actor pool, one GPU per actor when there are GPUs) every encoder on
-the same decoded chunk -> the driver, which reassembles shards and hands each finished one to
-the caller. Chunks are cut at fixed sample offsets inside a shard and each forward sees
-exactly one chunk, so a re-run computes every feature from the same batch and writes the same
-bytes.
+Ray Data pipeline: shard names -> (CPU tasks) read + JPEG-decode each shard into chunks of
+uint8 images -> (an autoscaling actor pool, GPUs per actor as configured) every encoder on the
+same decoded chunk, whose features the actor writes as a part -> the driver, which receives
+only small rows, and for each finished group of shards starts a finish task on a worker that
+writes the stage's outputs (fusedist/features/parts.py). No feature array passes through the
+driver. Chunks are cut at fixed sample offsets inside a shard (the last one holds only the
+real remainder: nothing padded runs through a model) and each forward sees exactly one chunk,
+so a re-run computes every feature from the same batch and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -20,6 +24,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fusedist import storage
+from fusedist.features.parts import FinishTask, Finish, Group
+
+__all__ = ["EngineSpec", "PoolSpec", "EngineStats", "run_engine", "Group"]
 
 log = logging.getLogger("fusedist.features")
 
@@ -38,12 +45,25 @@ class EngineSpec:
     chunk: int  # samples per chunk (one forward)
     encoders: tuple[tuple[str, str | None], ...]  # (registry name, weights or None)
     device: str  # "cuda" | "cpu"
+    staging: str = ""  # where actors write feature parts (parts.py)
+    threads: int = 1  # torch threads per actor: the CPUs it holds
     compile: bool = False
     storage_cfg: dict = field(default_factory=dict)
 
     @property
     def per_sample(self) -> int:
         return GRID * GRID if self.mode == "pairs" else 1
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Ray resources of the two pools (features/runtime.py ``engine_pool`` decides them)."""
+
+    min_actors: int
+    max_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    decode_cpus: float
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -67,17 +87,19 @@ def _cut(img: np.ndarray, spec: EngineSpec) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1)[None])
 
 
-def _row(spec: EngineSpec, shard: str, index: int, n_chunks: int, keys: list[str],
-         images: np.ndarray, error: str = "", sha256: str = "") -> dict:
-    n = len(keys)
-    if n < spec.chunk:  # pad to a fixed shape: Ray Data tensor columns stay uniform
-        pad = np.zeros((spec.chunk - n, *images.shape[1:]), np.uint8)
-        images = np.concatenate([images, pad]) if n else pad
+def _row(shard: str, index: int, n_chunks: int, keys: list[str], images: np.ndarray,
+         error: str = "", sha256: str = "") -> dict:
+    # No padding: a chunk holds only its real samples, so the model never runs on filler.
+    # Rows travel one per block (batch_size=1), so their differing shapes never meet.
     return {"shard": np.array([shard]), "chunk": np.array([index]),
-            "n_chunks": np.array([n_chunks]), "n": np.array([n]),
+            "n_chunks": np.array([n_chunks]), "n": np.array([len(keys)]),
             "keys": np.array(["\n".join(keys)]), "error": np.array([error]),
             "sha256": np.array([sha256]),
             "decode_pid": np.array([os.getpid()]), "images": images[None]}
+
+
+def _empty(spec: EngineSpec) -> np.ndarray:
+    return np.zeros((0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8)
 
 
 def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
@@ -111,28 +133,34 @@ def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
                 keys.append(key)
                 seen += 1
                 if len(keys) == spec.chunk:
-                    yield _row(spec, shard, index, n_chunks, keys, np.stack(images),
+                    yield _row(shard, index, n_chunks, keys, np.stack(images),
                                sha256=digest.get("sha256", ""))
                     index, keys, images = index + 1, [], []
             if seen != expected:
                 raise ValueError(f"holds {seen} samples but its manifest says {expected}")
             if keys or index == 0:
-                yield _row(spec, shard, index, n_chunks, keys,
-                           np.stack(images) if images else np.zeros(
-                               (0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8),
+                yield _row(shard, index, n_chunks, keys,
+                           np.stack(images) if images else _empty(spec),
                            sha256=digest.get("sha256", ""))
         except Exception as e:  # noqa: BLE001 - recorded per shard, never fatal to the job
             # The reader's own errors name the file, the sample and one last key already.
             msg = str(e) if isinstance(e, ShardError) else f"{url}: sample {seen} (key {key}): {e}"
-            yield _row(spec, shard, index, n_chunks, [],
-                       np.zeros((0, spec.per_sample, 3, spec.tile_px, spec.tile_px), np.uint8),
-                       error=msg)
+            yield _row(shard, index, n_chunks, [], _empty(spec), error=msg)
+
+
+def actor_device(spec: EngineSpec) -> str:
+    """The torch device an actor computes on. ``FUSEDIST_DEVICE_OVERRIDE=cpu`` (tests only)
+    computes on CPU while the actor's Ray request (its GPUs) stays what ``spec`` says: the
+    multi-node test clusters declare GPUs that do not exist (tests/cluster.py)."""
+    return os.environ.get("FUSEDIST_DEVICE_OVERRIDE") or spec.device
 
 
 class EncoderActor:
-    """Ray Data actor: loads every encoder once, then embeds each decoded chunk with all."""
+    """Ray Data actor: loads every encoder once, embeds each decoded chunk with all of them and
+    writes the chunk's features as a part (fusedist/features/parts.py); returns a small row."""
 
     def __init__(self, spec: EngineSpec):
+        import ray
         import torch
 
         from fusedist.features.runtime import resolve_ref
@@ -140,57 +168,79 @@ class EncoderActor:
 
         self.spec = spec
         self.torch = torch
-        self.device = torch.device(spec.device)
+        # Use every CPU this actor holds: Ray sets no thread count of its own that fits.
+        torch.set_num_threads(spec.threads)
+        device = actor_device(spec)
+        self.device = torch.device(device)
+        self.node = ray.get_runtime_context().get_node_id()
         # An exported encoder on S3 is resolved here, in the actor's own process, which
         # knows the endpoint only from the stage's storage config.
         storage.configure(storage.StorageConfig(**spec.storage_cfg))
-        self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=spec.device)
+        self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=device)
                          for ref, w in spec.encoders]
         if spec.compile:
             for enc in self.encoders:
                 enc.compile()  # compiles forward in place (the module keeps its attributes)
 
-    def __call__(self, batch: dict) -> dict:
+    def _embed(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, S, 3, t, t) uint8 -> {encoder: (n, S, D) float32}; n == 0 runs no model."""
         torch = self.torch
-        out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "keys", "error",
-                                     "sha256", "decode_pid")}
-        out["actor_pid"] = np.full(len(out["shard"]), os.getpid())
-        images = batch["images"]  # (rows, chunk, S, 3, t, t) uint8
-        rows, chunk, s = images.shape[:3]
+        n, s = images.shape[:2]
+        if n == 0:
+            return {e.spec.name: np.zeros((0, s, e.spec.dim), np.float32) for e in self.encoders}
         with warnings.catch_warnings():
             # Ray hands over a read-only view; the encoders only read it, so no copy is made.
             warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1, *images.shape[3:])
+            x = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1, *images.shape[2:])
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        errors = list(out["error"])
+        out = {}
         for enc in self.encoders:
             with torch.inference_mode():
-                feats = enc.embed(x).float().cpu().numpy()
-            feats = feats.reshape(rows, chunk, s, -1)
-            for r in range(rows):
-                n = int(out["n"][r])
-                bad = ~np.isfinite(feats[r, :n]).all(axis=(1, 2))
-                if bad.any() and not errors[r]:
-                    key = str(out["keys"][r]).split("\n")[int(np.argmax(bad))]
-                    errors[r] = (f"{storage.join(self.spec.tiles_url, str(out['shard'][r]))}: "
-                                 f"encoder {enc.spec.name} produced NaN/inf features for key "
-                                 f"{key}; check its weights (a NaN parameter?) and inputs")
-            out[f"feat:{enc.spec.name}"] = feats  # float32; callers choose what they store
+                out[enc.spec.name] = enc.embed(x).float().cpu().numpy().reshape(n, s, -1)
+        return out
+
+    def _nan_error(self, shard: str, keys: list[str], feats: dict[str, np.ndarray]) -> str:
+        for name, f in feats.items():
+            bad = ~np.isfinite(f).all(axis=(1, 2))
+            if bad.any():
+                return (f"{storage.join(self.spec.tiles_url, shard)}: encoder {name} produced "
+                        f"NaN/inf features for key {keys[int(np.argmax(bad))]}; check its "
+                        "weights (a NaN parameter?) and inputs")
+        return ""
+
+    def __call__(self, batch: dict) -> dict:
+        from fusedist.features.parts import write_part
+
+        out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "error", "sha256",
+                                     "decode_pid")}
+        rows = len(out["shard"])
+        out["actor_pid"] = np.full(rows, os.getpid())
+        out["actor_node"] = np.array([self.node] * rows)
+        errors = list(out["error"])
+        for r in range(rows):
+            if errors[r]:
+                continue
+            shard, n = str(out["shard"][r]), int(out["n"][r])
+            keys = str(batch["keys"][r]).split("\n") if n else []
+            feats = self._embed(batch["images"][r][:n])
+            errors[r] = self._nan_error(shard, keys, feats)
+            if not errors[r]:
+                write_part(self.spec.staging, shard, int(out["chunk"][r]), keys, feats)
         out["error"] = np.array(errors)
         return out
 
 
 @dataclass
-class ShardResult:
-    """A finished shard: its keys and, per encoder, features (N, S, D) in key order."""
+class EngineStats:
+    """What the driver saw: how much it received and where the work ran."""
 
-    name: str
-    keys: list[str]
-    features: dict[str, np.ndarray]
-    error: str = ""
-    pids: tuple[set[int], set[int]] = (set(), set())  # (decode, encoder) processes: kept apart
-    sha256: str = ""  # of the tile shard's bytes as they were read (checked against the manifest)
+    rows: int = 0
+    bytes_received: int = 0  # row arrays + pickled done-entries, the driver's whole intake
+    groups: int = 0
+    decode_pids: set[int] = field(default_factory=set)
+    actor_pids: set[int] = field(default_factory=set)
+    actor_nodes: set[str] = field(default_factory=set)
 
 
 def decode_memory(spec: EngineSpec) -> int:
@@ -200,15 +250,31 @@ def decode_memory(spec: EngineSpec) -> int:
     return 640 * 2**20 + 3 * chunk
 
 
-def run_engine(spec: EngineSpec, shards: list[tuple], on_shard: Callable[[ShardResult], None],
-               num_actors: int, gpus_per_actor: float, cpus_per_actor: float,
-               decode_cpus: float = 1.0) -> None:
-    """Embed ``shards`` [(name, sample count[, manifest sha256])] and call ``on_shard`` as each
-    one completes (a shard whose bytes do not hash to its given sha256 fails)."""
+def _finish_remote():
     import ray
 
+    from fusedist.features.parts import run_finish
+
+    # num_cpus=0: a short write must not wait for the CPUs the actors hold until the end; it
+    # is placed on the node of the actor that wrote the group's last part (soft: any node if
+    # that one is gone).
+    return ray.remote(num_cpus=0, max_retries=3)(run_finish)
+
+
+def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
+               finish: Finish, on_group: Callable[[str, dict | None, str], None],
+               pool: PoolSpec) -> EngineStats:
+    """Embed ``shards`` [(name, sample count[, manifest sha256])]; for each group of shards,
+    once all its parts are written, run ``finish`` on a worker and call
+    ``on_group(id, entry, error)`` with its done-entry (or the first shard error of the group,
+    entry None). A shard whose bytes do not hash to its given sha256 fails; ``finish`` sees
+    the hash actually read as ``ShardResult.sha256``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    stats = EngineStats()
     if not shards:
-        return
+        return stats
     ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
                                "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],
                              override_num_blocks=len(shards))
@@ -218,34 +284,70 @@ def run_engine(spec: EngineSpec, shards: list[tuple], on_shard: Callable[[ShardR
     # decoded chunks need and the actors do not, so the requests differ and they never fuse
     # (tests/test_cache.py checks decoding runs in other processes than the encoders).
     ds = ds.map_batches(decode_shard, fn_kwargs={"spec": spec}, batch_size=1,
-                        num_cpus=decode_cpus, memory=decode_memory(spec))
+                        num_cpus=pool.decode_cpus, memory=decode_memory(spec))
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=num_actors),
-                        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
-    pending: dict[str, dict[int, dict]] = {}
+                        compute=ray.data.ActorPoolStrategy(
+                            min_size=pool.min_actors, max_size=pool.max_actors,
+                            max_tasks_in_flight_per_actor=2),
+                        num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor)
+    group_of = {s: g for g, grp in groups.items() for s in grp.shards}
+    chunks: dict[str, set[int]] = {}
+    n_chunks: dict[str, int] = {}
+    sha_read: dict[str, str] = {}  # shard -> sha256 of the bytes its decode task read
+    complete: dict[str, set[str]] = {}
     failed: set[str] = set()
+    running: dict = {}  # finish ref -> group id
+    remote = _finish_remote()
+
+    def collect(timeout: float | None) -> None:
+        ready, _ = ray.wait(list(running), num_returns=len(running) if timeout is None else 1,
+                            timeout=timeout)
+        for ref in ready:
+            entry = ray.get(ref)
+            stats.bytes_received += len(pickle.dumps(entry))
+            on_group(running.pop(ref), entry, "")
+
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+        stats.rows += 1
+        stats.bytes_received += sum(v.nbytes for v in batch.values())
         row = {k: v[0] for k, v in batch.items()}
         name = str(row["shard"])
-        if name in failed:
+        gid = group_of[name]
+        stats.decode_pids.add(int(row["decode_pid"]))
+        stats.actor_pids.add(int(row["actor_pid"]))
+        stats.actor_nodes.add(str(row["actor_node"]))
+        if gid in failed:
             continue
         if row["error"]:
-            failed.add(name)
-            pending.pop(name, None)
-            on_shard(ShardResult(name, [], {}, error=str(row["error"])))
+            failed.add(gid)
+            on_group(gid, None, str(row["error"]))
             continue
-        chunks = pending.setdefault(name, {})
-        chunks[int(row["chunk"])] = row
-        if len(chunks) == int(row["n_chunks"]):
-            on_shard(_assemble(name, pending.pop(name)))
+        n_chunks[name] = int(row["n_chunks"])
+        if row["sha256"]:
+            sha_read[name] = str(row["sha256"])
+        chunks.setdefault(name, set()).add(int(row["chunk"]))
+        if len(chunks[name]) < n_chunks[name]:
+            continue
+        complete.setdefault(gid, set()).add(name)
+        if len(complete[gid]) == len(groups[gid].shards):
+            task = FinishTask(spec.staging, spec.storage_cfg, finish, gid, groups[gid],
+                              {s: n_chunks[s] for s in groups[gid].shards},
+                              {s: sha_read.get(s, "") for s in groups[gid].shards})
+            where = NodeAffinitySchedulingStrategy(str(row["actor_node"]), soft=True)
+            running[remote.options(scheduling_strategy=where).remote(task)] = gid
+            stats.groups += 1
+        if running:
+            collect(timeout=0)
+    if running:
+        collect(timeout=None)
+    _clear_staging(spec.staging)
+    return stats
 
 
-def _assemble(name: str, chunks: dict[int, dict]) -> ShardResult:
-    ordered = [chunks[i] for i in sorted(chunks)]
-    keys = [k for c in ordered for k in (str(c["keys"]).split("\n") if int(c["n"]) else [])]
-    feats = {}
-    for col in ordered[0]:
-        if col.startswith("feat:"):
-            feats[col[5:]] = np.concatenate([c[col][: int(c["n"])] for c in ordered])
-    pids = ({int(c["decode_pid"]) for c in ordered}, {int(c["actor_pid"]) for c in ordered})
-    return ShardResult(name, keys, feats, pids=pids, sha256=str(ordered[-1]["sha256"]))
+def _clear_staging(staging: str) -> None:
+    """Parts left by failed groups (finished groups delete their own), and local folders."""
+    if not storage.is_s3(staging):
+        shutil.rmtree(storage.local_path(staging), ignore_errors=True)
+        return
+    for name in storage.walk_files(staging):
+        storage.delete(storage.join(staging, name))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Iterator
 
 from fusedist import storage
-from fusedist.config import ConfigError
+from fusedist.config import ConfigError, RayConfig
 from fusedist.features.config import EncoderRef, EngineConfig
+from fusedist.features.engine import PoolSpec
 from fusedist.runtime import Rate
 
 log = logging.getLogger("fusedist.features")
@@ -86,20 +88,67 @@ def resolve_ref(name: str) -> str:
                           "(fusedist.models.list_encoders()) or an exported model folder") from None
 
 
-def engine_resources(cfg: EngineConfig) -> tuple[str, int, float]:
-    """(device, number of actors, GPUs per actor) for this Ray cluster."""
+def joined_cluster(ray_cfg: RayConfig) -> bool:
+    """True when the stage joins a cluster by address (which may autoscale), False for the
+    private local Ray it starts itself (whose resources are all there is)."""
+    return bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def choose_device(cfg: EngineConfig, joined: bool, gpus_now: float) -> str:
+    """``cuda``/``cpu`` from the config; ``gpus_now`` (GPUs up at start) only decides ``auto``
+    and is never trusted to mean "no GPUs will come" on a joined cluster: that is logged."""
+    if cfg.device == "cuda":
+        if gpus_now <= 0 and not joined:
+            raise ConfigError("engine.device=cuda but this local Ray has no GPUs; use "
+                              "engine.device=cpu (or auto), or join a GPU cluster with "
+                              "--set ray.address=...")
+        log.info("engine.device=cuda (from the config): each encoder actor requests %g GPU(s)%s",
+                 cfg.gpus_per_actor, "" if gpus_now > 0 else
+                 "; no GPU node is up yet, so the actors wait for the autoscaler to add one")
+        return "cuda"
+    if cfg.device == "cpu":
+        log.info("engine.device=cpu (from the config)")
+        return "cpu"
+    if gpus_now > 0:
+        log.info("engine.device=auto -> cuda: the Ray cluster has %g GPU(s)", gpus_now)
+        return "cuda"
+    if joined:
+        log.warning("engine.device=auto -> cpu: the joined Ray cluster has no GPU right now. "
+                    "An autoscaling cluster starts GPU nodes only when something requests "
+                    "them: set engine.device=cuda to request GPU actors (the GPU recipes do)")
+    else:
+        log.info("engine.device=auto -> cpu: this local Ray has no GPUs")
+    return "cpu"
+
+
+def _largest_node_cpus() -> float:
     import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if gpus > 0 else "cpu"
-    if device == "cuda" and gpus <= 0:
-        raise ConfigError("engine.device=cuda but the Ray cluster has no GPUs; use "
-                          "engine.device=auto or cpu")
-    per = cfg.gpus_per_actor if device == "cuda" else 0.0
-    actors = cfg.num_actors or (max(1, int(gpus // per)) if per else 1)
-    return device, actors, per
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    return max(cpus, default=1.0)
+
+
+def engine_pool(cfg: EngineConfig, ray_cfg: RayConfig) -> tuple[str, PoolSpec, int]:
+    """(device, Ray resources of the pools, torch threads per actor) for this stage."""
+    import ray
+
+    device = choose_device(cfg, joined_cluster(ray_cfg),
+                           float(ray.cluster_resources().get("GPU", 0)))
+    cpus = cfg.cpus_per_actor
+    if cpus is None:
+        # CPU actors: the model gets every core of a node that decoding does not need. The
+        # node sizes of a CPU run are what is up now (CPU runs do not wait for scale-ups).
+        node = _largest_node_cpus()
+        cpus = 1.0 if device == "cuda" else (node - cfg.decode_cpus if node > cfg.decode_cpus
+                                              else node)
+    pool = PoolSpec(min_actors=cfg.min_actors, max_actors=cfg.max_actors or cfg.min_actors,
+                    gpus_per_actor=cfg.gpus_per_actor if device == "cuda" else 0.0,
+                    cpus_per_actor=cpus, decode_cpus=cfg.decode_cpus)
+    threads = max(1, round(cpus))
+    log.info("engine: %d-%d encoder actor(s) on %s, %g CPU(s) each (%d torch threads), "
+             "%g GPU(s) each; decode tasks %g CPU", pool.min_actors, pool.max_actors, device,
+             cpus, threads, pool.gpus_per_actor, cfg.decode_cpus)
+    return device, pool, threads
 
 
 class _Bar:

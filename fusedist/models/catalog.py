@@ -131,4 +131,16 @@ TEST: tuple[EncoderSpec, ...] = (
     ),
 )
 
-BUILTIN: tuple[EncoderSpec, ...] = PUBLISHED + TEST
+# Shapes for engine benchmarks (no published weights: use ``weights: random``).
+BENCH: tuple[EncoderSpec, ...] = (
+    EncoderSpec(
+        name="bench-vit-s16",
+        arch="vit_small_patch16_224",
+        kwargs=dict(img_size=224, num_classes=0),
+        dim=384, output="cls", precision="bf16", mpp=0.5,
+        description="ViT-S/16 (22M) for CPU engine benchmarks; random weights only",
+        license="none (random weights)",
+    ),
+)
+
+BUILTIN: tuple[EncoderSpec, ...] = PUBLISHED + TEST + BENCH

@@ -1,0 +1,113 @@
+"""A real multi-node Ray cluster on one machine, shaped like the users' KubeRay clusters.
+
+``ray.cluster_utils.Cluster`` starts one raylet (with its own object store and worker pool) per
+node. The head has ``num_cpus=0``, as the rendered RayJobs' heads do (nothing is scheduled
+there); worker nodes declare ``GPU`` like the GPU worker group. Declared GPUs do not exist
+here, so the fixture sets ``FUSEDIST_DEVICE_OVERRIDE=cpu`` for every process of the cluster:
+encoder actors still *request* GPUs exactly as on a GPU cluster, and compute on CPU.
+
+Tests that use these fixtures are marked ``cluster``; conftest runs them after all others,
+because they replace the session's local Ray with the multi-node one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+# Small object stores: three raylets share a 2-core CI machine with other tests.
+OBJECT_STORE = 120 * 2**20
+# Detect a removed node within seconds, not the default 30 s.
+SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                 "health_check_failure_threshold": 4}
+
+
+@dataclass
+class MultiNode:
+    """A live ``ray.cluster_utils.Cluster`` the test process is connected to."""
+
+    cluster: object
+    gpu_workers: list = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def head_node_id(self) -> str:
+        return self.cluster.head_node.node_id
+
+    def add_gpu_worker(self, cpus: float = 2, gpus: int = 1, wait: bool = True):
+        """A GPU worker node (one pod of the GPU group): its own raylet."""
+        node = self.cluster.add_node(num_cpus=cpus, num_gpus=gpus,
+                                     object_store_memory=OBJECT_STORE, wait=wait)
+        self.gpu_workers.append(node)
+        return node
+
+    def remove(self, node, wait: bool = True) -> None:
+        """Lose a pod: kill the node's raylet and every worker process on it; with ``wait``,
+        return once the GCS has marked it dead (a few health-check periods)."""
+        self.gpu_workers.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while wait and node.node_id in self.alive_node_ids():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node.node_id} still alive 60 s after removal")
+            time.sleep(0.2)
+
+    def alive_node_ids(self) -> set[str]:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+    def gpu_node_ids(self) -> set[str]:
+        """Ids of live nodes that declare GPUs (asked of the GCS, not of this object)."""
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes()
+                if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
+
+
+def start_multinode(workers: int = 2, cpus: float = 2, gpus: int = 1) -> MultiNode:
+    """Start head (CPU 0) + ``workers`` GPU nodes and connect this process to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # the session's local Ray (cluster tests run last)
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE,
+                                      "_system_config": SYSTEM_CONFIG,
+                                      "include_dashboard": False})
+    mn = MultiNode(cluster)
+    for _ in range(workers):
+        mn.add_gpu_worker(cpus=cpus, gpus=gpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    return mn
+
+
+def stop_multinode(mn: MultiNode) -> None:
+    import ray
+
+    ray.shutdown()
+    mn.cluster.shutdown()
+
+
+@pytest.fixture
+def multinode() -> Iterator[MultiNode]:
+    """Head (``num_cpus=0``) + 2 GPU worker nodes (2 CPUs, 1 declared GPU each: room for an
+    actor and decode tasks, as a GPU pod has), with
+    ``FUSEDIST_DEVICE_OVERRIDE=cpu`` in every process; torn down after the test, so a test may
+    remove and add nodes freely."""
+    with pytest.MonkeyPatch.context() as mp:
+        # Raylets and their workers inherit this process's environment at start.
+        mp.setenv("FUSEDIST_DEVICE_OVERRIDE", "cpu")
+        mn = start_multinode()
+        try:
+            yield mn
+        finally:
+            stop_multinode(mn)

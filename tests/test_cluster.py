@@ -1,0 +1,120 @@
+"""Stages on a real multi-node Ray cluster shaped like KubeRay's (tests/cluster.py).
+
+Declared GPUs do not exist here: ``FUSEDIST_DEVICE_OVERRIDE=cpu`` (set by the fixture) makes
+actors compute on CPU while their Ray resource requests stay those of a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slides import known_slides
+
+pytestmark = pytest.mark.cluster
+
+
+def test_fixture_is_a_cpu0_head_with_gpu_workers_that_come_and_go(multinode):
+    import ray
+
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    assert nodes[multinode.head_node_id]["Resources"].get("CPU", 0) == 0
+    assert len(multinode.gpu_node_ids()) == 2 and multinode.head_node_id not in \
+        multinode.gpu_node_ids()
+
+    @ray.remote(num_gpus=1, num_cpus=1)
+    def where():
+        import os
+        return ray.get_runtime_context().get_node_id(), os.environ.get("FUSEDIST_DEVICE_OVERRIDE")
+
+    node, override = ray.get(where.remote())
+    assert node in multinode.gpu_node_ids() and override == "cpu"
+    lost = multinode.gpu_workers[0]
+    multinode.remove(lost)
+    assert lost.node_id not in multinode.gpu_node_ids() and len(multinode.gpu_node_ids()) == 1
+    added = multinode.add_gpu_worker()
+    assert added.node_id in multinode.gpu_node_ids() and len(multinode.gpu_node_ids()) == 2
+
+
+def _tiles(slides, out):
+    from fusedist.tiling import run_tile
+    from tests.test_tiling import tile_cfg
+
+    return run_tile(tile_cfg(slides, out, dataset="grid", mode="grid", samples_per_shard=6),
+                    progress=False)
+
+
+def _cache(tiles, out, **kw):
+    from fusedist.features import run_cache
+    from tests.test_cache import cache_cfg
+
+    sets = {"engine.device": "cuda", "engine.min_actors": 1, "engine.max_actors": 2,
+            "engine.batch_size": 4, **kw}
+    return run_cache(cache_cfg(tiles, out, teachers=["test-vit"], **sets), progress=False)
+
+
+def _remove_when(multinode, state: Path, n: int, record: dict) -> threading.Thread:
+    """Remove a worker node once ``n`` done-entries exist under ``state`` (mid-run). Ray starts
+    nodes only from the main thread: the test adds the replacement pod after the run."""
+    def go():
+        deadline = time.monotonic() + 240
+        while len(list(state.glob("*.json"))) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record["done_at_removal"] = len(list(state.glob("*.json")))
+        multinode.remove(multinode.gpu_workers[0])
+        record["removed"] = True
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def _same_dataset(a: Path, b: Path) -> None:
+    assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
+    names = sorted(p.name for p in a.glob("shard-*.tar"))
+    assert names == sorted(p.name for p in b.glob("shard-*.tar")) and names
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def test_tile_and_cache_on_gpu_nodes_survive_losing_a_node(multinode, tmp_path):
+    """Tile and cache on head(CPU 0) + 2 GPU nodes: encoder actors run only on GPU nodes, the
+    driver receives only small rows and done-entries, and losing a worker node mid-run still
+    gives byte-identical shards and manifests. (GPUs are declared, compute is on CPU:
+    FUSEDIST_DEVICE_OVERRIDE=cpu.)"""
+    slides = known_slides(tmp_path / "slides", 2)
+    clean = _tiles(slides, tmp_path / "tiles-clean")
+    n_shards = clean.manifest["totals"]["shards"]
+    assert n_shards >= 6
+    # Tile with a node lost after the first shards are written.
+    rec: dict = {}
+    t = _remove_when(multinode, tmp_path / "tiles" / "grid" / "_state" / "shards", 1, rec)
+    lossy = _tiles(slides, tmp_path / "tiles")
+    t.join(120)
+    assert rec["removed"] and 1 <= rec["done_at_removal"] < n_shards and not lossy.failed
+    _same_dataset(tmp_path / "tiles-clean" / "grid", tmp_path / "tiles" / "grid")
+    multinode.add_gpu_worker()  # KubeRay starts the lost pod again
+
+    tiles = tmp_path / "tiles" / "grid"
+    # One actor, no interruption: the reference features.
+    ref = _cache(tiles, tmp_path / "f-clean", **{"engine.max_actors": 1})
+    assert not ref.failed and ref.written == n_shards
+    gpu_nodes = multinode.gpu_node_ids()
+    assert ref.engine.actor_nodes and ref.engine.actor_nodes <= gpu_nodes
+    assert multinode.head_node_id not in ref.engine.actor_nodes
+    # Driver intake per shard: a few small rows and one done-entry, far below the features.
+    feature_bytes = ref.manifests["test-vit"]["totals"]["bytes"]
+    assert ref.engine.bytes_received / n_shards < 4096 < feature_bytes / n_shards
+
+    rec = {}
+    t = _remove_when(multinode, tmp_path / "f" / "test-vit" / "grid" / "_state" / "shards", 1,
+                     rec)
+    lossy = _cache(tiles, tmp_path / "f")
+    t.join(120)
+    assert rec["removed"] and 1 <= rec["done_at_removal"] < n_shards
+    assert not lossy.failed and lossy.written == n_shards
+    assert lossy.engine.actor_nodes and multinode.head_node_id not in lossy.engine.actor_nodes
+    _same_dataset(tmp_path / "f-clean" / "test-vit" / "grid", tmp_path / "f" / "test-vit" / "grid")
