@@ -95,6 +95,47 @@ def test_mismatched_ids_missing_slides_and_nan_are_recorded(cohort, tmp_path):
     assert len(c.slide_ids) == 28
 
 
+MISSING = ["NA", "N/A", "nan", "NaN", "None", "null", ""]
+
+
+@pytest.mark.parametrize("task,column", [("classification", "label"), ("survival", "time"),
+                                         ("regression", "gene_2")])
+def test_each_missing_label_spelling_excludes_its_slide(cohort, tmp_path, task, column):
+    rows = read_csv(Path(cohort.labels))
+    hit = {}
+    for i, spelling in enumerate(MISSING):  # slides 0, 2, 4...: keeps classes balanced
+        r = rows[2 * i]
+        r[column] = f" {spelling} " if spelling else spelling
+        hit[r["slide_id"]] = spelling
+    rows[1][column] = "unknown"  # configured spelling, below
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    target = "gene_*" if task == "regression" else "label"
+    c = load_cohort(FuseConfig(bags=cohort.bags, labels=str(labels), folds=3, task=task,
+                               target=target,
+                               missing_values=["NA", "N/A", "nan", "NaN", "None", "null",
+                                               "unknown"]))
+    why = {x["slide_id"]: x["reason"] for x in c.exclusions}
+    for sid, spelling in hit.items():
+        assert sid not in c.slide_ids, spelling
+        assert f"{column}={spelling!r}" in why[sid] and "missing value" in why[sid], why[sid]
+    assert "unknown" in why[rows[1]["slide_id"]]
+    assert len(c.slide_ids) == 30 - len(MISSING) - 1
+    if task == "classification":
+        assert c.classes == ["0", "1"]  # never a class of its own
+    # The defaults cover every spelling but the custom one (a class of one slide here).
+    default = FuseConfig(bags=cohort.bags, labels=str(labels), folds=3, task=task,
+                         target=target)
+    if task == "classification":
+        with pytest.raises(ConfigError, match="class 'unknown' has 1 patient"):
+            load_cohort(default)
+    else:
+        assert set(hit) <= {x["slide_id"] for x in load_cohort(default).exclusions}
+
+
 def test_encoders_without_common_slides_is_a_clear_error(cohort, tmp_path):
     import shutil
 

@@ -184,6 +184,12 @@ class FuseConfig(StrictModel):
     """Label column (classification), or target columns / one glob such as ``gene_*``
     (regression). Survival reads ``time`` and ``event`` (see ``time_column``/``event_column``)."""
 
+    missing_values: list[str] = Field(
+        default_factory=lambda: ["", "NA", "N/A", "nan", "NaN", "None", "null"])
+    """Label cells that mean "no value" (compared after stripping whitespace; the empty cell
+    is always missing). A slide whose target cell is one of them is excluded with the reason,
+    never trained as a class of its own."""
+
     time_column: str = "time"
     """Survival time column."""
 

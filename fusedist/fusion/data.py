@@ -142,6 +142,16 @@ def _float(v: str) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _missing(cfg: FuseConfig, r: dict[str, str], names: list[str]) -> str | None:
+    """Why row ``r`` has no target (a ``missing_values`` cell in ``names``), or None."""
+    na = set(cfg.missing_values) | {""}
+    gone = [c for c in names if r[c] in na]
+    if not gone:
+        return None
+    return ("missing value " + ", ".join(f"{c}={r[c]!r}" for c in gone) + f" in {cfg.labels}"
+            " (a `missing_values` spelling)")
+
+
 def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
                   ) -> tuple[dict[str, object], dict[str, str], list[str]]:
     """slide_id -> parsed target, slide_id -> why it has none, and the target names."""
@@ -151,13 +161,18 @@ def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
         col = cfg.target if isinstance(cfg.target, str) else cfg.target[0]
         _need_columns(cfg.labels, cols, [col], "target")
         for r in rows:
-            (ok.__setitem__(r["slide_id"], r[col]) if r[col] != ""
-             else bad.__setitem__(r["slide_id"], f"empty {col!r} in {cfg.labels}"))
+            why = _missing(cfg, r, [col])
+            (ok.__setitem__(r["slide_id"], r[col]) if why is None
+             else bad.__setitem__(r["slide_id"], why))
         return ok, bad, [col]
     if cfg.task == "survival":
         tc, ec = cfg.time_column, cfg.event_column
         _need_columns(cfg.labels, cols, [tc, ec], "time_column/event_column")
         for r in rows:
+            why = _missing(cfg, r, [tc, ec])
+            if why is not None:
+                bad[r["slide_id"]] = why
+                continue
             t, e = _float(r[tc]), _float(r[ec])
             if t is None or t < 0 or e not in (0.0, 1.0):
                 bad[r["slide_id"]] = (f"{tc}={r[tc]!r}, {ec}={r[ec]!r} in {cfg.labels}: need a "
@@ -167,6 +182,10 @@ def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
         return ok, bad, [tc, ec]
     names = target_columns(cfg, cols)
     for r in rows:
+        why = _missing(cfg, r, names)
+        if why is not None:
+            bad[r["slide_id"]] = why
+            continue
         vals = [_float(r[c]) for c in names]
         if any(v is None for v in vals):
             bad[r["slide_id"]] = f"missing or non-numeric target(s) in {cfg.labels}"
