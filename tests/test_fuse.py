@@ -35,7 +35,8 @@ TINY = {"folds": 3, "inner_folds": 2, "experts": {"epochs": 3, "survival_epochs"
                  "embed_dim": 64, "token_dim": 32},
         "fusecpath": {"n_clusters": 3, "n_bags": 3, "per_cluster": 3, "region_num": 2,
                       "topk": 4, "epochs": 3, "lr": 0.01, "batch_size": 8},
-        "tiles_per_slide": 8, "heatmaps": 1, "mlflow": {"enabled": False}}
+        "tiles_per_slide": 8, "heatmaps": 1, "mlflow": {"enabled": False},
+        "final": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,57 @@ def test_every_task_runs_every_applicable_method(ray_cluster, cohort, tmp_path, 
     if task == "regression":
         assert "pred_gene_0" in rows[0] and (tmp_path / task / "plots" /
                                              "regression.png").exists()
+
+
+# A method defined here, registered here, and nowhere else: the fold loop, the table, the
+# predictions and the plots pick it up with no other change.
+from fusedist.fusion.methods.base import Fitted, FoldContext, Method, Outputs
+from fusedist.fusion.methods.registry import register
+
+
+class _MaxFitted(Fitted):
+    kind = "test_max_ensemble"
+
+    def __init__(self, targets, experts):
+        super().__init__(targets)
+        self.experts = experts
+
+    def predict(self, x, device=None):
+        p = np.stack([f.predict(x, device).pred for f in self.experts]).max(0)
+        return Outputs(p / p.sum(1, keepdims=True))
+
+
+@register
+class _MaxEnsemble(Method):
+    key = "test_max_ensemble"
+    tasks = ("classification",)
+    order = 25
+
+    def label(self, task):
+        return "max-prob ensemble (test)"
+
+    def fit(self, ctx: FoldContext):
+        return _MaxFitted(ctx.targets, [ctx.expert(e) for e in ctx.c.encoders])
+
+
+def test_a_method_registered_in_a_test_file_runs_through_folds_and_report(
+        ray_cluster, cohort, tmp_path):
+    from fusedist.fusion.run import run_fuse
+
+    res = run_fuse(cfg_for(cohort, tmp_path / "o", methods=["test_max_ensemble",
+                                                            "mean_ensemble"]), progress=False)
+    assert res.methods == ["expert.test-color", "expert.test-nuclei", "expert.test-texture",
+                           "mean_ensemble", "test_max_ensemble"]
+    assert np.isfinite(res.summary["test_max_ensemble"]["auc"][0])
+    rows = [r for r in read_csv(tmp_path / "o" / "predictions.csv")
+            if r["method"] == "test_max_ensemble"]
+    assert len(rows) == 30
+    assert "max-prob ensemble (test)" in (tmp_path / "o" / "results.md").read_text()
+    # The same slide's expert probabilities bound the max ensemble's (before renormalising).
+    exp = {r["slide_id"]: float(r["prob_1"]) for r in read_csv(tmp_path / "o" /
+                                                               "predictions.csv")
+           if r["method"] == "expert.test-color"}
+    assert any(abs(float(r["prob_1"]) - exp[r["slide_id"]]) > 1e-4 for r in rows)
 
 
 @pytest.mark.timeout(600)
