@@ -32,7 +32,7 @@ def test_refit_save_load_gives_identical_outputs_for_every_method(cohort, tmp_pa
     tiny = {**TINY, "experts": {**TINY["experts"], "epochs": 1, "survival_epochs": 1},
             "logitprod": {**TINY["logitprod"], "max_epochs": 10},
             "meta": {**TINY["meta"], "strategies": ["self_attention", "contrastive"],
-                     "epochs": 1}, "fold_cpus": 2}
+                     "epochs": 1}, "fold_cpus": 1}
     cfg = FuseConfig(bags=cohort.bags, labels=cohort.labels, task=task, target=target,
                      output=str(tmp_path), **tiny)
     c = load_cohort(cfg)
