@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedist.fusion.survival import (hazard_logits_to_outcome_log_probs,
-                                      hazards_to_outcome_probs, harrell_c_index,
-                                      nll_survival_loss, outcome_log_probs_to_hazards,
-                                      survival_risk)
+from fusedist.fusion.survival import (harrell_c_index, hazard_logits_to_outcome_log_probs,
+                                      hazards_to_outcome_probs, nll_survival_loss,
+                                      outcome_log_probs_to_hazards, survival_risk)
+
+if TYPE_CHECKING:
+    from fusedist.fusion.config import LogitProdConfig
 
 ERROR_KINDS = ("nll", "brier", "zero_one")
 
@@ -261,23 +263,8 @@ def logitprod_survival_loss_terms(out: dict[str, Tensor], time_bin: Tensor, even
 
 # ------------------------------------------------------------------------------ training
 
-@dataclass
-class GateTrainConfig:
-    """methods.md §2 training: Adam lr 1e-5, wd 1e-4, cosine warm restarts (T0 = 10
-    epochs, x2, min 1e-6), batch 16, up to 600 epochs, early stopping on validation CE
-    (penalty excluded; NLL-survival for survival), best state restored."""
-
-    lr: float = 1e-5
-    weight_decay: float = 1e-4
-    t0: int = 10
-    t_mult: int = 2
-    min_lr: float = 1e-6
-    batch_size: int = 16
-    max_epochs: int = 600
-    patience: int = 50
-    lam: float = 0.1
-    alpha: float = 0.4
-    seed: int = 0
+# methods.md §2 schedule: cosine warm restarts, T0 = 10 epochs, x2, down to 1e-6.
+WARM_RESTART_T0, WARM_RESTART_MULT, MIN_LR = 10, 2, 1e-6
 
 
 def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, lam: float,
@@ -292,15 +279,21 @@ def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, la
 
 def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...],
                   val: tuple[Tensor, ...] | None = None, R: Tensor | None = None,
-                  cfg: GateTrainConfig | None = None) -> dict[str, object]:
-    """Train the gate. ``train``/``val`` = (logits, labels) or (hazard_logits, time_bin,
-    event). Without ``val``, runs ``max_epochs`` and keeps the last state.
+                  cfg: LogitProdConfig | None = None, *, alpha: float = 0.4,
+                  seed: int = 0) -> dict[str, object]:
+    """Train the gate with ``cfg`` (the ``logitprod`` section of the fuse config, passed as
+    is: lr, weight decay, batch size, epochs, patience, lam): Adam, cosine warm restarts,
+    early stopping on the validation CE (penalty excluded; NLL-survival with ``alpha`` for
+    survival), best state restored. ``train``/``val`` = (logits, labels) or (hazard_logits,
+    time_bin, event). Without ``val``, runs ``max_epochs`` and keeps the last state.
     Returns ``{"best_epoch", "best_val", "history"}`` (history: per-epoch train loss, val)."""
-    cfg = cfg or GateTrainConfig()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    from fusedist.fusion.config import LogitProdConfig
+
+    cfg = cfg or LogitProdConfig()
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.min_lr)
+        opt, T_0=WARM_RESTART_T0, T_mult=WARM_RESTART_MULT, eta_min=MIN_LR)
     n = train[0].shape[0]
     best = (math.inf, -1, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
@@ -310,7 +303,7 @@ def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, cfg.alpha)["loss"]
+            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, alpha)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -320,7 +313,7 @@ def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...
         if val is not None:
             model.eval()
             with torch.no_grad():
-                v = float(_objective(model, val, None, 0.0, cfg.alpha)["nll"])
+                v = float(_objective(model, val, None, 0.0, alpha)["nll"])
             row["val"] = v
             if v < best[0]:
                 best = (v, epoch, copy.deepcopy(model.state_dict()))
@@ -382,10 +375,26 @@ def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ..
 
 
 __all__ = [
-    "ERROR_KINDS", "logit_features", "expert_errors", "correlation_steps", "error_correlation",
-    "survival_error_correlation", "LogitProd", "diversity_penalty", "logitprod_loss_terms",
-    "logitprod_loss", "hazards_to_outcome_probs", "hazard_logits_to_outcome_log_probs",
-    "outcome_log_probs_to_hazards", "nll_survival_loss", "survival_risk", "harrell_c_index",
-    "LogitProdSurvival", "logitprod_survival_loss_terms", "GateTrainConfig", "fit_logitprod",
-    "select_expert", "training_objective", "expert_fallback",
+    "ERROR_KINDS",
+    "LogitProd",
+    "LogitProdSurvival",
+    "correlation_steps",
+    "diversity_penalty",
+    "error_correlation",
+    "expert_errors",
+    "expert_fallback",
+    "fit_logitprod",
+    "harrell_c_index",
+    "hazard_logits_to_outcome_log_probs",
+    "hazards_to_outcome_probs",
+    "logit_features",
+    "logitprod_loss",
+    "logitprod_loss_terms",
+    "logitprod_survival_loss_terms",
+    "nll_survival_loss",
+    "outcome_log_probs_to_hazards",
+    "select_expert",
+    "survival_error_correlation",
+    "survival_risk",
+    "training_objective",
 ]

@@ -314,7 +314,7 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
         manifest = {"model": cfg.model, "task": card["task"], "methods": card["methods"],
                     "predicted": [r["slide_id"] for r in results], "failed": failed}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        lines = [f"# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
+        lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
                  f"{', '.join(card['methods'])}); {len(results)} slide(s) predicted, "
                  f"{len(failed)} failed.\n"]
         for m, s in (card.get("cv_metrics") or {}).items():

@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusedist.fusion.methods.base import (
-    FitInfo,
-    Fitted,
-    FoldContext,
-    HeadFitted,
-    Method,
-    Outputs,
-    load_fitted,
-    sub_state,
-)
+from fusedist.fusion.methods.base import (FitInfo, Fitted, FoldContext, HeadFitted, Method, Outputs,
+                                          load_fitted, sub_state)
 from fusedist.fusion.methods.registry import register, register_fitted
 
 

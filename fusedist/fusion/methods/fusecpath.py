@@ -12,14 +12,7 @@ import numpy as np
 
 from fusedist import storage
 from fusedist.config import ConfigError
-from fusedist.fusion.methods.base import (
-    FitInfo,
-    Fitted,
-    FoldContext,
-    Method,
-    Outputs,
-    Skipped,
-)
+from fusedist.fusion.methods.base import FitInfo, Fitted, FoldContext, Method, Outputs, Skipped
 from fusedist.fusion.methods.registry import register, register_fitted
 
 

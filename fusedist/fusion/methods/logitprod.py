@@ -8,15 +8,8 @@ import time
 
 import numpy as np
 
-from fusedist.fusion.methods.base import (
-    FitInfo,
-    Fitted,
-    FoldContext,
-    Method,
-    Outputs,
-    load_fitted,
-    sub_state,
-)
+from fusedist.fusion.methods.base import (FitInfo, Fitted, FoldContext, Method, Outputs,
+                                          load_fitted, sub_state)
 from fusedist.fusion.methods.registry import register, register_fitted
 
 
@@ -103,14 +96,8 @@ class LogitProdMethod(Method):
         import torch
         import torch.nn.functional as F
 
-        from fusedist.fusion.logitprod import (
-            GateTrainConfig,
-            error_correlation,
-            expert_fallback,
-            fit_logitprod,
-            survival_error_correlation,
-            training_objective,
-        )
+        from fusedist.fusion.logitprod import (error_correlation, expert_fallback, fit_logitprod,
+                                               survival_error_correlation, training_objective)
         from fusedist.fusion.survival import nll_survival_loss
         from fusedist.fusion.train import trainable_params
 
@@ -128,12 +115,10 @@ class LogitProdMethod(Method):
         else:
             R = error_correlation(z, tgt[0], lp.error, lp.shrink)
         model = _gate(len(es), ctx.num_outputs, lp.gate, surv)
-        gcfg = GateTrainConfig(lr=lp.lr, weight_decay=lp.weight_decay, batch_size=lp.batch_size,
-                               max_epochs=lp.max_epochs, patience=lp.patience, lam=lp.lam,
-                               alpha=alpha, seed=ctx.seed("gate"))
         t0 = time.perf_counter()
         fit = fit_logitprod(model, (z[tr], *(t[tr] for t in tgt)),
-                            (z[va], *(t[va] for t in tgt)), R, gcfg)
+                            (z[va], *(t[va] for t in tgt)), R, lp, alpha=alpha,
+                            seed=ctx.seed("gate"))
         data = (z, *tgt)
         fell_back = expert_fallback(model, data, R, lp.lam, alpha) if lp.expert_fallback \
             else None
