@@ -79,7 +79,7 @@ def test_predict_on_bags_matches_the_model_and_resumes(fused):
     (out / "_state" / f"{c.slide_ids[4]}.json").unlink()
     (out / "predictions.csv").unlink()
     mtimes = {f.name: f.stat().st_mtime_ns for f in (out / "_state").iterdir()}
-    p = _cli("--model", url, "--bags", co.bags, "--output", str(out))
+    p = _cli("--model", url, "--bags", co.bags, "--output", str(out), "--set", "heatmaps=false")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "predictions.csv").read_text() == before
     assert all((out / "_state" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
@@ -91,7 +91,8 @@ def test_a_bad_bag_fails_its_slide_and_other_weights_are_refused(fused):
     shutil.copytree(co.bags, bags)
     bad = c.slide_ids[2]
     (bags / "test-color" / f"{bad}.h5").write_bytes(b"not an h5 file")
-    p = _cli("--model", url, "--bags", str(bags), "--output", str(tmp / "pred-bad"))
+    p = _cli("--model", url, "--bags", str(bags), "--output", str(tmp / "pred-bad"),
+             "--set", "heatmaps=false")
     assert p.returncode == 1, p.stderr[-3000:]
     manifest = json.loads((tmp / "pred-bad" / "manifest.json").read_text())
     assert [f["slide_id"] for f in manifest["failed"]] == [bad]

@@ -280,8 +280,9 @@ class FuseConfig(StrictModel):
 
     # Fields that change where/how a run executes but not its results (excluded from the
     # digest that guards resumption).
-    RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "final", "device", "fold_cpus",
-                                    "fold_gpus", "overwrite", "ray", "storage", "mlflow"}
+    RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "final", "device",
+                                    "fold_cpus", "fold_gpus", "overwrite", "ray", "storage",
+                                    "mlflow"}
 
     @field_validator("methods")
     @classmethod
