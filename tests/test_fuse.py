@@ -320,7 +320,12 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     hist = client.get_metric_history(run.info.run_id, "logitprod/auc")
     assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
-    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots", "fuse/model"} <= arts
+    # The fused model (default final.methods: the CV's best, plus LogitProd).
+    card = json.loads((out / "model" / "card.json").read_text())
+    assert card["methods"][0] == methods[0] and "logitprod" in card["methods"]
+    assert card["cv_metrics"]["logitprod"]["auc"][0] == pytest.approx(
+        float(next(r for r in table if r["method"] == "logitprod")["auc_mean"]), abs=1e-3)
 
     # Resume: lose one finished fold and the outputs, re-run, get the same predictions.
     before = (out / "predictions.csv").read_text()

@@ -57,9 +57,10 @@ def _sha256(path: Path) -> str:
 
 
 def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
-                cv: dict[str, dict[str, list[float]]]) -> str:
+                cv: dict[str, dict[str, list[float]]], run=None) -> str:
     """Save ``fitted`` to ``url`` (folder or s3://): one safetensors per component, and the
-    card. Returns ``url``."""
+    card; also under the MLflow run's ``fuse/model`` artifacts when ``run`` is active.
+    Returns ``url``."""
     from safetensors.torch import save_file
 
     from fusedist.bags import _version
@@ -85,6 +86,8 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
         (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=float))
         for p in sorted(out.iterdir()):
             storage.upload_file(p, storage.join(url, p.name))
+            if run is not None and run.active:
+                run.log_artifact(p, "fuse/model")
     return url
 
 

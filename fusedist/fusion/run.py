@@ -122,14 +122,14 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
 
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
-                 res: FuseResult) -> str:
+                 res: FuseResult, run) -> str:
     """Refit ``final.methods`` on every labelled sample and write ``<output>/model/``."""
     from fusedist.fusion.model import final_methods, refit, write_model
 
     rows = final_methods(cfg, methods, res.best())
     fitted = refit(c, cfg, rows, prepared)
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
-    url = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv)
+    url = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv, run)
     log.info("fuse: fused model (%s) in %s", ", ".join(fitted), url)
     return url
 
@@ -155,7 +155,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
-            res.model = _write_final(c, cfg, methods, prepared, res)
+            res.model = _write_final(c, cfg, methods, prepared, res, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
         res.elapsed = time.perf_counter() - t0
         run.log_metrics({"fuse_seconds": res.elapsed})
