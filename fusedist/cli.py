@@ -254,6 +254,31 @@ def fuse(config: Optional[Path] = ConfigOpt,
     typer.echo(result.summary_text())
 
 
+@app.command()
+def predict(config: Optional[Path] = ConfigOpt,
+            model: Optional[str] = typer.Option(None, "--model", "-m",
+                                                help="A fuse output's model/ folder."),
+            bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
+            output: Optional[str] = typer.Option(None, "--output", "-o",
+                                                 help="Predictions folder (or s3://)."),
+            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+            verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
+    """Apply a fused model to new slides' bags: predictions.csv, heatmaps, summary."""
+    from fusedist.fusion.predict import PredictConfig, run_predict
+
+    _setup_logging(quiet, verbose, "predict")
+    # `model` is also _load's first parameter: pass it as an override.
+    sets = ([f"model={model}"] if model else []) + list(set_ or [])
+    cfg = _load(PredictConfig, config, sets, print_config, bags=bags, output=output)
+    result = _run_stage(run_predict, cfg, quiet)
+    typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
+               f"failed; predictions: {result['output']}/predictions.csv")
+    for f in result["failed"]:
+        typer.secho(f"failed {f['slide_id']}: {f['reason']}", fg=typer.colors.RED, err=True)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
 def _causes(e: BaseException):
     """``e`` and what it wraps: Ray task errors (``.cause``), Ray Train's per-worker failures,
     and the ``raise ... from`` chain, so a full disk inside a Ray worker is still recognised."""

@@ -18,6 +18,7 @@ RECIPE_MODELS: dict[str, str] = {
     "launch": "fusedist.launch.config:LaunchConfig",
     "embed": "fusedist.features:EmbedConfig",
     "fuse": "fusedist.fusion.config:FuseConfig",
+    "predict": "fusedist.fusion.predict:PredictConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",
 }

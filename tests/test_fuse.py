@@ -35,7 +35,8 @@ TINY = {"folds": 3, "inner_folds": 2, "experts": {"epochs": 3, "survival_epochs"
                  "embed_dim": 64, "token_dim": 32},
         "fusecpath": {"n_clusters": 3, "n_bags": 3, "per_cluster": 3, "region_num": 2,
                       "topk": 4, "epochs": 3, "lr": 0.01, "batch_size": 8},
-        "tiles_per_slide": 8, "heatmaps": 1, "mlflow": {"enabled": False}}
+        "tiles_per_slide": 8, "heatmaps": 1, "mlflow": {"enabled": False},
+        "final": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,47 @@ def test_mismatched_ids_missing_slides_and_nan_are_recorded(cohort, tmp_path):
     assert "nan" in why["synth-0002"].lower() or "finite" in why["synth-0002"].lower()
     assert {"synth-0001", "synth-0002", "ghost-slide"}.isdisjoint(c.slide_ids)
     assert len(c.slide_ids) == 28
+
+
+MISSING = ["NA", "N/A", "nan", "NaN", "None", "null", ""]
+
+
+@pytest.mark.parametrize("task,column", [("classification", "label"), ("survival", "time"),
+                                         ("regression", "gene_2")])
+def test_each_missing_label_spelling_excludes_its_slide(cohort, tmp_path, task, column):
+    rows = read_csv(Path(cohort.labels))
+    hit = {}
+    for i, spelling in enumerate(MISSING):  # slides 0, 2, 4...: keeps classes balanced
+        r = rows[2 * i]
+        r[column] = f" {spelling} " if spelling else spelling
+        hit[r["slide_id"]] = spelling
+    rows[1][column] = "unknown"  # configured spelling, below
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    target = "gene_*" if task == "regression" else "label"
+    c = load_cohort(FuseConfig(bags=cohort.bags, labels=str(labels), folds=3, task=task,
+                               target=target,
+                               missing_values=["NA", "N/A", "nan", "NaN", "None", "null",
+                                               "unknown"]))
+    why = {x["slide_id"]: x["reason"] for x in c.exclusions}
+    for sid, spelling in hit.items():
+        assert sid not in c.slide_ids, spelling
+        assert f"{column}={spelling!r}" in why[sid] and "missing value" in why[sid], why[sid]
+    assert "unknown" in why[rows[1]["slide_id"]]
+    assert len(c.slide_ids) == 30 - len(MISSING) - 1
+    if task == "classification":
+        assert c.classes == ["0", "1"]  # never a class of its own
+    # The defaults cover every spelling but the custom one (a class of one slide here).
+    default = FuseConfig(bags=cohort.bags, labels=str(labels), folds=3, task=task,
+                         target=target)
+    if task == "classification":
+        with pytest.raises(ConfigError, match="class 'unknown' has 1 patient"):
+            load_cohort(default)
+    else:
+        assert set(hit) <= {x["slide_id"] for x in load_cohort(default).exclusions}
 
 
 def test_encoders_without_common_slides_is_a_clear_error(cohort, tmp_path):
@@ -181,6 +223,57 @@ def test_every_task_runs_every_applicable_method(ray_cluster, cohort, tmp_path, 
                                              "regression.png").exists()
 
 
+# A method defined here, registered here, and nowhere else: the fold loop, the table, the
+# predictions and the plots pick it up with no other change.
+from fusedist.fusion.methods.base import Fitted, FoldContext, Method, Outputs
+from fusedist.fusion.methods.registry import register
+
+
+class _MaxFitted(Fitted):
+    kind = "test_max_ensemble"
+
+    def __init__(self, targets, experts):
+        super().__init__(targets)
+        self.experts = experts
+
+    def predict(self, x, device=None):
+        p = np.stack([f.predict(x, device).pred for f in self.experts]).max(0)
+        return Outputs(p / p.sum(1, keepdims=True))
+
+
+@register
+class _MaxEnsemble(Method):
+    key = "test_max_ensemble"
+    tasks = ("classification",)
+    order = 25
+
+    def label(self, task):
+        return "max-prob ensemble (test)"
+
+    def fit(self, ctx: FoldContext):
+        return _MaxFitted(ctx.targets, [ctx.expert(e) for e in ctx.c.encoders])
+
+
+def test_a_method_registered_in_a_test_file_runs_through_folds_and_report(
+        ray_cluster, cohort, tmp_path):
+    from fusedist.fusion.run import run_fuse
+
+    res = run_fuse(cfg_for(cohort, tmp_path / "o", methods=["test_max_ensemble",
+                                                            "mean_ensemble"]), progress=False)
+    assert res.methods == ["expert.test-color", "expert.test-nuclei", "expert.test-texture",
+                           "mean_ensemble", "test_max_ensemble"]
+    assert np.isfinite(res.summary["test_max_ensemble"]["auc"][0])
+    rows = [r for r in read_csv(tmp_path / "o" / "predictions.csv")
+            if r["method"] == "test_max_ensemble"]
+    assert len(rows) == 30
+    assert "max-prob ensemble (test)" in (tmp_path / "o" / "results.md").read_text()
+    # The same slide's expert probabilities bound the max ensemble's (before renormalising).
+    exp = {r["slide_id"]: float(r["prob_1"]) for r in read_csv(tmp_path / "o" /
+                                                               "predictions.csv")
+           if r["method"] == "expert.test-color"}
+    assert any(abs(float(r["prob_1"]) - exp[r["slide_id"]]) > 1e-4 for r in rows)
+
+
 @pytest.mark.timeout(600)
 def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, tmp_path):
     """The recipe through the real CLI (a subprocess joining the session's Ray), then a
@@ -227,7 +320,12 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     hist = client.get_metric_history(run.info.run_id, "logitprod/auc")
     assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
-    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots", "fuse/model"} <= arts
+    # The fused model (default final.methods: the CV's best, plus LogitProd).
+    card = json.loads((out / "model" / "card.json").read_text())
+    assert card["methods"][0] == methods[0] and "logitprod" in card["methods"]
+    assert card["cv_metrics"]["logitprod"]["auc"][0] == pytest.approx(
+        float(next(r for r in table if r["method"] == "logitprod")["auc_mean"]), abs=1e-3)
 
     # Resume: lose one finished fold and the outputs, re-run, get the same predictions.
     before = (out / "predictions.csv").read_text()

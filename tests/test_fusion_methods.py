@@ -15,15 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from fusedist.fusion.cluster import multiview_kmeans, multiview_spectral, plan_subbags
+from fusedist.fusion.config import LogitProdConfig
 from fusedist.fusion.fusecpath import (CrossRegionAttention, EmptyClusterError, FuseCPathModel,
                                        SparseAttention, cluster_subbags, collaborative_kd_loss,
-                                       collaborative_kd_terms, slide_probabilities,
-                                       topk_keep_mask)
+                                       collaborative_kd_terms, slide_probabilities, topk_keep_mask)
 from fusedist.fusion.heads import GatedABMIL, TileMLP, mean_probability_ensemble
-from fusedist.fusion.logitprod import (GateTrainConfig, LogitProd, LogitProdSurvival,
-                                       correlation_steps, error_correlation, expert_errors,
-                                       fit_logitprod, harrell_c_index,
-                                       hazard_logits_to_outcome_log_probs,
+from fusedist.fusion.logitprod import (LogitProd, LogitProdSurvival, correlation_steps,
+                                       error_correlation, expert_errors, fit_logitprod,
+                                       harrell_c_index, hazard_logits_to_outcome_log_probs,
                                        hazards_to_outcome_probs, logit_features, logitprod_loss,
                                        logitprod_loss_terms, logitprod_survival_loss_terms,
                                        nll_survival_loss, outcome_log_probs_to_hazards,
@@ -172,7 +171,7 @@ def test_logitprod_mlp_gate_deterministic_with_seed():
         torch.manual_seed(123)
         model = LogitProd(3, 3, gate="mlp", hidden=8)
         assert torch.allclose(model(z)[1], torch.full((64, 3), 1 / 3))   # zeroed last layer
-        fit_logitprod(model, (z, y), None, None, GateTrainConfig(lr=0.01, max_epochs=2, seed=5))
+        fit_logitprod(model, (z, y), None, None, LogitProdConfig(lr=0.01, max_epochs=2), seed=5)
         return model(z)[0]
 
     assert torch.equal(run(), run())
@@ -199,7 +198,7 @@ def test_logitprod_beats_best_single_expert():
     model = LogitProd(2, 3)
     uniform = F.nll_loss(model(z)[0], y).item()
     out = fit_logitprod(model, (z, y), (z, y), error_correlation(z, y),
-                        GateTrainConfig(lr=0.05, max_epochs=25, patience=10))
+                        LogitProdConfig(lr=0.05, max_epochs=25, patience=10))
     fused, w = model(z)
     ce = F.nll_loss(fused, y).item()
     assert ce < uniform < best_single
@@ -277,7 +276,7 @@ def test_logitprod_survival_gate_receives_gradients():
     assert R.shape == (3, 3) and torch.equal(R.diagonal(), torch.zeros(3)) and (R >= 0).all()
     before = model.gate.weight.detach().clone()
     out = fit_logitprod(model, (z, time_bin, event), (z, time_bin, event), R,
-                        GateTrainConfig(lr=0.01, max_epochs=3, batch_size=4))
+                        LogitProdConfig(lr=0.01, max_epochs=3, batch_size=4))
     assert len(out["history"]) == 3 and not torch.equal(model.gate.weight, before)
 
 

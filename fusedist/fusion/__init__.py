@@ -9,9 +9,14 @@ Methods (model code, no training loops):
 
 The stage:
 - ``config``: ``FuseConfig`` and its sections; ``data``: the checked cohort and the folds;
-  ``train``: the head training loops; ``fold``: every method on one outer fold (a Ray task);
-  ``evaluate``: metrics, tables, plots, MLflow; ``run``: ``run_fuse``.
-- ``metrics`` and ``report``: metrics, the comparison table and the plots.
+  ``tasks``: the four tasks as objects (targets, per-fold prep, loss, columns, metrics,
+  strata, plots); ``survival``: NLL-survival, risk, c-index;
+  ``methods/``: the registered methods (``fit(FoldContext) -> Fitted``);
+  ``train``: the head training loops; ``fold``: the loop over methods on one outer fold (a
+  Ray task); ``evaluate``: metrics and tables; ``report``: files, plots, Markdown, MLflow;
+  ``model``: the fused model (refit, safetensors + card, load); ``predict``: ``fusedist
+  predict``; ``run``: ``run_fuse``.
+- ``metrics``: per-task scores and fold summaries.
 - ``synthetic``: a feature-level cohort whose encoders see different cues (tests, benchmark).
 
 Kept import-light: importing the package imports no submodule; import the one you need.

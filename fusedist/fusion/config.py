@@ -11,19 +11,11 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.fusion.methods import registry
 from fusedist.tracking import MlflowConfig
 
 Task = Literal["classification", "tile_classification", "survival", "regression"]
 
-# Which methods can run on which task ("expert.<encoder>" rows always run).
-METHODS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "classification": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta",
-                       "fusecpath"),
-    "tile_classification": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta"),
-    "survival": ("best_expert", "mean_ensemble", "concat", "logitprod", "meta"),
-    "regression": ("best_expert", "mean_ensemble", "concat", "meta"),
-}
-ALL_METHODS = ("best_expert", "mean_ensemble", "concat", "logitprod", "meta", "fusecpath")
 META_STRATEGIES = ("self_attention", "cross_attention", "token_attention", "contrastive")
 
 
@@ -165,6 +157,17 @@ class FuseCPathConfig(StrictModel):
     """Attention scores below each row's top-k are masked out (``null``: dense)."""
 
 
+class FinalConfig(StrictModel):
+    """The fused model refitted on every labelled slide after cross-validation."""
+
+    enabled: bool = True
+    """Refit and write ``<output>/model/`` (safetensors per component + ``card.json``)."""
+
+    methods: list[str] | None = None
+    """Result rows to refit (e.g. ``[logitprod, meta.self_attention]``); default: the best
+    method by the primary metric, plus LogitProd when it ran."""
+
+
 class FuseConfig(StrictModel):
     """Experts, LogitProd, Meta-Encoder, FuseCPath and baselines over slide bags, evaluated by
     grouped, stratified K-fold cross-validation."""
@@ -183,6 +186,12 @@ class FuseConfig(StrictModel):
     target: str | list[str] = "label"
     """Label column (classification), or target columns / one glob such as ``gene_*``
     (regression). Survival reads ``time`` and ``event`` (see ``time_column``/``event_column``)."""
+
+    missing_values: list[str] = Field(
+        default_factory=lambda: ["", "NA", "N/A", "nan", "NaN", "None", "null"])
+    """Label cells that mean "no value" (compared after stripping whitespace; the empty cell
+    is always missing). A slide whose target cell is one of them is excluded with the reason,
+    never trained as a class of its own."""
 
     time_column: str = "time"
     """Survival time column."""
@@ -206,9 +215,10 @@ class FuseConfig(StrictModel):
     seed: int = 0
     """Seeds folds, subsampling and every model's initialisation."""
 
-    methods: list[Literal["best_expert", "mean_ensemble", "concat", "logitprod", "meta",
-                          "fusecpath"]] = Field(default_factory=lambda: list(ALL_METHODS))
-    """Methods besides the per-encoder experts; ones that do not apply to the task are
+    methods: list[str] = Field(default_factory=lambda: list(registry.DEFAULT))
+    """Methods besides the per-encoder experts (``best_expert``, ``mean_ensemble``,
+    ``concat``, ``logitprod``, ``meta``, ``fusecpath``, or any registered with
+    ``fusedist.fusion.methods.registry.register``); ones that do not apply to the task are
     recorded as such and skipped."""
 
     survival_bins: int = Field(4, ge=2)
@@ -244,6 +254,9 @@ class FuseConfig(StrictModel):
     fusecpath: FuseCPathConfig = Field(default_factory=FuseCPathConfig)
     """FuseCPath."""
 
+    final: FinalConfig = Field(default_factory=FinalConfig)
+    """The fused model written after cross-validation."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where heads train; ``auto`` uses a GPU when the fold task got one."""
 
@@ -267,8 +280,23 @@ class FuseConfig(StrictModel):
 
     # Fields that change where/how a run executes but not its results (excluded from the
     # digest that guards resumption).
-    RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "device", "fold_cpus",
-                                    "fold_gpus", "overwrite", "ray", "storage", "mlflow"}
+    RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "final", "device",
+                                    "fold_cpus", "fold_gpus", "overwrite", "ray", "storage",
+                                    "mlflow"}
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        import difflib
+
+        known = registry.names()
+        for m in v:
+            if m not in known:
+                near = difflib.get_close_matches(m, known, n=1)
+                raise ValueError(f"unknown method {m!r}"
+                                 + (f". Did you mean {near[0]!r}?" if near else "")
+                                 + f" (known: {known})")
+        return v
 
     @field_validator("target")
     @classmethod
@@ -286,11 +314,3 @@ class FuseConfig(StrictModel):
         if self.encoders is not None and len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders lists a name twice: {self.encoders}")
         return self
-
-    def active_methods(self) -> tuple[list[str], dict[str, str]]:
-        """(methods to run for this task, {method: why it is skipped})."""
-        allowed = METHODS_BY_TASK[self.task]
-        run = [m for m in self.methods if m in allowed]
-        skipped = {m: f"not defined for {self.task} (methods.md)"
-                   for m in self.methods if m not in allowed}
-        return run, skipped

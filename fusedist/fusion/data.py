@@ -10,10 +10,8 @@ the exclusion and its reason go to the manifest and the report.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,6 +21,7 @@ from fusedist import storage
 from fusedist.bags import Bag, BagError, encoder_folders, list_bags, read_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.tasks import TASKS, Task, class_order, get_task, need_columns
 
 log = logging.getLogger("fusedist")
 
@@ -58,6 +57,8 @@ class Cohort:
     target_names: list[str] = field(default_factory=list)
     tile_extent: dict[str, float] = field(default_factory=dict)
     """encoder -> tile side in level-0 px (for heatmaps)."""
+    encoder_info: dict[str, dict] = field(default_factory=dict)
+    """encoder -> what a fused model's card records: dim, mpp, tile size, weights digest."""
     exclusions: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sample_slide: np.ndarray | None = None
@@ -75,15 +76,6 @@ class Cohort:
         if self.sample_slide is None:
             return self.patient_ids
         return [self.patient_ids[i] for i in self.sample_slide]
-
-    @property
-    def num_outputs(self) -> int:
-        """Width of a head's output: classes, hazard bins (set by the fold), or targets."""
-        if self.task in ("classification", "tile_classification"):
-            return len(self.classes)
-        if self.task == "regression":
-            return len(self.target_names)
-        raise ValueError("survival heads output the fold's number of time bins")
 
 
 # ------------------------------------------------------------------------------- labels
@@ -112,67 +104,10 @@ def read_labels(url: str) -> tuple[list[dict[str, str]], list[str]]:
     return rows, cols
 
 
-def _need_columns(url: str, cols: list[str], needed: list[str], key: str) -> None:
-    missing = [c for c in needed if c not in cols]
-    if missing:
-        raise ConfigError(f"labels: {url} has no column(s) {missing} (columns: {cols}); "
-                          f"set `{key}` to the right column(s)")
-
-
-def target_columns(cfg: FuseConfig, cols: list[str]) -> list[str]:
-    """The regression targets: explicit columns, or every column matching one glob."""
-    pats = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
-    out: list[str] = []
-    for p in pats:
-        hits = [c for c in cols if fnmatch.fnmatchcase(c, p)] if any(ch in p for ch in "*?[") \
-            else [p]
-        if not hits:
-            raise ConfigError(f"labels: {cfg.labels}: no column matches target {p!r} "
-                              f"(columns: {cols})")
-        out += [h for h in hits if h not in out]
-    _need_columns(cfg.labels, cols, out, "target")
-    return out
-
-
-def _float(v: str) -> float | None:
-    try:
-        f = float(v)
-    except ValueError:
-        return None
-    return f if math.isfinite(f) else None
-
-
 def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
                   ) -> tuple[dict[str, object], dict[str, str], list[str]]:
     """slide_id -> parsed target, slide_id -> why it has none, and the target names."""
-    ok: dict[str, object] = {}
-    bad: dict[str, str] = {}
-    if cfg.task in ("classification", "tile_classification"):
-        col = cfg.target if isinstance(cfg.target, str) else cfg.target[0]
-        _need_columns(cfg.labels, cols, [col], "target")
-        for r in rows:
-            (ok.__setitem__(r["slide_id"], r[col]) if r[col] != ""
-             else bad.__setitem__(r["slide_id"], f"empty {col!r} in {cfg.labels}"))
-        return ok, bad, [col]
-    if cfg.task == "survival":
-        tc, ec = cfg.time_column, cfg.event_column
-        _need_columns(cfg.labels, cols, [tc, ec], "time_column/event_column")
-        for r in rows:
-            t, e = _float(r[tc]), _float(r[ec])
-            if t is None or t < 0 or e not in (0.0, 1.0):
-                bad[r["slide_id"]] = (f"{tc}={r[tc]!r}, {ec}={r[ec]!r} in {cfg.labels}: need a "
-                                      "time >= 0 and an event of 0 or 1")
-            else:
-                ok[r["slide_id"]] = (t, int(e))
-        return ok, bad, [tc, ec]
-    names = target_columns(cfg, cols)
-    for r in rows:
-        vals = [_float(r[c]) for c in names]
-        if any(v is None for v in vals):
-            bad[r["slide_id"]] = f"missing or non-numeric target(s) in {cfg.labels}"
-        else:
-            ok[r["slide_id"]] = vals
-    return ok, bad, names
+    return get_task(cfg).parse(rows, cols)
 
 
 # --------------------------------------------------------------------------------- bags
@@ -241,6 +176,11 @@ def _tile_extent(bag: Bag) -> float:
     xs = np.unique(bag.coords[:, 0])
     steps = np.diff(xs)
     return float(steps[steps > 0].min()) if (steps > 0).any() else float(bag.tile_size or 224)
+
+
+def _encoder_info(bag: Bag) -> dict:
+    return {"dim": bag.dim, "mpp": bag.mpp, "tile_size": bag.tile_size,
+            "weights_digest": bag.attrs.get("weights_digest")}
 
 
 def feature_group(bags: dict[tuple[str, str], Bag], encoders: list[str], slides: list[str]
@@ -344,9 +284,11 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
         coords={e: [bags[(e, s)].coords for s in slides] for e in encoders},
         feature_group=group, aligned=aligned, aligned_coords=aligned_coords,
         tile_extent={e: _tile_extent(bags[(e, slides[0])]) for e in encoders},
+        encoder_info={e: _encoder_info(bags[(e, slides[0])]) for e in encoders},
         exclusions=exclusions, notes=notes, target_names=target_names)
-    _set_targets(cohort, cfg, targets)
-    if cfg.task == "tile_classification":
+    task = get_task(cfg)
+    task.set_targets(cohort, targets)
+    if task.tile:
         _tile_samples(cohort, cfg)
     check_folds(cohort, cfg)
     if exclusions:
@@ -355,37 +297,11 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
     return cohort
 
 
-def _class_order(values: list[str]) -> list[str]:
-    try:
-        return sorted(set(values), key=float)
-    except ValueError:
-        return sorted(set(values))
-
-
-def _set_targets(c: Cohort, cfg: FuseConfig, targets: dict[str, object]) -> None:
-    vals = [targets[s] for s in c.slide_ids]
-    if cfg.task in ("classification", "tile_classification"):
-        c.classes = _class_order([str(v) for v in vals])
-        if len(c.classes) < 2:
-            raise ConfigError(f"labels: {cfg.labels}: only one class ({c.classes}) among the "
-                              f"{len(vals)} usable slides; classification needs two or more")
-        c.y = np.array([c.classes.index(str(v)) for v in vals], np.int64)
-    elif cfg.task == "survival":
-        c.time = np.array([v[0] for v in vals], np.float64)
-        c.event = np.array([v[1] for v in vals], np.int64)
-        if c.event.sum() < cfg.survival_bins:
-            raise ConfigError(f"labels: {cfg.labels}: {int(c.event.sum())} uncensored slides, "
-                              f"fewer than survival_bins={cfg.survival_bins}; lower "
-                              "survival_bins or add events")
-    else:
-        c.y = np.array(vals, np.float32).reshape(len(vals), -1)
-
-
 def _tile_labels(cfg: FuseConfig) -> dict[tuple[str, int, int], str] | None:
     if cfg.tile_labels is None:
         return None
     rows, cols = _plain_csv(cfg.tile_labels)
-    _need_columns(cfg.tile_labels, cols, ["slide_id", "x", "y", "label"], "tile_labels")
+    need_columns(cfg.tile_labels, cols, ["slide_id", "x", "y", "label"], "tile_labels")
     return {(r["slide_id"], int(float(r["x"])), int(float(r["y"]))): r["label"] for r in rows}
 
 
@@ -414,7 +330,7 @@ def _tile_samples(c: Cohort, cfg: FuseConfig) -> None:
     if not ss:
         raise ConfigError(f"tile_labels: {cfg.tile_labels} labels none of the sampled tiles; "
                           "its x, y must be the level-0 coords of the bags' tiles")
-    c.classes = _class_order(ys)
+    c.classes = class_order(ys)
     c.y = np.array([c.classes.index(v) for v in ys], np.int64)
     c.sample_slide, c.sample_index = np.array(ss, np.int64), np.array(si, np.int64)
 
@@ -422,41 +338,25 @@ def _tile_samples(c: Cohort, cfg: FuseConfig) -> None:
 # -------------------------------------------------------------------------------- folds
 
 def check_folds(c: Cohort, cfg: FuseConfig) -> None:
-    """Every class needs enough patients to appear in every outer and inner fold."""
-    groups = c.sample_groups
-    n_pat = len(set(groups))
+    """Enough patients for the folds, and whatever else the task needs (classes in every
+    outer and inner fold)."""
+    n_pat = len(set(c.sample_groups))
     if n_pat < cfg.folds:
         raise ConfigError(f"{n_pat} patients for folds={cfg.folds}; lower `folds` or add slides")
-    if c.task not in ("classification", "tile_classification"):
-        return
-    need = max(cfg.folds, math.ceil(cfg.inner_folds * cfg.folds / (cfg.folds - 1)))
-    for k, name in enumerate(c.classes):
-        pats = {g for g, y in zip(groups, c.y) if y == k}
-        if len(pats) < need:
-            raise ConfigError(
-                f"class {name!r} has {len(pats)} patient(s); folds={cfg.folds} with "
-                f"inner_folds={cfg.inner_folds} need at least {need} per class. Lower folds/"
-                "inner_folds, merge the class with another, or drop its rows from "
-                f"{cfg.labels}")
+    get_task(cfg).check(c)
 
 
-def strata(c: Cohort, idx: np.ndarray) -> np.ndarray:
-    """What folds stratify on: the class, the event indicator, or nothing (regression)."""
-    if c.task in ("classification", "tile_classification"):
-        return c.y[idx]
-    if c.task == "survival":
-        return c.event[idx]
-    return np.zeros(len(idx), np.int64)
-
-
-def make_folds(c: Cohort, idx: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold id (0..k-1) of each sample in ``idx``: stratified, grouped by patient, seeded."""
+def make_folds(c: Cohort, idx: np.ndarray, k: int, seed: int, task: Task | None = None
+               ) -> np.ndarray:
+    """Fold id (0..k-1) of each sample in ``idx``: stratified (on what ``task`` says: the
+    class, the event, or nothing), grouped by patient, seeded."""
+    task = task or TASKS[c.task](None)
     import warnings
 
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = np.array(c.sample_groups)[idx]
-    y = strata(c, idx)
+    y = task.strata(c, idx)
     out = np.full(len(idx), -1, np.int64)
     with warnings.catch_warnings():
         # sklearn warns when a stratum has fewer members than folds; check_folds already

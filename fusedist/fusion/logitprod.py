@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fusedist.fusion.survival import (harrell_c_index, hazard_logits_to_outcome_log_probs,
+                                      hazards_to_outcome_probs, nll_survival_loss,
+                                      outcome_log_probs_to_hazards, survival_risk)
+
+if TYPE_CHECKING:
+    from fusedist.fusion.config import LogitProdConfig
 
 ERROR_KINDS = ("nll", "brier", "zero_one")
 
@@ -211,86 +217,6 @@ def logitprod_loss(fused: Tensor, weights: Tensor, labels: Tensor, R: Tensor | N
 
 # ------------------------------------------------------------------------------ survival
 
-def hazards_to_outcome_probs(hazards: Tensor) -> Tensor:
-    """Hazards h (..., T) in (0, 1) -> outcome distribution (..., T + 1):
-    P(t) = S(t-1) h(t) for t = 1..T, P(T+1) = S(T), with S(t) = prod_{u<=t} (1 - h(u))."""
-    surv = torch.cumprod(1.0 - hazards, dim=-1)
-    prev = torch.cat([torch.ones_like(surv[..., :1]), surv[..., :-1]], dim=-1)
-    return torch.cat([prev * hazards, surv[..., -1:]], dim=-1)
-
-
-def hazard_logits_to_outcome_log_probs(hazard_logits: Tensor) -> Tensor:
-    """The same map from hazard logits, in log space (stable for saturated hazards)."""
-    log_h = F.logsigmoid(hazard_logits)
-    log_surv = torch.cumsum(F.logsigmoid(-hazard_logits), dim=-1)
-    prev = torch.cat([torch.zeros_like(log_surv[..., :1]), log_surv[..., :-1]], dim=-1)
-    return torch.cat([prev + log_h, log_surv[..., -1:]], dim=-1)
-
-
-def outcome_log_probs_to_hazards(log_probs: Tensor, as_logits: bool = False) -> Tensor:
-    """Outcome log-probabilities (..., T + 1) -> hazards (..., T) (or their logits).
-
-    h(t) = P(t) / S(t-1) with S(t-1) = sum_{u>=t} P(u); logit h(t) = log P(t) - log S(t).
-    Works on unnormalised log-probs too (the ratio cancels the normaliser).
-    """
-    tail = torch.logcumsumexp(log_probs.flip(-1), dim=-1).flip(-1)  # log S(t-1), t = 1..T+1
-    if as_logits:
-        return log_probs[..., :-1] - tail[..., 1:]
-    return torch.exp(log_probs[..., :-1] - tail[..., :-1])
-
-
-def nll_survival_loss(hazards: Tensor, time_bin: Tensor, event: Tensor, alpha: float = 0.4,
-                      from_logits: bool = True, eps: float = 1e-7,
-                      reduction: str = "mean") -> Tensor:
-    """Discrete-time NLL-survival (Zadeh & Schmid; the MCAT/PORPOISE form).
-
-    ``hazards`` (B, T): hazard logits (``from_logits=True``) or hazards in (0, 1);
-    ``time_bin`` (B,) 0-based bin of the event/censoring time; ``event`` (B,) 1 = observed.
-        L_unc  = -event     * [log S(y-1) + log h(y)]
-        L_cens = -(1-event) * log S(y)
-        L      = (1 - alpha) * (L_unc + L_cens) + alpha * L_unc
-    i.e. alpha is extra weight on the uncensored term. Probabilities are clamped at eps
-    (as released); from logits the logs are exact (logsigmoid).
-    """
-    z = hazards if hazards.dtype == torch.float64 else hazards.float()
-    if from_logits:
-        log_h, log_1mh = F.logsigmoid(z), F.logsigmoid(-z)
-    else:
-        log_h, log_1mh = torch.log(z.clamp(min=eps)), torch.log((1.0 - z).clamp(min=eps))
-    y = time_bin.long().view(-1, 1)
-    ev = event.to(z.dtype).view(-1)
-    log_surv = torch.cat([torch.zeros_like(log_1mh[:, :1]), torch.cumsum(log_1mh, dim=1)], 1)
-    if not from_logits:
-        log_surv = log_surv.clamp(min=math.log(eps))
-    uncensored = -ev * (log_surv.gather(1, y).squeeze(1) + log_h.gather(1, y).squeeze(1))
-    censored = -(1.0 - ev) * log_surv.gather(1, y + 1).squeeze(1)
-    loss = (1.0 - alpha) * (uncensored + censored) + alpha * uncensored
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean()
-
-
-def survival_risk(hazard_logits: Tensor) -> Tensor:
-    """Risk = -sum_t S(t) from hazard logits (..., T); higher = earlier event."""
-    return -torch.exp(torch.cumsum(F.logsigmoid(-hazard_logits.float()), dim=-1)).sum(dim=-1)
-
-
-def harrell_c_index(risk: np.ndarray | Tensor, time: np.ndarray | Tensor,
-                    event: np.ndarray | Tensor) -> float:
-    """Harrell's c: over pairs with time_i < time_j and event_i, the fraction with
-    risk_i > risk_j (ties in risk count 1/2). O(N^2) memory; fine per fold."""
-    r, t, e = (np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=float)
-               .ravel() for a in (risk, time, event))
-    comparable = (t[:, None] < t[None, :]) & (e[:, None] > 0)
-    if not comparable.any():
-        return float("nan")
-    diff = r[:, None] - r[None, :]
-    score = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
-    return float(score[comparable].mean())
-
-
 class LogitProdSurvival(nn.Module):
     """Survival LogitProd: ``forward(hazard_logits (B, M, T))`` -> dict with
     ``hazard_logits`` (B, T), ``hazards`` (B, T), ``outcome_log_probs`` (B, T + 1) and
@@ -337,23 +263,8 @@ def logitprod_survival_loss_terms(out: dict[str, Tensor], time_bin: Tensor, even
 
 # ------------------------------------------------------------------------------ training
 
-@dataclass
-class GateTrainConfig:
-    """methods.md §2 training: Adam lr 1e-5, wd 1e-4, cosine warm restarts (T0 = 10
-    epochs, x2, min 1e-6), batch 16, up to 600 epochs, early stopping on validation CE
-    (penalty excluded; NLL-survival for survival), best state restored."""
-
-    lr: float = 1e-5
-    weight_decay: float = 1e-4
-    t0: int = 10
-    t_mult: int = 2
-    min_lr: float = 1e-6
-    batch_size: int = 16
-    max_epochs: int = 600
-    patience: int = 50
-    lam: float = 0.1
-    alpha: float = 0.4
-    seed: int = 0
+# methods.md §2 schedule: cosine warm restarts, T0 = 10 epochs, x2, down to 1e-6.
+WARM_RESTART_T0, WARM_RESTART_MULT, MIN_LR = 10, 2, 1e-6
 
 
 def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, lam: float,
@@ -368,15 +279,21 @@ def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, la
 
 def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...],
                   val: tuple[Tensor, ...] | None = None, R: Tensor | None = None,
-                  cfg: GateTrainConfig | None = None) -> dict[str, object]:
-    """Train the gate. ``train``/``val`` = (logits, labels) or (hazard_logits, time_bin,
-    event). Without ``val``, runs ``max_epochs`` and keeps the last state.
+                  cfg: LogitProdConfig | None = None, *, alpha: float = 0.4,
+                  seed: int = 0) -> dict[str, object]:
+    """Train the gate with ``cfg`` (the ``logitprod`` section of the fuse config, passed as
+    is: lr, weight decay, batch size, epochs, patience, lam): Adam, cosine warm restarts,
+    early stopping on the validation CE (penalty excluded; NLL-survival with ``alpha`` for
+    survival), best state restored. ``train``/``val`` = (logits, labels) or (hazard_logits,
+    time_bin, event). Without ``val``, runs ``max_epochs`` and keeps the last state.
     Returns ``{"best_epoch", "best_val", "history"}`` (history: per-epoch train loss, val)."""
-    cfg = cfg or GateTrainConfig()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    from fusedist.fusion.config import LogitProdConfig
+
+    cfg = cfg or LogitProdConfig()
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.min_lr)
+        opt, T_0=WARM_RESTART_T0, T_mult=WARM_RESTART_MULT, eta_min=MIN_LR)
     n = train[0].shape[0]
     best = (math.inf, -1, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
@@ -386,7 +303,7 @@ def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, cfg.alpha)["loss"]
+            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, alpha)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -396,7 +313,7 @@ def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...
         if val is not None:
             model.eval()
             with torch.no_grad():
-                v = float(_objective(model, val, None, 0.0, cfg.alpha)["nll"])
+                v = float(_objective(model, val, None, 0.0, alpha)["nll"])
             row["val"] = v
             if v < best[0]:
                 best = (v, epoch, copy.deepcopy(model.state_dict()))
@@ -458,10 +375,26 @@ def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ..
 
 
 __all__ = [
-    "ERROR_KINDS", "logit_features", "expert_errors", "correlation_steps", "error_correlation",
-    "survival_error_correlation", "LogitProd", "diversity_penalty", "logitprod_loss_terms",
-    "logitprod_loss", "hazards_to_outcome_probs", "hazard_logits_to_outcome_log_probs",
-    "outcome_log_probs_to_hazards", "nll_survival_loss", "survival_risk", "harrell_c_index",
-    "LogitProdSurvival", "logitprod_survival_loss_terms", "GateTrainConfig", "fit_logitprod",
-    "select_expert", "training_objective", "expert_fallback",
+    "ERROR_KINDS",
+    "LogitProd",
+    "LogitProdSurvival",
+    "correlation_steps",
+    "diversity_penalty",
+    "error_correlation",
+    "expert_errors",
+    "expert_fallback",
+    "fit_logitprod",
+    "harrell_c_index",
+    "hazard_logits_to_outcome_log_probs",
+    "hazards_to_outcome_probs",
+    "logit_features",
+    "logitprod_loss",
+    "logitprod_loss_terms",
+    "logitprod_survival_loss_terms",
+    "nll_survival_loss",
+    "outcome_log_probs_to_hazards",
+    "select_expert",
+    "survival_error_correlation",
+    "survival_risk",
+    "training_objective",
 ]

@@ -1,5 +1,6 @@
 """Benchmark report: comparison tables, plots (ROC, Kaplan-Meier, fold bars, regression,
-attention heatmaps) and a small Markdown writer.
+attention heatmaps), a small Markdown writer, and ``write_outputs``: the files of a fuse
+output folder (results, predictions, manifest, plots, report.md) and their MLflow logging.
 
 Plots draw on a bare ``matplotlib.figure.Figure`` with an Agg canvas rather than pyplot:
 no global backend switch, no figure registry to leak, safe in Ray workers without a display.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fusedist import storage
 from fusedist.fusion.metrics import (METRICS, PRIMARY_METRIC, kaplan_meier, logrank_p,
                                      per_target_pearson, summarize)
 
@@ -30,6 +34,7 @@ HEATMAP_CMAP = "viridis"  # perceptually uniform: equal rank steps look equally 
 HEATMAP_ALPHA = 0.45
 CANVAS_MAX_SIDE = 1024  # px of the blank canvas drawn when there is no thumbnail
 _MISSING = "—"
+log = logging.getLogger("fusedist")
 
 
 # ------------------------------------------------------------------------------- tables
@@ -450,3 +455,166 @@ def write_markdown_report(path, title: str, sections: list[tuple[str, str]]) -> 
 def image_md(rel_path: str, alt: str) -> str:
     """Markdown image link ``![alt](rel_path)``."""
     return f"![{alt}]({rel_path})"
+
+
+# ------------------------------------------------------------------- the fuse output folder
+
+def _csv(rows: list[list[object]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _predictions_csv(c, task, fold_ids: np.ndarray, oof: dict[str, np.ndarray]) -> str:
+    header = ["method", "sample", "slide_id", "patient_id", "fold"] + task.columns(c)
+    rows: list[list[object]] = [header]
+    slide_of = (np.arange(c.num_samples) if c.sample_slide is None else c.sample_slide)
+    for m, p in oof.items():
+        for i in range(c.num_samples):
+            s = int(slide_of[i])
+            rows.append([m, i, c.slide_ids[s], c.patient_ids[s], int(fold_ids[i])]
+                        + task.cells(c, i, p[i]))
+    return _csv(rows)
+
+
+def _thumbnail(cfg, slide_id: str):
+    """(PIL image, level-0 size) from a tile dataset folder, or (None, None)."""
+    if not cfg.thumbnails:
+        return None, None
+    from PIL import Image
+
+    for base in (storage.join(cfg.thumbnails, "thumbnails"), cfg.thumbnails):
+        url = storage.join(base, f"{slide_id}.png")
+        if storage.exists(url):
+            img = Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")
+            size = None
+            man = storage.join(base.rsplit("/thumbnails", 1)[0], "manifest.json")
+            if storage.exists(man):
+                slides = json.loads(storage.read_text(man)).get("slides", [])
+                slides = slides.values() if isinstance(slides, dict) else slides
+                size = next((tuple(s["level0_size"]) for s in slides
+                             if s.get("slide_id") == slide_id and s.get("level0_size")), None)
+            return img, size
+    log.warning("fuse: no thumbnail for %s under %s; heatmap drawn on a blank canvas",
+                slide_id, cfg.thumbnails)
+    return None, None
+
+
+def _plots(c, cfg, s, results, out: Path, fold_ids: np.ndarray) -> list[tuple[str, str]]:
+    """Draw every plot; returns (relative path, caption) pairs for the report."""
+    pdir = out / "plots"
+    named = {s.labels[m]: p for m, p in s.oof.items()}
+    plots = [s.task.plot(c, named, fold_ids, pdir)]
+    metric = s.task.primary_metric
+    plot_fold_bars({s.labels[m]: v for m, v in s.fold_metrics.items()}, metric,
+                   pdir / f"folds_{metric}.png")
+    plots.append((f"plots/folds_{metric}.png", f"{metric} per fold"))
+    for r in results:
+        for m, per_slide in sorted(r.attention.items()):
+            e = m[len("expert."):]
+            for i, attn in sorted(per_slide.items()):
+                sid = c.slide_ids[i]
+                thumb, size = _thumbnail(cfg, sid)
+                rel = f"plots/attention_{e}_{sid}.png"
+                plot_attention_heatmap(c.coords[e][i], attn, c.tile_extent[e], out / rel,
+                                          thumbnail=thumb, slide_size=size,
+                                          title=f"{e} attention, {sid} (held out, fold "
+                                                f"{r.fold})")
+                plots.append((rel, f"ABMIL attention of expert {e} on {sid}"))
+    return plots
+
+
+def write_outputs(c, cfg, fold_ids: np.ndarray, results, s, extra_notes: dict[str, str],
+                  run) -> None:
+    """Write results, predictions, per-fold metrics, folds, the manifest, plots and
+    report.md to ``cfg.output`` (built in a temporary folder, then uploaded), and log them
+    to MLflow. ``s`` is ``evaluate.Scores``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fusedist-fuse-") as tmp:
+        out = Path(tmp)
+        plots = _plots(c, cfg, s, results, out, fold_ids)
+        (out / "results.md").write_text(s.table_md + "\n")
+        (out / "results.csv").write_text(s.table_csv)
+        (out / "predictions.csv").write_text(_predictions_csv(c, s.task, fold_ids, s.oof))
+        (out / "metrics_per_fold.csv").write_text(_csv(
+            [["method", "fold", "metric", "value"]]
+            + [[m, f, k, v] for m, fm in s.fold_metrics.items() for f, d in enumerate(fm)
+               for k, v in d.items()]))
+        (out / "folds.csv").write_text(_csv(
+            [["sample", "slide_id", "patient_id", "fold"]]
+            + [[i, c.slide_ids[s], c.patient_ids[s], int(fold_ids[i])] for i, s in enumerate(
+                range(c.num_samples) if c.sample_slide is None else c.sample_slide)]))
+        manifest = {
+            "task": c.task, "encoders": c.encoders, "feature_group": c.feature_group,
+            "classes": c.classes, "targets": c.target_names, "slides": c.slide_ids,
+            "samples": c.num_samples, "folds": cfg.folds, "inner_folds": cfg.inner_folds,
+            "methods": s.methods, "exclusions": c.exclusions, "notes": c.notes + [
+                f"{k}: {v}" for k, v in extra_notes.items()],
+            "objectives": s.objectives, "ratios": s.ratios,
+            "summary": {m: {k: list(v) for k, v in d.items()} for m, d in s.summary.items()},
+            "costs": s.costs}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
+        best, metric = s.best, s.task.primary_metric
+        sections = [
+            ("Results", f"Task **{c.task}**, {len(c.slide_ids)} slides ({c.num_samples} "
+                        f"samples), {cfg.folds}-fold cross-validation stratified and grouped "
+                        f"by patient (seed {cfg.seed}). Mean ± std over folds; train s is "
+                        "the mean per fold of each method's own training.\n\n" + s.table_md
+                        + f"\n\nBest on {metric}: **{s.labels.get(best, best)}**."),
+            ("Plots", "\n\n".join(image_md(p, cap) + f"\n\n*{cap}*" for p, cap in plots)),
+            ("Cost", _cost_text(s.costs, s.ratios, s.objectives, c)),
+            ("Exclusions and notes", _exclusion_text(c, extra_notes)),
+        ]
+        write_markdown_report(out / "report.md", "fusedist fuse report", sections)
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                storage.upload_file(p, storage.join(cfg.output, p.relative_to(out).as_posix()))
+        _log_mlflow(run, s.fold_metrics, s.summary, s.costs, s.objectives, s.ratios, out)
+
+
+def _cost_text(costs, ratios, objectives, c) -> str:
+    lines = []
+    if "feature_fusion_per_logitprod" in ratios:
+        lines.append(f"Measured: LogitProd's gate trains in {costs['logitprod']['train_s']:.2f} "
+                     "s per fold; feature fusion (concat and Meta-Encoder, mean) takes "
+                     f"**{ratios['feature_fusion_per_logitprod']:.1f}x** as long. Both reuse "
+                     "nothing else: the experts that LogitProd combines are trained anyway "
+                     "(their cost is in the expert rows).")
+    if "logitprod" in objectives:
+        best = min((v, k) for k, v in objectives.items() if k.startswith("expert."))
+        lines.append(f"Training objective on the gate's data (lower is better): LogitProd "
+                     f"{objectives['logitprod']:.4f}, best single expert {best[1]} "
+                     f"{best[0]:.4f}.")
+    return "\n\n".join(lines) or "No logit-level method ran."
+
+
+def _exclusion_text(c, extra: dict[str, str]) -> str:
+    lines = [f"- {x['slide_id']}: {x['reason']}" for x in c.exclusions[:50]]
+    if len(c.exclusions) > 50:
+        lines.append(f"- ... {len(c.exclusions) - 50} more in manifest.json")
+    lines += [f"- {n}" for n in c.notes] + [f"- {k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) or "None: every labelled slide with bags was used."
+
+
+def _log_mlflow(run, fold_metrics, summary, costs, objectives, ratios, out: Path) -> None:
+    if not run.active:
+        return
+    for m, folds in fold_metrics.items():
+        for f, d in enumerate(folds):
+            run.log_metrics({f"{m}/{k}": v for k, v in d.items() if np.isfinite(v)}, step=f)
+    flat = {}
+    for m, s in summary.items():
+        for k, (mu, sd) in s.items():
+            if np.isfinite(mu):
+                flat[f"{m}/{k}_mean"], flat[f"{m}/{k}_std"] = mu, sd
+        for k in ("train_s", "params"):
+            if k in costs[m]:
+                flat[f"{m}/{k}"] = costs[m][k]
+    flat.update({f"objective/{k}": v for k, v in objectives.items()})
+    flat.update({f"ratio/{k}": v for k, v in ratios.items()})
+    run.log_metrics(flat)
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            run.log_artifact(p, "fuse/" + p.parent.relative_to(out).as_posix()
+                             if p.parent != out else "fuse")

@@ -15,8 +15,6 @@ Output folder::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import time
@@ -29,7 +27,7 @@ from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
 from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
-from fusedist.fusion.train import seed_for
+from fusedist.fusion.methods.registry import prepare_methods, select_methods
 
 log = logging.getLogger("fusedist")
 
@@ -94,53 +92,10 @@ def _decode(text: str) -> FoldResult:
                    for m, v in d["attention"].items()}, chosen=d.get("chosen", {}))
 
 
-# --------------------------------------------------------------------------- FuseCPath
-
-def fusecpath_inputs(c: Cohort, cfg: FuseConfig, progress: bool
-                     ) -> tuple[list, list[np.ndarray], dict[str, str], float]:
-    """Sub-bag plans per slide (clustering is unsupervised, so it runs once, before the
-    folds), the slide-level teachers, skipped slides with reasons, and the seconds spent."""
-    from tqdm import tqdm
-
-    from fusedist.fusion.cluster import plan_subbags
-
-    fc, t0 = cfg.fusecpath, time.perf_counter()
-    plans, skipped = [], {}
-    for i in tqdm(range(len(c.slide_ids)), desc="fusecpath clustering", unit="slide",
-                  disable=not progress, dynamic_ncols=True):
-        p = plan_subbags([c.aligned[e][i] for e in c.feature_group], fc.n_clusters, fc.n_bags,
-                         fc.per_cluster, fc.clustering, seed_for(cfg.seed, c.slide_ids[i]))
-        plans.append(p.indices if p.ok else None)
-        if not p.ok:
-            skipped[c.slide_ids[i]] = p.reason
-    if fc.slide_embeddings:
-        teachers = [_slide_embeddings(url, name, c) for name, url in fc.slide_embeddings.items()]
-    else:  # no slide FM: each patch FM's mean-pooled bag is a slide-level teacher
-        teachers = [np.stack([f.mean(0) for f in c.aligned[e]]) for e in c.feature_group]
-    return plans, teachers, skipped, time.perf_counter() - t0
-
-
-def _slide_embeddings(url: str, name: str, c: Cohort) -> np.ndarray:
-    if url.endswith(".npz"):
-        with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as z:
-            table = dict(zip([str(s) for s in z["slide_ids"]], z["features"]))
-    else:
-        rows = list(csv.reader(io.StringIO(storage.read_text(url))))
-        table = {r[0]: np.array(r[1:], np.float32) for r in rows[1:]}
-    missing = [s for s in c.slide_ids if s not in table]
-    if missing:
-        raise ConfigError(f"fusecpath.slide_embeddings.{name}: {url} has no row for "
-                          f"{len(missing)} slide(s), e.g. {missing[:3]}")
-    out = np.stack([np.asarray(table[s], np.float32) for s in c.slide_ids])
-    if not np.isfinite(out).all():
-        raise ConfigError(f"fusecpath.slide_embeddings.{name}: {url} contains NaN or inf")
-    return out
-
-
 # ------------------------------------------------------------------------------- run
 
 def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int],
-               plans, teachers, progress: bool) -> tuple[list[FoldResult], int]:
+               methods: list, prepared: dict, progress: bool) -> tuple[list[FoldResult], int]:
     import ray
 
     from fusedist.runtime import init_ray, run_tasks
@@ -156,7 +111,7 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
         remote = ray.remote(run_fold).options(num_cpus=cfg.fold_cpus, num_gpus=cfg.fold_gpus,
                                               max_retries=1)
         c_ref = ray.put(c)
-        refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, plans, teachers) for f in todo]
+        refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared) for f in todo]
 
         def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
             storage.write_text(_state_url(cfg, f"fold-{r.fold:02d}.json"), _encode(r))
@@ -166,6 +121,19 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
     return [done[f] for f in range(cfg.folds)], len(done) - len(todo)
 
 
+def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
+                 res: FuseResult, run) -> str:
+    """Refit ``final.methods`` on every labelled sample and write ``<output>/model/``."""
+    from fusedist.fusion.model import final_methods, refit, write_model
+
+    rows = final_methods(cfg, methods, res.best())
+    fitted = refit(c, cfg, rows, prepared)
+    cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
+    url = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv, run)
+    log.info("fuse: fused model (%s) in %s", ", ".join(fitted), url)
+    return url
+
+
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     """Cross-validate every expert and fusion method on the bags and labels of ``cfg``."""
     from fusedist.tracking import start_run
@@ -173,30 +141,25 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     c = load_cohort(cfg)
-    methods, skipped = cfg.active_methods()
+    methods, skipped = select_methods(cfg, c)
     digest = config_digest(cfg, cfg.RUN_ONLY) + ":" + _fingerprint(c)
     _open_state(cfg, digest)
     fold_ids = make_folds(c, np.arange(c.num_samples), cfg.folds, cfg.seed)
     heat = list(range(min(cfg.heatmaps, len(c.slide_ids))))
-    plans = teachers = None
-    extra_notes = dict(skipped)
-    if "fusecpath" in methods:
-        plans, teachers, fc_skipped, cluster_s = fusecpath_inputs(c, cfg, progress)
-        if fc_skipped:
-            extra_notes["fusecpath.clustering"] = (
-                f"{len(fc_skipped)} slide(s) skipped, e.g. "
-                f"{next(iter(fc_skipped.items()))}")
-        extra_notes["fusecpath.cluster_s"] = f"{cluster_s:.2f}"
+    prepared, prep_notes = prepare_methods(methods, c, cfg, progress)
+    extra_notes = {**skipped, **prep_notes}
     log.info("fuse: %d slides, %d samples, encoders %s, task %s, %d folds", len(c.slide_ids),
              c.num_samples, c.encoders, c.task, cfg.folds)
     with start_run(cfg.mlflow, run_name="fuse", params=cfg,
                    tags={"fusedist.stage": "fuse", "fusedist.task": cfg.task}) as run:
-        results, resumed = _run_folds(c, cfg, fold_ids, heat, plans, teachers, progress)
-        res = evaluate(c, cfg, fold_ids, results, extra_notes, run)
+        results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
+        res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
+        if cfg.final.enabled:
+            res.model = _write_final(c, cfg, methods, prepared, res, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
         res.elapsed = time.perf_counter() - t0
         run.log_metrics({"fuse_seconds": res.elapsed})
     return res
 
 
-__all__ = ["FuseResult", "run_fuse", "fusecpath_inputs"]
+__all__ = ["FuseResult", "run_fuse"]

@@ -22,6 +22,8 @@ Layout written under ``output`` (what ``fusedist fuse`` reads)::
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import math
 import re
@@ -246,6 +248,9 @@ def synthetic_cohort(output: str, num_slides: int = 60, num_classes: int = 2,
                       coords=t.coords, encoder=enc.name, mpp=MPP, tile_size=TILE_SIZE,
                       attrs={LEVEL0_MPP: MPP, TILE_SIZE_LEVEL0: TILE_SIZE,
                              "source": "fusedist.fusion.synthetic", "seed": seed,
+                             # What the encoder's "weights" are: its seeded random map.
+                             "weights_digest": hashlib.sha256(
+                                 f"{enc.name}:{enc.dim}:{seed}".encode()).hexdigest(),
                              "visible_cues": list(enc.cues),
                              "num_tumour_tiles": int(t.tumour.sum())})
             write_bag(bag_url(bags, enc.name, row.slide_id), bag)

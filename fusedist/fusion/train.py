@@ -1,8 +1,8 @@
 """Training loops of the fusion heads, one per input shape: bags (one slide per step, as
 CLAM/ABMIL train), tiles (mini-batches), and FuseCPath sub-bags (mini-batches + teachers).
 
-What a task changes (the loss, the targets, how outputs become predictions) lives in
-``FoldTask``; the loops never look at the task name.
+What a task changes (the loss, the targets, how outputs become predictions) lives in the
+fold's ``tasks.Targets``; the loops never look at the task name.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedist.fusion.data import Cohort
-from fusedist.fusion.logitprod import nll_survival_loss, survival_risk
+from fusedist.fusion.tasks import Targets
 
 
 def seed_for(*parts: object) -> int:
@@ -29,63 +26,6 @@ def seed_for(*parts: object) -> int:
 
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@dataclass
-class FoldTask:
-    """The task as one fold sees it: targets, loss and predictions for the samples ``idx``.
-
-    Survival bins come from the quantiles of the fold's uncensored training times, and
-    regression targets are standardised with the fold's training mean and sd, so nothing is
-    learnt from the test fold.
-    """
-
-    task: str
-    num_outputs: int
-    y: np.ndarray | None = None
-    time_bin: np.ndarray | None = None
-    event: np.ndarray | None = None
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    alpha: float = 0.4
-    bin_edges: np.ndarray | None = None
-
-    @classmethod
-    def build(cls, c: Cohort, train_idx: np.ndarray, bins: int, alpha: float) -> "FoldTask":
-        if c.task in ("classification", "tile_classification"):
-            return cls(c.task, len(c.classes), y=c.y)
-        if c.task == "survival":
-            t_unc = c.time[train_idx][c.event[train_idx] == 1]
-            edges = np.quantile(t_unc, np.linspace(0, 1, bins + 1))
-            tb = np.clip(np.searchsorted(edges[1:-1], c.time, side="right"), 0, bins - 1)
-            return cls(c.task, bins, time_bin=tb.astype(np.int64), event=c.event, alpha=alpha,
-                       bin_edges=edges)
-        mean, std = c.y[train_idx].mean(0), c.y[train_idx].std(0)
-        std = np.where(std > 1e-8, std, 1.0)
-        return cls(c.task, c.y.shape[1], y=(c.y - mean) / std, mean=mean, std=std)
-
-    def targets(self, idx: np.ndarray, device: torch.device) -> tuple[Tensor, ...]:
-        if self.task == "survival":
-            return (torch.as_tensor(self.time_bin[idx], device=device),
-                    torch.as_tensor(self.event[idx], device=device))
-        return (torch.as_tensor(self.y[idx], device=device),)
-
-    def loss(self, out: Tensor, tgt: tuple[Tensor, ...]) -> Tensor:
-        if self.task == "survival":
-            return nll_survival_loss(out, tgt[0], tgt[1], alpha=self.alpha)
-        if self.task == "regression":
-            return F.mse_loss(out.float(), tgt[0].float())
-        return F.cross_entropy(out.float(), tgt[0].long())
-
-    def predict(self, out: np.ndarray) -> np.ndarray:
-        """Raw head outputs -> what metrics read: class probabilities (N, K), risk (N,) or
-        targets in their own units (N, G)."""
-        t = torch.as_tensor(out, dtype=torch.float32)
-        if self.task == "survival":
-            return survival_risk(t).numpy()
-        if self.task == "regression":
-            return (t.numpy() * self.std + self.mean).astype(np.float32)
-        return F.softmax(t, dim=-1).numpy()
 
 
 def pick_device(pref: str) -> torch.device:
@@ -108,7 +48,7 @@ def _start(model: nn.Module, lr: float, weight_decay: float, seed: int,
             torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, task: FoldTask, out: Tensor,
+def _step(model: nn.Module, opt: torch.optim.Optimizer, task: Targets, out: Tensor,
           idx: np.ndarray, device: torch.device) -> None:
     """One optimiser step on the task loss of samples ``idx`` plus the model's aux loss."""
     loss = task.loss(out, task.targets(idx, device))
@@ -119,7 +59,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, task: FoldTask, out: Ten
 
 
 def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
-               task: FoldTask, epochs: int, lr: float, weight_decay: float,
+               task: Targets, epochs: int, lr: float, weight_decay: float,
                max_tiles: int | None, seed: int, device: torch.device) -> float:
     """Adam, one slide per step; a bag above ``max_tiles`` is subsampled afresh each epoch.
     ``views[v][slide]`` are the per-view features; the model takes the list of views.
@@ -153,7 +93,7 @@ def predict_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: n
     return np.stack(outs), attn
 
 
-def train_tiles(model: nn.Module, xs: Sequence[np.ndarray], idx: np.ndarray, task: FoldTask,
+def train_tiles(model: nn.Module, xs: Sequence[np.ndarray], idx: np.ndarray, task: Targets,
                 epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
                 device: torch.device) -> float:
     """Adam on tile features (one (S, d_v) array per view); returns seconds."""

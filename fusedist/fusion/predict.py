@@ -1,0 +1,327 @@
+"""``fusedist predict``: apply a fused model (``fuse``'s ``<output>/model/``) to new slides.
+
+From ``--bags`` (fusedist, TRIDENT or CLAM layout, one folder per encoder the card names).
+Every slide is one unit: its result lands in ``<output>/_state/<slide>.json`` as soon as it
+is predicted, so a re-run skips finished slides and gives the same ``predictions.csv``. A slide
+that fails (a missing or unreadable bag, a bag of other weights) is recorded in
+``manifest.json`` with the reason; the rest proceed (exit 1). Bags whose encoder weights
+digest differs from the card's are refused, naming the encoder and the fix.
+
+Output::
+
+    predictions.csv   slide_id, method, the task's prediction columns, the predicted label
+                      (classification), LogitProd's per-expert weights (weight_<encoder>)
+    heatmaps/         attention of each expert component over the slide (thumbnail if given)
+    summary.md        counts, failures, the model card's CV metrics
+    manifest.json     the model, every slide's status
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from pydantic import Field
+
+from fusedist import storage
+from fusedist.config import ConfigError, StorageConfig, StrictModel
+
+log = logging.getLogger("fusedist")
+
+
+class PredictConfig(StrictModel):
+    """Apply a fused model to new slides' bags."""
+
+    model: str
+    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``)."""
+
+    bags: str
+    """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
+
+    output: str = "predict-output"
+    """Where predictions.csv, heatmaps/, summary.md and manifest.json go."""
+
+    slide_ids: list[str] | None = None
+    """Slide ids to predict; default: every slide with a bag for the model's encoders."""
+
+    thumbnails: str | None = None
+    """Tile dataset (its ``thumbnails/``) or folder of ``<slide_id>.png`` for the heatmaps."""
+
+    heatmaps: bool = True
+    """Draw each expert component's attention over every slide."""
+
+    device: str = Field("cpu", pattern="^(cpu|cuda|auto)$")
+    """Where the heads run."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """S3 endpoint and retries."""
+
+
+class SlideError(Exception):
+    """One slide cannot be predicted; the message says why and how to fix it."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _check_digest(card: dict, enc: str, bag, url: str) -> None:
+    want = (card["encoders"].get(enc) or {}).get("weights_digest")
+    got = bag.attrs.get("weights_digest")
+    if want and got != want:
+        raise SlideError(f"{url}: encoder {enc!r} weights digest {got} differs from the "
+                         f"model's {want}; re-embed this slide with the encoder the model "
+                         f"was trained on (`fusedist embed -e {enc}` with its weights), or "
+                         "use a model fused on these bags")
+
+
+def _check_weights(card: dict, todo: dict[str, dict[str, str]]) -> None:
+    """Refuse the run (ConfigError) when an encoder's bags come from other weights than the
+    model's: checked on each encoder's first bag, before any slide is predicted."""
+    from fusedist.bags import BagError, read_bag
+
+    for e in card["encoders"]:
+        url = next((u[e] for u in todo.values() if u.get(e)), None)
+        if url is None:
+            continue
+        try:
+            _check_digest(card, e, read_bag(url), url)
+        except SlideError as err:
+            raise ConfigError(str(err)) from None
+        except (BagError, OSError, ValueError):
+            continue  # that slide fails on its own below; the others may be fine
+
+
+def slide_inputs(card: dict, bags: dict, slide_id: str, urls: dict[str, str]):
+    """One slide's ``Inputs`` for the model: each encoder's bag, the feature group aligned on
+    shared tiles, tile matrices (tile tasks), FuseCPath's sub-bag plan."""
+    from fusedist.fusion.data import _align
+    from fusedist.fusion.methods.base import Inputs
+
+    for e, b in bags.items():
+        dim = (card["encoders"].get(e) or {}).get("dim")
+        if dim and b.dim != dim:
+            raise SlideError(f"{urls[e]}: {b.dim}-d features, the model's {e!r} takes {dim}; "
+                             "this folder holds another encoder's bags")
+    group = [e for e in card["feature_group"] if e in bags]
+    aligned: dict[str, list[np.ndarray]] = {}
+    if group:
+        coords, feats = _align([bags[e] for e in group])
+        if len(coords) == 0:
+            raise SlideError(f"{slide_id}: encoders {group} share no tile coordinates")
+        aligned = {e: [f] for e, f in zip(group, feats)}
+    plans = None
+    if card.get("fusecpath"):
+        from fusedist.fusion.config import FuseCPathConfig
+        from fusedist.fusion.methods.fusecpath import plan_slide
+
+        cfg = SimpleNamespace(fusecpath=FuseCPathConfig(**card["fusecpath"]), seed=card["seed"])
+        plans = [plan_slide([aligned[e][0] for e in group], cfg, slide_id)[0]]
+    tile = card["task"] == "tile_classification"
+    tiles = {e: aligned[e][0] for e in group} if tile else None
+    n = len(next(iter(tiles.values()))) if tile else 1
+    return Inputs(idx=np.arange(n), bags={e: [b.features.astype(np.float32)]
+                                          for e, b in bags.items()},
+                  aligned=aligned, tiles=tiles, plans=plans,
+                  attention_for=() if tile else (0,))
+
+
+# ---------------------------------------------------------------------------- output
+
+def _columns(card: dict) -> list[str]:
+    t = card["targets"]
+    if card["task"] == "survival":
+        return ["risk"]
+    if card["task"] == "regression":
+        return [f"pred_{n}" for n in t["targets"]]
+    return [f"prob_{k}" for k in t["classes"]] + ["predicted"]
+
+
+def _row(card: dict, pred: np.ndarray) -> list[object]:
+    if card["task"] == "survival":
+        return [f"{float(pred):.6g}"]
+    if card["task"] == "regression":
+        return [f"{v:.6g}" for v in pred]
+    classes = card["targets"]["classes"]
+    ok = np.isfinite(pred).all()
+    return [f"{v:.6g}" for v in pred] + [classes[int(np.argmax(pred))] if ok else ""]
+
+
+def predict_slide(model, card: dict, slide_id: str, urls: dict[str, str], device) -> dict:
+    """Every component's prediction for one slide (JSON-able), and attention for heatmaps."""
+    from fusedist.bags import BagError, read_bag
+
+    bags = {}
+    for e, url in urls.items():
+        try:
+            bags[e] = read_bag(url, slide_id)
+        except (BagError, OSError, ValueError) as err:
+            raise SlideError(f"{err} (re-run `fusedist embed -e {e}` for this slide)") from None
+        _check_digest(card, e, bags[e], url)
+    x = slide_inputs(card, bags, slide_id, urls)
+    out = {"slide_id": slide_id, "methods": {}, "attention": {}}
+    for name, o in model.predict(x, device).items():
+        pred = o.pred.mean(0) if card["task"] == "tile_classification" else o.pred[0]
+        rec = {"pred": np.asarray(pred, np.float64).tolist()}
+        if o.weights is not None:
+            rec["weights"] = np.asarray(o.weights, np.float64).mean(0).tolist()
+        out["methods"][name] = rec
+    if x.attention_for:
+        for e, f in _experts(model).items():
+            attn = f.predict(x, device).attention
+            if attn:
+                out["attention"][e] = {"coords": bags[e].coords.tolist(),
+                                       "attention": attn[0].tolist(),
+                                       "extent": _extent(bags[e])}
+    return out
+
+
+def _experts(model) -> dict:
+    """Encoder -> the single-encoder bag heads inside the model's components (their
+    attention is what the heatmaps show)."""
+    from fusedist.fusion.methods.base import HeadFitted
+
+    found = {}
+
+    def visit(f) -> None:
+        if isinstance(f, HeadFitted):
+            if f.view == "bags" and len(f.encoders()) == 1:
+                found.setdefault(f.encoders()[0], f)
+            return
+        for attr in ("expert", "experts"):
+            sub = getattr(f, attr, None)
+            for g in (sub.values() if isinstance(sub, dict) else [sub] if sub else []):
+                visit(g)
+
+    for f in model.components.values():
+        visit(f)
+    return found
+
+
+def _extent(bag) -> float:
+    from fusedist.fusion.data import _tile_extent
+
+    return _tile_extent(bag)
+
+
+def _predictions_csv(card: dict, results: list[dict]) -> str:
+    lp = [name for name, c in card["components"].items() if c["spec"]["kind"] == "logitprod"]
+    experts = list(card["components"][lp[0]]["spec"]["experts"]) if lp else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide_id", "method"] + _columns(card) + [f"weight_{e}" for e in experts])
+    for r in results:
+        for name in card["methods"]:
+            rec = r["methods"][name]
+            weights = [f"{v:.6g}" for v in rec["weights"]] if "weights" in rec else \
+                [""] * len(experts)
+            w.writerow([r["slide_id"], name] + _row(card, np.asarray(rec["pred"])) + weights)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- run
+
+def _model_digest(card_text: str) -> str:
+    return hashlib.sha256(card_text.encode()).hexdigest()
+
+
+def _targets(cfg: PredictConfig, card: dict) -> dict[str, dict[str, str]]:
+    """slide_id -> encoder -> bag URL, for the slides to predict."""
+    from fusedist.bags import list_bags
+
+    index = {}
+    for e in card["encoders"]:
+        folder = storage.join(cfg.bags, e)
+        try:
+            urls = list_bags(folder)
+        except FileNotFoundError:
+            urls = {}
+        if not urls:
+            raise ConfigError(f"bags: no bags for encoder {e!r} under {folder}; the model "
+                              f"needs every encoder it names ({sorted(card['encoders'])}): run "
+                              f"`fusedist embed -e {e}` on these slides")
+        index[e] = urls
+    slides = cfg.slide_ids or sorted(set().union(*(set(v) for v in index.values())))
+    return {s: {e: index[e].get(s) for e in index} for s in slides}
+
+
+def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
+    """Predict every slide; returns the manifest (``failed`` lists the slides that failed)."""
+    from tqdm import tqdm
+
+    from fusedist.fusion.model import CARD, load_model
+    from fusedist.fusion.train import pick_device
+
+    storage.configure(cfg.storage)
+    card_url = storage.join(cfg.model, CARD)
+    if not storage.exists(card_url):
+        raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
+                          "output's model/ folder (written when final.enabled is true)")
+    card_text = storage.read_text(card_url)
+    model = load_model(cfg.model)
+    card = model.card
+    digest = _model_digest(card_text)
+    device = pick_device(cfg.device)
+    todo = _targets(cfg, card)
+    _check_weights(card, todo)
+    results, failed = [], []
+    for sid in tqdm(sorted(todo), desc="predict", unit="slide", disable=not progress):
+        state = storage.join(cfg.output, "_state", f"{sid}.json")
+        if storage.exists(state):
+            done = json.loads(storage.read_text(state))
+            if done.get("model") == digest:
+                results.append(done)
+                continue
+        try:
+            missing = [e for e, u in todo[sid].items() if u is None]
+            if missing:
+                raise SlideError(f"no bag for encoder(s) {missing}; run `fusedist embed` for "
+                                 "this slide with them")
+            r = predict_slide(model, card, sid, todo[sid], device)
+        except SlideError as err:
+            failed.append({"slide_id": sid, "reason": str(err)})
+            log.warning("predict: %s failed: %s", sid, err)
+            continue
+        r["model"] = digest
+        storage.write_text(state, json.dumps(r))
+        results.append(r)
+    _write(cfg, card, results, failed)
+    return {"predicted": [r["slide_id"] for r in results], "failed": failed,
+            "output": cfg.output}
+
+
+def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict]) -> None:
+    import tempfile
+
+    from fusedist.fusion import report as rp
+
+    with tempfile.TemporaryDirectory(prefix="fusedist-predict-") as tmp:
+        out = Path(tmp)
+        (out / "predictions.csv").write_text(_predictions_csv(card, results))
+        if cfg.heatmaps:
+            for r in results:
+                for e, a in r["attention"].items():
+                    thumb, size = rp._thumbnail(cfg, r["slide_id"])
+                    rp.plot_attention_heatmap(np.array(a["coords"]), np.array(a["attention"]),
+                                              a["extent"], out / "heatmaps" /
+                                              f"{e}_{r['slide_id']}.png", thumbnail=thumb,
+                                              slide_size=size,
+                                              title=f"{e} attention, {r['slide_id']}")
+        manifest = {"model": cfg.model, "task": card["task"], "methods": card["methods"],
+                    "predicted": [r["slide_id"] for r in results], "failed": failed}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
+                 f"{', '.join(card['methods'])}); {len(results)} slide(s) predicted, "
+                 f"{len(failed)} failed.\n"]
+        for m, s in (card.get("cv_metrics") or {}).items():
+            lines.append(f"- CV {m}: " + ", ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}"
+                                                   for k, v in s.items()))
+        lines += [f"- failed {f['slide_id']}: {f['reason']}" for f in failed]
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                storage.upload_file(p, storage.join(cfg.output, p.relative_to(out).as_posix()))
