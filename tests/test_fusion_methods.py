@@ -324,7 +324,8 @@ def _ids() -> torch.Tensor:
 
 
 def test_cluster_subbags_hand_layout_without_shuffle():
-    bags = cluster_subbags(_ids(), n_bags=4, per_cluster=3, seed=0, shuffle=False)
+    bags = cluster_subbags(_ids(), n_bags=4, per_cluster=3, seed=0, shuffle=False,
+                           rule="cycle")
     # Bag i, cluster c: positions i*3 .. i*3+2 of cluster c's list, cyclic when short.
     expected = [
         [3, 10, 3, 0, 4, 5, 1, 2, 6],
@@ -337,7 +338,7 @@ def test_cluster_subbags_hand_layout_without_shuffle():
 
 def test_cluster_subbags_shuffled_seeded():
     ids = _ids()
-    bags = cluster_subbags(ids, n_bags=4, per_cluster=3, seed=7)
+    bags = cluster_subbags(ids, n_bags=4, per_cluster=3, seed=7, rule="cycle")
     assert bags.shape == (4, 9)
     for c, members in enumerate((C0, C1, C2)):
         block = bags[:, 3 * c:3 * c + 3]
@@ -352,8 +353,9 @@ def test_cluster_subbags_shuffled_seeded():
         assert torch.equal(bags[:, 3 * c:3 * c + 3], perm[pos % len(members)])
     walk = bags[:, 6:9].reshape(-1)          # cluster 2: 12 draws from 11 tiles
     assert sorted(walk[:11].tolist()) == C2 and walk[11] == walk[0]
-    assert torch.equal(bags, cluster_subbags(ids, n_bags=4, per_cluster=3, seed=7))
-    assert not torch.equal(bags, cluster_subbags(ids, n_bags=4, per_cluster=3, seed=8))
+    assert torch.equal(bags, cluster_subbags(ids, n_bags=4, per_cluster=3, seed=7, rule="cycle"))
+    assert not torch.equal(bags, cluster_subbags(ids, n_bags=4, per_cluster=3, seed=8,
+                                                 rule="cycle"))
 
 
 def test_cluster_subbags_empty_cluster_error():
@@ -364,16 +366,17 @@ def test_cluster_subbags_empty_cluster_error():
         cluster_subbags(torch.tensor([0, 1]), n_clusters=3)
 
 
-def test_topk_mask_keeps_at_most_k_even_with_ties():
+def test_topk_mask_exact_keeps_at_most_k_even_with_ties():
     scores = torch.zeros(2, 3, 40)                       # all tied
-    keep = topk_keep_mask(scores, 16)
+    keep = topk_keep_mask(scores, 16, ties="exact")
     assert (keep.sum(-1) == 16).all()
     assert topk_keep_mask(torch.randn(4, 10), 16).all()  # shorter rows keep everything
 
 
 def test_sparse_attention_rows_have_at_most_16_scores():
     torch.manual_seed(0)
-    attn_mod = SparseAttention(32, num_heads=4, topk=16, epeg=True, epeg_k=5).eval()
+    attn_mod = SparseAttention(32, num_heads=4, topk=16, epeg=True, epeg_k=5,
+                               topk_ties="exact").eval()
     _, attn = attn_mod(torch.randn(2, 40, 32), return_attn=True)
     assert attn.shape == (2, 4, 40, 40)
     nonzero = (attn > 0).sum(-1)
@@ -384,7 +387,8 @@ def test_sparse_attention_rows_have_at_most_16_scores():
 def test_fusecpath_student_forward_on_a_subbag():
     torch.manual_seed(0)
     dims, teacher_dims = [48, 32, 40], [24, 16]
-    model = FuseCPathModel(sum(dims), num_classes=3, teacher_dims=teacher_dims).eval()
+    model = FuseCPathModel(sum(dims), num_classes=3, teacher_dims=teacher_dims,
+                           topk_ties="exact").eval()
     x = torch.randn(1, 500, sum(dims))
     logits, pool_attn = model(x, return_attn=True)
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
@@ -555,8 +559,12 @@ def test_plan_subbags_and_skip_reasons():
     views, _ = _blobs()
     plan = plan_subbags(views, n_clusters=4, n_bags=5, per_cluster=3)
     assert plan.ok and plan.indices.shape == (5, 12)
+    # Released layout: clusters in order of first appearance among the tiles.
+    for b, c in enumerate(dict.fromkeys(plan.labels.tolist())):
+        assert (plan.labels[plan.indices[:, 3 * b:3 * b + 3].numpy()] == c).all()
+    by_id = plan_subbags(views, n_clusters=4, n_bags=5, per_cluster=3, rule="cycle")
     for c in range(4):
-        assert (plan.labels[plan.indices[:, 3 * c:3 * c + 3].numpy()] == c).all()
+        assert (by_id.labels[by_id.indices[:, 3 * c:3 * c + 3].numpy()] == c).all()
     few = plan_subbags([v[:3] for v in views], n_clusters=4)
     assert not few.ok and "only 3 tiles" in few.reason
 

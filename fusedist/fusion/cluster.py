@@ -115,9 +115,11 @@ class SubbagPlan:
 
 
 def plan_subbags(views: Sequence[np.ndarray | Tensor], n_clusters: int = 50, n_bags: int = 50,
-                 per_cluster: int = 10, method: str = "kmeans", seed: int = 0) -> SubbagPlan:
-    """Cluster one slide and build its sub-bags; slides with fewer tiles than clusters or
-    fewer than ``n_clusters`` non-empty clusters are skipped with a recorded reason."""
+                 per_cluster: int = 10, method: str = "kmeans", seed: int = 0,
+                 rule: str = "released") -> SubbagPlan:
+    """Cluster one slide and build its sub-bags (``rule``: see ``cluster_subbags``); slides
+    with fewer tiles than clusters or fewer than ``n_clusters`` non-empty clusters are
+    skipped with a recorded reason."""
     n = _as_numpy(views[0]).shape[0] if views else 0
     if n < n_clusters:
         return SubbagPlan(None, None, f"only {n} tiles for {n_clusters} clusters")
@@ -127,7 +129,7 @@ def plan_subbags(views: Sequence[np.ndarray | Tensor], n_clusters: int = 50, n_b
         return SubbagPlan(None, labels,
                           f"only {nonempty} of {n_clusters} clusters non-empty")
     idx = cluster_subbags(torch.from_numpy(labels), n_bags, per_cluster, seed,
-                          n_clusters=n_clusters)
+                          n_clusters=n_clusters, rule=rule)
     return SubbagPlan(idx, labels)
 
 

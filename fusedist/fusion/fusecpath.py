@@ -8,7 +8,8 @@ releases it: one region-MSA layer (the sequence squared and padded to an 8 x 8 g
 regions, 8 heads inside each region, plus EPEG: a depthwise (15, 1) convolution added to
 the attention scores), one cross-region layer (tokens dispatched to 3 representatives per
 region, attention across regions, combined back), then LayerNorm. FuseCPath's change is
-sparse attention: in every attention map, scores below each row's top-16 are masked out.
+sparse attention: in every attention map, scores below each row's 16th largest are masked
+out (ties with it kept, as released; ``topk_ties="exact"`` keeps exactly 16).
 """
 
 from __future__ import annotations
@@ -64,22 +65,35 @@ class EmptyClusterError(ValueError):
                          f"sub-bags need every cluster non-empty")
 
 
+SUBBAG_RULES = ("released", "cycle")
+
+
 def cluster_subbags(cluster_ids: Tensor | Sequence[int], n_bags: int = 50,
                     per_cluster: int = 10, seed: int = 0, *, n_clusters: int | None = None,
-                    shuffle: bool = True) -> Tensor:
+                    shuffle: bool = True, rule: str = "released") -> Tensor:
     """Tile indices of ``n_bags`` sub-bags: LongTensor (n_bags, n_clusters * per_cluster).
 
-    Clusters are ids 0..n_clusters-1 (default max id + 1), taken in increasing id order.
-    For cluster c with tiles L_c (ascending tile index), pi_c is L_c shuffled by a
-    ``torch.Generator`` seeded with ``seed`` (one ``randperm`` per cluster, in id order;
-    ``shuffle=False`` keeps L_c). Sub-bag i, block c (columns c*per_cluster ..
-    (c+1)*per_cluster - 1) holds
-        pi_c[(i * per_cluster + j) mod |L_c|],  j = 0..per_cluster-1,
-    i.e. consecutive sub-bags walk the shuffled list, which repeats cyclically when short.
-    A tile therefore repeats within a block only if |L_c| < per_cluster, and across the
-    sub-bags every tile of a cluster is used equally often (+-1).
-    Raises ``EmptyClusterError`` if any cluster has no tile.
+    Sub-bag i is laid out block by block, ``per_cluster`` columns per cluster. Every random
+    draw comes from one ``torch.Generator`` seeded with ``seed`` (reproducible per slide).
+
+    ``rule="released"`` (default; FuseCPath's ``3slide_select_byCluster.py``): clusters in
+    order of first appearance in ``cluster_ids``; each cluster's tile list (file order) is
+    shuffled, repeated whole ``ceil(R / |L_c|)`` times with
+    ``R = ceil(max_c |L_c| / per_cluster) * 6 * per_cluster`` (the released 60 for 10 per
+    cluster), and shuffled again; sub-bag i takes entries ``[i*p, (i+1)*p)`` of that list, or,
+    where ``(i+1)*p >= len`` (the released ``>=``), ``p`` entries drawn without replacement
+    from it. A block can therefore repeat a tile and tile use within a cluster is uneven.
+
+    ``rule="cycle"``: clusters in increasing id order; pi_c is L_c shuffled once (one
+    ``randperm`` per cluster in id order; ``shuffle=False`` keeps L_c) and block c of sub-bag i
+    holds ``pi_c[(i * p + j) mod |L_c|]``: consecutive sub-bags walk the shuffled list, a tile
+    repeats within a block only if ``|L_c| < p``, and every tile of a cluster is used equally
+    often (+-1).
+
+    Raises ``EmptyClusterError`` if any cluster id below ``n_clusters`` has no tile.
     """
+    if rule not in SUBBAG_RULES:
+        raise ValueError(f"unknown sub-bag rule {rule!r}: use one of {SUBBAG_RULES}")
     ids = torch.as_tensor(cluster_ids, dtype=torch.long).view(-1)
     if n_bags < 1 or per_cluster < 1:
         raise ValueError("n_bags and per_cluster must be positive")
@@ -95,6 +109,8 @@ def cluster_subbags(cluster_ids: Tensor | Sequence[int], n_bags: int = 50,
     if empty:
         raise EmptyClusterError(empty, k)
     gen = torch.Generator().manual_seed(int(seed))
+    if rule == "released":
+        return _released_subbags(ids, counts, n_bags, per_cluster, gen, shuffle)
     pos = torch.arange(n_bags).view(-1, 1) * per_cluster + torch.arange(per_cluster)
     blocks = []
     for c in range(k):
@@ -105,6 +121,36 @@ def cluster_subbags(cluster_ids: Tensor | Sequence[int], n_bags: int = 50,
     return torch.cat(blocks, dim=1)
 
 
+def _released_subbags(ids: Tensor, counts: Tensor, n_bags: int, p: int,
+                      gen: torch.Generator, shuffle: bool) -> Tensor:
+    # Clusters in order of first appearance (the released dict's insertion order).
+    first = torch.full((counts.numel(),), ids.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, ids, torch.arange(ids.numel()), reduce="amin")
+    order = torch.argsort(first)
+    span = math.ceil(int(counts.max()) / p) * 6 * p
+
+    def perm(t: Tensor) -> Tensor:
+        return t[torch.randperm(t.numel(), generator=gen)] if shuffle else t
+
+    lists = []
+    for c in order.tolist():
+        tiles = perm(torch.nonzero(ids == c, as_tuple=False).view(-1))
+        if tiles.numel() < span:
+            tiles = tiles.repeat(math.ceil(span / tiles.numel()))
+        lists.append(perm(tiles))
+    bags = torch.empty(n_bags, len(lists) * p, dtype=torch.long)
+    for i in range(n_bags):
+        for b, lst in enumerate(lists):
+            lo, hi = i * p, (i + 1) * p
+            if hi >= lst.numel():
+                # Past the list's end (the released code's '>='): p draws without replacement.
+                block = lst[torch.randperm(lst.numel(), generator=gen)[:p]]
+            else:
+                block = lst[lo:hi]
+            bags[i, b * p:(b + 1) * p] = block
+    return bags
+
+
 def slide_probabilities(subbag_logits: Tensor) -> Tensor:
     """A slide's prediction: the mean of its sub-bags' probabilities. (n_bags, K) -> (K,)."""
     return F.softmax(subbag_logits.float(), dim=-1).mean(dim=0)
@@ -112,17 +158,25 @@ def slide_probabilities(subbag_logits: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------- sparse attention
 
-def topk_keep_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask keeping exactly the top-``k`` scores of each row (last dim).
+TOPK_TIES = ("keep", "exact")
 
-    The released code keeps ``scores >= kth value``, which keeps more than k on ties; we
-    keep by index so a row never has more than k survivors.
+
+def topk_keep_mask(scores: Tensor, k: int, ties: str = "keep") -> Tensor:
+    """Boolean mask of the scores kept by top-``k`` sparsity in each row (last dim).
+
+    ``ties="keep"`` (default, as released): keep ``scores >= the k-th largest value``, so
+    every entry tied with the k-th survives (rows of a zero-padded region are all ties).
+    ``ties="exact"``: keep exactly k entries per row, by index (``topk``'s tie order).
     """
+    if ties not in TOPK_TIES:
+        raise ValueError(f"unknown top-k tie rule {ties!r}: use one of {TOPK_TIES}")
     n = scores.shape[-1]
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    idx = scores.detach().topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    top = scores.detach().topk(k, dim=-1)
+    if ties == "keep":
+        return scores.detach() >= top.values[..., -1:]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True)
 
 
 class SparseAttention(nn.Module):
@@ -133,8 +187,11 @@ class SparseAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, topk: int | None = 16, epeg: bool = False,
-                 epeg_k: int = 15, drop: float = 0.1) -> None:
+                 epeg_k: int = 15, drop: float = 0.1, topk_ties: str = "keep") -> None:
         super().__init__()
+        if topk_ties not in TOPK_TIES:
+            raise ValueError(f"unknown top-k tie rule {topk_ties!r}: use one of {TOPK_TIES}")
+        self.topk_ties = topk_ties
         if dim % num_heads:
             raise ValueError(f"dim {dim} not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -154,7 +211,7 @@ class SparseAttention(nn.Module):
         if self.pe is not None:
             scores = scores + self.pe(scores)
         if self.topk is not None and self.topk < n:
-            keep = topk_keep_mask(scores, self.topk)
+            keep = topk_keep_mask(scores, self.topk, self.topk_ties)
             # Most negative finite value, as released: exp underflows to exactly 0.
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         attn = scores.softmax(dim=-1)
@@ -190,10 +247,10 @@ class RegionAttention(nn.Module):
 
     def __init__(self, dim: int = 512, num_heads: int = 8, region_num: int = 8,
                  topk: int | None = 16, epeg: bool = True, epeg_k: int = 15,
-                 drop: float = 0.1) -> None:
+                 drop: float = 0.1, topk_ties: str = "keep") -> None:
         super().__init__()
         self.region_num = region_num
-        self.attn = SparseAttention(dim, num_heads, topk, epeg, epeg_k, drop)
+        self.attn = SparseAttention(dim, num_heads, topk, epeg, epeg_k, drop, topk_ties)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -212,10 +269,12 @@ class CrossRegionAttention(nn.Module):
     """
 
     def __init__(self, dim: int = 512, num_heads: int = 8, region_num: int = 8,
-                 crmsa_k: int = 3, topk: int | None = 16, drop: float = 0.1) -> None:
+                 crmsa_k: int = 3, topk: int | None = 16, drop: float = 0.1,
+                 topk_ties: str = "keep") -> None:
         super().__init__()
         self.region_num, self.k = region_num, crmsa_k
-        self.attn = SparseAttention(dim, num_heads, topk, epeg=False, drop=drop)
+        self.attn = SparseAttention(dim, num_heads, topk, epeg=False, drop=drop,
+                                    topk_ties=topk_ties)
         self.phi = nn.Parameter(torch.empty(dim, crmsa_k))
         nn.init.kaiming_uniform_(self.phi, a=math.sqrt(5))
 
@@ -242,12 +301,14 @@ class RRTEncoder(nn.Module):
 
     def __init__(self, dim: int = 512, num_heads: int = 8, region_num: int = 8,
                  topk: int | None = 16, epeg_k: int = 15, crmsa_k: int = 3,
-                 drop: float = 0.1) -> None:
+                 drop: float = 0.1, topk_ties: str = "keep") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.rmsa = RegionAttention(dim, num_heads, region_num, topk, True, epeg_k, drop)
+        self.rmsa = RegionAttention(dim, num_heads, region_num, topk, True, epeg_k, drop,
+                                    topk_ties)
         self.norm2 = nn.LayerNorm(dim)
-        self.crmsa = CrossRegionAttention(dim, num_heads, region_num, crmsa_k, topk, drop)
+        self.crmsa = CrossRegionAttention(dim, num_heads, region_num, crmsa_k, topk, drop,
+                                          topk_ties)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,11 +341,11 @@ class FuseCPathModel(nn.Module):
                  dim: int = 512, dropout: float = 0.25, region_num: int = 8,
                  num_heads: int = 8, topk: int | None = 16, epeg_k: int = 15,
                  crmsa_k: int = 3, trans_dropout: float = 0.1,
-                 gated_pool: bool = False) -> None:
+                 gated_pool: bool = False, topk_ties: str = "keep") -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.encoder = RRTEncoder(dim, num_heads, region_num, topk, epeg_k, crmsa_k,
-                                  trans_dropout)
+                                  trans_dropout, topk_ties)
         # RRT-MIL's default pool is the ungated DAttention without biases.
         self.pool = AttentionPool(dim, 128, gated=gated_pool, bias=gated_pool)
         self.classifier = nn.Linear(dim, num_classes)
@@ -319,6 +380,6 @@ def fusecpath_optimizer(model: nn.Module, epochs: int = 60, lr: float = 1e-4,
 
 __all__ = [
     "collaborative_kd_terms", "collaborative_kd_loss", "EmptyClusterError", "cluster_subbags",
-    "slide_probabilities", "topk_keep_mask", "SparseAttention", "RegionAttention",
+    "slide_probabilities", "topk_keep_mask", "SUBBAG_RULES", "TOPK_TIES", "SparseAttention", "RegionAttention",
     "CrossRegionAttention", "RRTEncoder", "FuseCPathModel", "fusecpath_optimizer",
 ]
