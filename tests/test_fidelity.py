@@ -98,3 +98,29 @@ def test_released_subbags_repeat_tiles_and_use_them_unevenly():
     assert rel_use.max() - rel_use.min() > 1
     with pytest.raises(ValueError, match="sub-bag rule"):
         cluster_subbags(ids, rule="random")
+
+
+# ------------------------------------------------------------------------------ c-index
+
+def test_harrell_c_index_matches_scikit_survival_with_ties():
+    from sksurv.metrics import concordance_index_censored
+
+    from fusedist.fusion.survival import harrell_c_index
+
+    # Hand case: ties in time (event vs censored at t=2; two events at t=3) and in risk.
+    t = np.array([1.0, 2.0, 2.0, 3.0, 3.0, 4.0])
+    e = np.array([1, 1, 0, 1, 1, 0], bool)
+    r = np.array([5.0, 4.0, 4.0, 2.0, 3.0, 1.0])
+    # Comparable: 0 with 1..5 (5 pairs, all concordant); 1 with 2 (tied risk: 1/2), 3, 4, 5;
+    # 3 and 4 with 5 (event 3-3 not comparable). 11 pairs, 10.5 concordant.
+    assert harrell_c_index(r, t, e) == pytest.approx(10.5 / 11)
+    assert harrell_c_index(r, t, e) == pytest.approx(concordance_index_censored(e, t, r)[0])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(5, 60))
+        t = rng.integers(1, 8, n).astype(float)
+        e = rng.random(n) < 0.6
+        e[0] = True
+        r = rng.integers(0, 5, n).astype(float)
+        assert harrell_c_index(r, t, e) == pytest.approx(
+            concordance_index_censored(e, t, r)[0], abs=1e-12)

@@ -79,11 +79,17 @@ def survival_risk(hazard_logits: Tensor) -> Tensor:
 
 def harrell_c_index(risk: np.ndarray | Tensor, time: np.ndarray | Tensor,
                     event: np.ndarray | Tensor) -> float:
-    """Harrell's c: over pairs with time_i < time_j and event_i, the fraction with
-    risk_i > risk_j (ties in risk count 1/2). O(N^2) memory; fine per fold."""
+    """Harrell's c: over comparable pairs, the fraction with risk_i > risk_j (ties in risk
+    count 1/2). (i, j) is comparable when i had the event and either time_i < time_j, or
+    time_i == time_j and j is censored (censored at t means still at risk at t) — the rule of
+    scikit-survival's ``concordance_index_censored`` (tested against it). Two events at the
+    same time are not comparable. O(N^2) memory; fine per fold."""
     r, t, e = (np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=float)
                .ravel() for a in (risk, time, event))
-    comparable = (t[:, None] < t[None, :]) & (e[:, None] > 0)
+    ev = e > 0
+    later = (t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & ~ev[None, :])
+    comparable = later & ev[:, None]
+    np.fill_diagonal(comparable, False)
     if not comparable.any():
         return float("nan")
     diff = r[:, None] - r[None, :]
