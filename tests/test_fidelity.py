@@ -124,3 +124,24 @@ def test_harrell_c_index_matches_scikit_survival_with_ties():
         r = rng.integers(0, 5, n).astype(float)
         assert harrell_c_index(r, t, e) == pytest.approx(
             concordance_index_censored(e, t, r)[0], abs=1e-12)
+
+
+def test_fuse_config_switches_reach_the_subbag_plan_and_the_model():
+    from types import SimpleNamespace
+
+    from fusedist.fusion.config import FuseCPathConfig
+    from fusedist.fusion.methods.fusecpath import plan_slide
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 8, (4, 6))
+    feats = [np.concatenate([c + rng.normal(0, 0.1, (15, 6)) for c in centers])[
+        rng.permutation(60)].astype(np.float32)]
+    plans = {}
+    for rule in ("released", "cycle"):
+        fc = FuseCPathConfig(n_clusters=4, n_bags=6, per_cluster=3, subbag_rule=rule)
+        plans[rule], reason = plan_slide(feats, SimpleNamespace(fusecpath=fc, seed=0), "s1")
+        assert plans[rule] is not None and plans[rule].shape == (6, 12), reason
+    assert not torch.equal(plans["released"], plans["cycle"])
+    with pytest.raises(ValueError):
+        FuseCPathConfig(topk_ties="sometimes")
+    assert FuseCPathConfig().topk_ties == "keep" and FuseCPathConfig().subbag_rule == "released"

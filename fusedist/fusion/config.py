@@ -156,6 +156,15 @@ class FuseCPathConfig(StrictModel):
     topk: int | None = Field(16, gt=0)
     """Attention scores below each row's top-k are masked out (``null``: dense)."""
 
+    topk_ties: Literal["keep", "exact"] = "keep"
+    """``keep`` (released): every score tied with the k-th largest survives (zero-padded
+    regions are all ties); ``exact``: exactly k per row. docs/methods.md, divergences."""
+
+    subbag_rule: Literal["released", "cycle"] = "released"
+    """``released``: clusters in order of first appearance, each list shuffled, repeated and
+    reshuffled (a block can repeat a tile); ``cycle``: clusters by id, one shuffle walked
+    cyclically (every tile used equally often). docs/methods.md, divergences."""
+
 
 class FinalConfig(StrictModel):
     """The fused model refitted on every labelled slide after cross-validation."""

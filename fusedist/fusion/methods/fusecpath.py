@@ -23,7 +23,7 @@ def plan_slide(feats: list[np.ndarray], cfg, slide_id: str):
 
     fc = cfg.fusecpath
     p = plan_subbags(feats, fc.n_clusters, fc.n_bags, fc.per_cluster, fc.clustering,
-                     seed_for(cfg.seed, slide_id))
+                     seed_for(cfg.seed, slide_id), rule=fc.subbag_rule)
     return (p.indices if p.ok else None), p.reason
 
 
@@ -111,7 +111,8 @@ class FuseCPathFitted(Fitted):
 
         kw = spec["kw"]
         model = FuseCPathModel(kw["in_dim"], kw["out"], kw["teacher_dims"],
-                               region_num=kw["region_num"], topk=kw["topk"])
+                               region_num=kw["region_num"], topk=kw["topk"],
+                               topk_ties=kw.get("topk_ties", "keep"))
         model.load_state_dict(state)
         model.eval()
         return cls(targets, model, spec["group"], kw)
@@ -151,10 +152,10 @@ class FuseCPath(Method):
         feats = {i: _features(x, g, i) for i in tr}
         kw = {"in_dim": int(feats[tr[0]].shape[1]), "out": ctx.num_outputs,
               "teacher_dims": [int(t.shape[1]) for t in teachers],
-              "region_num": fc.region_num, "topk": fc.topk}
+              "region_num": fc.region_num, "topk": fc.topk, "topk_ties": fc.topk_ties}
         torch.manual_seed(ctx.seed("fusecpath", "init"))
         model = FuseCPathModel(kw["in_dim"], kw["out"], kw["teacher_dims"],
-                               region_num=fc.region_num, topk=fc.topk)
+                               region_num=fc.region_num, topk=fc.topk, topk_ties=fc.topk_ties)
         secs = train_fusecpath(
             model, [feats[i] for i in tr], [plans[i] for i in tr],
             torch.as_tensor(c.y[tr]), [torch.as_tensor(t[tr]) for t in teachers],
