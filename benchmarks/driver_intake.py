@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_ray import start_ray  # noqa: E402 - beside this script
 
 
 def _peak_rss_mb() -> float:
@@ -50,20 +51,6 @@ def child(tiles: str, out: str, encoder: str, batch: int) -> None:
                                   "engine_s": res.engine_seconds}))
 
 
-def _start_ray(init_ray, tries: int = 4) -> None:
-    """Ray gives a raylet 30 s to register; on a heavily shared machine that can pass."""
-    import ray
-
-    for i in range(tries):
-        try:
-            return init_ray(None)
-        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
-            ray.shutdown()
-            if i == tries - 1:
-                raise
-            time.sleep(10)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="test-vit")
@@ -82,7 +69,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fusedist-intake-bench-"))
     make_slide(work / "slides" / "s0.tiff", size=args.size, mpp=0.25, seed=0)
-    _start_ray(init_ray)
+    start_ray(init_ray)
     datasets = {}
     for k in [int(x) for x in args.per_shard.split(",")]:
         r = run_tile(load_config(TileConfig, None, ["mode=grid", f"samples_per_shard={k}",

@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_ray import start_ray  # noqa: E402 - beside this script
 
 
 def model_only(enc, batch: int, seconds: float) -> float:
@@ -75,20 +76,6 @@ def plain_loop(enc, urls: list[str], batch: int) -> tuple[float, dict[str, np.nd
     return len(feats) / (time.perf_counter() - t), feats
 
 
-def _start_ray(init_ray, tries: int = 4) -> None:
-    """Ray gives a raylet 30 s to register; on a heavily shared machine that can pass."""
-    import ray
-
-    for i in range(tries):
-        try:
-            return init_ray(None)
-        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
-            ray.shutdown()
-            if i == tries - 1:
-                raise
-            time.sleep(10)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="bench-vit-s16")
@@ -112,7 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fusedist-engine-bench-"))
     for i in range(args.slides):
         make_slide(work / "slides" / f"s{i}.tiff", size=args.size, mpp=0.25, seed=i)
-    _start_ray(init_ray)
+    start_ray(init_ray)
     tiles = run_tile(load_config(TileConfig, None, ["mode=grid",
                                                     f"samples_per_shard={args.samples_per_shard}"],
                                  input=str(work / "slides"), output=str(work / "tiles")),
