@@ -324,7 +324,7 @@ def tasks_as_results(world: World, new_records: dict[str, dict]):
         name, a = ref
         if name == "plan_slide":
             return new_records[a[2]]
-        _, _, record, shard, start, stop, digest, _ = a
+        record, shard, start, stop, digest = a[2:7]  # then siblings and rendered parts
         return {"name": shard, "slide_id": record["slide_id"], "start": start, "stop": stop,
                 "digest": digest, "status": "ok", "samples": stop - start,
                 "bytes": (stop - start) * PAIR_BYTES, "sha256": "0" * 64}
@@ -333,12 +333,13 @@ def tasks_as_results(world: World, new_records: dict[str, dict]):
         for r in refs:
             on_done(result(r))
 
-    saved = (ray.remote, job.run_tasks, job.init_ray)
+    saved = (ray.remote, ray.cluster_resources, job.run_tasks, job.init_ray)
     ray.remote, job.run_tasks, job.init_ray = _Remote, run_tasks, lambda *_: None
+    ray.cluster_resources = lambda: {"CPU": 1.0}  # one slot: a shard is one render part
     try:
         yield counts
     finally:
-        ray.remote, job.run_tasks, job.init_ray = saved
+        ray.remote, ray.cluster_resources, job.run_tasks, job.init_ray = saved
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -492,8 +493,8 @@ def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
     streamed = Counter()
     real_iter = rd.iter_tar_samples
 
-    def counting(url):
-        for item in real_iter(url):
+    def counting(url, *args, **kwargs):
+        for item in real_iter(url, *args, **kwargs):
             streamed[url.startswith(w.dataset_url)] += 1
             yield item
 
