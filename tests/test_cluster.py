@@ -74,8 +74,8 @@ def _remove_when(multinode, state: Path, n: int, record: dict) -> threading.Thre
 
 def _same_dataset(a: Path, b: Path) -> None:
     assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
-    names = sorted(p.name for p in a.glob("shard-*.tar"))
-    assert names == sorted(p.name for p in b.glob("shard-*.tar")) and names
+    names = sorted(p.name for p in a.glob("*.tar"))
+    assert names == sorted(p.name for p in b.glob("*.tar")) and names
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
