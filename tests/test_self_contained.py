@@ -1,4 +1,4 @@
-"""The repository stands alone: a user's clone has no ``../shared`` beside it.
+"""The repository stands alone: a user's clone has no shared/ folder beside it.
 
 The test clones this checkout (``git clone`` of the committed tree, so nothing untracked helps)
 into a folder with no ``shared/`` anywhere above it, and runs what a user would run there.
@@ -50,7 +50,7 @@ def test_nothing_refers_to_shared():
             continue
         hits += [f"{f.relative_to(REPO)}:{i}" for i, line in enumerate(text.splitlines(), 1)
                  if _SHARED_REF.search(line)]
-    assert hits == [], f"files that still point at ../shared: {hits}"
+    assert hits == [], f"files that point outside the repository: {hits}"
 
 
 def test_fresh_clone_without_shared_validates_k8s_and_has_fixtures(tmp_path):
