@@ -85,7 +85,7 @@ def _load(model, config: Optional[Path], overrides: Optional[List[str]],
         _fail(2, str(e))
     if print_config:
         from fusedist.config import dump_yaml
-        from fusedist.tracking import mask_text
+        from fusedist.secrets import mask_text
 
         typer.echo(mask_text(dump_yaml(cfg)).rstrip("\n"))
         raise typer.Exit(0)

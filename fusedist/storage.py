@@ -26,6 +26,7 @@ from typing import IO, Any
 from urllib.request import url2pathname
 
 from fusedist.config import StorageConfig
+from fusedist.secrets import mask_text
 
 
 class StorageError(IOError):
@@ -215,22 +216,19 @@ _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 
 
 def _secrets() -> list[str]:
-    """Secret strings that must never reach a message: env credentials and resolved ones."""
-    out = [os.environ.get(k) for k in
-           ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")]
+    """Credentials boto resolved (env ones are masked by :mod:`fusedist.secrets` itself)."""
+    out = []
     for client in list(_clients.values()):
         creds = getattr(getattr(client, "_request_signer", None), "_credentials", None)
         # vars(), not the properties: refreshable credentials would refresh (network) on access.
         fields = vars(creds) if creds is not None and hasattr(creds, "__dict__") else {}
         out += [fields.get(k) for k in ("secret_key", "_secret_key", "token", "_token")]
-    return [s for s in out if isinstance(s, str) and len(s) >= 4]
+    return [s for s in out if isinstance(s, str)]
 
 
 def _redact(text: str) -> str:
-    text = _USERINFO.sub(r"\1***@", text)
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    return text
+    """A storage message safe to print: no user info in URLs, no credential anywhere."""
+    return mask_text(_USERINFO.sub(r"\1***@", text), extra=_secrets())
 
 
 def _error_code(err: BaseException | None) -> str:

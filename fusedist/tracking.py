@@ -36,10 +36,11 @@ from typing import Any, Iterable, NamedTuple
 from pydantic import BaseModel
 
 from fusedist.config import StrictModel
+# The one masking helper (shared with storage); re-exported here for its long-time callers.
+from fusedist.secrets import MASK, SECRET_KEY_RE, mask_text, redact  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MASK = "***"
 RANDOM_WEIGHTS_TAG = "fusedist.random_weights"
 RANDOM_WEIGHTS_MODELS_TAG = "fusedist.random_weights.models"
 # Seconds to wait for an http(s) tracking server before giving up at start.
@@ -49,26 +50,6 @@ MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 
-SECRET_KEY_RE = re.compile(
-    r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|session)",
-    re.IGNORECASE)
-# Credentials of known formats, masked wherever they appear inside a value.
-_CREDENTIAL_RES = [
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),                 # AWS access key id
-    re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),                       # Hugging Face token
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),                # GitHub token
-    re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),              # Slack token
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
-]
-_URL_PASSWORD_RE = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]+(?=@)")
-_QUERY_PARAM_RE = re.compile(r"(?P<pre>[?&](?P<name>[^=&#\s]+)=)(?P<val>[^&#\s]+)")
-# Always treated as secret when set, whatever SECRET_KEY_RE says about their names.
-_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-                    "MLFLOW_TRACKING_TOKEN")
-# Shorter env values ("1", "true", "wayland") are settings, not secrets; masking them would
-# mangle unrelated params.
-_MIN_ENV_SECRET_LEN = 8
 
 
 class TrackingError(RuntimeError):
@@ -95,46 +76,6 @@ class MlflowConfig(StrictModel):
 
     tags: dict[str, str] = {}
     """Extra tags on every run (e.g. ``{team: pathology}``); they win over the stage's tags."""
-
-
-# ----------------------------------------------------------------------------- masking
-
-def _env_secret_values() -> list[str]:
-    """Values of secret-looking env vars, longest first so overlapping secrets mask whole."""
-    values = {v for k, v in os.environ.items()
-              if (k in _SECRET_ENV_VARS or SECRET_KEY_RE.search(k))
-              and len(v) >= _MIN_ENV_SECRET_LEN}
-    return sorted(values, key=len, reverse=True)
-
-
-def mask_text(text: str) -> str:
-    """``text`` with env secrets, credential-shaped tokens and URL passwords replaced by ***."""
-    for secret in _env_secret_values():
-        text = text.replace(secret, MASK)
-    for pattern in _CREDENTIAL_RES:
-        text = pattern.sub(MASK, text)
-    text = _URL_PASSWORD_RE.sub(lambda m: m["pre"] + MASK, text)
-    return _QUERY_PARAM_RE.sub(
-        lambda m: m["pre"] + MASK if SECRET_KEY_RE.search(m["name"]) else m[0], text)
-
-
-def _plain(obj: Any) -> Any:
-    """Pydantic models -> JSON-like data; everything else unchanged."""
-    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-
-
-def redact(obj: Any, key: str = "") -> Any:
-    """A copy of ``obj`` safe to log: secret-named keys masked whole, strings masked inside."""
-    obj = _plain(obj)
-    if key and SECRET_KEY_RE.search(key) and obj is not None and not isinstance(obj, bool):
-        return MASK  # whatever shape it has (a dict of keys, a list of tokens), hide all of it
-    if isinstance(obj, dict):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return mask_text(obj)
-    return obj
 
 
 def _clip(value: str, limit: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from fusedist.tracking import mask_text
+from fusedist.secrets import mask_text
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
