@@ -356,7 +356,7 @@ def test_logitprod_never_worse_than_best_expert_on_its_objective(ray_cluster, tm
     res = run_fuse(FuseConfig(bags=c.bags, labels=c.labels, output=str(tmp_path / "o"),
                               **kw), progress=False)
     for f in range(3):
-        r = _decode((tmp_path / "o" / "_state" / f"fold-{f:02d}.json").read_text())
+        r = _decode(json.loads((tmp_path / "o" / "_state" / f"fold-{f:02d}.json").read_text()))
         best = min(v for k, v in r.objectives.items() if k.startswith("expert."))
         assert r.objectives["logitprod"] <= best + 1e-6, (f, r.objectives)
         assert "fell back" not in r.notes["logitprod"]

@@ -286,6 +286,25 @@ def _checkpoint_url(cfg: DistillConfig, ckpt: Any) -> str | None:
     return f"s3://{ckpt.path}" if storage.is_s3(cfg.storage_path) else str(ckpt.path)
 
 
+def _guard_run(cfg: DistillConfig, meta: dict) -> None:
+    """A re-run resumes ``run_name`` only when it trains the same thing: the same student
+    architecture and init, teacher and teacher weights, and data. Resuming a checkpoint of
+    another teacher or dataset would silently mix two trainings into one export."""
+    import hashlib
+    import json
+
+    from fusedist.state import StageState
+
+    keys = ("student", "teacher", "teacher_dim", "grid", "teacher_weights_digest",
+            "data_digest", "init_weights")
+    digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in keys},
+                                       sort_keys=True).encode()).hexdigest()
+    StageState(cfg.run_url()).guard(
+        digest, overwrite=False, what=f"distill run {cfg.run_name!r}",
+        differs="student, teacher or data",
+        fix="choose another run_name, or delete that folder to start the run over")
+
+
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
     from fusedist.distill.progress import distill_bar
@@ -310,6 +329,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
             "data_digest": info.data_digest, "run_name": cfg.run_name,
             "init_weights": cfg.student.weights or "random", "mpp": student_spec.mpp,
             "teacher_random_weights": info.teacher_random_weights}
+    _guard_run(cfg, meta)
     init_ray(cfg.ray)
     log.info("distill %s: %d samples, %d steps/epoch x %d epochs, global batch %d on %d "
              "worker(s)", cfg.run_name, info.samples, spe, cfg.epochs, cfg.global_batch,

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusedist import shards, storage
-from fusedist.config import ConfigError
 from fusedist.features.config import CacheConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
 from fusedist.features.parts import ShardResult
 from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
                                        shard_progress)
-from fusedist.lookups import concurrently, read_state
+from fusedist.state import StageState, mismatch_error
 from fusedist.runtime import init_ray
 
 log = logging.getLogger("fusedist.cache")
@@ -70,17 +69,17 @@ class CacheResult:
         return "\n".join(lines)
 
 
-def _entry_url(t: TeacherInfo, name: str) -> str:
-    return storage.join(t.url, "_state", "shards", f"{name}.json")
+def _state(t: TeacherInfo) -> StageState:
+    return StageState(t.url, "shards")
 
 
 def _done_entries(t: TeacherInfo, tile_shards: list[dict], overwrite: bool) -> dict[str, dict]:
     """The current done-entries of ``t`` by shard name: one listing and concurrent reads (a
     request per shard one after another took minutes on S3 at 10,000 slides)."""
     written = set(storage.listdir(t.url, ".tar"))
-    entries = concurrently(read_state, [_entry_url(t, s["name"]) for s in tile_shards])
-    return {s["name"]: e for s, raw in zip(tile_shards, entries)
-            if (e := _valid_entry(t, s, overwrite, raw, written)) is not None}
+    entries = _state(t).read_many(s["name"] for s in tile_shards)
+    return {s["name"]: e for s in tile_shards
+            if (e := _valid_entry(t, s, overwrite, entries.get(s["name"]), written)) is not None}
 
 
 def _valid_entry(t: TeacherInfo, shard: dict, overwrite: bool, e: dict | None,
@@ -90,9 +89,9 @@ def _valid_entry(t: TeacherInfo, shard: dict, overwrite: bool, e: dict | None,
     if e is None:
         return None
     if e.get("weights_digest") != t.digest and not overwrite:
-        raise ConfigError(f"{t.url} holds features of {t.name} made with other weights "
-                          f"(digest {e.get('weights_digest', '?')[:12]} vs {t.digest[:12]}); "
-                          "choose another --output or pass --set overwrite=true")
+        raise mismatch_error(t.url, f"features of {t.name}",
+                             f"set of weights (other weights: digest "
+                             f"{e.get('weights_digest', '?')[:12]} vs {t.digest[:12]})")
     current = (e.get("weights_digest") == t.digest and e.get("source_sha256") == shard["sha256"]
                and shard["name"] in written)
     return e if current else None
@@ -108,7 +107,7 @@ def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
     entry = {"name": res.name, "source_sha256": res.sha256 or source["sha256"],
              "weights_digest": t.digest,
              **info}
-    storage.write_json(_entry_url(t, res.name), entry)
+    _state(t).write(res.name, entry)
     return entry
 
 

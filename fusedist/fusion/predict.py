@@ -31,6 +31,7 @@ from pydantic import Field
 
 from fusedist import storage
 from fusedist.config import ConfigError, StorageConfig, StrictModel
+from fusedist.state import StageState
 
 log = logging.getLogger("fusedist")
 
@@ -269,13 +270,13 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     todo = _targets(cfg, card)
     _check_weights(card, todo)
     results, failed = [], []
+    state = StageState(cfg.output)
+    finished = state.read_many(todo)
     for sid in tqdm(sorted(todo), desc="predict", unit="slide", disable=not progress):
-        state = storage.join(cfg.output, "_state", f"{sid}.json")
-        if storage.exists(state):
-            done = json.loads(storage.read_text(state))
-            if done.get("model") == digest:
-                results.append(done)
-                continue
+        done = finished.get(sid)
+        if done is not None and done.get("model") == digest:
+            results.append(done)
+            continue
         try:
             missing = [e for e, u in todo[sid].items() if u is None]
             if missing:
@@ -287,7 +288,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
             log.warning("predict: %s failed: %s", sid, err)
             continue
         r["model"] = digest
-        storage.write_text(state, json.dumps(r))
+        state.write(sid, r)
         results.append(r)
     _write(cfg, card, results, failed)
     return {"predicted": [r["slide_id"] for r in results], "failed": failed,

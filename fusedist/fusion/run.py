@@ -22,12 +22,13 @@ import time
 import numpy as np
 
 from fusedist import storage
-from fusedist.config import ConfigError, config_digest
+from fusedist.config import config_digest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
 from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
 from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.state import StageState
 
 log = logging.getLogger("fusedist")
 
@@ -50,38 +51,23 @@ def _fingerprint(c: Cohort) -> str:
     return h.hexdigest()
 
 
-def _state_url(cfg: FuseConfig, *parts: str) -> str:
-    return storage.join(cfg.output, "_state", *parts)
+def _fold_name(f: int) -> str:
+    return f"fold-{f:02d}"
 
 
-def _open_state(cfg: FuseConfig, digest: str) -> None:
-    url = _state_url(cfg, "digest.json")
-    if storage.exists(url):
-        old = json.loads(storage.read_text(url))["digest"]
-        if old != digest:
-            if not cfg.overwrite:
-                raise ConfigError(
-                    f"output: {cfg.output} holds folds of a run with a different config or "
-                    "data; use a new `output`, or set overwrite=true to discard them")
-            for name in storage.listdir(_state_url(cfg), ".json"):
-                storage.delete(_state_url(cfg, name))
-    storage.write_text(url, json.dumps({"digest": digest}))
-
-
-def _encode(r: FoldResult) -> str:
+def _encode(r: FoldResult) -> dict:
     def arr(a):
         return {"shape": list(np.shape(a)), "data": np.asarray(a, np.float64).ravel().tolist()}
 
-    return json.dumps({
+    return {
         "fold": r.fold, "test_idx": r.test_idx.tolist(),
         "preds": {m: arr(p) for m, p in r.preds.items()}, "costs": r.costs, "notes": r.notes,
         "objectives": r.objectives, "gate_weights": r.gate_weights,
         "attention": {m: {str(i): a.tolist() for i, a in d.items()}
-                      for m, d in r.attention.items()}, "chosen": r.chosen})
+                      for m, d in r.attention.items()}, "chosen": r.chosen}
 
 
-def _decode(text: str) -> FoldResult:
-    d = json.loads(text)
+def _decode(d: dict) -> FoldResult:
     return FoldResult(
         fold=d["fold"], test_idx=np.array(d["test_idx"], np.int64),
         preds={m: np.array(p["data"], np.float32).reshape(p["shape"])
@@ -100,11 +86,10 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
     from fusedist.runtime import init_ray, run_tasks
 
-    done: dict[int, FoldResult] = {}
-    for f in range(cfg.folds):
-        url = _state_url(cfg, f"fold-{f:02d}.json")
-        if storage.exists(url):
-            done[f] = _decode(storage.read_text(url))
+    state = StageState(cfg.output)
+    entries = state.read_many(_fold_name(f) for f in range(cfg.folds))
+    done = {f: _decode(entries[_fold_name(f)]) for f in range(cfg.folds)
+            if _fold_name(f) in entries}
     todo = [f for f in range(cfg.folds) if f not in done]
     if todo:
         init_ray(cfg.ray)
@@ -114,7 +99,7 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
         refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared) for f in todo]
 
         def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
-            storage.write_text(_state_url(cfg, f"fold-{r.fold:02d}.json"), _encode(r))
+            state.write(_fold_name(r.fold), _encode(r))
             done[r.fold] = r
 
         run_tasks(refs, save, desc="fuse folds", unit="fold", progress=progress)
@@ -143,7 +128,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     c = load_cohort(cfg)
     methods, skipped = select_methods(cfg, c)
     digest = config_digest(cfg, cfg.RUN_ONLY) + ":" + _fingerprint(c)
-    _open_state(cfg, digest)
+    StageState(cfg.output).guard(digest, cfg.overwrite, "folds of a fuse run")
     fold_ids = make_folds(c, np.arange(c.num_samples), cfg.folds, cfg.seed)
     heat = list(range(min(cfg.heatmaps, len(c.slide_ids))))
     prepared, prep_notes = prepare_methods(methods, c, cfg, progress)

@@ -22,9 +22,10 @@ from fusedist.config import ConfigError, config_digest
 from fusedist.runtime import Rate, init_ray, run_tasks
 from fusedist.shards import shard_name
 from fusedist.tiling.config import TileConfig
-from fusedist.lookups import concurrently, read_state
-from fusedist.tiling.plan import (plan_slide, render_part, shard_digest, shard_state_url,
-                                  slide_state_url, write_slide_shard)
+from fusedist.lookups import concurrently
+from fusedist.state import mismatch_error
+from fusedist.tiling.plan import (plan_slide, render_part, shard_digest, shard_state, slide_state,
+                                  write_slide_shard)
 from fusedist.tiling.slide import slide_id_for
 
 log = logging.getLogger("fusedist.tile")
@@ -116,9 +117,7 @@ def _check_existing(cfg: TileConfig, dataset_url: str, digest: str) -> None:
         return
     old = storage.read_json(url)
     if old.get("config_digest") != digest:
-        raise ConfigError(f"{dataset_url} already holds tiles made with a different tiling "
-                          "config; choose another --dataset/--output, or pass "
-                          "--set overwrite=true to replace them")
+        raise mismatch_error(dataset_url, "tiles", "tiling config")
 
 
 def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
@@ -127,8 +126,9 @@ def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
     records: dict[str, dict] = {}
     todo = []
     idents = concurrently(_identity, slides)
-    states = concurrently(read_state, [slide_state_url(dataset_url, s.slide_id) for s in slides])
-    for s, ident, rec in zip(slides, idents, states):
+    states = slide_state(dataset_url).read_many(s.slide_id for s in slides)
+    for s, ident in zip(slides, idents):
+        rec = states.get(s.slide_id)
         # Only successful plans are reused: a failure may have been transient.
         if (rec is not None and rec.get("status") == "ok" and rec.get("config_digest") == digest
                 and rec.get("identity") == ident and rec.get("url") == s.url):
@@ -176,10 +176,10 @@ def _assign_shards(cfg: TileConfig, records: list[dict]) -> list[dict]:
 def _remove_stale(dataset_url: str, specs: list[dict]) -> None:
     """Shards from an earlier, different plan (slides removed or re-planned) are deleted."""
     planned = {s["name"] for s in specs}
-    for entry in storage.listdir(storage.join(dataset_url, "_state", "shards"), ".json"):
-        name = entry[: -len(".json")]
+    state = shard_state(dataset_url)
+    for name in state.names():
         if name not in planned:
-            storage.delete(storage.join(dataset_url, "_state", "shards", entry))
+            state.delete(name)
             storage.delete(storage.join(dataset_url, name))
 
 
@@ -207,8 +207,9 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
     failures: dict[str, dict] = {}
     todo = []
     written = set(storage.listdir(dataset_url, ".tar"))  # one listing, not a request per shard
-    states = concurrently(read_state, [shard_state_url(dataset_url, s["name"]) for s in specs])
-    for s, e in zip(specs, states):
+    states = shard_state(dataset_url).read_many(s["name"] for s in specs)
+    for s in specs:
+        e = states.get(s["name"])
         if e is not None and e.get("digest") == s["digest"] and s["name"] in written:
             entries[s["name"]] = e
             continue
@@ -257,7 +258,7 @@ def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> di
         rec = next(r for r in records if r["slide_id"] == sid)
         rec.update(status="failed", code=f["code"], reason=f["reason"])
         # Re-plan this slide next time rather than trusting the plan.
-        storage.write_json(slide_state_url(dataset_url, sid), rec)
+        slide_state(dataset_url).write(sid, rec)
     shard_rows = []
     for s in specs:
         r = s["record"]

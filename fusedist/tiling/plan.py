@@ -18,18 +18,21 @@ import numpy as np
 from PIL import Image
 
 from fusedist import shards, storage
+from fusedist.state import StageState
 from fusedist.tiling.config import TileConfig
 from fusedist.tiling.slide import (Geometry, SlideError, open_slide, plan_geometry, read_thumbnail,
                                    read_tile, resolve_mpp)
 from fusedist.tiling.tissue import draw_overview, tile_fractions, tissue_mask
 
 
-def slide_state_url(dataset_url: str, slide_id: str) -> str:
-    return storage.join(dataset_url, "_state", "slides", f"{slide_id}.json")
+def slide_state(dataset_url: str) -> StageState:
+    """Plan records, one per slide (``status`` ok or failed)."""
+    return StageState(dataset_url, "slides")
 
 
-def shard_state_url(dataset_url: str, name: str) -> str:
-    return storage.join(dataset_url, "_state", "shards", f"{name}.json")
+def shard_state(dataset_url: str) -> StageState:
+    """Done-entries of written shards (name, rows, sha256 as written, digest of the plan)."""
+    return StageState(dataset_url, "shards")
 
 
 def local_copy(url: str, siblings: list[str]) -> Path:
@@ -73,7 +76,7 @@ def plan_slide(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
         record.update(status="failed", code=e.code, reason=e.message)
     except FileNotFoundError as e:
         record.update(status="failed", code="missing", reason=f"{url}: {e}")
-    storage.write_json(slide_state_url(dataset_url, slide_id), record)
+    slide_state(dataset_url).write(slide_id, record)
     return record
 
 
@@ -194,5 +197,5 @@ def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str
                 "code": e.code, "reason": e.message}
     entry = {"name": name, "slide_id": record["slide_id"], "start": start, "stop": stop,
              "digest": digest, "status": "ok", **info}
-    storage.write_json(shard_state_url(dataset_url, name), entry)
+    shard_state(dataset_url).write(name, entry)
     return entry
