@@ -47,4 +47,4 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
-from tests.cluster import multinode  # noqa: E402,F401 - fixture for `cluster` tests
+from tests.cluster import autoscaling, multinode  # noqa: E402,F401 - `cluster` fixtures

@@ -39,12 +39,12 @@ def test_fixture_is_a_cpu0_head_with_gpu_workers_that_come_and_go(multinode):
     assert added.node_id in multinode.gpu_node_ids() and len(multinode.gpu_node_ids()) == 2
 
 
-def _tiles(slides, out):
+def _tiles(slides, out, **kw):
     from fusedist.tiling import run_tile
     from tests.test_tiling import tile_cfg
 
-    return run_tile(tile_cfg(slides, out, dataset="grid", mode="grid", samples_per_shard=6),
-                    progress=False)
+    return run_tile(tile_cfg(slides, out, dataset="grid", mode="grid", samples_per_shard=6,
+                             **kw), progress=False)
 
 
 def _cache(tiles, out, **kw):
@@ -118,3 +118,33 @@ def test_tile_and_cache_on_gpu_nodes_survive_losing_a_node(multinode, tmp_path):
     assert not lossy.failed and lossy.written == n_shards
     assert lossy.engine.actor_nodes and multinode.head_node_id not in lossy.engine.actor_nodes
     _same_dataset(tmp_path / "f-clean" / "test-vit" / "grid", tmp_path / "f" / "test-vit" / "grid")
+
+
+def test_tile_and_cache_on_a_gpu_group_that_autoscales_from_zero(autoscaling, tmp_path, caplog):
+    """The shipped GPU RayJobs' shape: head CPU 0, GPU workers minReplicas 0. Ray's autoscaler
+    (fake multi-node provider: real raylets on this machine) brings up GPU nodes for the tile
+    tasks and the encoder actors, every actor runs on one of them, and the group goes back to
+    zero when idle. (GPUs are declared, compute is on CPU: FUSEDIST_DEVICE_OVERRIDE=cpu.)"""
+    import logging
+
+    from tests.cluster import FAKE_NODE_PREFIX
+
+    assert autoscaling.gpu_node_ids() == set()  # nothing up but the head
+    join = {"ray.address": autoscaling.address}
+    slides = known_slides(tmp_path / "slides", 1)
+    tiled = _tiles(slides, tmp_path / "tiles", **join)
+    n_shards = tiled.manifest["totals"]["shards"]
+    assert not tiled.failed and n_shards >= 2
+    with caplog.at_level(logging.INFO, logger="fusedist"):
+        res = _cache(tmp_path / "tiles" / "grid", tmp_path / "f", **join)
+    assert not res.failed and res.written == n_shards
+    launched = res.engine.actor_nodes
+    assert launched and all(n.startswith(FAKE_NODE_PREFIX) for n in launched), launched
+    assert autoscaling.head_node_id not in launched
+    # The device came from the config, not from the (GPU-less) cluster at start, and the log
+    # says so.
+    assert "engine.device=cuda (from the config)" in caplog.text
+    deadline = time.monotonic() + 90
+    while autoscaling.gpu_node_ids() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert autoscaling.gpu_node_ids() == set(), "the idle GPU group did not scale back to 0"
