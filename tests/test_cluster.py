@@ -148,3 +148,29 @@ def test_tile_and_cache_on_a_gpu_group_that_autoscales_from_zero(autoscaling, tm
     while autoscaling.gpu_node_ids() and time.monotonic() < deadline:
         time.sleep(1)
     assert autoscaling.gpu_node_ids() == set(), "the idle GPU group did not scale back to 0"
+
+
+def test_multinode_distill_on_a_node_local_storage_path_fails_before_any_work(multinode,
+                                                                            tmp_path):
+    """Each node would checkpoint to its own disk: refused at start, with the fix, and
+    nothing is written (no run folder, no Ray Train worker started)."""
+    from fusedist.config import ConfigError
+    from fusedist.distill.config import DistillConfig
+    from fusedist.distill.train import run_distill
+    from fusedist.tiling import run_tile
+    from tests.test_tiling import tile_cfg
+
+    run_tile(tile_cfg(known_slides(tmp_path / "slides", 1), tmp_path / "tiles", dataset="pairs",
+                      mode="pairs", min_tissue=0.1, samples_per_shard=4), progress=False)
+    _cache(tmp_path / "tiles" / "pairs", tmp_path / "f")
+    runs = tmp_path / "runs"
+    cfg = DistillConfig(tiles=str(tmp_path / "tiles" / "pairs"),
+                        features=str(tmp_path / "f" / "test-vit" / "pairs"), teacher="test-vit",
+                        storage_path=str(runs), run_name="r", student={"name": "test-vit"},
+                        batch={"micro_batch": 1, "loader_workers": 1},
+                        scaling={"num_workers": 2},
+                        ray={"address": multinode.address}, mlflow={"enabled": False})
+    with pytest.raises(ConfigError, match=r"local folder .* this Ray cluster has 3 nodes.*"
+                                          r"storage_path=s3://.*storage_shared=true"):
+        run_distill(cfg, progress=False)
+    assert not runs.exists()

@@ -209,7 +209,13 @@ class DistillConfig(StrictModel):
 
     storage_path: str = "data/runs"
     """Where runs live (a folder or ``s3://bucket/prefix``): ``<storage_path>/<run_name>/``
-    holds the checkpoints, the committed sample log and the export. Multi-node needs S3/NFS."""
+    holds the checkpoints, the committed sample log and the export. Multi-node needs S3 or a
+    shared filesystem (checked at start: see ``storage_shared``)."""
+
+    storage_shared: bool = False
+    """``storage_path`` is a local path on a filesystem every node mounts (NFS, Lustre, EFS,
+    ...). Known network filesystems are detected; set this for others. A multi-node run on a
+    node-local folder is refused before any work (``fusedist.distill.sharedfs``)."""
 
     run_name: str = "xmag"
     """Run name. Running again with the same name resumes that run from its last checkpoint."""

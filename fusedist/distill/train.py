@@ -329,8 +329,11 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
             "data_digest": info.data_digest, "run_name": cfg.run_name,
             "init_weights": cfg.student.weights or "random", "mpp": student_spec.mpp,
             "teacher_random_weights": info.teacher_random_weights}
-    _guard_run(cfg, meta)
     init_ray(cfg.ray)
+    from fusedist.distill.sharedfs import alive_nodes, check_storage_reachable
+
+    check_storage_reachable(cfg.storage_path, cfg.storage_shared, alive_nodes())
+    _guard_run(cfg, meta)
     log.info("distill %s: %d samples, %d steps/epoch x %d epochs, global batch %d on %d "
              "worker(s)", cfg.run_name, info.samples, spe, cfg.epochs, cfg.global_batch,
              cfg.scaling.num_workers)
