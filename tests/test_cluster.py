@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3util import moto_server, s3_bucket  # noqa: F401
 from tests.slides import known_slides
 
 pytestmark = pytest.mark.cluster
@@ -174,3 +175,25 @@ def test_multinode_distill_on_a_node_local_storage_path_fails_before_any_work(mu
                                           r"storage_path=s3://.*storage_shared=true"):
         run_distill(cfg, progress=False)
     assert not runs.exists()
+
+
+def test_tile_across_nodes_from_s3_matches_a_single_node_run(ray_cluster, s3_bucket,
+                                                             moto_server, tmp_path, request):
+    """Slides and shards on S3 (moto), nothing shared between the nodes but the bucket: the
+    plan and write tasks of head(CPU 0) + 2 workers give the shards of a one-node run."""
+    from fusedist.tiling import run_tile
+    from tests.test_tiling import tile_cfg
+    from tests.test_tiling_s3 import s3_cfg, same_shards, upload
+
+    src = known_slides(tmp_path / "slides", 2, width=3072, height=2560)
+    # The reference: the session's one-node local Ray, local files.
+    ref = run_tile(tile_cfg(src, tmp_path / "local", mode="grid", samples_per_shard=8),
+                   progress=False)
+    upload(src, s3_bucket, moto_server)
+    multinode = request.getfixturevalue("multinode")  # replaces the session's Ray
+    assert len(multinode.alive_node_ids()) == 3
+    # storage.cache_dir is scratch each task fills for itself; the bucket is the only store
+    # the tasks share.
+    res = run_tile(s3_cfg(s3_bucket, moto_server, tmp_path / "node-cache"), progress=False)
+    assert not res.failed
+    same_shards(res.manifest, ref.manifest)
