@@ -163,6 +163,8 @@ class RetrainConfig(StrictModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if data.get("tile") and not data.get("slides"):
+            raise ValueError("tile stages need `slides` (the slide source they tile)")
         shared = {k: data[k] for k in SHARED if k in data}
 
         def fill(section: Any, keys: tuple[str, ...] = SHARED, **extra: Any) -> Any:
@@ -188,8 +190,6 @@ class RetrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "RetrainConfig":
-        if self.tile and not self.slides:
-            raise ValueError("tile stages need `slides` (the slide source they tile)")
         if self.fuse.train_slides is not None:
             raise ValueError("fuse.train_slides: retrain trains the challenger on every "
                              "labelled slide and sets train_slides for the champion itself; "
