@@ -186,9 +186,29 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     assert json.loads(Path(logged).read_text())["reason"] == p["reason"]
     assert "champion" not in client.get_model_version("fused-test", "2").aliases
 
-    # 3. The labels fixed and a stronger recipe on all 36 slides: better, promoted.
+    # 3. The labels fixed and a stronger recipe on all 36 slides: better, promoted. The first
+    # attempt dies when it registers the challenger; the next run resumes it (same run id,
+    # the folds of both fuse runs kept) and finishes.
     publish(36)
+    from fusedist.retrain.registry import Registry
+
+    real = Registry.register_folder
+
+    def dies(*a, **kw):
+        raise RuntimeError("killed")
+
+    Registry.register_folder = dies
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            run_retrain(_bags_only(root, db, epochs=10), progress=False)
+    finally:
+        Registry.register_folder = real
+    pending = json.loads(storage.read_text(f"{root}/retrain/_state/pending.json"))
+    folds = f"{root}/retrain/runs/{pending['run_id']}/challenger/_state/fold-00.json"
+    done = storage.read_text(folds)
     r3 = run_retrain(_bags_only(root, db, epochs=10), progress=False)
+    assert r3.run_id == pending["run_id"] and storage.read_text(folds) == done
+    assert not storage.exists(f"{root}/retrain/_state/pending.json")
     assert r3.status == "promoted", r3.promotion["reason"]
     assert r3.promotion["delta"] > 0 and _alias(db, "fused-test") == "3"
     runs_before = len(client.search_runs([run.info.experiment_id]))

@@ -118,6 +118,16 @@ def _fuse_config(base: FuseConfig, **update) -> FuseConfig:
     return FuseConfig.model_validate({**base.model_dump(mode="json"), **update})
 
 
+def _fresh_id(cfg: RetrainConfig, run_id: str) -> str:
+    """``run_id``, or ``run_id.2``, ``.3``... when a finished run already has that folder (a
+    second run on the day of a daily ``--run-id``)."""
+    base, n = run_id, 1
+    while storage.exists(storage.join(cfg.output, "runs", run_id, "promotion.json")):
+        n += 1
+        run_id = f"{base}.{n}"
+    return run_id
+
+
 # ----------------------------------------------------------------------------- the job
 
 def run_retrain(cfg: RetrainConfig, progress: bool = True, force_promote: bool = False,
@@ -148,7 +158,8 @@ def run_retrain(cfg: RetrainConfig, progress: bool = True, force_promote: bool =
         run_id = pending["run_id"]
         new = list(dict.fromkeys([*pending.get("new_slides", []), *new]))
         log.info("retrain: resuming run %s", run_id)
-    run_id = run_id or _stamp()
+    else:
+        run_id = _fresh_id(cfg, run_id or _stamp())
     state.write(PENDING, {"run_id": run_id, "new_slides": new})
     run_url = storage.join(cfg.output, "runs", run_id)
     with start_run(cfg.mlflow, run_name=f"retrain-{run_id}", params=cfg,
