@@ -311,7 +311,9 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         from fusedist.fusion.predict_slides import embed_slides
 
         made = embed_slides(cfg, card, progress)
-        cfg = cfg.model_copy(update={"bags": made.bags, "thumbnails": made.thumbnails})
+        # Only the slides of this folder: <output>/bags may hold others from an earlier run.
+        cfg = cfg.model_copy(update={"bags": made.bags, "thumbnails": made.thumbnails,
+                                     "slide_ids": cfg.slide_ids or made.tiled})
         early = {s: r for s, r in made.failed.items() if not cfg.slide_ids or s in cfg.slide_ids}
         failed += [{"slide_id": s, "reason": r} for s, r in early.items()]
         for s, r in early.items():

@@ -187,8 +187,8 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
                                                     f"{s['reason']}")
             elif not s.get("shards"):
                 problems.setdefault(sid, []).append(
-                    f"no tile at {at} has tissue >= {recipe['min_tissue']:g}; set "
-                    f"encoders.<encoder>.min_tissue lower to tile it")
+                    f"no tile at {at} has tissue >= {recipe['min_tissue']:g} (a lower "
+                    f"`--set encoders.{names[0]}.min_tissue=...` would tile it)")
         ecfg = EmbedConfig(tiles=tiled.dataset_url, output=bags,
                            encoders=[EncoderRef(name=p.ref, weights=p.weights) for p in group],
                            allow_mpp_mismatch=any(p.mpp_mismatch for p in group),
