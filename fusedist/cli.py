@@ -259,17 +259,24 @@ def predict(config: Optional[Path] = ConfigOpt,
             model: Optional[str] = typer.Option(None, "--model", "-m",
                                                 help="A fuse output's model/ folder."),
             bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
+            slides: Optional[str] = typer.Option(
+                None, help="Or: slides (folder or s3://) to tile and embed first, as the "
+                           "model's card records (into <output>/tiles and <output>/bags)."),
             output: Optional[str] = typer.Option(None, "--output", "-o",
                                                  help="Predictions folder (or s3://)."),
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
-    """Apply a fused model to new slides' bags: predictions.csv, heatmaps, summary."""
+    """Apply a fused model to new slides (their bags, or the slides themselves): predictions.csv,
+    heatmaps, summary."""
     from fusedist.fusion.predict import PredictConfig, run_predict
 
     _setup_logging(quiet, verbose, "predict")
     # `model` is also _load's first parameter: pass it as an override.
     sets = ([f"model={model}"] if model else []) + list(set_ or [])
-    cfg = _load(PredictConfig, config, sets, print_config, bags=bags, output=output)
+    if slides and not bags:
+        sets.insert(0, "bags=null")  # --slides replaces a config file's `bags`
+    cfg = _load(PredictConfig, config, sets, print_config, bags=bags, slides=slides,
+                output=output)
     result = _run_stage(run_predict, cfg, quiet)
     typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
                f"failed; predictions: {result['output']}/predictions.csv")

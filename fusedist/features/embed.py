@@ -127,11 +127,14 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=threads, storage_cfg=cfg.storage.model_dump())
     meta = {"tile_mpp": float(tm["config"]["tile_mpp"]),
-            "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", "")}
+            "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", ""),
+            "tiling": _recipe(tm["config"])}
+    refs = _recorded_refs(cfg.encoders)
     # One group per slide: its finish task writes the slide's bags from all its shards.
     groups = {sid: Group(tuple(by_id[sid]["shards"]),
                          _BagJob(cfg.output, by_id[sid], meta, _slide_digest(by_id[sid], shard_sha),
-                                 [_EncInfo(e.spec.name, e.weights_digest, e.random_weights)
+                                 [_EncInfo(e.spec.name, e.weights_digest, e.random_weights,
+                                           *refs.get(e.spec.name, (e.spec.name, None)))
                                   for e in todo[sid]]))
               for sid in todo}
 
@@ -157,11 +160,39 @@ def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | N
     return [(r.name, r.weights) for r in refs if resolve_ref(r.name) in names]
 
 
+def _recipe(tile_config: dict) -> dict:
+    """The tiling settings a bag records (``TileConfig.SLIDE_RECIPE``): what ``predict
+    --slides`` needs to tile a new slide as this one was."""
+    from fusedist.tiling import TileConfig
+
+    return {k: tile_config[k] for k in TileConfig.SLIDE_RECIPE if k in tile_config}
+
+
+def _recorded_refs(refs: list[EncoderRef]) -> dict[str, tuple[str, str | None]]:
+    """Encoder name -> (reference, weights) as bags record them: a registry name as is, an
+    exported model's folder as an absolute path or URL, so a later process (``predict
+    --slides`` on the fused model's card) can build the same encoder."""
+    from pathlib import Path
+
+    from fusedist.features.runtime import resolve_ref
+
+    out = {}
+    for r in refs:
+        name = resolve_ref(r.name)
+        ref = r.name
+        if ref != name and not storage.is_s3(ref):  # a local export folder or card
+            ref = str(storage.local_path(ref).expanduser().resolve())
+        out[name] = (ref, r.weights)
+    return out
+
+
 @dataclass(frozen=True)
 class _EncInfo:
     name: str
     weights_digest: str
     random_weights: bool
+    ref: str  # how to build it again: registry name or exported model folder
+    weights: str | None  # the weights given at embed time (None: the entry's own)
 
 
 @dataclass(frozen=True)
@@ -184,11 +215,15 @@ def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict
     tile_mpp, size = job.meta["tile_mpp"], job.meta["tile_size"]
     for e in job.encoders:
         feats = np.concatenate([p.features[e.name][:, 0] for p in ordered]).astype(np.float32)
+        attrs = {"weights_digest": e.weights_digest, "source_digest": job.digest,
+                 "source": job.meta["dataset"], "random_weights": e.random_weights,
+                 "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0)),
+                 # What `predict --slides` replays from the fused model's card.
+                 "encoder_ref": e.ref, "tiling": job.meta["tiling"]}
+        if e.weights:
+            attrs["encoder_weights"] = e.weights
         bag = Bag(slide_id=sid, features=feats, coords=coords, encoder=e.name, mpp=tile_mpp,
-                  tile_size=size,
-                  attrs={"weights_digest": e.weights_digest, "source_digest": job.digest,
-                         "source": job.meta["dataset"], "random_weights": e.random_weights,
-                         "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0))})
+                  tile_size=size, attrs=attrs)
         write_bag(bag_url(job.output, e.name, sid), bag)
     return {"tiles": len(keys), "bags": len(job.encoders)}
 
