@@ -146,4 +146,7 @@ def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):
     assert storage.exists(f"{url}/runs/xmag-demo/export/card.json")
     assert "fusecpath" in storage.read_text(f"{url}/fuse/classification/results.csv")
     assert storage.exists(f"{url}/fuse/classification/plots/roc.png")
+    # predict --slides read the held-out slides from the bucket and wrote its table there.
+    rows = storage.read_text(f"{url}/predict/predictions.csv").splitlines()
+    assert {r.split(",")[0] for r in rows[1:]} == {f"heldout-{i:04d}" for i in range(4)}
     assert not (tmp_path / "run1").exists() and not any(tmp_path.glob("demo-output*"))
