@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.fidelity import Fidelity, apply_preset
 from fusedist.tracking import MlflowConfig
 
 
@@ -161,6 +162,12 @@ class ExportSection(StrictModel):
 class DistillConfig(StrictModel):
     """XMAG distillation: 5x student images + cached 20x teacher features -> a 5x encoder."""
 
+    fidelity: Fidelity = "default"
+    """``released`` sets every released-code switch (``fusedist.fidelity.DISTILL_RELEASED``:
+    ``ema_update: before_step``, ``optim.schedule: paper``) to reproduce the paper's run;
+    ``default`` keeps fusedist's EMA order and its warm-up + cosine schedule. Keys set
+    explicitly win over the preset (docs/methods.md, divergences)."""
+
     tiles: str
     """A ``pairs`` tile dataset folder (``lo.jpg`` is the student input)."""
 
@@ -191,6 +198,11 @@ class DistillConfig(StrictModel):
 
     ema_decay: float = Field(0.999, ge=0, le=1)
     """Decay of the EMA student (the model that is exported)."""
+
+    ema_update: Literal["after_step", "before_step"] = "after_step"
+    """``after_step`` (a correction): the EMA averages the weights each optimiser step
+    produced, the last step included. ``before_step`` (released): it is updated before the
+    step, so it lags one step behind (its first update averages the initial weights in)."""
 
     zero_stage: Literal[0, 1, 2] = 2
     """DeepSpeed ZeRO stage (2: optimizer states and gradients partitioned across ranks)."""
@@ -248,6 +260,11 @@ class DistillConfig(StrictModel):
 
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     """Experiment tracking (rank 0 logs the metrics)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fidelity(cls, data: object) -> object:
+        return apply_preset(data, "distill")
 
     @field_validator("run_name")
     @classmethod

@@ -109,6 +109,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from fusedist.distill.augment import PairAugment
+    from fusedist.distill.ema import step_with_ema
     from fusedist.distill.losses import XmagObjective
     from fusedist.distill.metrics import StepLogger, worker_tracker
     from fusedist.distill.progress import StepReporter
@@ -149,14 +150,13 @@ def train_loop(config: dict[str, Any]) -> None:
             out = objective(engine(engine.module.normalize(images)), targets)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(out["loss"])
-            engine.step()
+            step_with_ema(engine.step, ema, engine.module, boundary, cfg.ema_update)
             data.consumed(batch)
             ckpt.samples.add(epoch, state.step, batch["__key__"])
             if not boundary:
                 continue
             state.step += 1
             state.samples += cfg.global_batch
-            ema.update(engine.module)
             logger.step(state.step, out, lr, epoch)
             report(state.step, logger.last)
             epoch_done = state.step % spe == 0
