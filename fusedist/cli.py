@@ -164,7 +164,8 @@ def embed(config: Optional[Path] = ConfigOpt,
           slides: Optional[str] = typer.Option(None, help="Or: slides to tile first."),
           output: Optional[str] = typer.Option(None, "--output", "-o", help="Root of bags."),
           encoder: Optional[List[str]] = typer.Option(
-              None, "--encoder", "-e", help="Registry name of an encoder (repeatable)."),
+              None, "--encoder", "-e",
+              help="Registry name, export folder or models:/<name>@<alias> (repeatable)."),
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Embed slides into HDF5 feature bags (one per slide per encoder)."""
@@ -228,6 +229,10 @@ def export(checkpoint: str = typer.Argument(
     typer.echo(f"exported encoder '{encoder}' to {folder}"
                + (f" (MLflow version {version})" if version else ""))
     typer.echo(f"embed with: fusedist embed --encoder {folder} --tiles <5x grid tiles>")
+    if version:
+        ref = (f"models:/{cfg.registered_model}/{version}" if cfg.alias.lower() == "latest"
+               else f"models:/{cfg.registered_model}@{cfg.alias}")
+        typer.echo(f"        or: fusedist embed --encoder {ref} --tiles <5x grid tiles>")
 
 
 @app.command()
@@ -256,8 +261,9 @@ def fuse(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def predict(config: Optional[Path] = ConfigOpt,
-            model: Optional[str] = typer.Option(None, "--model", "-m",
-                                                help="A fuse output's model/ folder."),
+            model: Optional[str] = typer.Option(
+                None, "--model", "-m",
+                help="A fuse output's model/ folder, or models:/<name>@<alias>."),
             bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
             slides: Optional[str] = typer.Option(
                 None, help="Or: slides (folder or s3://) to tile and embed first, as the "

@@ -283,7 +283,7 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
             f"mlflow.tracking_uri=sqlite:///{db}", "experts.epochs=3", "meta.epochs=2",
             "meta.strategies=[self_attention,token_attention]", "fusecpath.epochs=3",
             "fusecpath.n_clusters=3", "fusecpath.per_cluster=3", "fusecpath.n_bags=3",
-            "logitprod.max_epochs=60"]
+            "logitprod.max_epochs=60", "final.registered_model=fused-cli"]
     cmd = [sys.executable, "-m", "fusedist.cli", "fuse", "--config", str(RECIPE), "-q"]
     for s in sets:
         cmd += ["--set", s]
@@ -320,7 +320,14 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     hist = client.get_metric_history(run.info.run_id, "logitprod/auc")
     assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
-    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots", "fuse/model"} <= arts
+    assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+    # The fused model is an MLflow model of the run, registered under final.alias.
+    mv = client.get_model_version_by_alias("fused-cli", "champion")
+    assert mv.run_id == run.info.run_id and str(mv.version) == "1"
+    m = manifest["model"]
+    assert (m["registered_model"], m["version"], m["alias"], m["uri"], m["model_uri"]) == (
+        "fused-cli", "1", "champion", "models:/fused-cli/1", mv.source)
+    assert "registered: models:/fused-cli@champion (version 1)" in p.stdout
     # The fused model (default final.methods: the CV's best, plus LogitProd).
     card = json.loads((out / "model" / "card.json").read_text())
     assert card["methods"][0] == methods[0] and "logitprod" in card["methods"]

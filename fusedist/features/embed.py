@@ -17,7 +17,7 @@ import numpy as np
 from fusedist import storage
 from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.config import ConfigError
-from fusedist.features.config import EmbedConfig, EncoderRef
+from fusedist.features.config import EmbedConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
 from fusedist.features.parts import ShardResult
 from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
@@ -122,7 +122,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
-                      encoders=tuple(_refs_for(cfg.encoders, encoders)),
+                      encoders=tuple(_refs_for(cfg, encoders)),
                       device=device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=threads, storage_cfg=cfg.storage.model_dump())
@@ -151,13 +151,51 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
                                         pool))
 
 
-def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | None]]:
+def _refs_for(cfg: EmbedConfig, encoders: list) -> list[tuple[str, str | None]]:
     """The (reference, weights) pairs of this group's encoders, as the user gave them, so
-    actors can resolve exported models in their own process."""
+    actors can resolve exported models in their own process; an MLflow model's reference is
+    its export copied under the output (:func:`_shared_export`)."""
+    from fusedist import mlmodels
     from fusedist.features.runtime import resolve_ref
 
     names = {e.spec.name for e in encoders}
-    return [(r.name, r.weights) for r in refs if resolve_ref(r.name) in names]
+    uri = _tracking_uri(cfg)
+    out = []
+    for r in cfg.encoders:
+        name = resolve_ref(r.name, uri)
+        if name in names:
+            out.append((_shared_export(cfg, name) if mlmodels.is_registry_uri(r.name)
+                        else r.name, r.weights))
+    return out
+
+
+def _tracking_uri(cfg: EmbedConfig) -> str:
+    from fusedist.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.mlflow)[0]
+
+
+def _shared_export(cfg: EmbedConfig, name: str) -> str:
+    """``<output>/_state/models/<name>/``: the export folder of an encoder that came from
+    ``models:/``, copied where every actor can read it. The driver downloaded it into its
+    own cache, which workers on other nodes do not see, and which an actor could not refill
+    itself: it may not reach the MLflow the driver was pointed at."""
+    from pathlib import Path
+
+    from fusedist.distill.export import CARD, exported_weights
+
+    src = Path(exported_weights(name)).parent
+    dest = storage.join(cfg.output, "_state", "models", name)
+    card = storage.read_json(str(src / CARD))
+    have = storage.join(dest, CARD)
+    if not (storage.exists(have) and storage.read_json(have).get("weights_sha256")
+            == card.get("weights_sha256")):
+        storage.delete(have)  # no moment pairs the old card with the new weights
+        for p in sorted(src.iterdir()):
+            if p.name != CARD:
+                storage.upload_file(p, storage.join(dest, p.name))
+        storage.upload_file(src / CARD, have)  # last: marks the copy complete
+    return dest
 
 
 def _recipe(tile_config: dict) -> dict:
@@ -235,7 +273,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts
-    encoders = load_encoders(cfg.encoders)
+    encoders = load_encoders(cfg.encoders, _tracking_uri(cfg))
     init_ray(cfg.ray)
     result = EmbedResult()
     with start_run(cfg.mlflow, run_name="embed", params=cfg,

@@ -236,11 +236,22 @@ class FinalConfig(StrictModel):
     """The fused model refitted on every labelled slide after cross-validation."""
 
     enabled: bool = True
-    """Refit and write ``<output>/model/`` (safetensors per component + ``card.json``)."""
+    """Refit and write ``<output>/model/`` (safetensors per component + ``card.json``), and
+    log it on the fuse run as an MLflow pyfunc model (``fused_model``)."""
 
     methods: list[str] | None = None
     """Result rows to refit (e.g. ``[logitprod, meta.self_attention]``); default: the best
     method by the primary metric, plus LogitProd when it ran."""
+
+    registered_model: str | None = None
+    """Register the fused model (an ``mlflow.pyfunc`` model logged on the fuse run) as a new
+    version of this MLflow registered model, e.g. ``fused-classifier``; ``None``: log it on
+    the run only. ``fusedist predict --model models:/<name>@<alias>`` and
+    ``mlflow.pyfunc.load_model`` then find it (the run needs ``mlflow.enabled``)."""
+
+    alias: str | None = "champion"
+    """Alias moved to the new version (MLflow 3 aliases, not stages); ``None`` or ``latest``
+    (MLflow's own name for the newest version) moves none."""
 
 
 class FuseConfig(StrictModel):
@@ -400,4 +411,8 @@ class FuseConfig(StrictModel):
                                  "set target: label")
         if self.encoders is not None and len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders lists a name twice: {self.encoders}")
+        if self.final.registered_model and not (self.final.enabled and self.mlflow.enabled):
+            raise ValueError(f"final.registered_model={self.final.registered_model!r} needs "
+                             "final.enabled and mlflow.enabled (the model is registered from "
+                             "the fuse run); enable both, or unset final.registered_model")
         return self

@@ -20,6 +20,7 @@ Output::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,6 +28,7 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -45,7 +47,13 @@ class PredictConfig(StrictModel):
     """Apply a fused model to new slides' bags."""
 
     model: str
-    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``)."""
+    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``), or a
+    registered one, ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``fuse``
+    with ``final.registered_model``)."""
+
+    tracking_uri: str | None = None
+    """MLflow server (or store URI) whose registry resolves ``models:/`` models; default:
+    ``MLFLOW_TRACKING_URI``, else the local ``./mlruns/mlflow.db`` every stage logs to."""
 
     bags: str | None = None
     """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
@@ -297,12 +305,14 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     from fusedist.fusion.train import pick_device
 
     storage.configure(cfg.storage)
-    card_url = storage.join(cfg.model, CARD)
-    if not storage.exists(card_url):
-        raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
-                          "output's model/ folder (written when final.enabled is true)")
-    card_text = storage.read_text(card_url)
-    model = load_model(cfg.model)
+    with _model_folder(cfg) as (folder, source):
+        card_url = storage.join(folder, CARD)
+        if not storage.exists(card_url):
+            raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
+                              "output's model/ folder (written when final.enabled is true) "
+                              "or at a registered one, models:/<name>@<alias>")
+        card_text = storage.read_text(card_url)
+        model = load_model(folder)
     card = model.card
     digest = _model_digest(card_text)
     device = pick_device(cfg.device)
@@ -341,12 +351,33 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         r["model"] = digest
         state.write(sid, r)
         results.append(r)
-    _write(cfg, card, results, failed)
+    _write(cfg, card, results, failed, source)
     return {"predicted": [r["slide_id"] for r in results], "failed": failed,
-            "output": cfg.output}
+            "output": cfg.output, "model": source}
 
 
-def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict]) -> None:
+@contextlib.contextmanager
+def _model_folder(cfg: PredictConfig) -> Iterator[tuple[str, str]]:
+    """(folder holding card.json + components, what it is): the folder itself, or a
+    ``models:/`` model downloaded from the registry (removed after loading)."""
+    import tempfile
+
+    from fusedist import mlmodels
+
+    if not mlmodels.is_registry_uri(cfg.model):
+        yield cfg.model, cfg.model
+        return
+    with tempfile.TemporaryDirectory(prefix="fusedist-predict-model-") as tmp:
+        try:
+            path, r = mlmodels.download(cfg.model, tmp, cfg.tracking_uri, artifact="model")
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        log.info("predict: %s is %s", cfg.model, r.model_uri)
+        yield str(path), r.model_uri
+
+
+def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict],
+           source: str) -> None:
     import tempfile
 
     from fusedist.fusion import report as rp
@@ -363,8 +394,9 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
                                               f"{e}_{r['slide_id']}.png", thumbnail=thumb,
                                               slide_size=size,
                                               title=f"{e} attention, {r['slide_id']}")
-        manifest = {"model": cfg.model, "bags": cfg.bags, "slides": cfg.slides,
-                    "task": card["task"], "methods": card["methods"],
+        # model_version: what a models:/...@alias meant for this run (the alias can move).
+        manifest = {"model": cfg.model, "model_version": source, "bags": cfg.bags,
+                    "slides": cfg.slides, "task": card["task"], "methods": card["methods"],
                     "predicted": [r["slide_id"] for r in results], "failed": failed}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
