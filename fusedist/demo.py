@@ -166,7 +166,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                            f"{len(emb.failed)} slides failed"))
 
     t = time.perf_counter()
-    dist = run_distill(_distill_config(cfg, root, tiles, mlflow, n), progress=progress)
+    dist = run_distill(_distill_config(cfg, root, tiles, mlflow), progress=progress)
     summaries.append(dist.summary())
     loss = dist.metrics.get("loss")
     times.append(StageTime("distill", time.perf_counter() - t,
@@ -279,15 +279,20 @@ def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
         ray=cfg.ray, storage=cfg.storage, mlflow=mlflow)
 
 
-def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig,
-                    n_pairs: int):
-    """A tiny XMAG run: the first teacher's cached features, a seeded test student.
+def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig):
+    """A tiny XMAG run: the first teacher's cached features, a seeded test student, the
+    default validation split (about a tenth of the slides held out and validated on).
 
-    The micro-batch shrinks with the data so even a very small demo fills a step on every
-    worker (Ray Train ranks must take the same number of steps)."""
+    The micro-batch shrinks with the training pairs so even a very small demo fills a step on
+    every worker (Ray Train ranks must take the same number of steps)."""
     from fusedist.distill.config import (BatchConfig, CheckpointSection, DistillConfig,
-                                         OptimConfig, ScalingSection, StudentConfig)
+                                         OptimConfig, ScalingSection, StudentConfig,
+                                         ValidationSection)
+    from fusedist.distill.validation import split_by_slide
 
+    val = ValidationSection()
+    manifest = storage.read_json(storage.join(tiles, "pairs", "manifest.json"))
+    n_pairs = split_by_slide(manifest, val.fraction, val.seed).train_tiles
     teacher = cfg.teachers[0]
     micro = max(1, min(4, n_pairs // cfg.distill_workers))
     steps_per_epoch = max(1, n_pairs // (micro * cfg.distill_workers))
@@ -300,7 +305,7 @@ def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig
                           loader_workers=1, shuffle_buffer=64),
         optim=OptimConfig(lr=1e-3, warmup_epochs=0.5),
         scaling=ScalingSection(num_workers=cfg.distill_workers),
-        checkpoint=CheckpointSection(every_steps=10, num_to_keep=2),
+        checkpoint=CheckpointSection(every_steps=10, num_to_keep=2), validation=val,
         storage_path=storage.join(root, "runs"), run_name="xmag-demo", ray=cfg.ray,
         storage=cfg.storage, mlflow=mlflow)
 

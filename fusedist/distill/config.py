@@ -129,6 +129,28 @@ class CheckpointSection(StrictModel):
     """Checkpoints kept in storage (older ones are deleted by Ray Train)."""
 
 
+class ValidationSection(StrictModel):
+    """A slide-level hold-out: the EMA student's teacher cosines on slides it never trains on.
+
+    The split is by slide (a slide's tiles are all on one side), deterministic (a hash of the
+    slide id and ``seed``) and recorded in ``<run>/validation.json``, the MLflow run and the
+    export card. Every ``every_steps`` optimiser steps and at the end, the EMA student's
+    ``val/global_cos`` and ``val/local_cos`` (the two terms of the XMAG objective, without
+    augmentation) are computed on all validation tiles, sharded across the ranks."""
+
+    fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the slides held out (rounded to whole slides; at least one when > 0 and the
+    dataset has two or more slides, never all of them). ``0``: no validation, every slide
+    trains (the paper trains on all its data)."""
+
+    every_steps: int = Field(500, gt=0)
+    """Optimiser steps between validations; one also runs after the last step."""
+
+    seed: int = 0
+    """Seed of the split (independent of ``batch.seed``, so the training order can change
+    without moving slides between train and validation)."""
+
+
 class FaultConfig(StrictModel):
     """Fault injection for tests: a rank hard-exits once, the run must survive it."""
 
@@ -218,6 +240,9 @@ class DistillConfig(StrictModel):
 
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     """Checkpoint cadence and retention."""
+
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    """Held-out validation slides and how often the EMA student is evaluated on them."""
 
     storage_path: str = "data/runs"
     """Where runs live (a folder or ``s3://bucket/prefix``): ``<storage_path>/<run_name>/``

@@ -274,11 +274,13 @@ def register_in_mlflow(tracker: Any, export_dir: str, model_name: str, alias: st
         return None
     from fusedist import mlmodels
     from fusedist.distill.pyfunc import log_student
+    from fusedist.distill.validation import validation_tags
 
     card = storage.read_json(storage.join(export_dir, CARD))
     with tempfile.TemporaryDirectory(prefix="fusedist-mlflow-") as tmp:
         info = log_student(tracker, _local_copy(export_dir, Path(tmp)), card, artifact_path)
     tags = {k: str(card[k]) for k in ("name", "backbone", "teacher", "weights_sha256",
                                       "data_digest", "init_weights") if card.get(k) is not None}
+    tags.update(validation_tags(card))  # validation.global_cos, .local_cos, ... (if validated)
     return mlmodels.register(tracker, info, model_name, alias, tags=tags,
                              description=card.get("description"))
