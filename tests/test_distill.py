@@ -160,6 +160,18 @@ def test_validation_split_is_by_slide_deterministic_and_order_free():
         [1, 1, 3, 2, 1, 0, 0]
 
 
+def test_system_metrics_sampled_once_per_node_and_off_node_0_only_on_a_server():
+    """Which workers sample (the sampling itself: the trained run's system/* metrics)."""
+    from fusedist.distill.metrics import system_monitor
+
+    mlflow = {"run_id": "r", "tracking_uri": "sqlite:////nowhere/mlflow.db",
+              "system_metrics": {"interval": 5}}
+    assert system_monitor(None, 0, 0, 0) is None  # tracking off
+    assert system_monitor({**mlflow, "system_metrics": None}, 0, 0, 0) is None  # config off
+    assert system_monitor(mlflow, 1, 1, 0) is None  # not its node's local rank 0
+    assert system_monitor(mlflow, 2, 0, 1) is None  # node 1 cannot reach node 0's SQLite file
+
+
 # ----------------------------------------------------------------------------- real runs
 
 def _metric(client, run_id: str, key: str) -> list[float]:
