@@ -65,9 +65,9 @@ def signature(card: dict[str, Any]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    s = int(card["input_size"])
+    s, d = int(card["input_size"]), int(card["dim"])
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, s, s))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(card["dim"])))]))
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]))
 
 
 def log_student(tracker: Any, folder: Path, card: dict[str, Any], name: str) -> Any:
