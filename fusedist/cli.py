@@ -164,7 +164,8 @@ def embed(config: Optional[Path] = ConfigOpt,
           slides: Optional[str] = typer.Option(None, help="Or: slides to tile first."),
           output: Optional[str] = typer.Option(None, "--output", "-o", help="Root of bags."),
           encoder: Optional[List[str]] = typer.Option(
-              None, "--encoder", "-e", help="Registry name of an encoder (repeatable)."),
+              None, "--encoder", "-e",
+              help="Registry name, export folder or models:/<name>@<alias> (repeatable)."),
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Embed slides into HDF5 feature bags (one per slide per encoder)."""
@@ -228,6 +229,10 @@ def export(checkpoint: str = typer.Argument(
     typer.echo(f"exported encoder '{encoder}' to {folder}"
                + (f" (MLflow version {version})" if version else ""))
     typer.echo(f"embed with: fusedist embed --encoder {folder} --tiles <5x grid tiles>")
+    if version:
+        ref = (f"models:/{cfg.registered_model}/{version}" if cfg.alias.lower() == "latest"
+               else f"models:/{cfg.registered_model}@{cfg.alias}")
+        typer.echo(f"        or: fusedist embed --encoder {ref} --tiles <5x grid tiles>")
 
 
 @app.command()
@@ -256,20 +261,28 @@ def fuse(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def predict(config: Optional[Path] = ConfigOpt,
-            model: Optional[str] = typer.Option(None, "--model", "-m",
-                                                help="A fuse output's model/ folder."),
+            model: Optional[str] = typer.Option(
+                None, "--model", "-m",
+                help="A fuse output's model/ folder, or models:/<name>@<alias>."),
             bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
+            slides: Optional[str] = typer.Option(
+                None, help="Or: slides (folder or s3://) to tile and embed first, as the "
+                           "model's card records (into <output>/tiles and <output>/bags)."),
             output: Optional[str] = typer.Option(None, "--output", "-o",
                                                  help="Predictions folder (or s3://)."),
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
-    """Apply a fused model to new slides' bags: predictions.csv, heatmaps, summary."""
+    """Apply a fused model to new slides (their bags, or the slides themselves): predictions.csv,
+    heatmaps, summary."""
     from fusedist.fusion.predict import PredictConfig, run_predict
 
     _setup_logging(quiet, verbose, "predict")
     # `model` is also _load's first parameter: pass it as an override.
     sets = ([f"model={model}"] if model else []) + list(set_ or [])
-    cfg = _load(PredictConfig, config, sets, print_config, bags=bags, output=output)
+    if slides and not bags:
+        sets.insert(0, "bags=null")  # --slides replaces a config file's `bags`
+    cfg = _load(PredictConfig, config, sets, print_config, bags=bags, slides=slides,
+                output=output)
     result = _run_stage(run_predict, cfg, quiet)
     typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
                f"failed; predictions: {result['output']}/predictions.csv")

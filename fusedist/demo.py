@@ -5,7 +5,9 @@ shards -> ``cache`` (two seeded ``test-*`` teachers on the pairs) -> ``embed`` (
 two encoders) -> ``distill`` (a tiny XMAG student on 2 Ray workers with DeepSpeed, exported and
 registered in MLflow) -> ``embed`` at 5x with that student -> ``fuse`` (experts, LogitProd,
 Meta-Encoder, FuseCPath and baselines, cross-validated, for slide classification and survival)
--> a Markdown report with the results tables and plots. Everything is logged to a local
+-> ``predict --slides``: the classification model on held-out synthetic slides (another seed,
+not in the labels ``fuse`` saw), tiled and embedded as its card records -> a Markdown report
+with the results tables, plots and the held-out predictions. Everything is logged to a local
 MLflow store.
 """
 
@@ -61,6 +63,11 @@ class DemoConfig(StrictModel):
         default_factory=lambda: ["classification", "survival"])
     """Slide-level tasks the fuse step evaluates (labels from the synthetic cues)."""
 
+    heldout_slides: int = Field(4, ge=0)
+    """Held-out synthetic slides (seed ``seed + 1``, ids ``heldout-*``, in ``heldout/``, not
+    in the labels ``fuse`` uses) that the classification model predicts from the raw slides
+    (``predict --slides``); 0 skips that stage."""
+
     distill_workers: int = Field(2, ge=1)
     """Ray Train workers (DeepSpeed ranks, gloo on CPU) for the student."""
 
@@ -102,8 +109,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     synth = SynthConfig(output=slides, num_slides=cfg.num_slides, size=cfg.size,
                         num_classes=cfg.num_classes, seed=cfg.seed, storage=cfg.storage)
     synthesize(synth, progress=progress)
+    heldout = storage.join(root, "heldout")
+    if cfg.heldout_slides:
+        synthesize(synth.model_copy(update={"output": heldout, "num_slides": cfg.heldout_slides,
+                                            "seed": cfg.seed + 1, "id_prefix": "heldout"}),
+                   progress=progress)
     times.append(StageTime("synth", time.perf_counter() - t,
-                           f"{cfg.num_slides} slides of {cfg.size} px + labels.csv"))
+                           f"{cfg.num_slides} slides of {cfg.size} px + labels.csv"
+                           + (f"; {cfg.heldout_slides} held-out slides" if cfg.heldout_slides
+                              else "")))
 
     # One Ray for the whole pipeline: every stage below finds it running and reuses it.
     from fusedist.runtime import init_ray
@@ -152,7 +166,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                            f"{len(emb.failed)} slides failed"))
 
     t = time.perf_counter()
-    dist = run_distill(_distill_config(cfg, root, tiles, mlflow, n), progress=progress)
+    dist = run_distill(_distill_config(cfg, root, tiles, mlflow), progress=progress)
     summaries.append(dist.summary())
     loss = dist.metrics.get("loss")
     times.append(StageTime("distill", time.perf_counter() - t,
@@ -178,9 +192,72 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                                f"{len(res.methods)} methods x {cfg.fuse_folds} folds; best "
                                f"{res.primary_metric}: {res.best()}"))
 
+    predicted = None
+    model = next((r.model for r in fused if r.task == "classification" and r.model), None)
+    if cfg.heldout_slides and model:
+        t = time.perf_counter()
+        predicted = _predict_heldout(cfg, root, heldout, model, mlflow, progress)
+        times.append(StageTime("predict (held-out slides)", time.perf_counter() - t,
+                               f"{len(predicted['predicted'])} held-out slides tiled, embedded "
+                               f"and predicted from the raw slides, "
+                               f"{len(predicted['failed'])} failed"))
+
     report = storage.join(root, "report.md")
-    storage.write_text(report, _report(cfg, times, summaries, fused))
+    storage.write_text(report, _report(cfg, times, summaries, fused, predicted))
     return report
+
+
+def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
+                     mlflow: MlflowConfig, progress: bool) -> dict:
+    """``fusedist predict --slides``: the classification model on the held-out slides."""
+    from fusedist.features import EngineConfig
+    from fusedist.fusion.predict import PredictConfig, run_predict
+
+    pcfg = PredictConfig(model=model, slides=heldout, output=storage.join(root, "predict"),
+                         engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
+                         mlflow=mlflow)
+    return run_predict(pcfg, progress=progress)
+
+
+def _predict_section(cfg: DemoConfig, root: str, result: dict) -> list[str]:
+    """The held-out predictions table: one row per slide, the model's first (best) component's
+    label and probabilities, LogitProd's per-expert weights; true labels from the synthesis."""
+    import csv
+    import io
+    import json
+
+    out = storage.join(root, "predict")
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out,
+                                                                        "predictions.csv")))))
+    truth = {r["slide_id"]: r["label"] for r in csv.DictReader(io.StringIO(
+        storage.read_text(storage.join(root, "heldout", "labels.csv"))))}
+    primary = manifest["methods"][0]
+    head = list(rows[0]) if rows else []
+    probs = [c for c in head if c.startswith("prob_")]
+    weights = [c for c in head if c.startswith("weight_")]
+    lines = ["## Held-out slides: `fusedist predict --slides`", "",
+             f"{cfg.heldout_slides} synthetic slides that `fuse` never saw (`heldout/`, seed "
+             f"{cfg.seed + 1}), tiled and embedded as the classification model's card records "
+             f"(`predict/tiles/`, `predict/bags/`), then predicted. Label and probabilities: "
+             f"`{primary}` (the model's first component: the CV's best); weights: "
+             "LogitProd's per-expert weights for the slide.", "",
+             "| slide | true label | predicted | "
+             + " | ".join(f"p({c[5:]})" for c in probs) + " | "
+             + " | ".join(f"w({c[7:]})" for c in weights) + " |",
+             "|---|---|---|" + "---:|" * (len(probs) + len(weights))]
+    by = {(r["slide_id"], r["method"]): r for r in rows}
+    for sid in manifest["predicted"]:
+        r, lp = by[(sid, primary)], by.get((sid, "logitprod"), {})
+        lines.append(f"| {sid} | {truth.get(sid, '')} | {r['predicted']} | "
+                     + " | ".join(f"{float(r[c]):.3f}" for c in probs) + " | "
+                     + " | ".join(f"{float(lp[c]):.3f}" if lp.get(c) else "" for c in weights)
+                     + " |")
+    lines += [f"- failed {f['slide_id']}: {f['reason']}" for f in result["failed"]]
+    lines += ["", "Attention heatmaps of each expert: [predict/heatmaps/](predict/heatmaps/); "
+              "every component's predictions: [predict/predictions.csv](predict/predictions.csv)"
+              "; [predict/summary.md](predict/summary.md).", ""]
+    return lines
 
 
 def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
@@ -202,15 +279,20 @@ def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
         ray=cfg.ray, storage=cfg.storage, mlflow=mlflow)
 
 
-def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig,
-                    n_pairs: int):
-    """A tiny XMAG run: the first teacher's cached features, a seeded test student.
+def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig):
+    """A tiny XMAG run: the first teacher's cached features, a seeded test student, the
+    default validation split (about a tenth of the slides held out and validated on).
 
-    The micro-batch shrinks with the data so even a very small demo fills a step on every
-    worker (Ray Train ranks must take the same number of steps)."""
+    The micro-batch shrinks with the training pairs so even a very small demo fills a step on
+    every worker (Ray Train ranks must take the same number of steps)."""
     from fusedist.distill.config import (BatchConfig, CheckpointSection, DistillConfig,
-                                         OptimConfig, ScalingSection, StudentConfig)
+                                         OptimConfig, ScalingSection, StudentConfig,
+                                         ValidationSection)
+    from fusedist.distill.validation import split_by_slide
 
+    val = ValidationSection()
+    manifest = storage.read_json(storage.join(tiles, "pairs", "manifest.json"))
+    n_pairs = split_by_slide(manifest, val.fraction, val.seed).train_tiles
     teacher = cfg.teachers[0]
     micro = max(1, min(4, n_pairs // cfg.distill_workers))
     steps_per_epoch = max(1, n_pairs // (micro * cfg.distill_workers))
@@ -223,7 +305,7 @@ def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig
                           loader_workers=1, shuffle_buffer=64),
         optim=OptimConfig(lr=1e-3, warmup_epochs=0.5),
         scaling=ScalingSection(num_workers=cfg.distill_workers),
-        checkpoint=CheckpointSection(every_steps=10, num_to_keep=2),
+        checkpoint=CheckpointSection(every_steps=10, num_to_keep=2), validation=val,
         storage_path=storage.join(root, "runs"), run_name="xmag-demo", ray=cfg.ray,
         storage=cfg.storage, mlflow=mlflow)
 
@@ -259,7 +341,7 @@ def _fuse_section(res) -> list[str]:
 
 
 def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str],
-            fused: list | None = None) -> str:
+            fused: list | None = None, predicted: dict | None = None) -> str:
     lines = ["# fusedist demo", "", f"Work directory: `{cfg.workdir}`", ""]
     # One line up front: the stages' summaries each carry it, the reader should not dig.
     random_line = next((ln for s in summaries for ln in s.splitlines()
@@ -271,6 +353,8 @@ def _report(cfg: DemoConfig, times: list[StageTime], summaries: list[str],
     lines += [f"| total | {sum(s.seconds for s in times):.1f} | |", ""]
     for res in fused or []:
         lines += _fuse_section(res)
+    if predicted is not None:
+        lines += _predict_section(cfg, cfg.workdir.rstrip("/"), predicted)
     lines += ["", "## Tiling summaries", "", "```", *summaries, "```", "",
               "Thumbnails with the kept tiles outlined: `tiles/<dataset>/thumbnails/`.",
               "Shards and their manifest: `tiles/<dataset>/manifest.json` "

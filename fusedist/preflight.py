@@ -32,7 +32,7 @@ def known_encoder_names() -> set[str]:
 
 def _is_export_ref(ref: str) -> bool:
     # The same test as fusedist.distill.export.resolve_encoder: these are loaded later.
-    return (storage.is_s3(ref) or ref.startswith("file://") or ref.endswith(".json")
+    return (storage.is_s3(ref) or ref.startswith(("file://", "models:/")) or ref.endswith(".json")
             or Path(ref).expanduser().exists())
 
 

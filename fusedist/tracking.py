@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fusedist.config import StrictModel
 # The one masking helper (shared with storage); re-exported here for its long-time callers.
@@ -76,6 +76,16 @@ class MlflowConfig(StrictModel):
 
     tags: dict[str, str] = {}
     """Extra tags on every run (e.g. ``{team: pathology}``); they win over the stage's tags."""
+
+    system_metrics: bool = True
+    """Log MLflow system metrics (``system/cpu_utilization_percentage``, memory, disk, network;
+    ``system/gpu_<i>_utilization_percentage`` and GPU memory when ``nvidia-ml-py`` is
+    installed) while the run is open. ``distill`` samples on its training nodes, the other
+    stages on the driver's machine."""
+
+    system_metrics_interval: float = Field(10.0, gt=0)
+    """Seconds between system-metric samples (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    wins); a run shorter than one interval logs none."""
 
 
 def _clip(value: str, limit: int) -> str:
@@ -196,6 +206,7 @@ class Tracker:
         self._run_id = run_id
         self.tracking_uri = tracking_uri
         self.rank = rank
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor, while one samples
 
     @classmethod
     def noop(cls, rank: int = 0) -> "Tracker":
@@ -257,8 +268,42 @@ class Tracker:
 
         self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()])
 
+    def start_system_metrics(self, interval: float = 10.0, node_id: str | None = None) -> bool:
+        """Sample ``system/*`` metrics into this run every ``interval`` seconds on a daemon
+        thread until :meth:`stop_system_metrics` (or :meth:`end`). This is MLflow's own
+        ``SystemMetricsMonitor``, what ``mlflow.start_run(log_system_metrics=True)`` starts for
+        the fluent API, given our run id and tracking URI. ``node_id`` names the machine
+        (``system/<node_id>/...``) when several sample into one run. Steps continue after the
+        run's last system step, so a resumed run does not overwrite its history. Returns
+        whether sampling started: without psutil it warns instead of failing the stage."""
+        if not self.active or self._monitor is not None:
+            return False
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:  # psutil is imported by MLflow's CPU monitor
+            log.warning("MLflow system metrics are off: %s (pip install psutil; "
+                        "nvidia-ml-py adds GPU metrics)", e)
+            return False
+        # mlflow logs its start/stop at INFO on every run; keep our stages' output readable.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval,
+                                             resume_logging=True, node_id=node_id,
+                                             tracking_uri=self.tracking_uri)
+        self._monitor.start()
+        return True
+
+    def stop_system_metrics(self) -> None:
+        """Stop sampling and flush what was sampled (no-op when none runs). Idempotent."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception:  # monitoring must never fail the stage it watches
+                log.warning("could not stop MLflow system metrics", exc_info=True)
+
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED. Idempotent."""
+        self.stop_system_metrics()  # flushed while the run is still RUNNING
         if not self.active:
             return
         run_id, self._run_id = self._run_id, None
@@ -314,12 +359,15 @@ def _run_tags(tags: dict[str, str], parent_run_id: str | None) -> dict[str, str]
 def start_run(cfg: MlflowConfig, run_name: str | None = None,
               params: dict | BaseModel | None = None, tags: dict[str, str] | None = None,
               rank: int | None = None, nested: bool = False,
-              parent_run_id: str | None = None) -> Tracker:
+              parent_run_id: str | None = None, system_metrics: bool = True) -> Tracker:
     """Open a run (rank 0, enabled) or return a no-op tracker; use as a context manager.
 
     ``run_name``/``tags`` are the stage's defaults; ``cfg.run_name``/``cfg.tags`` win.
     ``rank`` defaults to env ``RANK`` or 0. ``nested=True`` makes the run a child of the
     innermost open run in this process; ``parent_run_id`` names the parent explicitly.
+    System metrics are sampled in this process while the run is open when
+    ``cfg.system_metrics`` and ``system_metrics`` (``False``: the stage samples elsewhere,
+    as ``distill`` does on its training workers).
     Raises :class:`TrackingError` (masked URI + fix) if the store cannot be used.
     """
     rank = _rank(rank)
@@ -356,6 +404,8 @@ def start_run(cfg: MlflowConfig, run_name: str | None = None,
         except BaseException:
             tracker.end("FAILED")  # do not leave a RUNNING run behind
             raise
+    if cfg.system_metrics and system_metrics:
+        tracker.start_system_metrics(cfg.system_metrics_interval)
     return tracker
 
 

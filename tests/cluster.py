@@ -71,8 +71,10 @@ class MultiNode:
                 if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
 
 
-def start_multinode(workers: int = 2, cpus: float = 2, gpus: int = 1) -> MultiNode:
-    """Start head (CPU 0) + ``workers`` GPU nodes and connect this process to it."""
+def start_multinode(workers: int = 2, cpus: float = 2, gpus: int = 1,
+                    dashboard_port: int | None = None) -> MultiNode:
+    """Start head (CPU 0) + ``workers`` GPU nodes and connect this process to it; with
+    ``dashboard_port``, the head serves the Jobs API there (as a KubeRay head does)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -81,7 +83,10 @@ def start_multinode(workers: int = 2, cpus: float = 2, gpus: int = 1) -> MultiNo
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE,
                                       "_system_config": SYSTEM_CONFIG,
-                                      "include_dashboard": False})
+                                      "include_dashboard": dashboard_port is not None,
+                                      **({"dashboard_host": "127.0.0.1",
+                                          "dashboard_port": dashboard_port}
+                                         if dashboard_port else {})})
     mn = MultiNode(cluster)
     for _ in range(workers):
         mn.add_gpu_worker(cpus=cpus, gpus=gpus)

@@ -197,3 +197,36 @@ def test_tile_across_nodes_from_s3_matches_a_single_node_run(ray_cluster, s3_buc
     res = run_tile(s3_cfg(s3_bucket, moto_server, tmp_path / "node-cache"), progress=False)
     assert not res.failed
     same_shards(res.manifest, ref.manifest)
+
+
+def test_fusedist_launch_submits_a_stage_to_the_multinode_head(tmp_path):
+    """`fusedist launch tile` from outside the cluster, through the Jobs API of a CPU-0 head
+    with 2 worker nodes: the job's driver runs on the head, its tasks on the workers, and the
+    stage completes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cluster import _free_port, start_multinode, stop_multinode
+    from tests.test_launch import REPO, VENV_BIN
+    from tests.slides import make_known_slide
+
+    slide, _ = make_known_slide(tmp_path / "s.tiff", width=2048, height=2048, mpp=0.5)
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        # The job's entrypoint (`fusedist ...`) runs under the head's environment.
+        mp.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+        mp.setenv("FUSEDIST_DEVICE_OVERRIDE", "cpu")
+        mn = start_multinode(workers=2, cpus=1, dashboard_port=port)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        r = subprocess.run([sys.executable, "-m", "fusedist.launch", "launch", "tile", "-c",
+                            "configs/tile/grid.yaml", "--set", f"input={slide}", "--set",
+                            f"output={tmp_path / 'tiles'}", "--set", "dataset=g", "--address",
+                            f"http://127.0.0.1:{port}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "1/1 slides ok" in r.stdout and "SUCCEEDED (exit status 0)" in r.stderr
+        assert (tmp_path / "tiles" / "g" / "manifest.json").is_file()
+    finally:
+        stop_multinode(mn)

@@ -59,9 +59,10 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     assert cache.data.metrics["tiles"] == pairs["totals"]["tiles"]
     assert cache.data.tags["fusedist.random_weights"] == "true"
     # Two embed runs: the test encoders (2 x 12 bags), then the exported student (the slides
-    # large enough for a 5x tile).
-    written = sorted(r.data.metrics["bags_written"] for r in by_stage["embed"])
-    assert written[1] == 24 and 6 <= written[0] <= 12
+    # large enough for a 5x tile); two more for the held-out slides (predict, below).
+    embeds = [r for r in by_stage["embed"] if r.info.run_name != "embed (predict --slides)"]
+    written = sorted(r.data.metrics["bags_written"] for r in embeds)
+    assert len(embeds) == 2 and written[1] == 24 and 6 <= written[0] <= 12
     # The XMAG student was trained (2 workers), exported, registered, and embedded the slides.
     card = json.loads((work / "runs" / "xmag-demo" / "export" / "card.json").read_text())
     assert card["mpp"] == 2.0 and card["teacher"] == "test-vit"
@@ -93,6 +94,32 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         (fuse,) = [x for x in by_stage["fuse"] if x.data.tags["fusedist.task"] == task]
         assert f"logitprod/{metric}_mean" in fuse.data.metrics
     assert len(list((work / "fuse" / "classification" / "plots").glob("attention_*"))) == 3
+    # predict --slides: the classification model on 4 held-out slides (another seed, not in
+    # labels.csv), tiled and embedded as its card records; the table is in the report.
+    held = [ln.split(",")[:3] for ln in (work / "heldout" / "labels.csv").read_text().splitlines()]
+    assert [h[0] for h in held[1:]] == [f"heldout-{i:04d}" for i in range(4)]
+    pred = json.loads((work / "predict" / "manifest.json").read_text())
+    assert pred["predicted"] == [h[0] for h in held[1:]] and not pred["failed"]
+    assert pred["slides"] == str(work / "heldout")
+    for enc in ("test-vit", "test-convnext", card["name"]):
+        assert len(list((work / "predict" / "bags" / enc).glob("heldout-*.h5"))) == 4
+    rows = [ln.split(",") for ln in (work / "predict" / "predictions.csv").read_text()
+            .splitlines()]
+    head, body = rows[0], rows[1:]
+    primary = pred["methods"][0]
+    assert "## Held-out slides: `fusedist predict --slides`" in report
+    assert "(predict/heatmaps/)" in report and (work / "predict" / "heatmaps").is_dir()
+    table = [ln for ln in report.splitlines() if ln.startswith("| heldout-")]
+    assert len(table) == 4
+    for (sid, _, label), line in zip(held[1:], table):
+        (r,) = [x for x in body if x[0] == sid and x[1] == primary]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [sid, label, r[head.index("predicted")]]
+        probs = [float(c) for c in cells[3:3 + 2]]
+        assert abs(sum(probs) - 1) < 2e-3
+        weights = [float(c) for c in cells[3 + 2:]]
+        assert len(weights) == 3 and abs(sum(weights) - 1) < 3e-3
+    assert len(list((work / "predict" / "heatmaps").glob("*heldout-*.png"))) >= 4
 
 
 def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):
@@ -119,4 +146,7 @@ def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):
     assert storage.exists(f"{url}/runs/xmag-demo/export/card.json")
     assert "fusecpath" in storage.read_text(f"{url}/fuse/classification/results.csv")
     assert storage.exists(f"{url}/fuse/classification/plots/roc.png")
+    # predict --slides read the held-out slides from the bucket and wrote its table there.
+    rows = storage.read_text(f"{url}/predict/predictions.csv").splitlines()
+    assert {r.split(",")[0] for r in rows[1:]} == {f"heldout-{i:04d}" for i in range(4)}
     assert not (tmp_path / "run1").exists() and not any(tmp_path.glob("demo-output*"))

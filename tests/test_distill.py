@@ -2,6 +2,7 @@
 
 One small pairs dataset (3 synthetic slides, 24 pairs, 9 shards) with features cached by ONE
 test teacher (test-vit, 64-d) serves the module; the student is test-vit from the registry.
+The default validation split holds one slide out (8 pairs), so 16 pairs train.
 Runs: a trained run (+ a re-run that resumes it), a worker killed mid-epoch, S3 storage with a
 real MLflow server. The first DeepSpeed start JIT-builds a small C++ op (~40 s, cached).
 """
@@ -21,6 +22,7 @@ from fusedist.distill.checkpoint import (COMMITTED, SampleLog, find_checkpoint,
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import steps_per_epoch
 from fusedist.distill.train import ds_config, param_groups, run_distill, run_export
+from fusedist.distill.validation import held_out_count, split_by_slide
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 from tests.slides import known_slides
 from tests.test_tiling import tile_cfg
@@ -44,8 +46,14 @@ def data(tmp_path_factory, ray_cluster):
     keys = [k for s in json.loads((d / "tiles" / "pairs" / "manifest.json").read_text())["shards"]
             for k in _shard_keys(d / "tiles" / "pairs" / s["name"])]
     assert len(keys) == 24 and len(set(keys)) == 24
+    manifest = json.loads((d / "tiles" / "pairs" / "manifest.json").read_text())
+    # The default split (validation.fraction 0.1, seed 0): one of the three slides.
+    split = split_by_slide(manifest, 0.1, 0)
+    assert len(split.val_slides) == 1 and split.val_tiles == 8 and split.train_tiles == 16
+    val_keys = [k for k in keys if k.split("/")[0] in split.val_slides]
     return {"root": d, "tiles": d / "tiles" / "pairs", "features": d / "feats" / TEACHER / "pairs",
-            "keys": keys}
+            "keys": keys, "split": split, "val_keys": val_keys,
+            "train_keys": [k for k in keys if k not in val_keys]}
 
 
 def _shard_keys(path: Path) -> list[str]:
@@ -67,10 +75,13 @@ def distill_cfg(data, storage_path, run_name: str, *sets: str) -> DistillConfig:
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    """A 2-worker run: 4 epochs x 3 steps (global batch 8), local storage, SQLite MLflow."""
+    """A 2-worker run: 6 epochs x 2 steps (global batch 8; 16 training pairs), validated every
+    4 steps on the held-out slide, local storage, SQLite MLflow, system metrics every 1 s."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = distill_cfg(data, root / "runs", "xmag", "epochs=4",
-                      f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db")
+    cfg = distill_cfg(data, root / "runs", "xmag", "epochs=6", "validation.every_steps=4",
+                      "ema_decay=0.8",  # an EMA that moves within 12 steps, so validation shows it
+                      f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+                      "mlflow.system_metrics_interval=1")
     return cfg, run_distill(cfg, progress=False)
 
 
@@ -120,6 +131,47 @@ def test_sample_log_counts_only_committed_work(tmp_path):
     assert not (tmp_path / "sample_log" / "step-000000004" / COMMITTED).exists()
 
 
+def test_validation_split_is_by_slide_deterministic_and_order_free():
+    # 20 slides, 1-3 shards each; one older-format entry without slide_id (name parses back).
+    shards = [{"name": f"sl{i:02d}-{p:06d}.tar", "slide_id": f"sl{i:02d}", "samples": 5 + p}
+              for i in range(20) for p in range(1 + i % 3)]
+    del shards[0]["slide_id"]
+    manifest = {"shards": shards}
+    split = split_by_slide(manifest, 0.1, seed=0)
+    assert len(split.val_slides) == 2 and split.train_slides == 18
+    slide = {s["name"]: s["name"].rsplit("-", 1)[0] for s in shards}
+    # Every shard of a validation slide validates, none trains; together they are all shards.
+    assert {slide[n] for n in split.val_shards} == set(split.val_slides)
+    assert not {slide[n] for n in split.train_shards} & set(split.val_slides)
+    assert sorted(split.val_shards + split.train_shards) == sorted(slide)
+    assert split.val_tiles + split.train_tiles == sum(s["samples"] for s in shards)
+    assert split.val_tiles == sum(s["samples"] for s in shards if slide[s["name"]]
+                                  in split.val_slides)
+    # Deterministic, and independent of the manifest's order; the seed moves it.
+    assert split_by_slide(manifest, 0.1, seed=0) == split
+    assert split_by_slide({"shards": shards[::-1]}, 0.1, 0).val_slides == split.val_slides
+    assert split_by_slide(manifest, 0.1, seed=1).val_slides != split.val_slides
+    # A bigger fraction holds out a superset (the same ranking, cut later).
+    assert set(split.val_slides) < set(split_by_slide(manifest, 0.25, 0).val_slides)
+    assert split_by_slide(manifest, 0.0, 0).val_shards == ()
+    # Rounding: half up, at least one slide when > 0, never every slide.
+    assert [held_out_count(n, f) for n, f in ((3, 0.1), (10, 0.1), (10, 0.25), (10, 0.24),
+                                              (2, 0.9), (1, 0.5), (5, 0.0))] == \
+        [1, 1, 3, 2, 1, 0, 0]
+
+
+def test_system_metrics_sampled_once_per_node_and_off_node_0_only_on_a_server():
+    """Which workers sample (the sampling itself: the trained run's system/* metrics)."""
+    from fusedist.distill.metrics import system_monitor
+
+    mlflow = {"run_id": "r", "tracking_uri": "sqlite:////nowhere/mlflow.db",
+              "system_metrics": {"interval": 5}}
+    assert system_monitor(None, 0, 0, 0) is None  # tracking off
+    assert system_monitor({**mlflow, "system_metrics": None}, 0, 0, 0) is None  # config off
+    assert system_monitor(mlflow, 1, 1, 0) is None  # not its node's local rank 0
+    assert system_monitor(mlflow, 2, 0, 1) is None  # node 1 cannot reach node 0's SQLite file
+
+
 # ----------------------------------------------------------------------------- real runs
 
 def _metric(client, run_id: str, key: str) -> list[float]:
@@ -131,12 +183,17 @@ def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data, ca
     from mlflow import MlflowClient
 
     cfg, res = trained
-    assert res.steps == 12 and res.epochs == 4
+    assert res.steps == 12 and res.epochs == 6
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     loss = _metric(client, res.mlflow_run_id, "loss")
     assert len(loss) == 12  # one point per optimiser step, from rank 0
     assert np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.2, loss
     assert len(_metric(client, res.mlflow_run_id, "img_per_s")) == 12
+    # MLflow system metrics, sampled on the training node while the run trained.
+    run_metrics = client.get_run(res.mlflow_run_id).data.metrics
+    assert {"system/cpu_utilization_percentage",
+            "system/system_memory_usage_megabytes"} <= set(run_metrics), sorted(run_metrics)
+    assert 0 <= run_metrics["system/cpu_utilization_percentage"] <= 100
     # Old checkpoints pruned; the newest holds every rank's ZeRO partition.
     run_dir = Path(res.run_url)
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
@@ -145,7 +202,7 @@ def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data, ca
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(parts)
     state = read_state(str(ckpt))
-    assert state.step == 12 and state.epoch == 4 and state.cursor["epoch"] == 4
+    assert state.step == 12 and state.epoch == 6 and state.cursor["epoch"] == 6
     # The fp32 master weights gathered from both ranks' partitions load into a fresh student
     # and equal the module DeepSpeed saved.
     master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
@@ -160,43 +217,121 @@ def test_two_worker_run_learns_and_checkpoints_restore_exactly(trained, data, ca
     assert not torch.equal(fresh.state_dict()["global_head.fc1.weight"],
                            XmagStudent.from_registry("test-vit", 64).state_dict()[
                                "global_head.fc1.weight"])
-    # Each epoch trained every sample exactly once.
+    # Each epoch trained every training sample exactly once, and no validation sample.
     log = read_sample_log(res.run_url)
-    assert sorted(log) == [0, 1, 2, 3]
-    assert all(sorted(keys) == sorted(data["keys"]) for keys in log.values())
+    assert sorted(log) == [0, 1, 2, 3, 4, 5]
+    assert all(sorted(keys) == sorted(data["train_keys"]) for keys in log.values())
 
     # Running the same command again, with more epochs, resumes from the last checkpoint: a
     # fresh engine on fresh workers restores it (the restore checks the weights digest).
-    cfg5 = cfg.model_copy(update={"epochs": 5, "export": cfg.export.model_copy(
+    cfg7 = cfg.model_copy(update={"epochs": 7, "export": cfg.export.model_copy(
         update={"enabled": False})})
     capfd.readouterr()
-    again = run_distill(cfg5, progress=True)
+    again = run_distill(cfg7, progress=True)
     state = read_state(again.checkpoint)
-    assert again.steps == 15 and state.resumes == [12]
+    assert again.steps == 14 and state.resumes == [12]
     # The driver's bar: step of total, loss, img/s (ETA is tqdm's); the summary's warning.
     bar = capfd.readouterr().err
-    assert "distill" in bar and "15/15" in bar and "loss " in bar and "img/s" in bar, bar[-2000:]
+    assert "distill" in bar and "14/14" in bar and "loss " in bar and "img/s" in bar, bar[-2000:]
     assert "RANDOM WEIGHTS: test-vit" in again.summary()
+    # The resumed run validated its last step (not a multiple of every_steps) too.
+    assert state.validation["step"] == 14 and "8 held-out validation tiles at step 14" in \
+        again.summary()
     log = read_sample_log(res.run_url)
-    assert sorted(log) == [0, 1, 2, 3, 4]
-    assert all(sorted(keys) == sorted(data["keys"]) for keys in log.values())
+    assert sorted(log) == [0, 1, 2, 3, 4, 5, 6]
+    assert all(sorted(keys) == sorted(data["train_keys"]) for keys in log.values())
+    # Another split is not this run: a re-run that would validate on other slides is refused.
+    manifest = json.loads((data["tiles"] / "manifest.json").read_text())
+    seed = next(s for s in range(1, 100)
+                if split_by_slide(manifest, 0.1, s).val_slides != data["split"].val_slides)
+    with pytest.raises(ConfigError, match="validation slides"):
+        run_distill(cfg7.model_copy(update={"validation": cfg.validation.model_copy(
+            update={"seed": seed})}), progress=False)
+
+
+def _direct_validation(student, data) -> tuple[float, float]:
+    """The XMAG cosines of ``student`` on the validation tiles, read straight from the shards:
+    global = cos(global_head(CLS), mean_j t_j) per tile, local = cos(local_head(block_j), t_j)
+    per (tile, j), each averaged (methods.md section 1)."""
+    import io
+
+    import torch.nn.functional as F
+
+    from tests.test_cache import uint8_chw
+    from tests.test_tiling import read_shard
+
+    g, loc = [], []
+    for shard in data["split"].val_shards:
+        tiles, feats = read_shard(data["tiles"] / shard), read_shard(data["features"] / shard)
+        for key, members in tiles.items():
+            img = uint8_chw(members["lo.jpg"])[None].float() / 255
+            t = torch.from_numpy(np.load(io.BytesIO(feats[key][f"{TEACHER}.npy"])).astype(
+                np.float32))[None]
+            with torch.no_grad():
+                out = student(student.normalize(img))
+            g.append(F.cosine_similarity(out["global"], t.mean(1), dim=-1))
+            loc.append(F.cosine_similarity(out["local"], t, dim=-1).reshape(-1))
+    return torch.cat(g).mean().item(), torch.cat(loc).mean().item()
+
+
+def test_ema_student_is_validated_on_the_held_out_slide(trained, data):
+    """The split is recorded; every 4 steps and at the end rank 0 logs val/global_cos and
+    val/local_cos of the EMA student, computed over both ranks' shares of the validation
+    tiles; the final ones are the export card's and the registered version's tags, and
+    equal the cosines computed here directly from the exported checkpoint's EMA weights."""
+    from mlflow import MlflowClient
+
+    cfg, res = trained
+    split = data["split"].to_dict()
+    assert json.loads((Path(res.run_url) / "validation.json").read_text()) == split
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    run_id = res.mlflow_run_id
+    assert client.get_run(run_id).data.metrics["val/tiles"] == 8
+    assert "validation/split.json" in {a.path for a in client.list_artifacts(run_id,
+                                                                            "validation")}
+    hist = {k: sorted(client.get_metric_history(run_id, f"val/{k}"), key=lambda m: m.step)
+            for k in ("global_cos", "local_cos")}
+    assert [m.step for m in hist["global_cos"]] == [4, 8, 12]
+    assert [m.step for m in hist["local_cos"]] == [4, 8, 12]
+
+    card = json.loads((Path(res.export_dir) / "card.json").read_text())
+    v = card["validation"]
+    assert v["step"] == 12 == card["step"] and v["tiles"] == 8
+    assert v["slides"] == split["slides"] and v["fraction"] == 0.1 and v["seed"] == 0
+    assert v["global_cos"] == hist["global_cos"][-1].value
+    assert v["local_cos"] == hist["local_cos"][-1].value
+    assert read_state(res.checkpoint).validation == {k: v[k] for k in
+                                                    ("global_cos", "local_cos", "tiles", "step")}
+    student, _ = load_ema_student(res.checkpoint)  # the EMA weights, as exported
+    g, loc = _direct_validation(student, data)
+    assert v["global_cos"] == pytest.approx(g, abs=1e-5)
+    assert v["local_cos"] == pytest.approx(loc, abs=1e-5)
+    # The student learned on the training slides and it shows on the held-out one.
+    assert hist["global_cos"][-1].value > hist["global_cos"][0].value
+    tags = client.get_model_version_by_alias("xmag-student", "champion").tags
+    assert float(tags["validation.global_cos"]) == v["global_cos"]
+    assert float(tags["validation.local_cos"]) == v["local_cos"]
+    assert tags["validation.slides"] == "1" and tags["validation.step"] == "12"
 
 
 def test_worker_killed_mid_epoch_resumes_without_repeating_or_skipping(data, tmp_path):
-    # micro_batch 2: 6 steps per epoch. Checkpoints at steps 4, 6, 8, 12; rank 1 exits before
-    # step 11 (3 steps into epoch 1; steps 9-10 are lost), the group restarts from step 8.
-    cfg = distill_cfg(data, tmp_path / "runs", "fault", "epochs=2", "batch.micro_batch=2",
+    # micro_batch 2: 4 steps per epoch (16 training pairs). Checkpoints at steps 4, 8, 12;
+    # validations at 5, 10 and 12; rank 1 exits before step 11 (3 steps into epoch 2; steps
+    # 9-10, and the validation at 10, are lost), the group restarts from step 8.
+    cfg = distill_cfg(data, tmp_path / "runs", "fault", "epochs=3", "batch.micro_batch=2",
                       "checkpoint.every_steps=4", "fault.at_step=10", "fault.rank=1",
-                      "max_failures=1", "mlflow.enabled=false", "export.enabled=false")
+                      "validation.every_steps=5", "max_failures=1", "mlflow.enabled=false",
+                      "export.enabled=false")
     res = run_distill(cfg, progress=False)
     assert (tmp_path / "runs" / "fault" / "_fault" / "step-10-rank-1").is_file()
     state = read_state(res.checkpoint)
     assert res.steps == 12 and state.resumes == [8]
+    assert state.validation["step"] == 12 and state.validation["tiles"] == 8
     log = read_sample_log(res.run_url)
-    assert sorted(log) == [0, 1]
-    for epoch, keys in log.items():
-        assert len(keys) == len(set(keys)) == 24, (epoch, sorted(keys))
-        assert set(keys) == set(data["keys"])
+    assert sorted(log) == [0, 1, 2]
+    for epoch, keys in log.items():  # the training slides' samples, each once; no other
+        assert len(keys) == len(set(keys)) == 16, (epoch, sorted(keys))
+        assert set(keys) == set(data["train_keys"])
 
 
 def test_s3_checkpoints_and_metrics_on_a_real_mlflow_server(data, tmp_path, s3_bucket,
@@ -204,6 +339,7 @@ def test_s3_checkpoints_and_metrics_on_a_real_mlflow_server(data, tmp_path, s3_b
     import boto3
     from mlflow import MlflowClient
 
+    from fusedist import storage
     from fusedist.tracking import RANDOM_WEIGHTS_TAG, serve_local
 
     with serve_local(tmp_path / "mlflow.db", tmp_path / "artifacts",
@@ -228,12 +364,24 @@ def test_s3_checkpoints_and_metrics_on_a_real_mlflow_server(data, tmp_path, s3_b
         run = client.get_run(res.mlflow_run_id)
         assert run.data.params["student.name"] == "test-vit"
         assert run.data.tags[RANDOM_WEIGHTS_TAG] == "true"
-        assert len(_metric(client, run.info.run_id, "loss")) == 3
-        assert {"loss", "global_cos", "local_cos", "lr", "img_per_s"} <= set(run.data.metrics)
+        assert len(_metric(client, run.info.run_id, "loss")) == 2
+        assert {"loss", "global_cos", "local_cos", "lr", "img_per_s", "val/global_cos",
+                "val/local_cos"} <= set(run.data.metrics)
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config", "xmag_student"} <= arts
-        assert client.get_model_version_by_alias("xmag-student", "champion").run_id == \
-            run.info.run_id
+        assert "config" in arts
+        mv = client.get_model_version_by_alias("xmag-student", "champion")
+        assert mv.run_id == run.info.run_id
+        # An MLflow (pyfunc) model of the run, its files proxied by the server.
+        logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+        assert logged.source_run_id == run.info.run_id
+        assert {a.path for a in client.list_logged_model_artifacts(logged.model_id)} >= {
+            "MLmodel", "artifacts"}
+        # The card on S3 carries the final validation, and the version its tags.
+        card = storage.read_json(f"{s3_bucket}/runs/s3run/export/card.json")
+        assert card["validation"]["step"] == 2 == res.steps
+        assert float(mv.tags["validation.local_cos"]) == card["validation"]["local_cos"]
+        assert storage.read_json(f"{s3_bucket}/runs/s3run/validation.json") == \
+            data["split"].to_dict()
 
 
 def test_exported_student_embeds_a_slide_at_5x(trained, data, tmp_path):
@@ -336,3 +484,5 @@ def test_sigterm_stops_cleanly_and_the_rerun_exports_what_an_uninterrupted_run_d
     card = json.loads((Path(again.export_dir) / "card.json").read_text())
     ref = json.loads((Path(res.export_dir) / "card.json").read_text())
     assert card["weights_sha256"] == ref["weights_sha256"]
+    # ... and validates it to the same numbers (validation draws nothing the training uses).
+    assert card["validation"] == ref["validation"]

@@ -156,6 +156,24 @@ def test_order_is_deterministic_per_seed_and_epoch_and_shuffled(tiles):
     assert [s["__key__"] for s in reader] == order(3, 1)
 
 
+def test_shard_subset_reads_only_those_shards_exactly_once_across_ranks(tiles):
+    """``shards=`` (distill's train/validation split): only the named shards, every sample of
+    them once over the ranks (equal=False), the full set's fingerprint when all are named."""
+    picked = ["shard-000003.tar", "shard-000001.tar"]
+    keys = [k for rank in (0, 1)
+            for k in keys_of(load(ShardReader(tiles, shuffle=False, rank=rank, world_size=2,
+                                              shards=picked)))]
+    assert sorted(keys) == sorted(k for k in all_keys(SIZES) if k.split("/")[0] in {"s1", "s3"})
+    assert len(keys) == len(set(keys)) == SIZES[1] + SIZES[3]
+    sub = ShardReader(tiles, rank=0, world_size=1, shards=picked)
+    assert [s.name for s in sub.shards] == sorted(picked)  # manifest order, not the caller's
+    everything = [f"shard-{i:06d}.tar" for i in range(len(SIZES))]
+    assert (ShardReader(tiles, rank=0, world_size=1, shards=everything).fingerprint
+            == ShardReader(tiles, rank=0, world_size=1).fingerprint != sub.fingerprint)
+    with pytest.raises(DatasetMismatchError, match="lacks 1 selected shard.*shard-000099.tar"):
+        ShardReader(tiles, rank=0, world_size=1, shards=["shard-000099.tar"])
+
+
 def test_resume_from_cursor_neither_repeats_nor_skips(tiles):
     seed, epoch = 11, 2
     full = []

@@ -192,17 +192,17 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     publish(36)
     from fusedist.retrain.registry import Registry
 
-    real = Registry.register_folder
+    real = Registry.register_fused
 
     def dies(*a, **kw):
         raise RuntimeError("killed")
 
-    Registry.register_folder = dies
+    Registry.register_fused = dies
     try:
         with pytest.raises(RuntimeError, match="killed"):
             run_retrain(_bags_only(root, db, epochs=10), progress=False)
     finally:
-        Registry.register_folder = real
+        Registry.register_fused = real
     pending = json.loads(storage.read_text(f"{root}/retrain/_state/pending.json"))
     folds = f"{root}/retrain/runs/{pending['run_id']}/challenger/_state/fold-00.json"
     done = storage.read_text(folds)
@@ -314,23 +314,29 @@ def test_a_second_run_with_no_new_slides_changes_nothing(ingested):
 
 def test_student_warm_start_and_validation_score(ingested, tmp_path):
     """Unit level (a full distillation is left out of the suite for time): the warm start
-    loads the champion's exported backbone exactly, and the validation score (linear CKA to
-    the teacher) is the same for the same student and in [0, 1]."""
+    loads the champion's exported backbone exactly; the students are scored on the validation
+    slides both distillations held out, by linear CKA to the teacher (the same student scores
+    the same, within [0, 1])."""
     import torch
 
     from fusedist.distill.config import DistillConfig
     from fusedist.distill.export import export_student
     from fusedist.models.student import XmagStudent
-    from fusedist.retrain.student import (in_validation, linear_cka, score_students,
+    from fusedist.retrain.student import (evaluation_slides, linear_cka, score_students,
                                           validation_shards, warm_start)
 
     work = ingested["work"]
+    pairs = json.loads((work / "tiles/pairs/manifest.json").read_text())
+    with_pairs = sorted({s["slide_id"] for s in pairs["shards"]})
+    assert len(with_pairs) >= 4
+    a, b, c, d = with_pairs[:4]
     torch.manual_seed(5)
     champion = XmagStudent.from_registry("test-vit", teacher_dim=64)
     with torch.no_grad():  # not the registry's seeded init: the test must see these weights
         for p in champion.backbone.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    folder = export_student(champion, str(tmp_path / "champion"), {"teacher": "test-vit"})
+    folder = export_student(champion, str(tmp_path / "champion"), {
+        "teacher": "test-vit", "validation": {"slides": [a, b, c], "global_cos": 0.5}})
     distill = DistillConfig(tiles=str(work / "tiles/pairs"),
                             features=str(work / "features/test-vit/pairs"),
                             student={"name": "test-vit"})
@@ -338,20 +344,26 @@ def test_student_warm_start_and_validation_score(ingested, tmp_path):
     assert warm.student.weights == str(Path(folder).resolve() / "model.safetensors")
     assert warm_start(distill, "base", folder).student.weights is None
     loaded = XmagStudent.from_registry("test-vit", teacher_dim=64, weights=warm.student.weights)
-    for (k, a), (_, b) in zip(champion.backbone.state_dict().items(),
+    for (k, x), (_, y) in zip(champion.backbone.state_dict().items(),
                               loaded.backbone.state_dict().items()):
-        assert torch.equal(a, b), k
+        assert torch.equal(x, y), k
     other = distill.model_copy(update={"student": distill.student.model_copy(
         update={"name": "test-vit-reg"})})
     with pytest.raises(ConfigError, match="backbone"):
         warm_start(other, "champion", folder)
 
-    assert in_validation("synth-0003", 0.5) == in_validation("synth-0003", 0.5)
-    shards = validation_shards(distill.tiles, 0.3)
-    assert shards and all(s.rsplit("-", 1)[0] in {f"synth-{i:04d}" for i in range(12)}
-                          for s in shards)
+    # Evaluation slides: held out of both; else the challenger's, said so; else none.
+    champ_card = {"validation": {"slides": [a, b, c]}}
+    assert evaluation_slides(champ_card, {"validation": {"slides": [b, c, d]}})[0] == [b, c]
+    only, note = evaluation_slides(champ_card, {"validation": {"slides": [d]}})
+    assert only == [d] and "may have trained on them" in note
+    assert evaluation_slides(champ_card, {})[0] == []
+    assert validation_shards(distill.tiles, [b]) == [
+        s["name"] for s in pairs["shards"] if s["slide_id"] == b]
     x = np.random.default_rng(0).normal(size=(20, 8))
     assert linear_cka(x, x) == pytest.approx(1.0)
-    scores = score_students(distill, {"champion": folder, "challenger": folder}, 0.3, 64)
-    assert scores["champion"]["cka"] == pytest.approx(scores["challenger"]["cka"])
-    assert 0.0 <= scores["champion"]["cka"] <= 1.0 and scores["champion"]["pairs"] > 0
+    assert linear_cka(x, x @ np.random.default_rng(1).normal(size=(8, 8))) < 1.0
+    same = score_students(distill, {"champion": folder, "challenger": folder}, 64)
+    assert same["slides"] == [a, b, c] and same["delta"] == pytest.approx(0.0)
+    assert 0.0 <= same["champion"]["cka"] <= 1.0 and same["champion"]["pairs"] > 0
+    assert same["champion"]["card_validation"]["global_cos"] == 0.5

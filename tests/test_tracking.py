@@ -103,6 +103,39 @@ def test_local_default_sqlite_store_records_everything(tmp_path: Path,
     assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == run_id
 
 
+def _samplers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+
+def test_system_metrics_sampled_into_the_run_while_it_is_open(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """MLflow's own SystemMetricsMonitor on our MlflowClient run: system/* metrics arrive
+    while the run is open and the sampler stops with it; ``system_metrics: false`` starts none."""
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    before = len(_samplers())
+    with start_run(MlflowConfig(tracking_uri=uri, system_metrics_interval=0.2), "cache") as t:
+        assert len(_samplers()) == before + 1
+        deadline = time.monotonic() + 60  # a poll, not a timing assertion
+        while ("system/cpu_utilization_percentage" not in client.get_run(t.run_id).data.metrics
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        run_id = t.run_id
+    assert len(_samplers()) == before  # ended with the run
+    metrics = client.get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage"} <= set(metrics), sorted(metrics)
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    with start_run(MlflowConfig(tracking_uri=uri, system_metrics=False), "off"):
+        assert len(_samplers()) == before
+    with start_run(MlflowConfig(tracking_uri=uri), "driver", system_metrics=False):
+        assert len(_samplers()) == before  # distill's driver: its workers sample instead
+
+
 def test_uri_precedence_config_then_env_then_default(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -388,17 +388,23 @@ def test_register_in_mlflow_creates_a_version_with_alias(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("xmag-student", "candidate")
     assert str(mv.version) == "2" and mv.run_id == run_id
-    assert mv.source == f"runs:/{run_id}/xmag_student"
+    # A real MLflow model (a pyfunc LoggedModel of the run), not loose files.
+    logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and logged.name == "xmag_student"
     # 'latest' is MLflow's reserved alias: models:/<name>/latest resolves to the newest version.
     assert client.get_registered_model("xmag-student").aliases == {"candidate": 2}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    got = mlflow.artifacts.download_artifacts("models:/xmag-student/latest",
-                                              dst_path=str(tmp_path / "dl"))
-    assert sorted(p.name for p in Path(got).iterdir()) == ["card.json", "model.safetensors"]
+    got = Path(mlflow.artifacts.download_artifacts("models:/xmag-student/latest",
+                                                   dst_path=str(tmp_path / "dl")))
+    assert (got / "MLmodel").is_file()
+    assert sorted(p.name for p in (got / "artifacts" / "export").iterdir()) == [
+        "card.json", "model.safetensors"]
+    info = mlflow.models.get_model_info("models:/xmag-student/latest")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "uint8",
+                                                                 "shape": (-1, 3, 224, 224)}
+    assert info.metadata["fusedist_card"]["name"] == "xmag-test-mlflow"
     assert mv.tags["weights_sha256"] == json.loads((Path(out) / "card.json").read_text())[
         "weights_sha256"]
-    names = {a.path for a in client.list_artifacts(run_id, "xmag_student")}
-    assert names == {"xmag_student/card.json", "xmag_student/model.safetensors"}
     assert register_in_mlflow(Tracker.noop(rank=1), out, "xmag-student") is None
 
 

@@ -115,6 +115,17 @@ def load_mirrored(urls: Sequence[str]) -> tuple[list[ShardInfo], list[dict[str, 
     return base, hashes
 
 
+def select_shards(shards: list[ShardInfo], names: Iterable[str], url: str) -> list[ShardInfo]:
+    """The shards named in ``names``, in manifest order; a name the manifest lacks is an error
+    (a subset computed from another manifest version must not silently shrink)."""
+    wanted = set(names)
+    missing = sorted(wanted - {s.name for s in shards})
+    if missing:
+        raise DatasetMismatchError(f"{url}/manifest.json lacks {len(missing)} selected shard(s), "
+                                   f"e.g. {missing[:5]}")
+    return [s for s in shards if s.name in wanted]
+
+
 # ----------------------------------------------------------------------------- epoch plan
 
 def _rng(*parts: object) -> random.Random:
@@ -455,20 +466,25 @@ class ShardReader(IterableDataset):
     ``N // (R * W)`` samples so all DDP ranks take the same number of steps (drops < R*W per
     epoch). ``cursor``: resume that epoch after its consumed prefix; needs the same world,
     dataset and settings. ``decode``: applied to each yielded sample (see :func:`decode_sample`);
-    by default members stay raw bytes. Call :meth:`set_epoch` before each epoch, and use
-    non-persistent DataLoader workers so they see it.
+    by default members stay raw bytes. ``shards``: read only these shards (by name, manifest
+    order kept), e.g. the training or the validation slides' shards; ``None``: all. Call
+    :meth:`set_epoch` before each epoch, and use non-persistent DataLoader workers so they
+    see it.
     """
 
     def __init__(self, urls: str | Sequence[str], *, seed: int = 0, epoch: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, interleave: int = 4,
                  equal: bool = False, rank: int | None = None, world_size: int | None = None,
                  cursor: Cursor | Mapping[str, Any] | None = None,
-                 decode: Callable[[Sample], Any] | None = None):
+                 decode: Callable[[Sample], Any] | None = None,
+                 shards: Iterable[str] | None = None):
         super().__init__()
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("ShardReader needs at least one dataset URL")
         self.shards, self.hashes = load_mirrored(self.urls)
+        if shards is not None:
+            self.shards = select_shards(self.shards, shards, self.urls[0])
         self.seed, self.shuffle, self.equal = seed, shuffle, equal
         # shuffle=False (evaluation) reads each slot's shards in manifest order, one at a time.
         self.shuffle_buffer = shuffle_buffer if shuffle else 1

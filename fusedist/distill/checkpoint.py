@@ -70,6 +70,9 @@ class TrainState:
     """Steps this run resumed from (worker restarts and re-runs), oldest first."""
     meta: dict[str, Any] = field(default_factory=dict)
     """The student and its provenance: backbone, teacher, teacher_dim, grid, digests."""
+    validation: dict[str, Any] | None = None
+    """The EMA student's last validation (``global_cos``, ``local_cos``, ``tiles``, ``step``;
+    ``fusedist.distill.validation``); ``None`` before the first or without validation."""
 
 
 # ----------------------------------------------------------------------------- sample log

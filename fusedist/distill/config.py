@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.fidelity import Fidelity, apply_preset
 from fusedist.tracking import MlflowConfig
 
 
@@ -129,6 +130,28 @@ class CheckpointSection(StrictModel):
     """Checkpoints kept in storage (older ones are deleted by Ray Train)."""
 
 
+class ValidationSection(StrictModel):
+    """A slide-level hold-out: the EMA student's teacher cosines on slides it never trains on.
+
+    The split is by slide (a slide's tiles are all on one side), deterministic (a hash of the
+    slide id and ``seed``) and recorded in ``<run>/validation.json``, the MLflow run and the
+    export card. Every ``every_steps`` optimiser steps and at the end, the EMA student's
+    ``val/global_cos`` and ``val/local_cos`` (the two terms of the XMAG objective, without
+    augmentation) are computed on all validation tiles, sharded across the ranks."""
+
+    fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the slides held out (rounded to whole slides; at least one when > 0 and the
+    dataset has two or more slides, never all of them). ``0``: no validation, every slide
+    trains (the paper trains on all its data)."""
+
+    every_steps: int = Field(500, gt=0)
+    """Optimiser steps between validations; one also runs after the last step."""
+
+    seed: int = 0
+    """Seed of the split (independent of ``batch.seed``, so the training order can change
+    without moving slides between train and validation)."""
+
+
 class FaultConfig(StrictModel):
     """Fault injection for tests: a rank hard-exits once, the run must survive it."""
 
@@ -162,6 +185,12 @@ class ExportSection(StrictModel):
 class DistillConfig(StrictModel):
     """XMAG distillation: 5x student images + cached 20x teacher features -> a 5x encoder."""
 
+    fidelity: Fidelity = "default"
+    """``released`` sets every released-code switch (``fusedist.fidelity.DISTILL_RELEASED``:
+    ``ema_update: before_step``, ``optim.schedule: paper``) to reproduce the paper's run;
+    ``default`` keeps fusedist's EMA order and its warm-up + cosine schedule. Keys set
+    explicitly win over the preset (docs/methods.md, divergences)."""
+
     tiles: str
     """A ``pairs`` tile dataset folder (``lo.jpg`` is the student input)."""
 
@@ -193,6 +222,11 @@ class DistillConfig(StrictModel):
     ema_decay: float = Field(0.999, ge=0, le=1)
     """Decay of the EMA student (the model that is exported)."""
 
+    ema_update: Literal["after_step", "before_step"] = "after_step"
+    """``after_step`` (a correction): the EMA averages the weights each optimiser step
+    produced, the last step included. ``before_step`` (released): it is updated before the
+    step, so it lags one step behind (its first update averages the initial weights in)."""
+
     zero_stage: Literal[0, 1, 2] = 2
     """DeepSpeed ZeRO stage (2: optimizer states and gradients partitioned across ranks)."""
 
@@ -207,6 +241,9 @@ class DistillConfig(StrictModel):
 
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     """Checkpoint cadence and retention."""
+
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    """Held-out validation slides and how often the EMA student is evaluated on them."""
 
     storage_path: str = "data/runs"
     """Where runs live (a folder or ``s3://bucket/prefix``): ``<storage_path>/<run_name>/``
@@ -249,6 +286,11 @@ class DistillConfig(StrictModel):
 
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     """Experiment tracking (rank 0 logs the metrics)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fidelity(cls, data: object) -> object:
+        return apply_preset(data, "distill")
 
     @field_validator("run_name")
     @classmethod

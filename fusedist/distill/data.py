@@ -15,7 +15,7 @@ import io
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +38,21 @@ class DataInfo:
     teacher_weights_digest: str
     teacher_random_weights: bool
     data_digest: str
+    train_shards: tuple[str, ...] | None = None
+    """The shards training reads (``None``: all); the validation slides' shards are not."""
+    val_shards: tuple[str, ...] = ()
+    """The held-out validation slides' shards (``fusedist.distill.validation``)."""
+    split: dict[str, Any] | None = None
+    """``Split.to_dict()``: the validation slides, their tiles, the training counts."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def dataset_info(cfg: DistillConfig) -> DataInfo:
-    """Check that ``tiles`` is a pairs dataset mirrored by a teacher feature dataset."""
+    """Check that ``tiles`` is a pairs dataset mirrored by a teacher feature dataset, and
+    split its slides into training and validation (``samples``: the training samples)."""
+    from fusedist.distill.validation import split_by_slide
     from fusedist.preflight import pair_manifests
 
     tiles, feats = cfg.tiles.rstrip("/"), cfg.features.rstrip("/")
@@ -56,9 +64,10 @@ def dataset_info(cfg: DistillConfig) -> DataInfo:
         raise ConfigError(f"{feats} holds features of '{fm.get('teacher')}', not of "
                           f"teacher={cfg.teacher}; point `features` at "
                           f"<features>/{cfg.teacher}/<dataset>")
+    split = split_by_slide(tm, cfg.validation.fraction, cfg.validation.seed)
     try:
         reader = ShardReader([tiles, feats], equal=True, rank=0,
-                             world_size=cfg.scaling.num_workers)
+                             world_size=cfg.scaling.num_workers, shards=split.train_shards)
     except DatasetMismatchError as e:
         raise ConfigError(f"tiles and features do not mirror each other: {e}") from None
     # Content digest: the exact shards (by sha256) of both datasets.
@@ -68,7 +77,8 @@ def dataset_info(cfg: DistillConfig) -> DataInfo:
     return DataInfo(teacher=str(fm["teacher"]), dim=int(fm["dim"]), samples=reader.total,
                     teacher_weights_digest=str(fm.get("weights_digest", "")),
                     teacher_random_weights=bool(fm.get("random_weights", False)),
-                    data_digest=digest)
+                    data_digest=digest, train_shards=split.train_shards,
+                    val_shards=split.val_shards, split=split.to_dict())
 
 
 def steps_per_epoch(total: int, world: int, loader_workers: int, micro_batch: int,
@@ -102,12 +112,14 @@ class DistillData:
     """One rank's micro-batches, epoch by epoch, resumable mid-epoch from a merged cursor."""
 
     def __init__(self, cfg: DistillConfig, teacher: str, rank: int, world: int,
-                 cursor: Mapping[str, Any] | None = None, pin_memory: bool = False):
+                 cursor: Mapping[str, Any] | None = None, pin_memory: bool = False,
+                 shards: Sequence[str] | None = None):
         b = cfg.batch
+        # shards: the training slides' shards only (validation slides are never read here).
         self.reader = ShardReader([cfg.tiles, cfg.features], seed=b.seed,
                                   shuffle_buffer=b.shuffle_buffer, interleave=b.interleave,
                                   equal=True, rank=rank, world_size=world, cursor=cursor,
-                                  decode=PairDecoder(teacher))
+                                  decode=PairDecoder(teacher), shards=shards)
         self.loader_workers, self.micro_batch = b.loader_workers, b.micro_batch
         self.accumulation = b.accumulation
         self.pin_memory = pin_memory

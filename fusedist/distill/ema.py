@@ -8,11 +8,14 @@ round ``(1 - 0.999) * (new - old)`` away, freezing the EMA after a few steps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+
+EMA_ORDERS = ("after_step", "before_step")
 
 _WRAPPERS = frozenset({"DeepSpeedEngine", "DistributedDataParallel", "DataParallel"})
 
@@ -29,8 +32,24 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def step_with_ema(step: Callable[[], object], ema: EMA, model: nn.Module, boundary: bool,
+                  order: str = "after_step") -> None:
+    """Run the optimiser ``step`` and, on a gradient-accumulation ``boundary`` (a real
+    optimiser step), update ``ema`` from ``model`` after it (``after_step``: the EMA averages
+    the weights each step produced) or before it (``before_step``, the released XMAG order:
+    the EMA lags one step, and the last step never reaches it)."""
+    if order not in EMA_ORDERS:
+        raise ValueError(f"EMA update order must be one of {EMA_ORDERS}, got {order!r}")
+    if boundary and order == "before_step":
+        ema.update(model)
+    step()
+    if boundary and order == "after_step":
+        ema.update(model)
+
+
 class EMA:
-    """``ema = decay * ema + (1 - decay) * param`` after each optimiser step; buffers copied."""
+    """``ema = decay * ema + (1 - decay) * param`` at each optimiser step (``step_with_ema``
+    says before or after it); buffers copied."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay <= 1.0:

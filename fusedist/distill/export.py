@@ -39,7 +39,6 @@ WEIGHTS = "model.safetensors"
 FORMAT = "fusedist.xmag-export/1"
 STUDENT_MPP = 2.0  # the student sees 5x tiles (methods.md §1)
 ARTIFACT_PATH = "xmag_student"
-LATEST = "latest"  # MLflow's reserved alias name
 
 # Card keys that describe the saved file; a caller's card may not contradict them.
 _DERIVED = ("format", "arch", "kwargs", "loader", "backbone", "input_size", "mean", "std", "dim",
@@ -198,9 +197,15 @@ def exported_weights(name: str) -> str | None:
     return _EXPORTED.get(name)
 
 
-def resolve_encoder(name_or_path: str) -> str:
-    """A registry name as is; a path/URL to an export folder or its card -> its name."""
+def resolve_encoder(name_or_path: str, tracking_uri: str | None = None) -> str:
+    """A registry name as is; a path/URL to an export folder or its card -> its name; an
+    MLflow model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, is downloaded
+    (:func:`fetch_registered`, MLflow at ``tracking_uri``) and registered like a folder."""
     s = str(name_or_path)
+    from fusedist import mlmodels
+
+    if mlmodels.is_registry_uri(s):
+        return register_exported(fetch_registered(s, tracking_uri))
     try:
         get_spec(s)
         return s
@@ -214,6 +219,38 @@ def resolve_encoder(name_or_path: str) -> str:
 
 
 # -- MLflow ----------------------------------------------------------------------------------
+def fetch_registered(uri: str, tracking_uri: str | None = None) -> str:
+    """The local export folder of the MLflow model ``uri`` names (its ``export`` artifact),
+    downloaded once per registry and version into ``<cache>/mlflow/`` (a version never
+    changes; an alias is resolved to its version first)."""
+    import os
+
+    from fusedist import mlmodels
+    from fusedist.distill.pyfunc import ARTIFACT
+
+    tracking_uri = tracking_uri or mlmodels.default_tracking_uri()
+    r = mlmodels.resolve(uri, tracking_uri)
+    registry = hashlib.sha256(mlmodels.registry_uri(tracking_uri).encode()).hexdigest()[:16]
+    dest = storage.cache_dir() / "mlflow" / registry / r.model_uri[len(mlmodels.SCHEME):]
+    marker = dest / "export-path"  # written last: the download is complete
+    if not marker.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
+            try:
+                folder, _ = mlmodels.download(r.model_uri, tmp, tracking_uri, ARTIFACT)
+            except ValueError as e:
+                raise ValueError(f"{uri}: {e}") from None
+            (Path(tmp) / marker.name).write_text(folder.relative_to(tmp).as_posix())
+            try:
+                os.replace(tmp, dest)  # atomic: another process may have finished first
+            except OSError:
+                if not marker.is_file():
+                    raise
+            Path(tmp).mkdir(exist_ok=True)  # for TemporaryDirectory's cleanup
+    log.info("%s is %s (%s)", uri, r.model_uri, dest)
+    return str(dest / marker.read_text().strip())
+
+
 def _local_copy(export_dir: str, tmp: Path) -> Path:
     if not storage.is_s3(export_dir):
         return storage.local_path(export_dir)
@@ -225,44 +262,25 @@ def _local_copy(export_dir: str, tmp: Path) -> Path:
 
 def register_in_mlflow(tracker: Any, export_dir: str, model_name: str, alias: str = "latest",
                        artifact_path: str = ARTIFACT_PATH) -> str | None:
-    """Log the export folder as artifacts of ``tracker``'s run and register it as a new version
-    of ``model_name`` with ``alias`` (MLflow 3: aliases, not stages). Returns the version;
-    ``None`` for a no-op tracker (rank != 0, tracking disabled).
+    """Log the export folder as an ``mlflow.pyfunc`` model (``artifact_path``) of
+    ``tracker``'s run and register it as a new version of ``model_name`` with ``alias``
+    (MLflow 3: aliases, not stages). Returns the version; ``None`` for a no-op tracker
+    (rank != 0, tracking disabled). See :mod:`fusedist.distill.pyfunc` for what the model
+    takes and gives; ``fusedist embed -e models:/<name>@<alias>`` uses it as an encoder.
 
     ``alias="latest"`` is MLflow's reserved name: it is not set (``models:/<name>/latest``
     already means the newest version); any other alias moves to the new version."""
     if not getattr(tracker, "active", False):
         return None
-    import os
-
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from fusedist import mlmodels
+    from fusedist.distill.pyfunc import log_student
+    from fusedist.distill.validation import validation_tags
 
     card = storage.read_json(storage.join(export_dir, CARD))
     with tempfile.TemporaryDirectory(prefix="fusedist-mlflow-") as tmp:
-        tracker.log_artifact(_local_copy(export_dir, Path(tmp)), artifact_path)
-    uri = tracker.tracking_uri
-    client = MlflowClient(tracking_uri=uri,
-                          registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-    try:
-        client.create_registered_model(model_name, description=card.get("description"))
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-    # create_model_version, not mlflow.register_model: MLflow 3's register_model insists on
-    # an MLmodel file or a LoggedModel under runs:/, and an encoder export is neither.
+        info = log_student(tracker, _local_copy(export_dir, Path(tmp)), card, artifact_path)
     tags = {k: str(card[k]) for k in ("name", "backbone", "teacher", "weights_sha256",
                                       "data_digest", "init_weights") if card.get(k) is not None}
-    mv = client.create_model_version(model_name, source=f"runs:/{tracker.run_id}/{artifact_path}",
-                                     run_id=tracker.run_id, tags=tags,
-                                     description=card.get("description"))
-    if alias.lower() == LATEST:
-        # MLflow reserves 'latest': models:/<name>/latest already resolves to the newest
-        # version, which is the one just created, so there is nothing to set.
-        log.info("alias 'latest' is MLflow's own: models:/%s/latest -> version %s", model_name,
-                 mv.version)
-    else:
-        client.set_registered_model_alias(model_name, alias, mv.version)
-    log.info("registered %s version %s (alias %s) from run %s", model_name, mv.version, alias,
-             tracker.run_id)
-    return str(mv.version)
+    tags.update(validation_tags(card))  # validation.global_cos, .local_cos, ... (if validated)
+    return mlmodels.register(tracker, info, model_name, alias, tags=tags,
+                             description=card.get("description"))

@@ -25,6 +25,30 @@ def worker_tracker(mlflow: Mapping[str, Any] | None, rank: int):
     return Tracker(MlflowClient(tracking_uri=uri), mlflow["run_id"], uri, rank)
 
 
+def system_monitor(mlflow: Mapping[str, Any] | None, rank: int, local_rank: int,
+                   node_rank: int):
+    """A tracker sampling MLflow system metrics on this worker's node, or ``None``.
+
+    One sampler per node (its local rank 0): node 0's as ``system/...`` (the names a one-node
+    run and every other stage use), other nodes' as ``system/node<k>/...``, and only when the
+    run is on a tracking server (a SQLite file on node 0 is not reachable from the others).
+    The step metrics stay rank 0's alone."""
+    from fusedist.tracking import Tracker
+
+    sm = (mlflow or {}).get("system_metrics")
+    if not sm or not mlflow.get("run_id") or local_rank != 0:
+        return None
+    uri = mlflow["tracking_uri"]
+    if node_rank != 0 and not str(uri).startswith(("http://", "https://")):
+        return None
+    from mlflow import MlflowClient
+
+    tracker = Tracker(MlflowClient(tracking_uri=uri), mlflow["run_id"], uri, rank)
+    tracker.start_system_metrics(float(sm["interval"]),
+                                 node_id=None if node_rank == 0 else f"node{node_rank}")
+    return tracker
+
+
 class StepLogger:
     """Every ``every`` steps: mean loss/cosines over steps and ranks, lr, img/s, GPU memory.
 
@@ -69,6 +93,12 @@ class StepLogger:
         self._sum.zero_()
         self._n = 0
         self._t0 = time.perf_counter()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue other metrics (validation) behind the step metrics, on the same thread."""
+        if self.tracker.active:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._pool.submit(self.tracker.log_metrics, dict(metrics), step))
 
     def close(self) -> None:
         """Wait for the queued MLflow calls (their errors surface here)."""

@@ -114,23 +114,27 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from fusedist.distill.augment import PairAugment
+    from fusedist.distill.ema import step_with_ema
     from fusedist.distill.losses import XmagObjective
-    from fusedist.distill.metrics import StepLogger, worker_tracker
+    from fusedist.distill.metrics import StepLogger, system_monitor, worker_tracker
     from fusedist.distill.progress import StepReporter
     from fusedist.distill.schedule import lr_at
+    from fusedist.distill.validation import Validator
 
     cfg = DistillConfig.model_validate(config["cfg"])
     info = DataInfo(**config["data"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage.configure(cfg.storage)
+    monitor = system_monitor(config.get("mlflow"), rank, ctx.get_local_rank(),
+                             ctx.get_node_rank())
     device = ray.train.torch.get_device()
     engine, ema = build_engine(cfg, info.dim)
     ckpt = Checkpointer(cfg.run_url(), rank, world, cfg.sample_log,
                         sample_log_fraction(cfg.sample_log_keys, info.samples))
     state = ckpt.restore(engine, ema) or TrainState(meta=config["meta"])
     data = DistillData(cfg, info.teacher, rank, world, state.cursor,
-                       pin_memory=device.type == "cuda")
+                       pin_memory=device.type == "cuda", shards=info.train_shards)
     spe = data.steps_per_epoch
     total, warmup = spe * cfg.epochs, round(cfg.optim.warmup_epochs * spe)
     objective = XmagObjective(cfg.loss.global_weight, cfg.loss.local_weight)
@@ -139,6 +143,7 @@ def train_loop(config: dict[str, Any]) -> None:
     logger = StepLogger(worker_tracker(config.get("mlflow"), rank), cfg.log_every,
                         cfg.global_batch, device)
     report = StepReporter(config.get("progress"), rank)  # the driver's progress bar
+    validate = Validator(cfg, info, rank, world, device)  # the EMA student on held-out slides
     gen = torch.Generator(device=device)
     for epoch in range(state.epoch, cfg.epochs):
         for batch in data.epoch(epoch, state.step):
@@ -154,24 +159,28 @@ def train_loop(config: dict[str, Any]) -> None:
             out = objective(engine(engine.module.normalize(images)), targets)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(out["loss"])
-            engine.step()
+            step_with_ema(engine.step, ema, engine.module, boundary, cfg.ema_update)
             data.consumed(batch)
             ckpt.samples.add(epoch, state.step, batch["__key__"])
             if not boundary:
                 continue
             state.step += 1
             state.samples += cfg.global_batch
-            ema.update(engine.module)
             logger.step(state.step, out, lr, epoch)
             report(state.step, logger.last)
+            if validate.due(state.step, total):
+                state.validation = validate(ema.module, state.step)
+                logger.log(validate.last, state.step)
             epoch_done = state.step % spe == 0
             if epoch_done:
                 data.end_epoch()
                 state.epoch = epoch + 1
             if epoch_done or state.step % cfg.checkpoint.every_steps == 0:
-                ckpt.save(engine, ema, state, data.cursor, logger.last)
+                ckpt.save(engine, ema, state, data.cursor, {**logger.last, **validate.last})
     ckpt.wait_committed()
     logger.close()
+    if monitor is not None:
+        monitor.stop_system_metrics()
     report(state.step, logger.last, final=True)
 
 
@@ -190,6 +199,7 @@ class DistillResult:
     mlflow_run_id: str | None = None
     elapsed: float = 0.0
     random_weights: list[str] = field(default_factory=list)  # student/teacher without weights
+    validation: dict[str, Any] | None = None  # the last checkpoint's validation of the EMA
 
     def summary(self) -> str:
         lines = [f"distill run {self.run_url}: {self.steps} steps, {self.epochs} epoch(s) in "
@@ -197,6 +207,10 @@ class DistillResult:
         if self.metrics:
             lines.append("  " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()
                                           if isinstance(v, (int, float))))
+        if v := self.validation:
+            lines.append(f"  EMA student on {v['tiles']} held-out validation tiles at step "
+                         f"{v['step']}: global cos {v['global_cos']:.4f}, local cos "
+                         f"{v['local_cos']:.4f}")
         if self.export_dir:
             lines.append(f"  exported EMA student '{self.encoder}' to {self.export_dir}"
                          + (f" (MLflow version {self.model_version})" if self.model_version
@@ -302,11 +316,13 @@ def _guard_run(cfg: DistillConfig, meta: dict) -> None:
 
     keys = ("student", "teacher", "teacher_dim", "grid", "teacher_weights_digest",
             "data_digest", "init_weights")
-    digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in keys},
-                                       sort_keys=True).encode()).hexdigest()
+    guarded = {k: meta.get(k) for k in keys}
+    if meta.get("validation"):  # only then: runs without validation keep their digest
+        guarded["validation_slides"] = meta["validation"]["slides"]
+    digest = hashlib.sha256(json.dumps(guarded, sort_keys=True).encode()).hexdigest()
     StageState(cfg.run_url()).guard(
         digest, overwrite=False, what=f"distill run {cfg.run_name!r}",
-        differs="student, teacher or data",
+        differs="student, teacher, data or validation slides (validation.fraction/seed)",
         fix="choose another run_name, or delete that folder to start the run over")
 
 
@@ -322,9 +338,17 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     info = dataset_info(cfg)
     spe = steps_per_epoch(info.samples, cfg.scaling.num_workers, cfg.batch.loader_workers,
                           cfg.batch.micro_batch, cfg.batch.accumulation)
+    split = info.split or {}
     if spe == 0:
-        raise ConfigError(f"{info.samples} samples do not fill one step of global batch "
-                          f"{cfg.global_batch}; lower batch.micro_batch or scaling.num_workers")
+        held = (f" (after holding out {len(split['slides'])} validation slide(s); "
+                "validation.fraction=0 trains on all)" if split.get("slides") else "")
+        raise ConfigError(f"{info.samples} training samples{held} do not fill one step of "
+                          f"global batch {cfg.global_batch}; lower batch.micro_batch or "
+                          "scaling.num_workers")
+    if cfg.validation.fraction > 0 and not split.get("slides"):
+        log.warning("validation.fraction=%g but the data has %d slide(s): nothing is held out "
+                    "and the run is not validated", cfg.validation.fraction,
+                    split.get("train_slides", 0))
     from fusedist.models import get_spec
 
     student_spec = get_spec(cfg.student.name)
@@ -334,25 +358,34 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
             "data_digest": info.data_digest, "run_name": cfg.run_name,
             "init_weights": cfg.student.weights or "random", "mpp": student_spec.mpp,
             "teacher_random_weights": info.teacher_random_weights}
+    if split.get("slides"):
+        meta["validation"] = {k: split[k] for k in ("slides", "fraction", "seed")}
     init_ray(cfg.ray)
     from fusedist.distill.sharedfs import alive_nodes, check_storage_reachable
 
     check_storage_reachable(cfg.storage_path, cfg.storage_shared, alive_nodes())
     _guard_run(cfg, meta)
+    storage.write_json(storage.join(cfg.run_url(), "validation.json"), split)
     log.info("distill %s: %d samples, %d steps/epoch x %d epochs, global batch %d on %d "
              "worker(s)", cfg.run_name, info.samples, spe, cfg.epochs, cfg.global_batch,
              cfg.scaling.num_workers)
+    # system_metrics=False: the training workers sample their nodes (metrics.system_monitor).
     with start_run(cfg.mlflow, run_name=f"distill-{cfg.run_name}", params=cfg,
                    tags={"fusedist.stage": "distill", "fusedist.run_name": cfg.run_name,
-                         "fusedist.teacher": info.teacher}) as run:
+                         "fusedist.teacher": info.teacher}, system_metrics=False) as run:
         random_models = {*([cfg.student.name] if student_random else []),
                          *([info.teacher] if info.teacher_random_weights else [])}
         warn_random_weights(run, random_models)
         run.log_dict(cfg, "config/distill.yaml")
+        run.log_dict(split, "validation/split.json")
         run.log_metrics({"samples": info.samples, "steps_per_epoch": spe,
-                         "global_batch": cfg.global_batch})
-        mlflow = ({"run_id": run.run_id, "tracking_uri": run.tracking_uri} if run.active
-                  else None)
+                         "global_batch": cfg.global_batch,
+                         "val/slides": len(split.get("slides", [])),
+                         "val/tiles": split.get("tiles", 0)})
+        sm = ({"interval": cfg.mlflow.system_metrics_interval} if cfg.mlflow.system_metrics
+              else None)
+        mlflow = ({"run_id": run.run_id, "tracking_uri": run.tracking_uri,
+                   "system_metrics": sm} if run.active else None)
         with distill_bar(spe * cfg.epochs, enabled=progress) as bar:
             trainer = make_trainer(cfg, {"cfg": cfg.model_dump(mode="json"),
                                          "data": info.to_dict(), "meta": meta,
@@ -370,6 +403,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         if ckpt is not None:
             state = storage.read_json(storage.join(ckpt, "fusedist_state.json"))
             out.steps, out.epochs = int(state["step"]), int(state["epoch"])
+            out.validation = state.get("validation")
         export_dir = cfg.export.output or storage.join(cfg.run_url(), "export")
         if cfg.export.enabled and ckpt is not None:
             if _exported(export_dir, ckpt):  # a re-run of a finished run: nothing new
@@ -402,6 +436,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, name: str | None, tracker: 
     card = {"teacher": m.get("teacher"), "teacher_weights_digest": m.get("teacher_weights_digest"),
             "data_digest": m.get("data_digest"), "distill_run": m.get("run_name"),
             "step": state.step, "checkpoint": checkpoint}
+    if state.validation:  # the EMA student's validation at this checkpoint, and its slides
+        card["validation"] = {**state.validation, **m.get("validation", {})}
     if name:
         card["name"] = name
     export_student(student, out_dir, card)

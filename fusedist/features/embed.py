@@ -17,7 +17,7 @@ import numpy as np
 from fusedist import storage
 from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.config import ConfigError
-from fusedist.features.config import EmbedConfig, EncoderRef
+from fusedist.features.config import EmbedConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
 from fusedist.features.parts import ShardResult
 from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
@@ -122,16 +122,19 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
-                      encoders=tuple(_refs_for(cfg.encoders, encoders)),
+                      encoders=tuple(_refs_for(cfg, encoders)),
                       device=device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=threads, storage_cfg=cfg.storage.model_dump())
     meta = {"tile_mpp": float(tm["config"]["tile_mpp"]),
-            "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", "")}
+            "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", ""),
+            "tiling": _recipe(tm["config"])}
+    refs = _recorded_refs(cfg.encoders)
     # One group per slide: its finish task writes the slide's bags from all its shards.
     groups = {sid: Group(tuple(by_id[sid]["shards"]),
                          _BagJob(cfg.output, by_id[sid], meta, _slide_digest(by_id[sid], shard_sha),
-                                 [_EncInfo(e.spec.name, e.weights_digest, e.random_weights)
+                                 [_EncInfo(e.spec.name, e.weights_digest, e.random_weights,
+                                           *refs.get(e.spec.name, (e.spec.name, None)))
                                   for e in todo[sid]]))
               for sid in todo}
 
@@ -148,13 +151,77 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
                                         pool))
 
 
-def _refs_for(refs: list[EncoderRef], encoders: list) -> list[tuple[str, str | None]]:
+def _refs_for(cfg: EmbedConfig, encoders: list) -> list[tuple[str, str | None]]:
     """The (reference, weights) pairs of this group's encoders, as the user gave them, so
-    actors can resolve exported models in their own process."""
+    actors can resolve exported models in their own process; an MLflow model's reference is
+    its export copied under the output (:func:`_shared_export`)."""
+    from fusedist import mlmodels
     from fusedist.features.runtime import resolve_ref
 
     names = {e.spec.name for e in encoders}
-    return [(r.name, r.weights) for r in refs if resolve_ref(r.name) in names]
+    uri = _tracking_uri(cfg)
+    out = []
+    for r in cfg.encoders:
+        name = resolve_ref(r.name, uri)
+        if name in names:
+            out.append((_shared_export(cfg, name) if mlmodels.is_registry_uri(r.name)
+                        else r.name, r.weights))
+    return out
+
+
+def _tracking_uri(cfg: EmbedConfig) -> str:
+    from fusedist.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.mlflow)[0]
+
+
+def _shared_export(cfg: EmbedConfig, name: str) -> str:
+    """``<output>/_state/models/<name>/``: the export folder of an encoder that came from
+    ``models:/``, copied where every actor can read it. The driver downloaded it into its
+    own cache, which workers on other nodes do not see, and which an actor could not refill
+    itself: it may not reach the MLflow the driver was pointed at."""
+    from pathlib import Path
+
+    from fusedist.distill.export import CARD, exported_weights
+
+    src = Path(exported_weights(name)).parent
+    dest = storage.join(cfg.output, "_state", "models", name)
+    card = storage.read_json(str(src / CARD))
+    have = storage.join(dest, CARD)
+    if not (storage.exists(have) and storage.read_json(have).get("weights_sha256")
+            == card.get("weights_sha256")):
+        storage.delete(have)  # no moment pairs the old card with the new weights
+        for p in sorted(src.iterdir()):
+            if p.name != CARD:
+                storage.upload_file(p, storage.join(dest, p.name))
+        storage.upload_file(src / CARD, have)  # last: marks the copy complete
+    return dest
+
+
+def _recipe(tile_config: dict) -> dict:
+    """The tiling settings a bag records (``TileConfig.SLIDE_RECIPE``): what ``predict
+    --slides`` needs to tile a new slide as this one was."""
+    from fusedist.tiling import TileConfig
+
+    return {k: tile_config[k] for k in TileConfig.SLIDE_RECIPE if k in tile_config}
+
+
+def _recorded_refs(refs: list[EncoderRef]) -> dict[str, tuple[str, str | None]]:
+    """Encoder name -> (reference, weights) as bags record them: a registry name as is, an
+    exported model's folder as an absolute path or URL, so a later process (``predict
+    --slides`` on the fused model's card) can build the same encoder."""
+    from pathlib import Path
+
+    from fusedist.features.runtime import resolve_ref
+
+    out = {}
+    for r in refs:
+        name = resolve_ref(r.name)
+        ref = r.name
+        if ref != name and not storage.is_s3(ref):  # a local export folder or card
+            ref = str(storage.local_path(ref).expanduser().resolve())
+        out[name] = (ref, r.weights)
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +229,8 @@ class _EncInfo:
     name: str
     weights_digest: str
     random_weights: bool
+    ref: str  # how to build it again: registry name or exported model folder
+    weights: str | None  # the weights given at embed time (None: the entry's own)
 
 
 @dataclass(frozen=True)
@@ -184,11 +253,15 @@ def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict
     tile_mpp, size = job.meta["tile_mpp"], job.meta["tile_size"]
     for e in job.encoders:
         feats = np.concatenate([p.features[e.name][:, 0] for p in ordered]).astype(np.float32)
+        attrs = {"weights_digest": e.weights_digest, "source_digest": job.digest,
+                 "source": job.meta["dataset"], "random_weights": e.random_weights,
+                 "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0)),
+                 # What `predict --slides` replays from the fused model's card.
+                 "encoder_ref": e.ref, "tiling": job.meta["tiling"]}
+        if e.weights:
+            attrs["encoder_weights"] = e.weights
         bag = Bag(slide_id=sid, features=feats, coords=coords, encoder=e.name, mpp=tile_mpp,
-                  tile_size=size,
-                  attrs={"weights_digest": e.weights_digest, "source_digest": job.digest,
-                         "source": job.meta["dataset"], "random_weights": e.random_weights,
-                         "mpp0": mpp0, "patch_size_level0": int(round(size * tile_mpp / mpp0))})
+                  tile_size=size, attrs=attrs)
         write_bag(bag_url(job.output, e.name, sid), bag)
     return {"tiles": len(keys), "bags": len(job.encoders)}
 
@@ -200,7 +273,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts
-    encoders = load_encoders(cfg.encoders)
+    encoders = load_encoders(cfg.encoders, _tracking_uri(cfg))
     init_ray(cfg.ray)
     result = EmbedResult()
     with start_run(cfg.mlflow, run_name="embed", params=cfg,

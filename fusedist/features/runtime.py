@@ -29,9 +29,10 @@ def read_tile_manifest(url: str) -> dict:
     return m
 
 
-def load_encoders(refs: list[EncoderRef]) -> list:
+def load_encoders(refs: list[EncoderRef], tracking_uri: str | None = None) -> list:
     """Build each encoder once on the CPU: bad names or weights fail here, before any work,
-    and the weights digests that mark outputs come from the real loaded weights."""
+    and the weights digests that mark outputs come from the real loaded weights.
+    ``tracking_uri``: the MLflow that resolves ``models:/`` references."""
     from fusedist.preflight import check_encoder_refs
 
     check_encoder_refs(refs)  # before torch is imported
@@ -40,7 +41,7 @@ def load_encoders(refs: list[EncoderRef]) -> list:
     out = []
     for ref in refs:
         try:
-            name = resolve_ref(ref.name)
+            name = resolve_ref(ref.name, tracking_uri)
             get_spec(name)
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"")) from None
@@ -74,18 +75,24 @@ def _check_exported_dim(enc, ref: str) -> None:
                           "(fusedist export)")
 
 
-def resolve_ref(name: str) -> str:
-    """A registry name, or the folder/card.json of an exported model (registered here).
+def resolve_ref(name: str, tracking_uri: str | None = None) -> str:
+    """A registry name, the folder/card.json of an exported model, or an MLflow model
+    ``models:/<name>@<alias>`` (the last two registered here; ``tracking_uri`` is the MLflow
+    for ``models:/``, default ``MLFLOW_TRACKING_URI`` or the local store).
 
     Each Ray worker has its own registry, so actors call this too with the same reference.
     """
     from fusedist.distill.export import resolve_encoder
 
     try:
-        return resolve_encoder(name)
+        return resolve_encoder(name, tracking_uri)
     except FileNotFoundError as e:
         raise ConfigError(f"encoder {name!r}: {e}; give a registry name "
                           "(fusedist.models.list_encoders()) or an exported model folder") from None
+    except ValueError as e:
+        if not name.startswith("models:/"):
+            raise
+        raise ConfigError(f"encoder {name!r}: {e}") from None
 
 
 def joined_cluster(ray_cfg: RayConfig) -> bool:

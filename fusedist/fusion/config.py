@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.fidelity import Fidelity, apply_preset
 from fusedist.fusion.methods import registry
 from fusedist.tracking import MlflowConfig
 
@@ -47,6 +48,56 @@ class ExpertConfig(StrictModel):
     tile_batch_size: int = Field(256, gt=0)
     """Batch size of tile-level heads (tile classification)."""
 
+    # Released-code behaviours of the ABMIL experts (docs/methods.md, divergences); the
+    # tile MLP and the concat / Meta-Encoder heads are not affected.
+    attention_bias: bool = False
+    """Biases on the gated attention's sigmoid branch and scorer (its ReLU branch never has
+    one). Released: none (``false``); the saved model's card records the choice."""
+
+    init: Literal["xavier_normal", "torch"] = "xavier_normal"
+    """``xavier_normal`` (released): every Linear of the ABMIL head Xavier-normal, biases 0;
+    ``torch``: PyTorch's default (Kaiming-uniform) init."""
+
+    schedule: Literal["warm_restarts", "constant"] = "warm_restarts"
+    """``warm_restarts`` (released): cosine warm restarts per epoch, T0 = 10, x2, down to
+    1e-6 (methods.md §2's gate schedule); ``constant``: Adam at ``lr`` throughout."""
+
+    select_best: bool = True
+    """Keep the epoch with the lowest validation loss (released), on ``val_fraction`` of the
+    expert's own training slides (never the evaluated fold); ``false``: train on every
+    training slide and keep the last epoch."""
+
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of an expert's training slides held out to pick its best epoch
+    (``select_best``)."""
+
+
+class LogitProdSurvivalConfig(StrictModel):
+    """How the survival gate trains (methods.md §2 "Survival"); the classification gate's
+    ``lr``, ``batch_size`` and ``max_epochs`` apply too."""
+
+    penalty: Literal["mean_weight", "per_bin"] = "mean_weight"
+    """``mean_weight`` (released): the penalty is w̄ᵀRw̄ of each sample's gate weights
+    averaged over the outcome bins; ``per_bin``: the mean over bins of wₜᵀRwₜ."""
+
+    weight_decay: float = Field(1e-3, ge=0)
+    """Adam weight decay of the survival gate (released: 1e-3)."""
+
+    min_lr: float = Field(1e-7, ge=0)
+    """Floor of the warm-restart schedule (released: 1e-7; the classification gate: 1e-6)."""
+
+    stop_on: Literal["c_index", "nll"] = "c_index"
+    """Early stopping on the validation ``c_index`` (released; higher is better) or the
+    validation NLL-survival."""
+
+    patience: int = Field(100, gt=0)
+    """Epochs without a better validation score before stopping (released: 100)."""
+
+    gradients: bool = True
+    """A correction: the NLL reaches the gate through the fused hazards. ``false`` is the
+    released code, whose fused hazards carry no gradient, so only the penalty trains its
+    survival gate (for a bit-faithful released run)."""
+
 
 class LogitProdConfig(StrictModel):
     """LogitProd gate over the experts' logits (methods.md §2)."""
@@ -80,8 +131,23 @@ class LogitProdConfig(StrictModel):
     max_epochs: int = Field(600, gt=0)
     """Upper bound on gate epochs (methods.md: 600); early stopping usually ends sooner."""
 
-    patience: int = Field(50, gt=0)
-    """Epochs without a better validation loss before stopping (best state is restored)."""
+    patience: int = Field(100, gt=0)
+    """Epochs without a better validation loss before stopping (best state is restored;
+    released: 100)."""
+
+    drop_last: bool = True
+    """Released: the gate's loaders drop their last partial batch (training: a different
+    remainder each epoch; validation: the tail of the held-out set). A set smaller than one
+    batch is used whole (the released loops would step on nothing). ``false``: every sample,
+    every epoch."""
+
+    logs: Literal["exact", "clamped"] = "exact"
+    """A correction: ``exact`` log-softmax / log-sigmoid. ``clamped`` (released):
+    probabilities clamped at 1e-7 before their logs (the same at normal logit scales; differs
+    once a probability falls below 1e-7). The saved model's card records it."""
+
+    survival: LogitProdSurvivalConfig = Field(default_factory=LogitProdSurvivalConfig)
+    """The survival gate's training settings."""
 
     val_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of the gate's training samples held out for early stopping."""
@@ -170,16 +236,34 @@ class FinalConfig(StrictModel):
     """The fused model refitted on every labelled slide after cross-validation."""
 
     enabled: bool = True
-    """Refit and write ``<output>/model/`` (safetensors per component + ``card.json``)."""
+    """Refit and write ``<output>/model/`` (safetensors per component + ``card.json``), and
+    log it on the fuse run as an MLflow pyfunc model (``fused_model``)."""
 
     methods: list[str] | None = None
     """Result rows to refit (e.g. ``[logitprod, meta.self_attention]``); default: the best
     method by the primary metric, plus LogitProd when it ran."""
 
+    registered_model: str | None = None
+    """Register the fused model (an ``mlflow.pyfunc`` model logged on the fuse run) as a new
+    version of this MLflow registered model, e.g. ``fused-classifier``; ``None``: log it on
+    the run only. ``fusedist predict --model models:/<name>@<alias>`` and
+    ``mlflow.pyfunc.load_model`` then find it (the run needs ``mlflow.enabled``)."""
+
+    alias: str | None = "champion"
+    """Alias moved to the new version (MLflow 3 aliases, not stages); ``None`` or ``latest``
+    (MLflow's own name for the newest version) moves none."""
+
 
 class FuseConfig(StrictModel):
     """Experts, LogitProd, Meta-Encoder, FuseCPath and baselines over slide bags, evaluated by
     grouped, stratified K-fold cross-validation."""
+
+    fidelity: Fidelity = "default"
+    """``released`` sets every released-code switch (``fusedist.fidelity.FUSE_RELEASED``:
+    the expert ABMIL, the LogitProd gates, FuseCPath) to the released behaviour, to reproduce
+    the papers' numbers; ``default`` keeps fusedist's corrections (survival-gate gradients,
+    exact logs, out-of-fold gate data, the expert fallback) and its cheaper k-means clustering.
+    Keys set explicitly win over the preset (docs/methods.md, divergences)."""
 
     bags: str
     """Root of bag folders, one per encoder: ``<bags>/<encoder>/<slide_id>.h5`` (fusedist,
@@ -301,6 +385,11 @@ class FuseConfig(StrictModel):
                                     "fold_cpus", "fold_gpus", "overwrite", "ray", "storage",
                                     "mlflow"}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fidelity(cls, data: object) -> object:
+        return apply_preset(data, "fuse")
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
@@ -330,4 +419,8 @@ class FuseConfig(StrictModel):
                                  "set target: label")
         if self.encoders is not None and len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders lists a name twice: {self.encoders}")
+        if self.final.registered_model and not (self.final.enabled and self.mlflow.enabled):
+            raise ValueError(f"final.registered_model={self.final.registered_model!r} needs "
+                             "final.enabled and mlflow.enabled (the model is registered from "
+                             "the fuse run); enable both, or unset final.registered_model")
         return self

@@ -179,8 +179,15 @@ def _tile_extent(bag: Bag) -> float:
 
 
 def _encoder_info(bag: Bag) -> dict:
-    return {"dim": bag.dim, "mpp": bag.mpp, "tile_size": bag.tile_size,
+    info = {"dim": bag.dim, "mpp": bag.mpp, "tile_size": bag.tile_size,
             "weights_digest": bag.attrs.get("weights_digest")}
+    # How fusedist's embed made the bag (absent from TRIDENT/CLAM bags): the model card keeps
+    # it, so `predict --slides` can build the encoder and tile new slides the same way.
+    for key, attr in (("ref", "encoder_ref"), ("weights", "encoder_weights"),
+                      ("tiling", "tiling")):
+        if bag.attrs.get(attr) is not None:
+            info[key] = bag.attrs[attr]
+    return info
 
 
 def feature_group(bags: dict[tuple[str, str], Bag], encoders: list[str], slides: list[str]

@@ -138,6 +138,9 @@ class FuseResult:
     """The RANDOM WEIGHTS line when some bags came from random-weight encoders."""
     model: str | None = None
     """The fused model's folder, when one was refitted."""
+    mlflow_model: dict | None = None
+    """Where the fused model is in MLflow: ``model_uri`` (the run's LoggedModel) and, when
+    registered, ``registered_model``, ``version``, ``alias`` and ``uri``."""
 
     def best(self) -> str:
         ok = {m: s[self.primary_metric][0] for m, s in self.summary.items()
@@ -153,6 +156,13 @@ class FuseResult:
                  f"report: {self.report}"]
         if self.model:
             lines.append(f"fused model: {self.model}")
+        m = self.mlflow_model or {}
+        if m.get("version"):
+            ref = f"models:/{m['registered_model']}@{m['alias']}" if m.get("alias") else m["uri"]
+            lines.append(f"registered: {ref} (version {m['version']}); predict with "
+                         f"`fusedist predict --model {ref}`")
+        elif m:
+            lines.append(f"logged: {m['model_uri']}")
         if "feature_fusion_per_logitprod" in self.ratios:
             lines.append("LogitProd's gate trains "
                          f"{self.ratios['feature_fusion_per_logitprod']:.1f}x faster than "

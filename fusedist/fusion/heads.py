@@ -5,7 +5,9 @@
   ``score = Linear(128, 1)(a * b)``, softmax over tiles; classifier Linear(512, K).
 - ``TileMLP`` for tiles: D -> 128 -> 128 -> K with LayerNorm and GELU.
 
-Survival experts are the same heads with K = T hazard logits (T = 4 bins).
+Survival experts are the same heads with K = T hazard logits (T = 4 bins). The released
+experts (``attention_bias=False, init="xavier_normal"``, the fuse config's default) have no
+bias anywhere in the attention and start from Xavier-normal weights with zero biases.
 ``AttentionPool`` is shared with the FuseCPath student (which pools with the ungated
 RRT-MIL variant).
 """
@@ -35,8 +37,9 @@ def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor
 class AttentionPool(nn.Module):
     """ABMIL attention pooling: (B, N, D) tiles -> (B, D) bag embedding + (B, N) weights.
 
-    ``gated=True`` is the gated form of methods.md §2 (ReLU branch without bias, sigmoid
-    branch with bias, scorer with bias). ``gated=False, bias=False`` is RRT-MIL's default
+    ``gated=True`` is the gated form of methods.md §2 (ReLU branch without bias; sigmoid
+    branch and scorer with a bias when ``bias``, without one as released when not).
+    ``gated=False, bias=False`` is RRT-MIL's default
     ``DAttention`` (Linear(D, 128, no bias) -> ReLU -> Linear(128, 1, no bias)), which the
     FuseCPath student uses.
     """
@@ -74,14 +77,26 @@ class GatedABMIL(nn.Module):
 
     ``forward(x, mask=None)`` with x (B, N, D) (or one bag (N, D)) and an optional (B, N)
     validity mask -> ``{"logits": (B, K), "attention": (B, N), "embedding": (B, 512)}``.
+    ``attention_bias=False`` drops the biases of the sigmoid branch and the scorer (the
+    released experts); ``init="xavier_normal"`` re-initialises every Linear Xavier-normal
+    with zero biases (released), ``"torch"`` keeps PyTorch's default.
     """
 
     def __init__(self, in_dim: int, num_classes: int, hidden: int = 512,
-                 attn_dim: int = 128, dropout: float = 0.25) -> None:
+                 attn_dim: int = 128, dropout: float = 0.25, attention_bias: bool = True,
+                 init: str = "torch") -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.pool = AttentionPool(hidden, attn_dim, gated=True)
+        self.pool = AttentionPool(hidden, attn_dim, gated=True, bias=attention_bias)
         self.classifier = nn.Linear(hidden, num_classes)
+        if init == "xavier_normal":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_normal_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        elif init != "torch":
+            raise ValueError(f"init must be 'xavier_normal' or 'torch', got {init!r}")
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         x, single = _as_bag(x)

@@ -11,7 +11,12 @@ weights their log-probabilities,
 Survival (T discrete-time hazard bins) fuses the T+1 outcome distributions in log space
 with one gate per outcome bin, renormalises, and converts back to hazards — with
 gradients throughout (the released code wrapped the conversions in no-grad, so only the
-penalty trained its survival gate).
+penalty trained its survival gate; ``gradients=False`` reproduces that).
+
+Released-code switches (docs/methods.md, divergences): ``logs="clamped"`` takes logs of
+probabilities clamped at ``CLAMP_EPS`` instead of exact log-softmax / log-sigmoid; the
+survival penalty is ``mean_weight`` (w̄ᵀRw̄ of the bin-mean weights, released) or
+``per_bin``; ``fit_logitprod`` reads the gate-loop settings from ``LogitProdConfig``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ if TYPE_CHECKING:
     from fusedist.fusion.config import LogitProdConfig
 
 ERROR_KINDS = ("nll", "brier", "zero_one")
+LOG_MODES = ("exact", "clamped")
+PENALTY_KINDS = ("mean_weight", "per_bin")
+CLAMP_EPS = 1e-7
+"""Released ``logs="clamped"``: probabilities are clamped here before their logs (the eps of
+the released NLL-survival, ``survival.nll_survival_loss``)."""
+
+
+def _check_logs(logs: str) -> str:
+    if logs not in LOG_MODES:
+        raise ValueError(f"logs must be one of {LOG_MODES}, got {logs!r}")
+    return logs
+
+
+def class_log_probs(logits: Tensor, logs: str = "exact") -> Tensor:
+    """log p over the last dim: exact ``log_softmax``, or (released) ``log(clamp(softmax,
+    CLAMP_EPS))``, which differs only where a probability is below CLAMP_EPS."""
+    if _check_logs(logs) == "exact":
+        return F.log_softmax(logits, dim=-1)
+    return torch.log(F.softmax(logits, dim=-1).clamp(min=CLAMP_EPS))
 
 
 # --------------------------------------------------------------------------- gate features
@@ -167,15 +191,19 @@ class LogitProd(nn.Module):
     Train with ``F.nll_loss(fused_log_probs, y)``, which equals CE on s (log_softmax is
     idempotent); predict ``fused_log_probs.exp()`` = softmax(s).
     ``gate="mlp"`` swaps the linear gate for Linear -> GELU -> Linear (last layer zeroed).
+    ``logs="clamped"`` (released) uses log(clamp(softmax(z_m), CLAMP_EPS)) for the experts'
+    log-probabilities; the CE on s is exact either way (as the released cross-entropy).
     """
 
     def __init__(self, num_experts: int, num_classes: int, gate: str = "linear",
-                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12) -> None:
+                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12,
+                 logs: str = "exact") -> None:
         super().__init__()
         if num_experts < 1 or num_classes < 1:
             raise ValueError("need at least one expert and one class")
         self.num_experts, self.num_classes = num_experts, num_classes
         self.temperature, self.eps = float(temperature), float(eps)
+        self.logs = _check_logs(logs)
         self.gate = _make_gate(3 * num_experts + 2, num_experts, gate, hidden)
 
     def _check(self, logits: Tensor) -> Tensor:
@@ -191,7 +219,7 @@ class LogitProd(nn.Module):
     def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         z = self._check(logits)
         w = self.gate_weights(z)
-        s = torch.einsum("bm,bmk->bk", w, F.log_softmax(z, dim=-1))
+        s = torch.einsum("bm,bmk->bk", w, class_log_probs(z, self.logs))
         return F.log_softmax(s, dim=-1), w
 
 
@@ -199,6 +227,17 @@ def diversity_penalty(weights: Tensor, R: Tensor) -> Tensor:
     """mean over all leading dims of w^T R w; weights (..., M)."""
     R = R.to(weights.dtype)
     return torch.einsum("...i,ij,...j->...", weights, R, weights).mean()
+
+
+def survival_penalty(weights: Tensor, R: Tensor, kind: str = "mean_weight") -> Tensor:
+    """Penalty of survival gate weights (B, T + 1, M): ``mean_weight`` (released) =
+    mean_b w̄_bᵀ R w̄_b with w̄_b the weights averaged over the outcome bins; ``per_bin`` =
+    mean_{b,t} w_btᵀ R w_bt."""
+    if kind == "mean_weight":
+        return diversity_penalty(weights.mean(dim=-2), R)
+    if kind == "per_bin":
+        return diversity_penalty(weights, R)
+    raise ValueError(f"survival penalty must be one of {PENALTY_KINDS}, got {kind!r}")
 
 
 def logitprod_loss_terms(fused: Tensor, weights: Tensor, labels: Tensor,
@@ -225,14 +264,20 @@ class LogitProdSurvival(nn.Module):
     Each expert's hazards become a distribution over T + 1 outcomes; the gate reads
     ``logit_features`` of those distributions and emits one softmax over experts per
     outcome bin; the fused log-probabilities are renormalised and turned back into hazards.
-    Everything after the (no-grad) gate features is differentiable, so the NLL trains the gate.
+    Everything after the (no-grad) gate features is differentiable, so the NLL trains the
+    gate; ``gradients=False`` detaches the fused outputs as the released code does (only the
+    penalty, through ``weights``, then trains it). ``logs="clamped"`` (released) works with
+    probabilities: log(clamp(P, CLAMP_EPS)) and h(t) = P(t) / clamp(S(t-1), CLAMP_EPS); the
+    loss then reads ``hazards`` (``logitprod_survival_loss_terms(from_logits=False)``).
     """
 
     def __init__(self, num_experts: int, num_bins: int = 4, gate: str = "linear",
-                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12) -> None:
+                 hidden: int = 32, temperature: float = 1.0, eps: float = 1e-12,
+                 logs: str = "exact", gradients: bool = True) -> None:
         super().__init__()
         self.num_experts, self.num_bins = num_experts, num_bins
         self.temperature, self.eps = float(temperature), float(eps)
+        self.logs, self.gradients = _check_logs(logs), bool(gradients)
         self.gate = _make_gate(3 * num_experts + 2, (num_bins + 1) * num_experts, gate, hidden)
 
     def forward(self, hazard_logits: Tensor) -> dict[str, Tensor]:
@@ -240,24 +285,43 @@ class LogitProdSurvival(nn.Module):
                                                                   self.num_bins):
             raise ValueError(f"expected (B, {self.num_experts}, {self.num_bins}) hazard "
                              f"logits, got {tuple(hazard_logits.shape)}")
-        logp = hazard_logits_to_outcome_log_probs(hazard_logits.float())   # (B, M, T+1)
+        z = hazard_logits.float()
+        if self.logs == "exact":
+            logp = hazard_logits_to_outcome_log_probs(z)                    # (B, M, T+1)
+        else:
+            logp = torch.log(hazards_to_outcome_probs(torch.sigmoid(z)).clamp(min=CLAMP_EPS))
         b = logp.shape[0]
         g = self.gate(logit_features(logp, self.eps)).view(b, self.num_bins + 1,
                                                            self.num_experts)
         w = F.softmax(g / self.temperature, dim=-1)                         # (B, T+1, M)
         fused = F.log_softmax(torch.einsum("btm,bmt->bt", w, logp), dim=-1)
-        hz = outcome_log_probs_to_hazards(fused, as_logits=True)
-        return {"hazard_logits": hz, "hazards": torch.sigmoid(hz),
-                "outcome_log_probs": fused, "weights": w}
+        if self.logs == "exact":
+            hz = outcome_log_probs_to_hazards(fused, as_logits=True)
+            hazards = torch.sigmoid(hz)
+        else:
+            q = fused.exp()
+            tail = q.flip(-1).cumsum(-1).flip(-1)                           # S(t-1)
+            hazards = q[..., :-1] / tail[..., :-1].clamp(min=CLAMP_EPS)
+            hz = torch.logit(hazards, eps=CLAMP_EPS)
+        if not self.gradients:  # released: the conversions ran under no-grad
+            hz, hazards, fused = hz.detach(), hazards.detach(), fused.detach()
+        return {"hazard_logits": hz, "hazards": hazards, "outcome_log_probs": fused,
+                "weights": w}
 
 
 def logitprod_survival_loss_terms(out: dict[str, Tensor], time_bin: Tensor, event: Tensor,
-                                  R: Tensor | None, lam: float = 0.1,
-                                  alpha: float = 0.4) -> dict[str, Tensor]:
-    """``{"loss", "nll", "penalty"}``: NLL-survival + lam * mean over samples and outcome
-    bins of w^T R w."""
-    nll = nll_survival_loss(out["hazard_logits"], time_bin, event, alpha=alpha)
-    pen = diversity_penalty(out["weights"], R) if R is not None else nll.new_zeros(())
+                                  R: Tensor | None, lam: float = 0.1, alpha: float = 0.4,
+                                  penalty: str = "mean_weight",
+                                  from_logits: bool = True) -> dict[str, Tensor]:
+    """``{"loss", "nll", "penalty"}``: NLL-survival + lam * ``survival_penalty`` (``penalty``
+    kind). ``from_logits=False`` (the released clamped logs) takes the NLL of ``hazards``
+    with probabilities clamped at CLAMP_EPS."""
+    if from_logits:
+        nll = nll_survival_loss(out["hazard_logits"], time_bin, event, alpha=alpha)
+    else:
+        nll = nll_survival_loss(out["hazards"], time_bin, event, alpha=alpha,
+                                from_logits=False, eps=CLAMP_EPS)
+    pen = survival_penalty(out["weights"], R, penalty) if R is not None else nll.new_zeros(())
     return {"loss": nll + lam * pen, "nll": nll, "penalty": pen}
 
 
@@ -268,63 +332,118 @@ WARM_RESTART_T0, WARM_RESTART_MULT, MIN_LR = 10, 2, 1e-6
 
 
 def _objective(model: nn.Module, batch: tuple[Tensor, ...], R: Tensor | None, lam: float,
-               alpha: float) -> dict[str, Tensor]:
+               alpha: float, penalty: str = "mean_weight") -> dict[str, Tensor]:
     if isinstance(model, LogitProdSurvival):
-        return logitprod_survival_loss_terms(model(batch[0]), batch[1], batch[2], R, lam, alpha)
+        return logitprod_survival_loss_terms(model(batch[0]), batch[1], batch[2], R, lam, alpha,
+                                             penalty, from_logits=model.logs == "exact")
     fused, w = model(batch[0])
     terms = logitprod_loss_terms(fused, w, batch[1], R, lam)
     terms["nll"] = terms["ce"]
     return terms
 
 
+def batch_starts(n: int, batch_size: int, drop_last: bool) -> range:
+    """Start of every batch of an ``n``-sample epoch. ``drop_last`` (the released loaders)
+    drops the last partial batch, unless there is no full batch at all (the released loop
+    would then step on nothing; the whole set is one batch instead)."""
+    stop = (n // batch_size) * batch_size if drop_last and n >= batch_size else n
+    return range(0, stop, batch_size)
+
+
+def _val_score(model: nn.Module, val: tuple[Tensor, ...], stop_on: str, alpha: float,
+               val_time: Tensor | None) -> float:
+    """Validation score: NLL / CE (lower is better), or Harrell's c of the fused risk (higher
+    is better; NaN when no pair is comparable, which never counts as an improvement)."""
+    model.eval()
+    with torch.no_grad():
+        if stop_on == "c_index":
+            risk = survival_risk(model(val[0])["hazard_logits"])
+            return harrell_c_index(risk, val[1] if val_time is None else val_time, val[2])
+        return float(_objective(model, val, None, 0.0, alpha)["nll"])
+
+
+def gate_settings(model: nn.Module, cfg: LogitProdConfig) -> dict[str, object]:
+    """The gate loop's settings for ``model`` from the ``logitprod`` config section:
+    classification reads the section itself (floor 1e-6, stopping on the CE, ``drop_last``),
+    survival its ``survival`` subsection (never dropping batches)."""
+    if isinstance(model, LogitProdSurvival):
+        sc = cfg.survival
+        return {"weight_decay": sc.weight_decay, "min_lr": sc.min_lr, "patience": sc.patience,
+                "stop_on": sc.stop_on, "drop_last": False, "penalty": sc.penalty,
+                "gradients": sc.gradients}
+    return {"weight_decay": cfg.weight_decay, "min_lr": MIN_LR, "patience": cfg.patience,
+            "stop_on": "nll", "drop_last": cfg.drop_last}
+
+
 def fit_logitprod(model: LogitProd | LogitProdSurvival, train: tuple[Tensor, ...],
                   val: tuple[Tensor, ...] | None = None, R: Tensor | None = None,
                   cfg: LogitProdConfig | None = None, *, alpha: float = 0.4,
-                  seed: int = 0) -> dict[str, object]:
+                  seed: int = 0, val_time: Tensor | None = None) -> dict[str, object]:
     """Train the gate with ``cfg`` (the ``logitprod`` section of the fuse config, passed as
-    is: lr, weight decay, batch size, epochs, patience, lam): Adam, cosine warm restarts,
-    early stopping on the validation CE (penalty excluded; NLL-survival with ``alpha`` for
-    survival), best state restored. ``train``/``val`` = (logits, labels) or (hazard_logits,
-    time_bin, event). Without ``val``, runs ``max_epochs`` and keeps the last state.
-    Returns ``{"best_epoch", "best_val", "history"}`` (history: per-epoch train loss, val)."""
+    is): Adam, cosine warm restarts (T0 = 10 epochs, x2), early stopping, best state
+    restored. ``train``/``val`` = (logits, labels) or (hazard_logits, time_bin, event).
+
+    Classification: ``lr``, ``weight_decay``, ``batch_size``, floor 1e-6, early stopping on
+    the validation CE (penalty excluded) with ``patience``; ``drop_last`` drops the last
+    partial batch of the training epoch and of the validation set (``batch_starts``).
+    Survival: ``cfg.survival`` gives the weight decay, the floor, the stopping score
+    (``c_index`` of the risk against ``val_time``, default the time bins, or the
+    NLL-survival with ``alpha``), the patience and the penalty kind; batches are never
+    dropped. A batch whose loss has no gradient (the released survival gate,
+    ``survival.gradients: false``, without a penalty) makes no step.
+    Without ``val``, runs ``max_epochs`` and keeps the last state.
+    Returns ``{"best_epoch", "best_val", "history", "settings"}`` (history: per-epoch train
+    loss, val; settings: ``gate_settings``); ``best_epoch`` is -1 when no epoch beat the
+    starting state."""
     from fusedist.fusion.config import LogitProdConfig
 
     cfg = cfg or LogitProdConfig()
+    st = gate_settings(model, cfg)
+    if isinstance(model, LogitProdSurvival):  # the released no-grad gate: training only
+        model.gradients = cfg.survival.gradients
+    wd, floor, patience = st["weight_decay"], st["min_lr"], st["patience"]
+    stop_on, drop_last = st["stop_on"], st["drop_last"]
+    higher = stop_on == "c_index"
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=WARM_RESTART_T0, T_mult=WARM_RESTART_MULT, eta_min=MIN_LR)
+        opt, T_0=WARM_RESTART_T0, T_mult=WARM_RESTART_MULT, eta_min=floor)
     n = train[0].shape[0]
-    best = (math.inf, -1, copy.deepcopy(model.state_dict()))
+    if val is not None and drop_last:  # the released validation loader drops its tail too
+        keep = batch_starts(val[0].shape[0], cfg.batch_size, True).stop
+        val = tuple(t[:keep] for t in val)
+    best = (-math.inf if higher else math.inf, -1, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
     for epoch in range(cfg.max_epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, cfg.batch_size):
+        total, seen = 0.0, 0
+        for i in batch_starts(n, cfg.batch_size, drop_last):
             idx = order[i:i + cfg.batch_size]
-            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, alpha)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = _objective(model, tuple(t[idx] for t in train), R, cfg.lam, alpha,
+                              cfg.survival.penalty)["loss"]
+            if loss.requires_grad:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             total += loss.item() * len(idx)
+            seen += len(idx)
         sched.step()
-        row = {"epoch": epoch, "train_loss": total / n}
+        row = {"epoch": epoch, "train_loss": total / seen}
         if val is not None:
-            model.eval()
-            with torch.no_grad():
-                v = float(_objective(model, val, None, 0.0, alpha)["nll"])
+            v = _val_score(model, val, stop_on, alpha, val_time)
             row["val"] = v
-            if v < best[0]:
+            if (v > best[0]) if higher else (v < best[0]):
                 best = (v, epoch, copy.deepcopy(model.state_dict()))
-            elif epoch - best[1] >= cfg.patience:
+            elif epoch - best[1] >= patience:
                 history.append(row)
                 break
         history.append(row)
     if val is not None:
         model.load_state_dict(best[2])
     return {"best_epoch": best[1] if val is not None else len(history) - 1,
-            "best_val": best[0] if val is not None else float("nan"), "history": history}
+            "best_val": best[0] if val is not None else float("nan"), "history": history,
+            "settings": st}
 
 
 def select_expert(model: LogitProd | LogitProdSurvival, m: int, scale: float = 50.0) -> None:
@@ -339,18 +458,20 @@ def select_expert(model: LogitProd | LogitProdSurvival, m: int, scale: float = 5
 
 
 def training_objective(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ...],
-                       R: Tensor | None, lam: float, alpha: float = 0.4) -> float:
+                       R: Tensor | None, lam: float, alpha: float = 0.4,
+                       penalty: str = "mean_weight") -> float:
     """The gate's objective (CE or NLL-survival, + lam * penalty) on ``data``, no grad."""
     was = model.training
     model.eval()
     with torch.no_grad():
-        v = float(_objective(model, data, R, lam, alpha)["loss"])
+        v = float(_objective(model, data, R, lam, alpha, penalty)["loss"])
     model.train(was)
     return v
 
 
 def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ...],
-                    R: Tensor | None, lam: float, alpha: float = 0.4) -> int | None:
+                    R: Tensor | None, lam: float, alpha: float = 0.4,
+                    penalty: str = "mean_weight") -> int | None:
     """If one expert alone (one-hot weights, whose penalty is R_mm = 0) has a lower training
     objective on ``data`` than the fitted gate, switch the gate to that expert.
 
@@ -359,12 +480,12 @@ def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ..
     from uniform weights and stopped early need not reach it. Checking the M one-hot members
     of the family makes the guarantee hold for the model that is actually used.
     Returns the expert switched to, or None."""
-    fitted = training_objective(model, data, R, lam, alpha)
+    fitted = training_objective(model, data, R, lam, alpha, penalty)
     state = copy.deepcopy(model.state_dict())
     best = (fitted, None)
     for m in range(model.num_experts):
         select_expert(model, m)
-        v = training_objective(model, data, R, lam, alpha)
+        v = training_objective(model, data, R, lam, alpha, penalty)
         if v < best[0]:
             best = (v, m)
     if best[1] is None:
@@ -378,12 +499,15 @@ __all__ = [
     "ERROR_KINDS",
     "LogitProd",
     "LogitProdSurvival",
+    "batch_starts",
+    "class_log_probs",
     "correlation_steps",
     "diversity_penalty",
     "error_correlation",
     "expert_errors",
     "expert_fallback",
     "fit_logitprod",
+    "gate_settings",
     "harrell_c_index",
     "hazard_logits_to_outcome_log_probs",
     "hazards_to_outcome_probs",
@@ -395,6 +519,7 @@ __all__ = [
     "outcome_log_probs_to_hazards",
     "select_expert",
     "survival_error_correlation",
+    "survival_penalty",
     "survival_risk",
     "training_objective",
 ]

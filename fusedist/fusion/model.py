@@ -7,6 +7,8 @@ every labelled sample with the fold's recipe and saved as ``<output>/model/``:
     <method>.safetensors    one per component (tensors only; rebuilt from the card's spec)
 
 ``load_model`` rebuilds it; ``FusedModel.predict(inputs)`` gives each component's outputs.
+``fuse`` also logs the folder as an ``mlflow.pyfunc`` model (:mod:`fusedist.fusion.pyfunc`)
+and, with ``final.registered_model``, registers it under ``final.alias``.
 """
 
 from __future__ import annotations
@@ -72,10 +74,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
-                cv: dict[str, dict[str, list[float]]], run=None) -> str:
+                cv: dict[str, dict[str, list[float]]]) -> str:
     """Save ``fitted`` to ``url`` (folder or s3://): one safetensors per component, and the
-    card; also under the MLflow run's ``fuse/model`` artifacts when ``run`` is active.
-    Returns ``url``."""
+    card. Returns ``url``."""
     from safetensors.torch import save_file
 
     from fusedist.bags import _version
@@ -108,8 +109,6 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
         (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=float))
         for p in sorted(out.iterdir()):
             storage.upload_file(p, storage.join(url, p.name))
-            if run is not None and run.active:
-                run.log_artifact(p, "fuse/model")
     return url
 
 

@@ -1,6 +1,8 @@
 """``fusedist predict``: apply a fused model (``fuse``'s ``<output>/model/``) to new slides.
 
-From ``--bags`` (fusedist, TRIDENT or CLAM layout, one folder per encoder the card names).
+From ``--bags`` (fusedist, TRIDENT or CLAM layout, one folder per encoder the card names), or
+from ``--slides``: tiled and embedded first as the card records (``predict_slides``), into
+``<output>/tiles/`` and ``<output>/bags/``, then predicted exactly as ``--bags``.
 Every slide is one unit: its result lands in ``<output>/_state/<slide>.json`` as soon as it
 is predicted, so a re-run skips finished slides and gives the same ``predictions.csv``. A slide
 that fails (a missing or unreadable bag, a bag of other weights) is recorded in
@@ -18,6 +20,7 @@ Output::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -25,13 +28,17 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from fusedist import storage
-from fusedist.config import ConfigError, StorageConfig, StrictModel
+from fusedist.config import ConfigError, RayConfig, StorageConfig, StrictModel
+from fusedist.features.config import EngineConfig
+from fusedist.fusion.predict_slides import SlideEncoder
 from fusedist.state import StageState
+from fusedist.tracking import MlflowConfig
 
 log = logging.getLogger("fusedist")
 
@@ -40,10 +47,20 @@ class PredictConfig(StrictModel):
     """Apply a fused model to new slides' bags."""
 
     model: str
-    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``)."""
+    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``), or a
+    registered one, ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``fuse``
+    with ``final.registered_model``)."""
 
-    bags: str
+    tracking_uri: str | None = None
+    """MLflow server (or store URI) whose registry resolves ``models:/`` models; default:
+    ``MLFLOW_TRACKING_URI``, else the local ``./mlruns/mlflow.db`` every stage logs to."""
+
+    bags: str | None = None
     """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
+
+    slides: str | None = None
+    """Or: slides (a folder or ``s3://`` prefix) to tile and embed first, as the model's card
+    records for each encoder, into ``<output>/tiles/`` and ``<output>/bags/``."""
 
     output: str = "predict-output"
     """Where predictions.csv, heatmaps/, summary.md and manifest.json go."""
@@ -62,6 +79,34 @@ class PredictConfig(StrictModel):
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """S3 endpoint and retries."""
+
+    encoders: dict[str, SlideEncoder] = {}
+    """With ``slides``: per card encoder, what to use instead of the card's record (e.g.
+    ``{xmag-student: {ref: /models/export}}`` for a moved export folder)."""
+
+    mpp_override: float | None = Field(None, gt=0)
+    """With ``slides``: level-0 µm/px for slides whose metadata has none (else they fail)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """With ``slides``: how the encoders run (batch size, actors, device)."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """With ``slides``: where Ray runs the tiling and embedding."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """With ``slides``: tracking of the tile and embed runs."""
+
+    @field_validator("encoders", mode="before")
+    @classmethod
+    def _encoder_refs(cls, v):
+        return {k: {"ref": x} if isinstance(x, str) else x for k, x in (v or {}).items()}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PredictConfig":
+        if (self.bags is None) == (self.slides is None):
+            raise ValueError("give exactly one of 'bags' (embedded slides) or 'slides' (slides "
+                             "to tile and embed first)")
+        return self
 
 
 class SlideError(Exception):
@@ -230,8 +275,10 @@ def _model_digest(card_text: str) -> str:
     return hashlib.sha256(card_text.encode()).hexdigest()
 
 
-def _targets(cfg: PredictConfig, card: dict) -> dict[str, dict[str, str]]:
-    """slide_id -> encoder -> bag URL, for the slides to predict."""
+def _targets(cfg: PredictConfig, card: dict, failed: dict[str, str] | None = None
+             ) -> dict[str, dict[str, str]]:
+    """slide_id -> encoder -> bag URL, for the slides to predict (minus ``failed``: slides
+    ``--slides`` could not tile or embed)."""
     from fusedist.bags import list_bags
 
     index = {}
@@ -241,13 +288,13 @@ def _targets(cfg: PredictConfig, card: dict) -> dict[str, dict[str, str]]:
             urls = list_bags(folder)
         except FileNotFoundError:
             urls = {}
-        if not urls:
+        if not urls and failed is None:
             raise ConfigError(f"bags: no bags for encoder {e!r} under {folder}; the model "
                               f"needs every encoder it names ({sorted(card['encoders'])}): run "
                               f"`fusedist embed -e {e}` on these slides")
         index[e] = urls
     slides = cfg.slide_ids or sorted(set().union(*(set(v) for v in index.values())))
-    return {s: {e: index[e].get(s) for e in index} for s in slides}
+    return {s: {e: index[e].get(s) for e in index} for s in slides if s not in (failed or {})}
 
 
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
@@ -258,18 +305,32 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     from fusedist.fusion.train import pick_device
 
     storage.configure(cfg.storage)
-    card_url = storage.join(cfg.model, CARD)
-    if not storage.exists(card_url):
-        raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
-                          "output's model/ folder (written when final.enabled is true)")
-    card_text = storage.read_text(card_url)
-    model = load_model(cfg.model)
+    with _model_folder(cfg) as (folder, source):
+        card_url = storage.join(folder, CARD)
+        if not storage.exists(card_url):
+            raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
+                              "output's model/ folder (written when final.enabled is true) "
+                              "or at a registered one, models:/<name>@<alias>")
+        card_text = storage.read_text(card_url)
+        model = load_model(folder)
     card = model.card
     digest = _model_digest(card_text)
     device = pick_device(cfg.device)
-    todo = _targets(cfg, card)
-    _check_weights(card, todo)
     results, failed = [], []
+    early = None
+    if cfg.slides:
+        from fusedist.fusion.predict_slides import embed_slides
+
+        made = embed_slides(cfg, card, progress)
+        # Only the slides of this folder: <output>/bags may hold others from an earlier run.
+        cfg = cfg.model_copy(update={"bags": made.bags, "thumbnails": made.thumbnails,
+                                     "slide_ids": cfg.slide_ids or made.tiled})
+        early = {s: r for s, r in made.failed.items() if not cfg.slide_ids or s in cfg.slide_ids}
+        failed += [{"slide_id": s, "reason": r} for s, r in early.items()]
+        for s, r in early.items():
+            log.warning("predict: %s failed: %s", s, r)
+    todo = _targets(cfg, card, early)
+    _check_weights(card, todo)
     state = StageState(cfg.output)
     finished = state.read_many(todo)
     for sid in tqdm(sorted(todo), desc="predict", unit="slide", disable=not progress):
@@ -290,12 +351,33 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         r["model"] = digest
         state.write(sid, r)
         results.append(r)
-    _write(cfg, card, results, failed)
+    _write(cfg, card, results, failed, source)
     return {"predicted": [r["slide_id"] for r in results], "failed": failed,
-            "output": cfg.output}
+            "output": cfg.output, "model": source}
 
 
-def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict]) -> None:
+@contextlib.contextmanager
+def _model_folder(cfg: PredictConfig) -> Iterator[tuple[str, str]]:
+    """(folder holding card.json + components, what it is): the folder itself, or a
+    ``models:/`` model downloaded from the registry (removed after loading)."""
+    import tempfile
+
+    from fusedist import mlmodels
+
+    if not mlmodels.is_registry_uri(cfg.model):
+        yield cfg.model, cfg.model
+        return
+    with tempfile.TemporaryDirectory(prefix="fusedist-predict-model-") as tmp:
+        try:
+            path, r = mlmodels.download(cfg.model, tmp, cfg.tracking_uri, artifact="model")
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        log.info("predict: %s is %s", cfg.model, r.model_uri)
+        yield str(path), r.model_uri
+
+
+def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict],
+           source: str) -> None:
     import tempfile
 
     from fusedist.fusion import report as rp
@@ -312,7 +394,9 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
                                               f"{e}_{r['slide_id']}.png", thumbnail=thumb,
                                               slide_size=size,
                                               title=f"{e} attention, {r['slide_id']}")
-        manifest = {"model": cfg.model, "task": card["task"], "methods": card["methods"],
+        # model_version: what a models:/...@alias meant for this run (the alias can move).
+        manifest = {"model": cfg.model, "model_version": source, "bags": cfg.bags,
+                    "slides": cfg.slides, "task": card["task"], "methods": card["methods"],
                     "predicted": [r["slide_id"] for r in results], "failed": failed}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "

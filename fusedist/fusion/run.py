@@ -107,16 +107,26 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
 
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
-                 res: FuseResult, run) -> str:
-    """Refit ``final.methods`` on every labelled sample and write ``<output>/model/``."""
+                 res: FuseResult, run) -> None:
+    """Refit ``final.methods`` on every labelled sample, write ``<output>/model/``, log it on
+    the run as a pyfunc model (registered with ``final.registered_model``) and record where
+    in ``res`` and the manifest."""
     from fusedist.fusion.model import final_methods, refit, write_model
+    from fusedist.fusion.pyfunc import log_fused_model
 
     rows = final_methods(cfg, methods, res.best())
     fitted = refit(c, cfg, rows, prepared)
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
-    url = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv, run)
-    log.info("fuse: fused model (%s) in %s", ", ".join(fitted), url)
-    return url
+    res.model = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv)
+    log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
+    res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
+                                       cfg.final.alias)
+    # The manifest was written with the CV outputs; the model comes after them.
+    url = storage.join(cfg.output, "manifest.json")
+    manifest = json.loads(storage.read_text(url))
+    manifest["model"] = {"folder": res.model, "methods": list(fitted),
+                         **(res.mlflow_model or {})}
+    storage.write_text(url, json.dumps(manifest, indent=2, default=float))
 
 
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
@@ -140,7 +150,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
-            res.model = _write_final(c, cfg, methods, prepared, res, run)
+            _write_final(c, cfg, methods, prepared, res, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
         res.elapsed = time.perf_counter() - t0
         run.log_metrics({"fuse_seconds": res.elapsed})

@@ -7,6 +7,7 @@ fold's ``tasks.Targets``; the loops never look at the task name.
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from collections.abc import Sequence
@@ -58,14 +59,35 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, task: Targets, out: Tens
     opt.step()
 
 
+# The expert heads' warm restarts (methods.md §2's schedule): T0 = 10 epochs, x2, to 1e-6.
+EXPERT_T0, EXPERT_T_MULT, EXPERT_MIN_LR = 10, 2, 1e-6
+
+
+def expert_scheduler(opt: torch.optim.Optimizer, schedule: str
+                     ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``warm_restarts`` (released experts): cosine warm restarts stepped once per epoch;
+    ``constant``: none."""
+    if schedule == "constant":
+        return None
+    if schedule == "warm_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=EXPERT_T0, T_mult=EXPERT_T_MULT, eta_min=EXPERT_MIN_LR)
+    raise ValueError(f"schedule must be 'constant' or 'warm_restarts', got {schedule!r}")
+
+
 def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
                task: Targets, epochs: int, lr: float, weight_decay: float,
-               max_tiles: int | None, seed: int, device: torch.device) -> float:
+               max_tiles: int | None, seed: int, device: torch.device,
+               schedule: str = "constant", val: np.ndarray | None = None) -> float:
     """Adam, one slide per step; a bag above ``max_tiles`` is subsampled afresh each epoch.
     ``views[v][slide]`` are the per-view features; the model takes the list of views.
-    Returns the wall time in seconds."""
+    ``schedule``: see ``expert_scheduler``. ``val``: slides scored (task loss, every tile)
+    after each epoch; the best epoch's weights are restored (the first on ties). Returns the
+    wall time in seconds."""
     t0 = time.perf_counter()
     gen, opt = _start(model, lr, weight_decay, seed, device)
+    sched = expert_scheduler(opt, schedule)
+    best: tuple[float, dict | None] = (float("inf"), None)
     for _ in range(epochs):
         for i in gen.permutation(idx):
             n = views[0][i].shape[0]
@@ -74,6 +96,18 @@ def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.
             # A copy: arrays from Ray's object store are read-only.
             xs = [torch.tensor(v[i][rows], device=device) for v in views]
             _step(model, opt, task, model(xs)["logits"], np.array([i]), device)
+        if sched is not None:
+            sched.step()
+        if val is not None and len(val):
+            out, _ = predict_bags(model, views, val, device)
+            with torch.no_grad():
+                v = float(task.loss(torch.as_tensor(out, device=device),
+                                    task.targets(val, device)))
+            if best[1] is None or v < best[0]:
+                best = (v, copy.deepcopy(model.state_dict()))
+            model.train()
+    if best[1] is not None:
+        model.load_state_dict(best[1])
     return time.perf_counter() - t0
 
 

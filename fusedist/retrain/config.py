@@ -95,12 +95,9 @@ class StudentSection(StrictModel):
     """The distillation recipe (needed with ``retrain``); its ``run_name`` gets the retrain
     run id appended, and the export is registered without an alias (promotion moves it)."""
 
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    """Share of the slides (chosen by a stable hash of the slide id) whose pairs score the
-    students (linear CKA to the teacher); see docs/retrain.md for what this split is not."""
-
     validation_pairs: int = Field(256, gt=0)
-    """Most pairs read for that score."""
+    """Most pairs that score the two students (linear CKA to the teacher on the validation
+    slides held out of both distillations: ``distill.validation``; docs/retrain.md)."""
 
     @model_validator(mode="after")
     def _needs_distill(self) -> "StudentSection":
@@ -194,6 +191,10 @@ class RetrainConfig(StrictModel):
             raise ValueError("fuse.train_slides: retrain trains the challenger on every "
                              "labelled slide and sets train_slides for the champion itself; "
                              "leave it unset")
+        if self.fuse.final.registered_model:
+            raise ValueError("fuse.final.registered_model: retrain registers the challenger "
+                             "itself (as registry.fused_model, without the alias until it is "
+                             "promoted); leave it unset")
         if self.fuse.task == "tile_classification":
             raise ValueError("fuse.task: retrain compares slide-level models; "
                              "tile_classification is not supported")

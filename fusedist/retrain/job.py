@@ -31,7 +31,7 @@ from fusedist.retrain import ingest as ing
 from fusedist.retrain.config import RetrainConfig
 from fusedist.retrain.evaluate import (Decision, Score, champion_config, check_metric,
                                        check_same_folds, decide, score_of)
-from fusedist.retrain.registry import Registry, Version
+from fusedist.retrain.registry import FUSED_ARTIFACT, STUDENT_ARTIFACT, Registry, Version
 from fusedist.state import StageState
 
 log = logging.getLogger("fusedist.retrain")
@@ -182,10 +182,10 @@ class _Job:
         self.url, self.progress = run_url, progress
         self.stage_mlflow = _stage_mlflow(cfg, run.run_id, run_id)
 
-    def _download(self, v: Version, name: str) -> str:
+    def _download(self, v: Version, name: str, artifact: str) -> str:
         dest = storage.join(self.url, name)
         if not storage.exists(storage.join(dest, "card.json")):  # a resumed run has it
-            self.reg.download(v, dest)
+            self.reg.download(v, dest, artifact)
         return dest
 
     def run(self, new: list[str], ingest: bool, student_champ: Version | None,
@@ -196,7 +196,8 @@ class _Job:
                else ing.IngestResult())
         champ_student = champ_student_name = None
         if st is not None and student_champ is not None:
-            champ_student = self._download(student_champ, "champion-student")
+            champ_student = self._download(student_champ, "champion-student",
+                                           STUDENT_ARTIFACT)
             champ_student_name = ing.embed_student(cfg, champ_student, self.stage_mlflow,
                                                    "student.champion", res, self.progress)
         digest = inputs_digest(cfg, challenger_encoders(cfg, champ_student_name))
@@ -281,10 +282,8 @@ class _Job:
             if not storage.exists(storage.join(r.bootstrap, "card.json")):
                 raise ConfigError(f"registry.bootstrap: {r.bootstrap} holds no card.json; point "
                                   "it at a fuse output's model/ folder, or unset it")
-            champion = self.reg.register_folder(
-                self.tracker, r.bootstrap, r.fused_model, tags={f"{TAG}.bootstrap": r.bootstrap},
-                description="fused model (bootstrap champion)", artifact_path="bootstrap_model")
-            self.reg.promote(champion, r.alias)
+            champion = self.reg.register_fused(self.tracker, r.bootstrap, r.fused_model,
+                                               r.alias, tags={f"{TAG}.bootstrap": r.bootstrap})
         return champion
 
     def _distill(self, champion_dir: str | None, res: ing.IngestResult):
@@ -313,7 +312,7 @@ class _Job:
     def _score_champion(self, champion: Version, chal, metric: str) -> tuple[Score, dict]:
         from fusedist.fusion.run import run_fuse
 
-        folder = self._download(champion, "champion-model")
+        folder = self._download(champion, "champion-model", FUSED_ARTIFACT)
         card = storage.read_json(storage.join(folder, "card.json"))
         row = self.cfg.promotion.method or card["methods"][0]
         kcfg = champion_config(card, self.cfg.fuse, storage.join(self.url, "champion"), [row])
@@ -328,18 +327,16 @@ class _Job:
         from fusedist.retrain.student import score_students
 
         st = self.cfg.student
-        s = score_students(st.distill, {"champion": champion_dir, "challenger": challenger_dir},
-                           st.validation_fraction, st.validation_pairs)
-        s["delta"] = s["challenger"]["cka"] - s["champion"]["cka"]
-        return s
+        return score_students(st.distill, {"champion": champion_dir,
+                                           "challenger": challenger_dir}, st.validation_pairs)
 
     def _register(self, model: str, digest: str, score: Score, promote: bool) -> Version:
         name = self.cfg.registry.fused_model
         found = self.reg.find(name, RUN_TAG, self.run_id)  # a resumed run registered it
         if found is not None:
             return found
-        return self.reg.register_folder(
-            self.tracker, model, name, description="fused model (fusedist retrain)",
+        return self.reg.register_fused(
+            self.tracker, model, name, None,
             tags={RUN_TAG: self.run_id, DIGEST_TAG: digest,
                   f"{TAG}.{score.metric}": f"{score.mean:.6g}", f"{TAG}.method": score.method})
 
@@ -397,10 +394,12 @@ def summary_md(p: dict) -> str:
                   + (f", challenger {s['challenger']} (v{s['challenger_version']}), "
                      f"{'promoted' if s['promoted'] else 'not promoted'}" if s["retrained"]
                      else ", not retrained")]
-        if val:
-            lines.append(f"Validation CKA to the teacher ({val['champion']['pairs']} pairs): "
-                         f"champion {val['champion']['cka']:.4f}, challenger "
+        if val and val.get("delta") is not None:
+            lines.append(f"Validation CKA to the teacher ({val['champion']['pairs']} pairs; "
+                         f"{val['note']}): champion {val['champion']['cka']:.4f}, challenger "
                          f"{val['challenger']['cka']:.4f}")
+        elif val:
+            lines.append(f"Student validation: {val['note']}")
     failed = p["ingest"].get("failed") or []
     if failed:
         lines += ["", f"{len(failed)} ingest failure(s):"]

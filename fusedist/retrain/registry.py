@@ -1,12 +1,12 @@
 """The MLflow registry operations of ``fusedist retrain``, in one place.
 
-Register a model folder as a new version *without* an alias, find the version an alias points
-at (and download its folder), find the newest version, move the alias. Everything goes
-through ``MlflowClient`` on the tracking server's registry (or ``MLFLOW_REGISTRY_URI``).
-
-A fused model version's source is ``runs:/<retrain run>/fused_model``: the model folder as
-``fusedist fuse`` writes it (safetensors + card.json), logged on the retrain run. A student
-version is what ``distill``'s export registers (``runs:/<distill run>/xmag_student``).
+Register the challenger as a new version *without* an alias, find the version an alias points
+at (and download its model folder), find the newest version (or one by tag), move the alias.
+Models are fusedist's MLflow pyfunc models (:mod:`fusedist.mlmodels`): a fused model version is
+logged on the retrain run by :func:`fusedist.fusion.pyfunc.log_fused_model` (its artifact
+``model`` is the folder ``fusedist fuse`` writes); a student version is what ``distill``'s
+export registers (artifact ``export``). Lookups and alias moves go through ``MlflowClient`` on
+the tracking server's registry (or ``MLFLOW_REGISTRY_URI``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from fusedist.tracking import MlflowConfig, TrackingError, mask_text, resolve_tr
 
 log = logging.getLogger("fusedist.retrain")
 
-FUSED_ARTIFACT = "fused_model"
+FUSED_ARTIFACT = "model"  # fusedist.fusion.pyfunc.ARTIFACT
+STUDENT_ARTIFACT = "export"  # fusedist.distill.pyfunc.ARTIFACT
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,16 @@ class Registry:
             raise
         return _version(found[0]) if found else None
 
-    def download(self, v: Version, dest: str) -> str:
-        """The files of ``v`` (its model folder) copied to ``dest`` (folder or s3://)."""
-        import mlflow
+    def download(self, v: Version, dest: str, artifact: str) -> str:
+        """The model folder of ``v`` (its pyfunc artifact ``artifact``: ``model`` for a fused
+        model, ``export`` for a student) copied to ``dest`` (folder or s3://)."""
+        from fusedist import mlmodels
 
         # MLflow draws a progress bar per download unless told not to.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory(prefix="fusedist-registry-") as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=v.source, dst_path=tmp, tracking_uri=self.tracking_uri))
-            files = [p for p in sorted(local.rglob("*")) if p.is_file()]
+            local, _ = mlmodels.download(v.uri, tmp, self.tracking_uri, artifact=artifact)
+            files = [p for p in sorted(Path(local).rglob("*")) if p.is_file()]
             if not files:
                 raise TrackingError(f"{v.uri} ({mask_text(v.source)}) has no files; register "
                                     "the model again")
@@ -130,33 +131,21 @@ class Registry:
         return dest
 
     # ------------------------------------------------------------------ writing
-    def register_folder(self, tracker: Any, folder: str, name: str,
-                        tags: dict[str, str] | None = None, description: str | None = None,
-                        artifact_path: str = FUSED_ARTIFACT) -> Version:
-        """Log ``folder`` (local or s3://) on ``tracker``'s run and register it as a new
-        version of ``name``, with no alias (promotion moves one separately)."""
-        from mlflow.exceptions import MlflowException
+    def register_fused(self, tracker: Any, folder: str, name: str, alias: str | None = None,
+                       tags: dict[str, str] | None = None) -> Version:
+        """Log the fused model ``folder`` (local or s3://) as a pyfunc model of ``tracker``'s
+        run and register it as a new version of ``name``, with ``alias`` (None: none; the
+        promotion moves one separately)."""
+        from fusedist.fusion.pyfunc import log_fused_model
 
         if not getattr(tracker, "active", False):
             raise TrackingError("registering a model needs an active MLflow run")
-        with tempfile.TemporaryDirectory(prefix="fusedist-register-") as tmp:
-            local = Path(tmp)
-            for rel in storage.walk_files(folder):
-                dst = local / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(storage.read_bytes(storage.join(folder, rel)))
-            tracker.log_artifact(local, artifact_path)
-        try:
-            self.client.create_registered_model(name, description=description)
-        except MlflowException as e:
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        mv = self.client.create_model_version(
-            name, source=f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id,
-            tags={k: str(v) for k, v in (tags or {}).items()}, description=description)
-        log.info("registered %s version %s (no alias) from run %s", name, mv.version,
-                 tracker.run_id)
-        return _version(mv)
+        out = log_fused_model(tracker, folder, name, alias)
+        v = self.get(name, str(out["version"]))
+        if tags:
+            self.set_tags(v, tags)
+            v = self.get(name, v.version)
+        return v
 
     def set_tags(self, v: Version, tags: dict[str, Any]) -> None:
         for k, val in tags.items():

@@ -1,16 +1,18 @@
 """The XMAG student in a retrain: the warm start, the challenger's distillation, its score.
 
-Score: on the pairs of the validation slides (a stable hash of the slide id picks
-``validation_fraction`` of them), the linear CKA between the student's 5x embedding of
-``lo.jpg`` and the teacher's mean 20x tile embedding (its cached features): how much of the
-teacher's representation the student reproduces, 0..1, higher is better. An export holds the
-backbone only (no projection heads), so the training loss itself cannot be computed for a
-registered student; CKA needs no heads and compares students of any width alike.
+Score: on the pairs of slides that *neither* student trained on (the intersection of the
+validation slides of the two distillations, ``DistillConfig.validation``, which each export
+card records), the linear CKA between the student's 5x embedding of ``lo.jpg`` and the
+teacher's mean 20x tile embedding (its cached features): how much of the teacher's
+representation the student reproduces, 0..1, higher is better. An export keeps the backbone
+only (no projection heads), so the XMAG objective itself (distill's ``val/global_cos``) cannot
+be recomputed for a registered student on new slides; CKA needs no heads and compares
+students of any width alike. Each card's own ``validation`` (its run's val/global_cos and
+val/local_cos, on its own split) is recorded beside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 
@@ -41,18 +43,28 @@ def warm_start(distill: DistillConfig, mode: str, champion_dir: str | None) -> D
     return distill.model_copy(update={"student": student})
 
 
-def in_validation(slide_id: str, fraction: float) -> bool:
-    """Whether a slide belongs to the validation split (stable: a hash of its id only)."""
-    h = int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], "big")
-    return h / 2.0 ** 64 < fraction
+def evaluation_slides(champion_card: dict, challenger_card: dict) -> tuple[list[str], str]:
+    """Validation slides of both distillations (neither student trained on them), and a note;
+    the challenger's alone (the champion may have trained on them) when they share none."""
+    chal = set((challenger_card.get("validation") or {}).get("slides") or [])
+    champ = set((champion_card.get("validation") or {}).get("slides") or [])
+    if not chal:
+        return [], ("the challenger's distillation held no slide out (validation.fraction=0): "
+                    "no student score")
+    both = sorted(chal & champ)
+    if both:
+        return both, f"{len(both)} validation slide(s) held out of both distillations"
+    return sorted(chal), (f"{len(chal)} validation slide(s) of the challenger's distillation; "
+                          "the champion's held none of them out (it may have trained on them)")
 
 
-def validation_shards(tiles: str, fraction: float) -> list[str]:
-    """Pairs shards of the validation slides (at least one slide's, if any exist)."""
+def validation_shards(tiles: str, slides: list[str]) -> list[str]:
+    """Pairs shards of ``slides``."""
+    from fusedist.distill.validation import shard_slide
+
     m = storage.read_json(storage.join(tiles, "manifest.json"))
-    slides = sorted({s["slide_id"] for s in m["shards"]})
-    val = [s for s in slides if in_validation(s, fraction)] or slides[:1]
-    return [s["name"] for s in m["shards"] if s["slide_id"] in set(val)]
+    keep = set(slides)
+    return [s["name"] for s in m["shards"] if shard_slide(s) in keep]
 
 
 def read_pairs(tiles: str, features: str, teacher: str, shards: list[str], limit: int
@@ -103,18 +115,24 @@ def embed_pairs(export_dir: str, images: np.ndarray, batch: int = 64) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def score_students(distill: DistillConfig, exports: dict[str, str], fraction: float,
-                   limit: int) -> dict[str, dict]:
-    """{role: {cka, pairs, shards}} for each export (champion, challenger) on the same pairs."""
+def score_students(distill: DistillConfig, exports: dict[str, str], limit: int) -> dict:
+    """{role: {cka, pairs, card_validation}} for each export (champion, challenger), on the
+    same pairs (``evaluation_slides``), plus ``slides``, ``note`` and ``delta``."""
+    cards = {r: storage.read_json(storage.join(f, "card.json")) for r, f in exports.items()}
+    slides, note = evaluation_slides(cards["champion"], cards["challenger"])
+    out: dict = {"slides": slides, "note": note, "delta": None,
+                 **{r: {"cka": None, "card_validation": c.get("validation")}
+                    for r, c in cards.items()}}
+    if not slides:
+        return out
     teacher = distill.teacher or storage.read_json(
         storage.join(distill.features, "manifest.json"))["teacher"]
-    shards = validation_shards(distill.tiles, fraction)
+    shards = validation_shards(distill.tiles, slides)
     images, targets, keys = read_pairs(distill.tiles, distill.features, teacher, shards, limit)
-    out = {}
     for role, folder in exports.items():
-        emb = embed_pairs(folder, images)
-        out[role] = {"cka": linear_cka(emb, targets), "pairs": len(keys),
-                     "validation_shards": len(shards)}
-        log.info("student %s: CKA %.4f to %s on %d validation pairs", role, out[role]["cka"],
-                 teacher, len(keys))
+        cka = linear_cka(embed_pairs(folder, images), targets)
+        out[role].update(cka=cka, pairs=len(keys))
+        log.info("student %s: CKA %.4f to %s on %d validation pairs", role, cka, teacher,
+                 len(keys))
+    out["delta"] = out["challenger"]["cka"] - out["champion"]["cka"]
     return out

@@ -18,7 +18,10 @@ class SynthConfig(StrictModel):
     ``synth_manifest.json`` (what was written, so re-runs skip finished slides)."""
 
     num_slides: int = Field(8, ge=1)
-    """Number of slides (ids ``synth-0000``, ``synth-0001``, ...)."""
+    """Number of slides (ids ``<id_prefix>-0000``, ``<id_prefix>-0001``, ...)."""
+
+    id_prefix: str = Field("synth", pattern=r"^[A-Za-z0-9_.]+$")
+    """Slide ids start with this (e.g. ``heldout`` for slides kept apart from a cohort)."""
 
     size: int = Field(8192, ge=256)
     """Level-0 width in pixels (and height, unless ``height`` is set)."""
@@ -156,5 +159,5 @@ class SynthConfig(StrictModel):
             paired_fraction=self.paired_fraction, risk_weights=self.risk_weights,
             risk_noise=self.risk_noise, weibull_shape=self.weibull_shape,
             median_survival=self.median_survival, follow_up=self.follow_up,
-            num_genes=self.num_genes, gene_noise=self.gene_noise,
+            num_genes=self.num_genes, gene_noise=self.gene_noise, id_prefix=self.id_prefix,
         )

@@ -101,6 +101,7 @@ class LabelParams:
     follow_up: float = 120.0
     num_genes: int = 8
     gene_noise: float = 0.5
+    id_prefix: str = "synth"
 
 
 DEFAULT_CUE_NOISE = {"nuclear_density": 0.9, "nuclear_size": 1.0, "stain_hue": 1.1,
@@ -190,7 +191,7 @@ def make_labels(seed: int, num_slides: int, p: LabelParams) -> list[SlideLabels]
         cues = pcues + p.slide_noise * rng.standard_normal(C)
         genes = 5.0 + load @ cues + p.gene_noise * rng.standard_normal(p.num_genes)
         out.append(SlideLabels(
-            slide_id=f"synth-{i:04d}", patient_id=f"patient-{j:04d}", label=label,
+            slide_id=f"{p.id_prefix}-{i:04d}", patient_id=f"patient-{j:04d}", label=label,
             cues={c: round(float(v), 4) for c, v in zip(CUES, cues)}, time=float(time),
             event=event, genes={f"gene_{g}": round(float(v), 4) for g, v in enumerate(genes)},
         ))

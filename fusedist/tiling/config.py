@@ -117,6 +117,14 @@ class TileConfig(StrictModel):
     # Everything that changes the bytes of a shard; the rest (where, how fast) does not.
     RUN_ONLY: ClassVar[set[str]] = {"input", "output", "thumbnails", "overwrite", "task_cpus", "ray", "storage"}
 
+    # What decides a grid slide's tiles and their pixels, whatever the cohort: embed records
+    # these in every bag (attribute ``tiling``) and ``predict --slides`` tiles new slides with
+    # them. Not recorded: where shards go and how they are cut, and the mpp fixes of one
+    # cohort's metadata (``mpp_override``, ``force_mpp``), which say nothing about new slides.
+    SLIDE_RECIPE: ClassVar[tuple[str, ...]] = (
+        "tile_size", "tile_mpp", "overlap", "min_tissue", "max_tiles_per_slide", "seed",
+        "mpp_tolerance", "jpeg_quality", "resample", "tissue")
+
     @property
     def out_size(self) -> int:
         return self.hi_size if self.mode == "pairs" else self.tile_size

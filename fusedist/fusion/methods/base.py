@@ -158,8 +158,11 @@ def build_head(arch: str, kw: dict) -> nn.Module:
     from fusedist.fusion.train import ViewsBag, ViewsTile
 
     if arch == "abmil":
+        # Specs written before the released-code switches: biased attention, torch init.
         return ViewsBag(GatedABMIL(kw["dim"], kw["out"], hidden=kw["hidden"],
-                                   dropout=kw["dropout"]))
+                                   dropout=kw["dropout"],
+                                   attention_bias=kw.get("attention_bias", True),
+                                   init=kw.get("init", "torch")))
     if arch == "tile_mlp":
         return ViewsTile(TileMLP(kw["dim"], kw["out"]))
     if arch == "meta_mil":
@@ -220,6 +223,21 @@ class HeadFitted(Fitted):
                    spec["tile"])
 
 
+def holdout_split(n: int, strat: np.ndarray, val_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (train, validation) of an ``n``-sample set, stratified by ``strat`` when
+    every stratum allows it; both sorted."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    try:
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed,
+                                  stratify=strat)
+    except ValueError:  # a stratum with a single member
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
+    return np.sort(tr), np.sort(va)
+
+
 # ----------------------------------------------------------------------------- the fold
 
 class FoldContext:
@@ -259,8 +277,12 @@ class FoldContext:
 
     # ------------------------------------------------------------------- fitting heads
     def fit_head(self, name: str, arch: str, kw: dict, encoders: list[str], view: str,
-                 train: np.ndarray, epochs: int, lr: float) -> HeadFitted:
-        """Build (seeded by ``name`` and the training size) and train one head."""
+                 train: np.ndarray, epochs: int, lr: float, schedule: str = "constant",
+                 select_best: bool = False) -> HeadFitted:
+        """Build (seeded by ``name`` and the training size) and train one head. Bag heads
+        can follow the released expert recipe: ``schedule="warm_restarts"`` and
+        ``select_best`` (the epoch with the lowest loss on a held-out ``val_fraction`` of
+        ``train``, which the head then does not train on)."""
         import torch
 
         from fusedist.fusion.train import train_bags, train_tiles, trainable_params
@@ -275,8 +297,14 @@ class FoldContext:
                                self.device)
         else:
             src = self.c.bags if view == "bags" else self.c.aligned
+            val = None
+            if select_best and len(train) >= 2:
+                tr, va = holdout_split(len(train), self.task.strata(self.c, train),
+                                       ex.val_fraction, self.seed(name, "val", len(train)))
+                train, val = train[tr], train[va]
             secs = train_bags(model, [src[e] for e in encoders], train, self.targets, epochs,
-                              lr, ex.weight_decay, ex.max_tiles, seed, self.device)
+                              lr, ex.weight_decay, ex.max_tiles, seed, self.device,
+                              schedule=schedule, val=val)
         return HeadFitted(self.targets, model, arch, kw, encoders, view, self.task.tile,
                           FitInfo(train_s=secs, params=trainable_params(model)))
 
@@ -288,13 +316,16 @@ class FoldContext:
         ex = self.cfg.experts
         if self.task.tile:
             return "tile_mlp", {"dim": self.c.dims[e], "out": self.num_outputs}
+        # The spec records the attention biases so a saved expert rebuilds the same modules.
         return "abmil", {"dim": self.c.dims[e], "out": self.num_outputs, "hidden": ex.hidden,
-                         "dropout": ex.dropout}
+                         "dropout": ex.dropout, "attention_bias": ex.attention_bias,
+                         "init": ex.init}
 
     def fit_expert(self, e: str, train: np.ndarray, name: str | None = None) -> HeadFitted:
+        ex = self.cfg.experts
         arch, kw = self.expert_spec(e)
         return self.fit_head(name or f"expert.{e}", arch, kw, [e], "bags", train,
-                             self.expert_epochs(), self.cfg.experts.lr)
+                             self.expert_epochs(), ex.lr, ex.schedule, ex.select_best)
 
     def expert(self, e: str) -> HeadFitted:
         """The expert of encoder ``e`` on the fold's training samples (trained once)."""

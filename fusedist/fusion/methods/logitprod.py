@@ -9,29 +9,15 @@ import time
 import numpy as np
 
 from fusedist.fusion.methods.base import (FitInfo, Fitted, FoldContext, Method, Outputs,
-                                          load_fitted, sub_state)
+                                          holdout_split, load_fitted, sub_state)
 from fusedist.fusion.methods.registry import register, register_fitted
 
 
-def _split(n: int, strat: np.ndarray, val_fraction: float, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation split of the gate data, stratified when every stratum allows it."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(n)
-    try:
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed,
-                                  stratify=strat)
-    except ValueError:  # a stratum with a single member
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
-    return np.sort(tr), np.sort(va)
-
-
-def _gate(num_experts: int, num_outputs: int, gate: str, survival: bool):
+def _gate(num_experts: int, num_outputs: int, gate: str, survival: bool, logs: str):
     from fusedist.fusion.logitprod import LogitProd, LogitProdSurvival
 
     cls = LogitProdSurvival if survival else LogitProd
-    return cls(num_experts, num_outputs, gate=gate)
+    return cls(num_experts, num_outputs, gate=gate, logs=logs)
 
 
 @register_fitted
@@ -45,6 +31,7 @@ class LogitProdFitted(Fitted):
                  info=None) -> None:
         super().__init__(targets, info)
         self.experts, self.gate, self.gate_kind, self.survival = experts, gate, gate_kind, survival
+        self.logs = gate.logs
 
     def encoders(self):
         return list(self.experts)
@@ -72,13 +59,15 @@ class LogitProdFitted(Fitted):
 
     def spec(self):
         return {"kind": self.kind, "gate": self.gate_kind, "survival": self.survival,
-                "experts": {e: f.spec() for e, f in self.experts.items()}}
+                "logs": self.logs, "experts": {e: f.spec() for e, f in self.experts.items()}}
 
     @classmethod
     def from_spec(cls, spec, state, targets):
         experts = {e: load_fitted(s, sub_state(state, f"expert.{e}."), targets)
                    for e, s in spec["experts"].items()}
-        gate = _gate(len(experts), targets.num_outputs, spec["gate"], spec["survival"])
+        # Cards written before ``logs`` existed used exact logs.
+        gate = _gate(len(experts), targets.num_outputs, spec["gate"], spec["survival"],
+                     spec.get("logs", "exact"))
         gate.load_state_dict(sub_state(state, "gate."))
         return cls(targets, experts, gate, spec["gate"], spec["survival"])
 
@@ -107,20 +96,23 @@ class LogitProdMethod(Method):
         z = torch.as_tensor(np.stack([gate_raw[e] for e in es], 1))
         surv = ctx.task.name == "survival"
         tgt = tuple(t.cpu() for t in ctx.targets.targets(ctx.train, torch.device("cpu")))
-        tr, va = _split(len(ctx.train), ctx.task.strata(ctx.c, ctx.train), lp.val_fraction,
-                        ctx.seed("gate-val"))
+        tr, va = holdout_split(len(ctx.train), ctx.task.strata(ctx.c, ctx.train),
+                               lp.val_fraction, ctx.seed("gate-val"))
         alpha = cfg.survival_alpha
         if surv:
             R = survival_error_correlation(z, tgt[0], tgt[1], lp.shrink, alpha)
         else:
             R = error_correlation(z, tgt[0], lp.error, lp.shrink)
-        model = _gate(len(es), ctx.num_outputs, lp.gate, surv)
+        model = _gate(len(es), ctx.num_outputs, lp.gate, surv, lp.logs)
+        pen = lp.survival.penalty
+        # The survival gate stops on the c-index of the slides' event times, not their bins.
+        val_time = torch.as_tensor(ctx.c.time[ctx.train[va]]) if surv else None
         t0 = time.perf_counter()
         fit = fit_logitprod(model, (z[tr], *(t[tr] for t in tgt)),
                             (z[va], *(t[va] for t in tgt)), R, lp, alpha=alpha,
-                            seed=ctx.seed("gate"))
+                            seed=ctx.seed("gate"), val_time=val_time)
         data = (z, *tgt)
-        fell_back = expert_fallback(model, data, R, lp.lam, alpha) if lp.expert_fallback \
+        fell_back = expert_fallback(model, data, R, lp.lam, alpha, pen) if lp.expert_fallback \
             else None
         secs = time.perf_counter() - t0
         model.eval()
@@ -133,7 +125,7 @@ class LogitProdMethod(Method):
                        for m in range(len(es))]
         # The objective the gate minimises, on all of its data; an expert alone is the
         # one-hot gate, whose penalty R_mm is 0, so its objective is its CE / NLL.
-        objectives = {"logitprod": training_objective(model, data, R, lp.lam, alpha)}
+        objectives = {"logitprod": training_objective(model, data, R, lp.lam, alpha, pen)}
         objectives.update({f"expert.{e}": v for e, v in zip(es, per)})
         note = (f"fold {ctx.fold}: gate stopped at epoch {fit['best_epoch']}"
                 + (f", fell back to {es[fell_back]} (lower training objective)"

@@ -1,0 +1,220 @@
+"""The fused model as an ``mlflow.pyfunc`` model.
+
+Input: a pandas DataFrame, one row per slide (a dict is one slide), with columns
+
+    slide_id           string; FuseCPath seeds its sub-bag plan with it, as in training
+    <encoder>          that encoder's bag features, an (N, D) array (or list of rows), one
+                       column per encoder the card names
+    <encoder>.coords   optional (N, 2) level-0 tile coordinates. The feature group's
+                       encoders are matched on shared tiles by these, like `fusedist predict`
+                       does; without them the group's bags must list the same tiles in the
+                       same order (same N)
+
+A column of 2-D arrays, not a tensor input: bags of different slides (and encoders) have
+different tile counts, which MLflow tensors (one fixed shape per call) cannot hold.
+:func:`bags_frame` builds the frame from a folder of bags (fusedist, TRIDENT or CLAM).
+
+Output: a DataFrame with the columns of ``fusedist predict``'s predictions.csv: ``slide_id``,
+``method``, then ``prob_<class>`` + ``predicted`` (classification), ``risk`` (survival) or
+``pred_<target>`` (regression), then LogitProd's ``weight_<encoder>`` (NaN on other methods'
+rows); one row per slide per method, in the card's method order. Values are the same numbers,
+unrounded (the CSV writes 6 significant digits).
+
+The model's one artifact, ``model``, is the ``<output>/model/`` folder ``fuse`` writes, so
+``fusedist predict --model models:/<name>@<alias>`` reads the same files. ``model_config``
+``{"device": "cuda"}`` (or ``auto``) moves the heads to a GPU; default CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+ARTIFACT = "model"
+MODEL_NAME = "fused_model"  # the LoggedModel's name on the fuse run
+COORDS = ".coords"
+
+
+# ----------------------------------------------------------------------------- schema
+
+def _prediction_columns(card: dict) -> list[str]:
+    from fusedist.fusion.predict import _columns
+
+    return ["slide_id", "method"] + _columns(card) + [f"weight_{e}" for e in _experts(card)]
+
+
+def _experts(card: dict) -> list[str]:
+    """LogitProd's experts (its weight columns), in its order; none without LogitProd."""
+    lp = [c for c in card["components"].values() if c["spec"]["kind"] == "logitprod"]
+    return list(lp[0]["spec"]["experts"]) if lp else []
+
+
+def signature(card: dict):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    # double, not float: MLflow upcasts float16/float32 bags to it losslessly but would refuse
+    # float64 input for a float column; predict casts back to float32 as training did.
+    inputs = [ColSpec(DataType.string, "slide_id")]
+    for e in card["encoders"]:
+        inputs += [ColSpec(Array(Array(DataType.double)), e),
+                   ColSpec(Array(Array(DataType.long)), e + COORDS, required=False)]
+    outputs = [ColSpec(DataType.string if c in ("slide_id", "method", "predicted")
+                       else DataType.double, c) for c in _prediction_columns(card)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+# ----------------------------------------------------------------------------- model
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
+    """One input row -> (slide id, encoder -> Bag), with checks that name the column."""
+    from fusedist.bags import Bag
+
+    sid = str(row["slide_id"])
+    feats, coords = {}, {}
+    for e in card["encoders"]:
+        f = np.asarray(row[e], np.float32)
+        if f.ndim != 2 or len(f) == 0:
+            raise ValueError(f"slide {sid}: column {e!r} must hold a non-empty (tiles, dim) "
+                             f"array of {e}'s bag features, got shape {f.shape}")
+        feats[e] = f
+        c = row.get(e + COORDS)
+        if not _missing(c):
+            c = np.asarray(c, np.int64).reshape(-1, 2)
+            if len(c) != len(f):
+                raise ValueError(f"slide {sid}: column {e + COORDS!r} has {len(c)} tiles but "
+                                 f"{e!r} has {len(f)}")
+            coords[e] = c
+    group = [e for e in card["feature_group"] if e in feats]
+    if any(e not in coords for e in group):
+        # Without coordinates the group's bags can only be matched row by row.
+        counts = {e: len(feats[e]) for e in group}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"slide {sid}: encoders {group} have different tile counts "
+                             f"{counts} and no {COORDS} columns to match tiles by; add the "
+                             f"'<encoder>{COORDS}' columns (bags_frame does)")
+        for e in group:
+            coords[e] = np.stack([np.arange(len(feats[e])), np.zeros(len(feats[e]), int)], 1)
+    return sid, {e: Bag(slide_id=sid, features=f, encoder=e,
+                        coords=coords.get(e, np.zeros((len(f), 2), np.int64)))
+                 for e, f in feats.items()}
+
+
+def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame:
+    """The prediction table of ``frame`` (see the module docstring), as numbers."""
+    from fusedist.fusion.predict import SlideError, slide_inputs
+
+    experts = _experts(card)
+    tile = card["task"] == "tile_classification"
+    rows = []
+    for rec in frame.to_dict("records"):
+        sid, bags = _row_bags(card, rec)
+        try:
+            x = slide_inputs(card, bags, sid, {e: f"column {e!r}" for e in bags})
+        except SlideError as err:
+            raise ValueError(f"slide {sid}: {err}") from None
+        outs = model.predict(x, device)
+        for name in card["methods"]:
+            o = outs[name]
+            pred = np.atleast_1d(np.asarray(o.pred.mean(0) if tile else o.pred[0], np.float64))
+            vals: list[Any] = pred.tolist()
+            if card["task"] == "classification" or tile:
+                vals.append(card["targets"]["classes"][int(np.argmax(pred))]
+                            if np.isfinite(pred).all() else "")
+            w = (np.asarray(o.weights, np.float64).mean(0).tolist() if o.weights is not None
+                 else [math.nan] * len(experts))
+            rows.append([sid, name] + vals + w)
+    return pd.DataFrame(rows, columns=_prediction_columns(card))
+
+
+class FusedPyfunc(mlflow.pyfunc.PythonModel):
+    """Bags per slide (DataFrame) -> the prediction table; state lives in the artifact."""
+
+    def load_context(self, context) -> None:
+        from fusedist.fusion.model import load_model
+        from fusedist.fusion.train import pick_device
+
+        self.model = load_model(str(context.artifacts[ARTIFACT]))  # checks every digest
+        self.device = pick_device(str((context.model_config or {}).get("device", "cpu")))
+
+    # pd.DataFrame: a hint MLflow 3 infers no schema from, so the logged signature checks
+    # the input (and no "add type hints" warning at every log).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if isinstance(model_input, dict):  # called on the unwrapped model with one slide
+            model_input = pd.DataFrame([model_input])
+        return predict_rows(self.model, self.model.card, model_input, self.device)
+
+
+def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = None
+               ) -> pd.DataFrame:
+    """The model input for slides' bags under ``<bags>/<encoder>/``: one row per slide with
+    every encoder's features and coords (default: the slides every encoder has a bag for)."""
+    from fusedist import storage
+    from fusedist.bags import list_bags, read_bag
+
+    index = {e: list_bags(storage.join(bags, e)) for e in encoders}
+    if slide_ids is None:
+        slide_ids = sorted(set.intersection(*(set(v) for v in index.values())))
+    rows = []
+    for sid in slide_ids:
+        rec: dict[str, Any] = {"slide_id": sid}
+        for e in encoders:
+            if sid not in index[e]:
+                raise FileNotFoundError(f"{storage.join(bags, e)}: no bag for slide {sid!r}")
+            b = read_bag(index[e][sid], sid)
+            rec[e], rec[e + COORDS] = b.features, b.coords
+        rows.append(rec)
+    return pd.DataFrame(rows, columns=["slide_id"] + [c for e in encoders
+                                                      for c in (e, e + COORDS)])
+
+
+# ----------------------------------------------------------------------------- logging
+
+def log_fused_model(run, model_url: str, registered_model: str | None,
+                    alias: str | None) -> dict[str, Any] | None:
+    """Log ``fuse``'s model folder as a pyfunc model of ``run`` and, when
+    ``registered_model`` is set, register it with ``alias``. Returns what to record in the
+    manifest (``model_uri``; ``registered_model``, ``version``, ``alias``, ``uri``), ``None``
+    for an inactive run."""
+    if not getattr(run, "active", False):
+        return None
+    import hashlib
+
+    from fusedist import mlmodels, storage
+    from fusedist.fusion.model import CARD
+
+    card_text = storage.read_text(storage.join(model_url, CARD))
+    card = json.loads(card_text)
+    with tempfile.TemporaryDirectory(prefix="fusedist-fused-mlflow-") as tmp:
+        local = Path(tmp) / "model"
+        local.mkdir()
+        for f in [CARD] + [c["file"] for c in card["components"].values()]:
+            (local / f).write_bytes(storage.read_bytes(storage.join(model_url, f)))
+        info = mlmodels.log_pyfunc(run, MODEL_NAME, FusedPyfunc(), {ARTIFACT: str(local)},
+                                   signature(card), metadata={"fusedist_card": card},
+                                   tags={"fusedist.kind": "fused-model",
+                                         "fusedist.task": card["task"]})
+    out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
+    if registered_model:
+        tags = {"fusedist.task": card["task"], "methods": ",".join(card["methods"]),
+                "encoders": ",".join(card["encoders"]),
+                "card_sha256": hashlib.sha256(card_text.encode()).hexdigest()}
+        version = mlmodels.register(
+            run, info, registered_model, alias, tags=tags,
+            description=f"fusedist fused model ({card['task']}; {', '.join(card['methods'])} "
+                        f"over {', '.join(card['encoders'])})")
+        out.update(registered_model=registered_model, version=version,
+                   alias=alias if alias and alias.lower() != mlmodels.LATEST else None,
+                   uri=f"models:/{registered_model}/{version}")
+    return out

@@ -1,0 +1,252 @@
+"""The models fusedist registers are real MLflow models: ``mlflow.pyfunc.load_model(
+"models:/<name>@<alias>")`` works in a fresh process and predicts what fusedist does.
+
+One real ``mlflow server`` (SQLite, proxied artifacts: the deployment path, where clients
+download through the server) serves the module. The fused model is a small refit (no fuse
+run); the student is a seeded random export (no distill run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusedist.config import ConfigError, load_config
+from fusedist.tracking import MlflowConfig, serve_local, start_run
+
+from .test_fuse import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-models")
+    with serve_local(root / "mlflow.db", root / "artifacts",
+                     log_path=root / "server.log") as s:
+        yield s.url
+
+
+def _python(code: str, *args: str) -> str:
+    """Run ``code`` in a fresh interpreter (fusedist importable, nothing else shared)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+# ----------------------------------------------------------------------- fused model
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """A classification model (LogitProd over the experts, FuseCPath, a Meta-Encoder)."""
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.data import load_cohort
+    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+    from fusedist.fusion.model import refit, write_model
+    from fusedist.fusion.synthetic import synthetic_cohort
+
+    tmp = tmp_path_factory.mktemp("fused")
+    co = synthetic_cohort(str(tmp / "cohort"), num_slides=12, tiles=(10, 20), seed=8)
+    tiny = {**TINY, "experts": {**TINY["experts"], "epochs": 1},
+            "logitprod": {**TINY["logitprod"], "max_epochs": 10},
+            "meta": {**TINY["meta"], "strategies": ["self_attention"], "epochs": 1},
+            "fusecpath": {**TINY["fusecpath"], "epochs": 1}, "fold_cpus": 1}
+    cfg = FuseConfig(bags=co.bags, labels=co.labels, output=str(tmp / "fuse"), **tiny)
+    c = load_cohort(cfg)
+    rows, _ = select_methods(cfg, c)
+    rows = [m for m in rows if m.name in ("logitprod", "fusecpath", "meta.self_attention")]
+    prepared, _ = prepare_methods(rows, c, cfg, progress=False)
+    url = write_model(str(tmp / "model"), c, cfg, refit(c, cfg, rows, prepared), {})
+    return co, c, url, tmp
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fused_model_registered_loads_anywhere_and_predicts_as_fusedist(server, fused):
+    from mlflow import MlflowClient
+
+    from fusedist.fusion.predict import PredictConfig, run_predict
+    from fusedist.fusion.pyfunc import log_fused_model
+
+    co, c, url, tmp = fused
+    with start_run(MlflowConfig(tracking_uri=server), run_name="fuse") as run:
+        info = log_fused_model(run, url, "fused-test", "champion")
+        run_id = run.run_id
+    assert (info["version"], info["alias"], info["uri"]) == ("1", "champion",
+                                                             "models:/fused-test/1")
+    mv = MlflowClient(tracking_uri=server).get_model_version_by_alias("fused-test", "champion")
+    assert mv.run_id == run_id and mv.source == info["model_uri"]
+    assert mv.tags["encoders"] == ",".join(c.encoders)
+
+    # `fusedist predict` through the real CLI, the model named by its alias.
+    pred = tmp / "pred"
+    p = subprocess.run([sys.executable, "-m", "fusedist.cli", "predict", "-q", "--model",
+                        "models:/fused-test@champion", "--bags", co.bags, "--output", str(pred),
+                        "--set", f"tracking_uri={server}", "--set", "heatmaps=false"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.loads((pred / "manifest.json").read_text())
+    assert manifest["model_version"] == "models:/fused-test/1"
+    want = {(r["slide_id"], r["method"]): r for r in _csv_rows(pred / "predictions.csv")}
+    assert len(want) == 12 * 3
+
+    # A fresh interpreter: only MLflow's API and the registry URI.
+    out = tmp / "pyfunc.csv"
+    _python("""
+        import sys, mlflow
+        from fusedist.fusion.pyfunc import bags_frame
+        mlflow.set_tracking_uri(sys.argv[1])
+        m = mlflow.pyfunc.load_model("models:/fused-test@champion")
+        names = m.metadata.get_input_schema().input_names()
+        encoders = [n for n in names if n != "slide_id" and not n.endswith(".coords")]
+        m.predict(bags_frame(sys.argv[2], encoders)).to_csv(sys.argv[3], index=False)
+    """, server, co.bags, str(out))
+    got = _csv_rows(out)
+    assert list(got[0]) == list(next(iter(want.values())))  # predictions.csv's columns
+    assert len(got) == len(want)
+    for r in got:
+        w = want[(r["slide_id"], r["method"])]
+        assert r["predicted"] == w["predicted"]
+        for col in [k for k in r if k.startswith(("prob_", "weight_"))]:
+            if w[col] == "":  # weights only on LogitProd's rows
+                assert r[col] == "", col
+                continue
+            np.testing.assert_allclose(float(r[col]), float(w[col]), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{r['slide_id']} {r['method']} {col}")
+
+    # A version number resolves too (in-process predict: same table).
+    cfg = PredictConfig(model="models:/fused-test/1", bags=co.bags, heatmaps=False,
+                        output=str(tmp / "pred-v1"), tracking_uri=server)
+    assert run_predict(cfg, progress=False)["model"] == "models:/fused-test/1"
+    assert (tmp / "pred-v1" / "predictions.csv").read_text() == \
+        (pred / "predictions.csv").read_text()
+    # An alias nobody set is refused, naming where it looked and how to register one.
+    bad = cfg.model_copy(update={"model": "models:/fused-test@nope"})
+    with pytest.raises(ConfigError, match="fused-test@nope.*final.registered_model"):
+        run_predict(bad, progress=False)
+
+
+def test_fused_pyfunc_input_checks_name_the_column(fused):
+    import pandas as pd
+
+    from fusedist.fusion.model import load_model
+    from fusedist.fusion.pyfunc import bags_frame, predict_rows, signature
+
+    co, c, url, _ = fused
+    model = load_model(url)
+    frame = bags_frame(co.bags, c.encoders, c.slide_ids[:2])
+    names = signature(model.card).inputs.input_names()
+    assert names[0] == "slide_id" and set(c.encoders) < set(names)
+    full = predict_rows(model, model.card, frame, "cpu")
+    # Without coordinates the group's bags are matched row by row: same tiles, same answer.
+    plain = frame[["slide_id", *c.encoders]]
+    assert predict_rows(model, model.card, plain, "cpu").equals(full)
+    # ...and bags of different lengths cannot be matched that way.
+    e = c.encoders[0]
+    short = plain.copy()
+    short[e] = [np.asarray(f)[:-1] for f in short[e]]
+    with pytest.raises(ValueError, match=r"different tile counts.*\.coords"):
+        predict_rows(model, model.card, short, "cpu")
+    with pytest.raises(ValueError, match=f"column '{e}' must hold"):
+        predict_rows(model, model.card, pd.DataFrame([{**plain.iloc[0], e: np.zeros(3)}]),
+                     "cpu")
+
+
+# --------------------------------------------------------------------------- student
+
+@pytest.fixture(scope="module")
+def student_export(tmp_path_factory):
+    from fusedist.distill.export import export_student
+    from fusedist.models.student import XmagStudent
+
+    tmp = tmp_path_factory.mktemp("student")
+    out = export_student(XmagStudent.from_registry("test-vit", teacher_dim=8),
+                         str(tmp / "export"), {"name": "xmag-test-pyfunc"})
+    return out, tmp
+
+
+def test_student_registered_embeds_like_fusedist_embed(server, student_export, ray_cluster):
+    import torch
+    from mlflow import MlflowClient
+
+    from fusedist.bags import read_bag
+    from fusedist.distill.export import register_in_mlflow, resolve_encoder
+    from fusedist.features import EmbedConfig, run_embed
+    from fusedist.models import build_encoder
+    from fusedist.tiling import run_tile
+    from tests.slides import known_slides
+    from tests.test_cache import uint8_chw
+    from tests.test_tiling import read_shard, tile_cfg
+
+    out, tmp = student_export
+    card = json.loads((Path(out) / "card.json").read_text())
+    with start_run(MlflowConfig(tracking_uri=server), run_name="distill") as tracker:
+        assert register_in_mlflow(tracker, out, "xmag-test-student", alias="champion") == "1"
+    mv = MlflowClient(tracking_uri=server).get_model_version_by_alias("xmag-test-student",
+                                                                     "champion")
+    assert mv.tags["weights_sha256"] == card["weights_sha256"]  # the tags are kept
+
+    # 5x tiles of one slide, embedded with the registered model as the encoder.
+    run_tile(tile_cfg(known_slides(tmp / "slides", 1), tmp / "tiles", dataset="g5x",
+                      mode="grid", tile_mpp=2.0, tile_size=224, min_tissue=0.3),
+             progress=False)
+    ref = "models:/xmag-test-student@champion"
+    ecfg = load_config(EmbedConfig, None, ["mlflow.enabled=false", "engine.batch_size=16",
+                                           f"mlflow.tracking_uri={server}"],
+                       tiles=str(tmp / "tiles" / "g5x"), output=str(tmp / "bags"),
+                       encoders=[ref])
+    res = run_embed(ecfg, progress=False)
+    assert res.written == 1 and not res.failed
+    bag = read_bag(str(tmp / "bags" / "xmag-test-pyfunc" / "s0.h5"))
+    assert bag.attrs["weights_digest"] == card["weights_digest"]
+    assert resolve_encoder(ref, server) == "xmag-test-pyfunc"
+
+    manifest = json.loads((tmp / "tiles" / "g5x" / "manifest.json").read_text())
+    shard = tmp / "tiles" / "g5x" / manifest["slides"][0]["shards"][0]
+    tiles = torch.stack([uint8_chw(s["img.jpg"]) for s in read_shard(shard).values()])
+    np.save(tmp / "tiles.npy", tiles.numpy())
+    _python("""
+        import sys, mlflow, numpy as np
+        mlflow.set_tracking_uri(sys.argv[1])
+        m = mlflow.pyfunc.load_model("models:/xmag-test-student@champion")
+        assert m.metadata.metadata["fusedist_card"]["name"] == "xmag-test-pyfunc"
+        np.save(sys.argv[3], m.predict(np.load(sys.argv[2])))
+    """, server, str(tmp / "tiles.npy"), str(tmp / "emb.npy"))
+    got = np.load(tmp / "emb.npy")
+    assert got.shape == (len(tiles), card["dim"]) and got.dtype == np.float32
+    enc = build_encoder(resolve_encoder(out))  # the encoder `fusedist embed -e <export>` uses
+    np.testing.assert_allclose(got, enc.embed(tiles).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, bag.features[:len(tiles)], rtol=1e-4, atol=1e-4)
+
+
+def test_registry_uris_are_checked_before_mlflow_is_asked(tmp_path, monkeypatch):
+    import mlflow
+
+    from fusedist import mlmodels
+
+    with pytest.raises(ValueError, match=r"no version or alias.*models:/fused@<alias>"):
+        mlmodels.resolve("models:/fused", "sqlite:///unused.db")
+    missing = tmp_path / "none" / "mlflow.db"
+    with pytest.raises(ValueError, match="does not exist.*MLFLOW_TRACKING_URI"):
+        mlmodels.resolve("models:/fused@champion", f"sqlite:///{missing}")
+    assert not missing.parent.exists()  # no empty store left behind
+    # Pointing MLflow at a run's store for a moment leaves the user's own setting intact.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://users-own:5000")
+    with mlmodels.using_tracking_uri(f"sqlite:///{tmp_path}/x.db"):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/x.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://users-own:5000"
+    assert mlflow.get_tracking_uri() == "http://users-own:5000"
