@@ -292,6 +292,33 @@ def predict(config: Optional[Path] = ConfigOpt,
         raise typer.Exit(1)
 
 
+@app.command()
+def retrain(config: Optional[Path] = ConfigOpt,
+            force_promote: bool = typer.Option(
+                False, "--force-promote",
+                help="Promote the challenger whatever the comparison says (recorded as such)."),
+            run_id: Optional[str] = typer.Option(
+                None, "--run-id", help="Name of this run's folder (default: the UTC time); "
+                                       "an unfinished earlier run is resumed instead."),
+            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
+            verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
+    """Ingest new slides, refit, evaluate the challenger against the champion, and move the
+    champion alias only if it is better (the scheduled job)."""
+    from fusedist.retrain.config import RetrainConfig
+
+    _setup_logging(quiet, verbose, "retrain")
+    if config is None and not set_:
+        _fail(2, "retrain needs a recipe: fusedist retrain -c configs/retrain/<recipe>.yaml")
+    if run_id is not None and (not run_id or "/" in run_id or run_id.startswith(".")):
+        _fail(2, f"--run-id {run_id!r}: give a plain folder name (no '/', not hidden)")
+    cfg = _load(RetrainConfig, config, set_, print_config)
+    from fusedist.retrain.job import run_retrain
+
+    result = _run_stage(lambda c, progress=True: run_retrain(
+        c, progress=progress, force_promote=force_promote, run_id=run_id), cfg, quiet)
+    typer.echo(result.summary())
+
+
 def _causes(e: BaseException):
     """``e`` and what it wraps: Ray task errors (``.cause``), Ray Train's per-worker failures,
     and the ``raise ... from`` chain, so a full disk inside a Ray worker is still recognised."""

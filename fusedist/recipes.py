@@ -19,6 +19,7 @@ RECIPE_MODELS: dict[str, str] = {
     "embed": "fusedist.features:EmbedConfig",
     "fuse": "fusedist.fusion.config:FuseConfig",
     "predict": "fusedist.fusion.predict:PredictConfig",
+    "retrain": "fusedist.retrain.config:RetrainConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",
 }

@@ -179,14 +179,30 @@ def test_autoscaling_bounds_and_overrides_reach_the_manifest():
 
 def test_scheduled_retraining_raycronjob_and_fallback_cronjob():
     lc = launch_cfg("retrain_weekly.yaml")
-    rec = R.load_stage_recipe("distill", REPO / "configs/distill/xmag_paper.yaml")
-    cron = R.render("raycronjob", "distill", lc, rec)[-1]
+    assert (lc.stage, lc.recipe) == ("retrain", "configs/retrain/weekly.yaml")
+    rec = R.load_stage_recipe("retrain", REPO / lc.recipe)
+    docs = R.render("raycronjob", "retrain", lc, rec)
+    assert validate_docs(docs, CRDS) == []
+    cm, cron = docs
     assert cron["kind"] == "RayCronJob" and cron["spec"]["schedule"] == "0 3 * * 0"
     assert cron["spec"]["timeZone"] == "Europe/Berlin"
-    # Each run trains afresh: the shell expands the date on the cluster at run time.
-    assert "--run-name xmag-retrain-$(date -u +%Y%m%d)" in cron["spec"]["jobTemplate"]["entrypoint"]
+    # The job is `fusedist retrain` on the shipped recipe; one run folder per day (the shell
+    # expands the date on the cluster at run time), so a retried job resumes its own run.
+    assert cron["spec"]["jobTemplate"]["entrypoint"] == (
+        "fusedist retrain --config /etc/fusedist/retrain.yaml --run-id $(date -u +%Y%m%d)")
+    shipped = yaml.safe_load(cm["data"]["retrain.yaml"])
+    assert shipped["registry"]["fused_model"] == "fused-classifier"
+    assert shipped["student"]["distill"]["scaling"]["num_workers"] == 24
+    # The committed k8s/retrain/ is this render (test_k8s_folder_is_what_the_renderer_makes).
+    committed = load_docs((REPO / "k8s/retrain/raycronjob.yaml").read_text())
+    assert committed[-1]["spec"]["jobTemplate"]["entrypoint"] == \
+        cron["spec"]["jobTemplate"]["entrypoint"]
+    # The student's distillation must fit the worker group, as a distill job's does.
+    with pytest.raises(R.RenderError, match="24 GPU workers"):
+        R.render("raycronjob", "retrain", launch_cfg("retrain_weekly.yaml", sets=[
+            "workers.max_replicas=1", "workers.min_replicas=1", "workers.replicas=1"]), rec)
 
-    docs = R.render("cronjob", "distill", lc, rec)
+    docs = R.render("cronjob", "retrain", lc, rec)
     assert validate_docs(docs, CRDS) == []
     by_kind = {d["kind"]: d for d in docs}
     role, binding = by_kind["Role"], by_kind["RoleBinding"]

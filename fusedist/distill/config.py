@@ -22,8 +22,9 @@ class StudentConfig(StrictModel):
     """Registry name of the backbone, e.g. ``dinov2-vitb14`` (the paper) or ``test-vit``."""
 
     weights: str | None = None
-    """Initial backbone weights: a local file or ``hf-hub:`` id; ``None``: seeded random init
-    (flagged in the log and as an MLflow tag)."""
+    """Initial backbone weights: a local file, an ``s3://`` object (each worker fetches a
+    copy) or an ``hf-hub:`` id; ``None``: seeded random init (flagged in the log and as an
+    MLflow tag)."""
 
     grid: int = Field(4, gt=0)
     """Teacher tiles per side: the student's patch grid is pooled into ``grid x grid`` blocks."""

@@ -72,8 +72,13 @@ def build_engine(cfg: DistillConfig, teacher_dim: int) -> tuple[Any, Any]:
     from fusedist.models.student import XmagStudent
 
     torch.manual_seed(cfg.batch.seed)  # same head init on every rank (DeepSpeed also broadcasts)
+    weights = cfg.student.weights
+    if weights and storage.is_s3(weights):
+        # e.g. `fusedist retrain`'s warm start from the champion: every node fetches its copy.
+        storage.configure(cfg.storage)
+        weights = str(storage.fetch_local(weights, subdir="models"))
     student = XmagStudent.from_registry(cfg.student.name, teacher_dim=teacher_dim,
-                                        weights=cfg.student.weights, grid=cfg.student.grid)
+                                        weights=weights, grid=cfg.student.grid)
     engine, _, _, _ = deepspeed.initialize(
         model=student, model_parameters=param_groups(student, cfg.optim.weight_decay),
         config=ds_config(cfg, torch.cuda.is_available()))

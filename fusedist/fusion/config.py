@@ -359,6 +359,14 @@ class FuseConfig(StrictModel):
     fold_gpus: float = Field(0.0, ge=0)
     """GPUs per fold task (heads are small: fractions such as 0.25 share a GPU)."""
 
+    train_slides: list[str] | None = None
+    """Train only on these slides (ids from ``labels``): in every outer fold the training
+    samples are the fold's training samples of these slides, and the refitted model
+    (``final``) is fitted on these slides only. The cohort, the fold assignment and every test
+    fold stay those of all labelled slides, so two runs that differ only here are scored on
+    the same held-out slides. ``fusedist retrain`` uses it to score the champion's recipe on
+    the slides the champion was trained on; ``null``: every labelled slide."""
+
     overwrite: bool = False
     """Discard finished folds of an earlier run with a different config and start over."""
 

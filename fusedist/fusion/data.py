@@ -373,3 +373,19 @@ def make_folds(c: Cohort, idx: np.ndarray, k: int, seed: int, task: Task | None 
         for f, (_, test) in enumerate(splitter.split(np.zeros(len(idx)), y, groups)):
             out[test] = f
     return out
+
+
+def restrict_training(c: Cohort, cfg: FuseConfig, train: np.ndarray) -> np.ndarray:
+    """``train`` (sample indices) limited to the samples of ``cfg.train_slides``; as is when
+    that is unset. Test folds never pass through here: they stay every labelled slide's."""
+    if cfg.train_slides is None:
+        return train
+    keep = set(cfg.train_slides)
+    slide_of = (np.arange(len(c.slide_ids)) if c.sample_slide is None else c.sample_slide)
+    allowed = np.array([c.slide_ids[i] in keep for i in slide_of], bool)
+    out = train[allowed[train]]
+    if len(out) == 0:
+        raise ConfigError(f"train_slides: none of its {len(keep)} slide(s) is among this "
+                          "fold's training slides of the cohort (labelled, with bags); check "
+                          "the slide ids against the labels CSV")
+    return out

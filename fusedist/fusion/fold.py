@@ -66,7 +66,10 @@ def run_fold(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, fold: int,
         methods = select_methods(cfg, c)[0]
     if prepared is None:
         prepared = prepare_methods(methods, c, cfg, progress=False)[0]
+    from fusedist.fusion.data import restrict_training
+
     train, test = np.flatnonzero(fold_ids != fold), np.flatnonzero(fold_ids == fold)
+    train = restrict_training(c, cfg, train)  # train_slides: the test fold is unchanged
     ctx = fold_context(c, cfg, train, test, fold, prepared)
     res = FoldResult(fold, test)
     heat = () if ctx.task.tile else tuple(i for i in heatmap_slides if i in set(test.tolist()))

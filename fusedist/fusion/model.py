@@ -49,9 +49,24 @@ def refit(c: Cohort, cfg: FuseConfig, rows: list[Method], prepared: dict) -> dic
     """Fit ``rows`` on every sample, exactly as a fold fits them on its training folds."""
     from fusedist.fusion.fold import fold_context
 
+    from fusedist.fusion.data import restrict_training
+
     everything = np.arange(c.num_samples)
-    ctx = fold_context(c, cfg, everything, everything[:0], -1, prepared)
+    ctx = fold_context(c, cfg, restrict_training(c, cfg, everything), everything[:0], -1,
+                       prepared)
     return {m.name: m.fit(ctx) for m in rows}
+
+
+# Fields of a FuseConfig that say where and how a run executes, not what the model learns;
+# the card's recipe leaves them out (and the data paths, which the card's reader supplies).
+_NOT_RECIPE = {"bags", "labels", "output", "thumbnails", "heatmaps", "overwrite", "ray",
+               "storage", "mlflow", "device", "fold_cpus", "fold_gpus", "train_slides"}
+
+
+def recipe_of(cfg: FuseConfig) -> dict:
+    """The training recipe of ``cfg`` as plain data (``FuseConfig.model_validate`` takes it
+    back once ``bags``/``labels`` are given)."""
+    return cfg.model_dump(mode="json", exclude=_NOT_RECIPE)
 
 
 def _sha256(path: Path) -> str:
@@ -65,8 +80,12 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     from safetensors.torch import save_file
 
     from fusedist.bags import _version
+    from fusedist.fusion.data import restrict_training
 
     targets = next(iter(fitted.values())).targets
+    keep = None if cfg.train_slides is None else set(cfg.train_slides)
+    slides = [s for s in c.slide_ids if keep is None or s in keep]
+    n_samples = len(restrict_training(c, cfg, np.arange(c.num_samples)))
     used = sorted({e for f in fitted.values() for e in f.encoders()})
     components = {}
     with tempfile.TemporaryDirectory(prefix="fusedist-model-") as tmp:
@@ -83,7 +102,10 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
             "fusecpath": cfg.fusecpath.model_dump() if any(
                 f.spec()["kind"] == "fusecpath" for f in fitted.values()) else None,
             "seed": cfg.seed, "cv_metrics": {m: cv[m] for m in fitted if m in cv},
-            "trained_on": {"slides": len(c.slide_ids), "samples": c.num_samples}}
+            "trained_on": {"slides": len(slides), "samples": n_samples},
+            # What `fusedist retrain` needs to score this model's recipe against a challenger
+            # on the same folds: the slides it was fitted on and the recipe that fitted it.
+            "trained_slides": slides, "recipe": recipe_of(cfg)}
         (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=float))
         for p in sorted(out.iterdir()):
             storage.upload_file(p, storage.join(url, p.name))

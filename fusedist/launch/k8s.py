@@ -76,11 +76,11 @@ ENTRIES = [
           [f"bags={_S3}/bags", f"labels={_S3}/labels.csv", f"output={_S3}/fuse/classification",
            f"thumbnails={_S3}/tiles/grid"]),
     Entry("retrain/raycronjob.yaml", "raycronjob", "configs/launch/retrain_weekly.yaml",
-          "distill", "configs/distill/xmag_paper.yaml",
+          "retrain", "configs/retrain/weekly.yaml",
           note="RayCronJob is alpha: start the KubeRay operator with the feature gate "
                "RayCronJob=true.\nWithout it, use cronjob-fallback.yaml (apply one, not both)."),
     Entry("retrain/cronjob-fallback.yaml", "cronjob", "configs/launch/retrain_weekly.yaml",
-          "distill", "configs/distill/xmag_paper.yaml",
+          "retrain", "configs/retrain/weekly.yaml",
           note="A plain CronJob that creates one RayJob per run with `kubectl create`, as the "
                "fusedist-launcher\nServiceAccount of base/10-rbac.yaml (apply that first)."),
 ]

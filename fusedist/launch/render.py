@@ -83,6 +83,9 @@ def check_fit(recipe: StageRecipe | None, launch: LaunchConfig) -> None:
     if recipe is None or recipe.model is None:
         return
     scaling = getattr(recipe.model, "scaling", None)
+    student = getattr(recipe.model, "student", None)  # retrain: its student's distillation
+    if scaling is None and getattr(student, "distill", None) is not None:
+        scaling = student.distill.scaling
     if scaling is None or not getattr(scaling, "use_gpu", False):
         return
     w = launch.workers

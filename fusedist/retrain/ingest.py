@@ -1,0 +1,114 @@
+"""Ingest: slides of the source that no tile manifest lists yet are tiled, cached and embedded.
+
+Every stage here is the stage's own resumable function, which skips finished work: a slide's
+shards are named ``<slide>-<part>`` and never depend on other slides (so an existing shard is
+not rewritten), feature shards mirror tile shards by name, bags are per slide and current
+bags are skipped. So ingesting N new slides writes their shards, features and bags and leaves
+everything else byte-identical; only the manifests (which list the new shards) change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from fusedist import storage
+from fusedist.features.config import EmbedConfig, EncoderRef
+from fusedist.retrain.config import RetrainConfig
+from fusedist.tracking import MlflowConfig
+
+log = logging.getLogger("fusedist.retrain")
+
+
+@dataclass
+class IngestResult:
+    """What the ingest did (``ingest.json`` of the run)."""
+
+    new_slides: list[str] = field(default_factory=list)
+    shards_written: dict[str, int] = field(default_factory=dict)
+    features_written: dict[str, int] = field(default_factory=dict)
+    bags_written: dict[str, int] = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"new_slides": self.new_slides, "shards_written": self.shards_written,
+                "features_written": self.features_written, "bags_written": self.bags_written,
+                "failed": self.failed}
+
+
+def source_slides(cfg: RetrainConfig) -> list[str]:
+    """Slide ids of the source (as the tile stage names them)."""
+    from fusedist.tiling.job import discover
+
+    tcfg = next(iter(cfg.tile.values()), None)
+    if tcfg is None:
+        return []
+    return [s.slide_id for s in discover(tcfg)]
+
+
+def tiled_slides(dataset_url: str) -> set[str]:
+    """Slides a tile dataset's manifest lists (ok, failed or skipped: all were seen)."""
+    url = storage.join(dataset_url, "manifest.json")
+    if not storage.exists(url):
+        return set()
+    return {s["slide_id"] for s in storage.read_json(url)["slides"]}
+
+
+def new_slides(cfg: RetrainConfig) -> list[str]:
+    """Source slides that some tile dataset of the recipe does not list yet."""
+    src = source_slides(cfg)
+    seen = [tiled_slides(storage.join(t.output, t.dataset)) for t in cfg.tile.values()]
+    return [s for s in src if any(s not in d for d in seen)]
+
+
+def run_ingest(cfg: RetrainConfig, new: list[str], stage_mlflow: MlflowConfig,
+               progress: bool = True) -> IngestResult:
+    """Tile, cache and embed what is new (the stages skip everything that is done)."""
+    from fusedist.features import run_cache, run_embed
+    from fusedist.tiling import run_tile
+
+    res = IngestResult(new_slides=list(new))
+    for name, tcfg in cfg.tile.items():
+        t = run_tile(tcfg, progress=progress)
+        res.shards_written[name] = t.written_shards
+        res.failed += [{"stage": f"tile.{name}", "slide_id": f["slide_id"],
+                        "reason": f["reason"]} for f in t.failed if f["slide_id"] in new]
+        res.summaries.append(t.summary())
+    for name, ccfg in cfg.cache.items():
+        ccfg = ccfg.model_copy(update={"mlflow": nested_mlflow(stage_mlflow, ccfg.mlflow)})
+        c = run_cache(ccfg, progress=progress)
+        res.features_written[name] = c.written
+        res.failed += [{"stage": f"cache.{name}", **f} for f in c.failed]
+        res.summaries.append(c.summary())
+    for name, ecfg in cfg.embed.items():
+        ecfg = ecfg.model_copy(update={"mlflow": nested_mlflow(stage_mlflow, ecfg.mlflow)})
+        e = run_embed(ecfg, progress=progress)
+        res.bags_written[name] = e.written
+        res.failed += [{"stage": f"embed.{name}", **f} for f in e.failed]
+        res.summaries.append(e.summary())
+    return res
+
+
+def embed_student(cfg: RetrainConfig, export_dir: str, stage_mlflow: MlflowConfig,
+                  label: str, res: IngestResult, progress: bool = True) -> str:
+    """Bags of every slide with the student exported at ``export_dir`` (current bags are
+    skipped, so for the champion student only new slides are embedded). Returns its name."""
+    from fusedist.features import run_embed
+
+    assert cfg.student is not None
+    ecfg: EmbedConfig = cfg.student.embed.model_copy(update={
+        "encoders": [EncoderRef(name=export_dir)],
+        "mlflow": nested_mlflow(stage_mlflow, cfg.student.embed.mlflow)})
+    e = run_embed(ecfg, progress=progress)
+    res.bags_written[label] = res.bags_written.get(label, 0) + e.written
+    res.failed += [{"stage": label, **f} for f in e.failed]
+    res.summaries.append(e.summary())
+    return str(storage.read_json(storage.join(export_dir, "card.json"))["name"])
+
+
+def nested_mlflow(parent: MlflowConfig, own: MlflowConfig) -> MlflowConfig:
+    """A stage's MLflow settings with the retrain run's parent tags added (its runs nest
+    under the retrain run in the UI)."""
+    return own.model_copy(update={"tags": {**own.tags, **parent.tags},
+                                  "enabled": own.enabled and parent.enabled})

@@ -1,0 +1,168 @@
+"""The MLflow registry operations of ``fusedist retrain``, in one place.
+
+Register a model folder as a new version *without* an alias, find the version an alias points
+at (and download its folder), find the newest version, move the alias. Everything goes
+through ``MlflowClient`` on the tracking server's registry (or ``MLFLOW_REGISTRY_URI``).
+
+Every version is an MLflow pyfunc model whose one artifact is the folder fusedist writes: a
+fused model's ``model/`` (safetensors + card.json, ``fusedist.fusion.pyfunc``), logged on the
+retrain run, or the student's export (``fusedist.distill.pyfunc``), which ``distill``
+registers; ``mlflow.pyfunc.load_model("models:/<name>@<alias>")`` loads either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusedist import storage
+from fusedist.tracking import MlflowConfig, TrackingError, mask_text, resolve_tracking_uri
+
+log = logging.getLogger("fusedist.retrain")
+
+FUSED_ARTIFACT = "fused_model"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered model version, as retrain needs it."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _version(mv: Any) -> Version:
+    return Version(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}),
+                   tuple(getattr(mv, "aliases", ()) or ()))
+
+
+def _missing(e: Exception) -> bool:
+    code = getattr(e, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+class Registry:
+    """The registry of one tracking store."""
+
+    def __init__(self, cfg: MlflowConfig):
+        from mlflow import MlflowClient
+
+        from fusedist.tracking import check_reachable
+
+        if not cfg.enabled:
+            raise TrackingError("retrain needs the MLflow registry (it finds the champion by "
+                                "alias and registers the challenger): set mlflow.enabled=true")
+        self.tracking_uri, source = resolve_tracking_uri(cfg)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            check_reachable(self.tracking_uri, source)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri,
+                                   registry_uri=os.environ.get("MLFLOW_REGISTRY_URI")
+                                   or self.tracking_uri)
+
+    # ------------------------------------------------------------------ reading
+    def by_alias(self, name: str, alias: str) -> Version | None:
+        """The version ``alias`` points at; None when the model or the alias does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _version(self.client.get_model_version_by_alias(name, alias))
+        except MlflowException as e:
+            if _missing(e):
+                return None
+            raise
+
+    def latest(self, name: str) -> Version | None:
+        """The newest version of ``name`` (alias or not); None when it has none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name = '{name}'", max_results=1,
+                                                      order_by=["version_number DESC"])
+        except MlflowException as e:
+            if _missing(e):
+                return None
+            raise
+        return _version(found[0]) if found else None
+
+    def get(self, name: str, version: str) -> Version:
+        return _version(self.client.get_model_version(name, version))
+
+    def find(self, name: str, tag: str, value: str) -> Version | None:
+        """The newest version of ``name`` whose tag ``tag`` is ``value`` (a resumed run's)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tag.`{tag}` = '{value}'", max_results=1,
+                order_by=["version_number DESC"])
+        except MlflowException as e:
+            if _missing(e):
+                return None
+            raise
+        return _version(found[0]) if found else None
+
+    def download(self, v: Version, dest: str) -> str:
+        """The fusedist folder of ``v`` (a fused model's ``model/`` or a student's export)
+        copied to ``dest`` (folder or s3://). Both are pyfunc models whose one artifact is
+        that folder (``fusedist.fusion.pyfunc`` / ``fusedist.distill.pyfunc``)."""
+        from mlflow.models import Model
+
+        from fusedist import mlmodels
+
+        # MLflow draws a progress bar per download unless told not to.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tempfile.TemporaryDirectory(prefix="fusedist-registry-") as tmp:
+            model_dir, _ = mlmodels.download(v.uri, tmp, self.tracking_uri)
+            arts = Model.load(str(model_dir)).flavors.get("python_function", {}).get(
+                "artifacts", {})
+            if len(arts) != 1:
+                raise TrackingError(f"{v.uri} ({mask_text(v.source)}) is not a fusedist "
+                                    f"model (artifacts {sorted(arts)}); register it again")
+            local = model_dir / next(iter(arts.values()))["path"]
+            files = [p for p in sorted(local.rglob("*")) if p.is_file()]
+            if not files:
+                raise TrackingError(f"{v.uri} ({mask_text(v.source)}) has no files; register "
+                                    "the model again")
+            for p in files:
+                storage.upload_file(p, storage.join(dest, p.relative_to(local).as_posix()))
+        return dest
+
+    # ------------------------------------------------------------------ writing
+    def register_folder(self, tracker: Any, folder: str, name: str,
+                        tags: dict[str, str] | None = None, description: str | None = None,
+                        artifact_path: str = FUSED_ARTIFACT) -> Version:
+        """Log the fused model ``folder`` (local or s3://) on ``tracker``'s run as an MLflow
+        pyfunc model (``fusedist.fusion.pyfunc``) and register it as a new version of
+        ``name``, with no alias (promotion moves one separately)."""
+        from fusedist.fusion.pyfunc import log_fused_model
+
+        if not getattr(tracker, "active", False):
+            raise TrackingError("registering a model needs an active MLflow run")
+        out = log_fused_model(tracker, folder, name, alias=None)
+        v = self.get(name, out["version"])
+        self.set_tags(v, dict(tags or {}, **{"fusedist.artifact": artifact_path}))
+        if description:
+            self.client.update_model_version(name, v.version, description=description)
+        log.info("registered %s version %s (no alias) from run %s", name, v.version,
+                 tracker.run_id)
+        return self.get(name, v.version)
+
+    def set_tags(self, v: Version, tags: dict[str, Any]) -> None:
+        for k, val in tags.items():
+            self.client.set_model_version_tag(v.name, v.version, k, str(val))
+
+    def promote(self, v: Version, alias: str) -> None:
+        """Move ``alias`` to ``v`` (the champion is now ``v``)."""
+        self.client.set_registered_model_alias(v.name, alias, v.version)
+        log.info("alias %s of %s -> version %s", alias, v.name, v.version)

@@ -1,0 +1,120 @@
+"""The XMAG student in a retrain: the warm start, the challenger's distillation, its score.
+
+Score: on the pairs of the validation slides (a stable hash of the slide id picks
+``validation_fraction`` of them), the linear CKA between the student's 5x embedding of
+``lo.jpg`` and the teacher's mean 20x tile embedding (its cached features): how much of the
+teacher's representation the student reproduces, 0..1, higher is better. An export holds the
+backbone only (no projection heads), so the training loss itself cannot be computed for a
+registered student; CKA needs no heads and compares students of any width alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+
+import numpy as np
+
+from fusedist import storage
+from fusedist.config import ConfigError
+from fusedist.distill.config import DistillConfig
+
+log = logging.getLogger("fusedist.retrain")
+
+
+def warm_start(distill: DistillConfig, mode: str, champion_dir: str | None) -> DistillConfig:
+    """``distill`` with ``student.weights`` set to the champion's backbone (``champion``) or
+    left as the recipe's own (``base``, or no champion yet)."""
+    if mode != "champion" or champion_dir is None:
+        return distill
+    card = storage.read_json(storage.join(champion_dir, "card.json"))
+    if card.get("backbone") != distill.student.name:
+        raise ConfigError(f"student.warm_start=champion: the champion student is a "
+                          f"{card.get('backbone')!r} backbone but student.distill.student.name "
+                          f"is {distill.student.name!r}; use the same backbone, or "
+                          "student.warm_start=base")
+    weights = storage.join(champion_dir, str(card.get("weights_file", "model.safetensors")))
+    if not storage.is_s3(weights):
+        weights = str(storage.local_path(weights).resolve())
+    student = distill.student.model_copy(update={"weights": weights})
+    return distill.model_copy(update={"student": student})
+
+
+def in_validation(slide_id: str, fraction: float) -> bool:
+    """Whether a slide belongs to the validation split (stable: a hash of its id only)."""
+    h = int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], "big")
+    return h / 2.0 ** 64 < fraction
+
+
+def validation_shards(tiles: str, fraction: float) -> list[str]:
+    """Pairs shards of the validation slides (at least one slide's, if any exist)."""
+    m = storage.read_json(storage.join(tiles, "manifest.json"))
+    slides = sorted({s["slide_id"] for s in m["shards"]})
+    val = [s for s in slides if in_validation(s, fraction)] or slides[:1]
+    return [s["name"] for s in m["shards"] if s["slide_id"] in set(val)]
+
+
+def read_pairs(tiles: str, features: str, teacher: str, shards: list[str], limit: int
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 (N, 3, H, W) ``lo.jpg`` images, (N, D) mean teacher tile features, keys."""
+    from PIL import Image
+
+    from fusedist.data.reader import iter_tar_samples
+
+    imgs, targets, keys = [], [], []
+    for name in shards:
+        feats = iter_tar_samples(storage.join(features, name))
+        for (k, tile), (k2, f) in zip(iter_tar_samples(storage.join(tiles, name)), feats):
+            if k != k2:
+                raise ConfigError(f"{name}: tile key {k} but feature key {k2}; the feature "
+                                  "cache does not mirror the tiles (re-run fusedist cache)")
+            with Image.open(io.BytesIO(tile["lo.jpg"])) as im:
+                imgs.append(np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+            t = np.load(io.BytesIO(f[f"{teacher}.npy"]), allow_pickle=False)
+            targets.append(t.astype(np.float32).reshape(-1, t.shape[-1]).mean(0))
+            keys.append(k)
+            if len(keys) >= limit:
+                return np.stack(imgs), np.stack(targets), keys
+    if not keys:
+        raise ConfigError(f"no validation pairs in {tiles} ({len(shards)} shards)")
+    return np.stack(imgs), np.stack(targets), keys
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same N samples."""
+    x = x.astype(np.float64) - x.mean(0)
+    y = y.astype(np.float64) - y.mean(0)
+    num = np.linalg.norm(y.T @ x) ** 2
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(num / den) if den > 0 else float("nan")
+
+
+def embed_pairs(export_dir: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The exported student's embedding of 5x images (as ``fusedist embed`` computes it)."""
+    import torch
+
+    from fusedist.features.config import EncoderRef
+    from fusedist.features.runtime import load_encoders
+
+    (enc,) = load_encoders([EncoderRef(name=export_dir)])
+    out = [enc.embed(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
+           for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy()
+
+
+def score_students(distill: DistillConfig, exports: dict[str, str], fraction: float,
+                   limit: int) -> dict[str, dict]:
+    """{role: {cka, pairs, shards}} for each export (champion, challenger) on the same pairs."""
+    teacher = distill.teacher or storage.read_json(
+        storage.join(distill.features, "manifest.json"))["teacher"]
+    shards = validation_shards(distill.tiles, fraction)
+    images, targets, keys = read_pairs(distill.tiles, distill.features, teacher, shards, limit)
+    out = {}
+    for role, folder in exports.items():
+        emb = embed_pairs(folder, images)
+        out[role] = {"cka": linear_cka(emb, targets), "pairs": len(keys),
+                     "validation_shards": len(shards)}
+        log.info("student %s: CKA %.4f to %s on %d validation pairs", role, out[role]["cka"],
+                 teacher, len(keys))
+    return out
