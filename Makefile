@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The default tier: CPU only, what CI runs.
-# Two workers, whole files each (module fixtures such as a trained student are built once).
 test: venv
-	$(VENV)/bin/python -m pytest -m "not gpu" -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -m "not gpu" -q
 
 # Everything, including GPU tests (run where a GPU is).
 test-all: venv

@@ -201,13 +201,13 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     from fusedist import storage
     from fusedist.bags import Bag, bag_url, write_bag
     from fusedist.config import config_digest
-    from fusedist.features.cache import TeacherInfo, _entry_url
+    from fusedist.features.cache import TeacherInfo, _state
     from fusedist.features.cache import _manifest as feature_manifest
     from fusedist.features.embed import _slide_digest
     from fusedist.tiling.config import TileConfig
     from fusedist.tiling.job import MANIFEST, _assign_shards, _identity, discover
     from fusedist.tiling.job import _manifest as tile_manifest
-    from fusedist.tiling.plan import shard_state_url, slide_state_url
+    from fusedist.tiling.plan import shard_state, slide_state
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -228,7 +228,7 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     for s, n in zip(inputs, counts):
         rec = slide_record(cfg, digest, s.slide_id, s.url, _identity(s), int(n), rng)
         if files:
-            storage.write_json(slide_state_url(dataset_url, s.slide_id), rec)
+            slide_state(dataset_url).write(s.slide_id, rec)
         records.append(rec)
     specs = _assign_shards(cfg, records)
     entries = {}
@@ -238,7 +238,7 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
              "stop": sp["stop"], "digest": sp["digest"], "status": "ok", "samples": n,
              "bytes": n * PAIR_BYTES, "sha256": rng.bytes(32).hex()}
         if files:
-            storage.write_json(shard_state_url(dataset_url, sp["name"]), e)
+            shard_state(dataset_url).write(sp["name"], e)
             (Path(dataset_url) / sp["name"]).touch()
         entries[sp["name"]] = e
     # The teacher's feature dataset: done-entries + stubs, mirroring the tile shards.
@@ -252,7 +252,7 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
             "samples": e["samples"], "bytes": e["samples"] * FEATURE_BYTES,
             "sha256": rng.bytes(32).hex()}
         if files:
-            storage.write_json(_entry_url(teacher, e["name"]), fe)
+            _state(teacher).write(e["name"], fe)
             (Path(feats_url) / e["name"]).touch()
     for r in records:
         r["shards"] = []
