@@ -322,13 +322,13 @@ def test_student_warm_start_and_validation_score(ingested, tmp_path):
     from fusedist.distill.config import DistillConfig
     from fusedist.distill.export import export_student
     from fusedist.models.student import XmagStudent
-    from fusedist.retrain.student import (evaluation_slides, linear_cka, score_students,
-                                          validation_shards, warm_start)
+    from fusedist.retrain.student import (MIN_PAIRS, evaluation_slides, linear_cka,
+                                          score_students, validation_shards, warm_start)
 
     work = ingested["work"]
     pairs = json.loads((work / "tiles/pairs/manifest.json").read_text())
     with_pairs = sorted({s["slide_id"] for s in pairs["shards"]})
-    assert len(with_pairs) >= 4
+    assert len(with_pairs) >= 8
     a, b, c, d = with_pairs[:4]
     torch.manual_seed(5)
     champion = XmagStudent.from_registry("test-vit", teacher_dim=64)
@@ -336,7 +336,7 @@ def test_student_warm_start_and_validation_score(ingested, tmp_path):
         for p in champion.backbone.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     folder = export_student(champion, str(tmp_path / "champion"), {
-        "teacher": "test-vit", "validation": {"slides": [a, b, c], "global_cos": 0.5}})
+        "teacher": "test-vit", "validation": {"slides": with_pairs, "global_cos": 0.5}})
     distill = DistillConfig(tiles=str(work / "tiles/pairs"),
                             features=str(work / "features/test-vit/pairs"),
                             student={"name": "test-vit"})
@@ -364,6 +364,11 @@ def test_student_warm_start_and_validation_score(ingested, tmp_path):
     assert linear_cka(x, x) == pytest.approx(1.0)
     assert linear_cka(x, x @ np.random.default_rng(1).normal(size=(8, 8))) < 1.0
     same = score_students(distill, {"champion": folder, "challenger": folder}, 64)
-    assert same["slides"] == [a, b, c] and same["delta"] == pytest.approx(0.0)
-    assert 0.0 <= same["champion"]["cka"] <= 1.0 and same["champion"]["pairs"] > 0
+    assert same["slides"] == with_pairs and same["delta"] == pytest.approx(0.0)
+    assert 0.0 <= same["champion"]["cka"] <= 1.0 and same["champion"]["pairs"] >= MIN_PAIRS
     assert same["champion"]["card_validation"]["global_cos"] == 0.5
+    # Too few held-out pairs for a CKA: no score, and the note says why.
+    few = export_student(champion, str(tmp_path / "few"), {
+        "teacher": "test-vit", "validation": {"slides": [a]}})
+    none = score_students(distill, {"champion": folder, "challenger": few}, 64)
+    assert none["delta"] is None and "no student score" in none["note"]

@@ -267,6 +267,7 @@ class _Job:
                 "validation": students},
             "new_slides": new, "ingest": res.to_dict(), "run": self.url,
             "mlflow_run_id": self.tracker.run_id}
+        promotion = _finite(promotion)  # NaN (a fold that could not be scored) -> null
         self._record(promotion, version)
         return promotion
 
@@ -363,6 +364,19 @@ class _Job:
         self.reg.set_tags(version, {f"{TAG}.decision": promotion["decision"]})
 
 
+def _finite(x):
+    """``x`` with every non-finite float replaced by None (strict JSON, MLflow-safe)."""
+    import math
+
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def summary_md(p: dict) -> str:
     """The run summary (summary.md, the CLI's output)."""
     c, k, new = p["challenger"], p["champion"], p["new_slides"]
@@ -373,7 +387,7 @@ def summary_md(p: dict) -> str:
              "|---|---|---|---:|---:|---|"]
 
     def row(label: str, s: dict) -> str:
-        folds = ", ".join(f"{v:.4f}" for v in s.get("folds", []))
+        folds = ", ".join("-" if v is None else f"{v:.4f}" for v in s.get("folds", []))
         mean = s.get("mean")
         return (f"| {label} | {s.get('version') or '-'} | {s.get('method', '-')} | "
                 f"{s.get('trained_slides', '-')} | "

@@ -24,6 +24,9 @@ from fusedist.distill.config import DistillConfig
 
 log = logging.getLogger("fusedist.retrain")
 
+MIN_PAIRS = 8
+"""Fewest validation pairs a CKA is computed from."""
+
 
 def warm_start(distill: DistillConfig, mode: str, champion_dir: str | None) -> DistillConfig:
     """``distill`` with ``student.weights`` set to the champion's backbone (``champion``) or
@@ -129,6 +132,9 @@ def score_students(distill: DistillConfig, exports: dict[str, str], limit: int) 
         storage.join(distill.features, "manifest.json"))["teacher"]
     shards = validation_shards(distill.tiles, slides)
     images, targets, keys = read_pairs(distill.tiles, distill.features, teacher, shards, limit)
+    if len(keys) < MIN_PAIRS:  # CKA of one or two centred samples says nothing
+        out["note"] += f"; only {len(keys)} pair(s) there (< {MIN_PAIRS}): no student score"
+        return out
     for role, folder in exports.items():
         cka = linear_cka(embed_pairs(folder, images), targets)
         out[role].update(cka=cka, pairs=len(keys))
