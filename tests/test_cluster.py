@@ -217,6 +217,7 @@ def test_fusedist_launch_submits_a_stage_to_the_multinode_head(tmp_path):
         # The job's entrypoint (`fusedist ...`) runs under the head's environment.
         mp.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
         mp.setenv("FUSEDIST_DEVICE_OVERRIDE", "cpu")
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # a plain head, whatever ran before
         mn = start_multinode(workers=2, cpus=1, dashboard_port=port)
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -129,7 +129,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     meta = {"tile_mpp": float(tm["config"]["tile_mpp"]),
             "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", ""),
             "tiling": _recipe(tm["config"])}
-    refs = _recorded_refs(cfg.encoders)
+    refs = _recorded_refs(cfg)
     # One group per slide: its finish task writes the slide's bags from all its shards.
     groups = {sid: Group(tuple(by_id[sid]["shards"]),
                          _BagJob(cfg.output, by_id[sid], meta, _slide_digest(by_id[sid], shard_sha),
@@ -206,18 +206,21 @@ def _recipe(tile_config: dict) -> dict:
     return {k: tile_config[k] for k in TileConfig.SLIDE_RECIPE if k in tile_config}
 
 
-def _recorded_refs(refs: list[EncoderRef]) -> dict[str, tuple[str, str | None]]:
+def _recorded_refs(cfg: EmbedConfig) -> dict[str, tuple[str, str | None]]:
     """Encoder name -> (reference, weights) as bags record them: a registry name as is, an
-    exported model's folder as an absolute path or URL, so a later process (``predict
-    --slides`` on the fused model's card) can build the same encoder."""
-    from pathlib import Path
-
+    exported model's folder as an absolute path or URL (for a ``models:/`` model, its copy
+    under the output), so a later process (``predict --slides`` on the fused model's card)
+    can build the same encoder."""
+    from fusedist import mlmodels
     from fusedist.features.runtime import resolve_ref
 
+    uri = _tracking_uri(cfg)
     out = {}
-    for r in refs:
-        name = resolve_ref(r.name)
+    for r in cfg.encoders:
+        name = resolve_ref(r.name, uri)
         ref = r.name
+        if mlmodels.is_registry_uri(ref):
+            ref = _shared_export(cfg, name)
         if ref != name and not storage.is_s3(ref):  # a local export folder or card
             ref = str(storage.local_path(ref).expanduser().resolve())
         out[name] = (ref, r.weights)
