@@ -75,18 +75,15 @@ def run_ingest(cfg: RetrainConfig, new: list[str], stage_mlflow: MlflowConfig,
         res.failed += [{"stage": f"tile.{name}", "slide_id": f["slide_id"],
                         "reason": f["reason"]} for f in t.failed if f["slide_id"] in new]
         res.summaries.append(t.summary())
-    for name, ccfg in cfg.cache.items():
-        ccfg = ccfg.model_copy(update={"mlflow": nested_mlflow(stage_mlflow, ccfg.mlflow)})
-        c = run_cache(ccfg, progress=progress)
-        res.features_written[name] = c.written
-        res.failed += [{"stage": f"cache.{name}", **f} for f in c.failed]
-        res.summaries.append(c.summary())
-    for name, ecfg in cfg.embed.items():
-        ecfg = ecfg.model_copy(update={"mlflow": nested_mlflow(stage_mlflow, ecfg.mlflow)})
-        e = run_embed(ecfg, progress=progress)
-        res.bags_written[name] = e.written
-        res.failed += [{"stage": f"embed.{name}", **f} for f in e.failed]
-        res.summaries.append(e.summary())
+    # cache and embed: the same steps, each run nested under the retrain run in MLflow.
+    for stage, stages, run, written in (("cache", cfg.cache, run_cache, res.features_written),
+                                        ("embed", cfg.embed, run_embed, res.bags_written)):
+        for name, scfg in stages.items():
+            scfg = scfg.model_copy(update={"mlflow": nested_mlflow(stage_mlflow, scfg.mlflow)})
+            out = run(scfg, progress=progress)
+            written[name] = out.written
+            res.failed += [{"stage": f"{stage}.{name}", **f} for f in out.failed]
+            res.summaries.append(out.summary())
     return res
 
 

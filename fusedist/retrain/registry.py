@@ -83,12 +83,13 @@ class Registry:
                 return None
             raise
 
-    def latest(self, name: str) -> Version | None:
-        """The newest version of ``name`` (alias or not); None when it has none."""
+    def _newest(self, name: str, condition: str = "") -> Version | None:
+        """The newest version of ``name`` matching ``condition``; None when there is none."""
         from mlflow.exceptions import MlflowException
 
         try:
-            found = self.client.search_model_versions(f"name = '{name}'", max_results=1,
+            found = self.client.search_model_versions(f"name = '{name}'{condition}",
+                                                      max_results=1,
                                                       order_by=["version_number DESC"])
         except MlflowException as e:
             if _missing(e):
@@ -96,22 +97,16 @@ class Registry:
             raise
         return _version(found[0]) if found else None
 
+    def latest(self, name: str) -> Version | None:
+        """The newest version of ``name`` (alias or not); None when it has none."""
+        return self._newest(name)
+
     def get(self, name: str, version: str) -> Version:
         return _version(self.client.get_model_version(name, version))
 
     def find(self, name: str, tag: str, value: str) -> Version | None:
         """The newest version of ``name`` whose tag ``tag`` is ``value`` (a resumed run's)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            found = self.client.search_model_versions(
-                f"name = '{name}' and tag.`{tag}` = '{value}'", max_results=1,
-                order_by=["version_number DESC"])
-        except MlflowException as e:
-            if _missing(e):
-                return None
-            raise
-        return _version(found[0]) if found else None
+        return self._newest(name, f" and tag.`{tag}` = '{value}'")
 
     def download(self, v: Version, dest: str, artifact: str) -> str:
         """The model folder of ``v`` (its pyfunc artifact ``artifact``: ``model`` for a fused
