@@ -151,30 +151,83 @@ def test_tile_and_cache_on_a_gpu_group_that_autoscales_from_zero(autoscaling, tm
     assert autoscaling.gpu_node_ids() == set(), "the idle GPU group did not scale back to 0"
 
 
-def test_multinode_distill_on_a_node_local_storage_path_fails_before_any_work(multinode,
-                                                                            tmp_path):
-    """Each node would checkpoint to its own disk: refused at start, with the fix, and
-    nothing is written (no run folder, no Ray Train worker started)."""
+def test_multinode_distill_refuses_local_storage_and_survives_losing_rank_1s_node(
+        multinode, tmp_path, s3_bucket, moto_server):
+    """distill on head(CPU 0) + 2 worker nodes, one Ray Train worker each.
+
+    A node-local ``storage_path`` is refused before any work, with the fix. On S3 (moto),
+    rank 1 stops mid-epoch and its node is removed, as a lost pod would be: Ray Train restarts
+    the group from the last committed checkpoint once the replacement node joins (each worker
+    reserves a whole node, so the group cannot restart on the survivor alone), the run
+    finishes, and the committed sample log shows every sample exactly once per epoch."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fusedist import storage
     from fusedist.config import ConfigError
+    from fusedist.distill.checkpoint import find_checkpoint, read_sample_log, read_state
     from fusedist.distill.config import DistillConfig
+    from fusedist.distill.data import steps_per_epoch
     from fusedist.distill.train import run_distill
     from fusedist.tiling import run_tile
     from tests.test_tiling import tile_cfg
 
-    run_tile(tile_cfg(known_slides(tmp_path / "slides", 1), tmp_path / "tiles", dataset="pairs",
-                      mode="pairs", min_tissue=0.1, samples_per_shard=4), progress=False)
+    tiles = run_tile(tile_cfg(known_slides(tmp_path / "slides", 1), tmp_path / "tiles",
+                              dataset="pairs", mode="pairs", min_tissue=0.1,
+                              samples_per_shard=4), progress=False)
     _cache(tmp_path / "tiles" / "pairs", tmp_path / "f")
+    spe = steps_per_epoch(tiles.manifest["totals"]["tiles"], 2, 1, 1, 1)
+    assert spe >= 2, spe
+    base = dict(tiles=str(tmp_path / "tiles" / "pairs"), teacher="test-vit",
+                features=str(tmp_path / "f" / "test-vit" / "pairs"),
+                student={"name": "test-vit"}, batch={"micro_batch": 1, "loader_workers": 1},
+                scaling={"num_workers": 2, "cpus_per_worker": 2}, mlflow={"enabled": False})
     runs = tmp_path / "runs"
-    cfg = DistillConfig(tiles=str(tmp_path / "tiles" / "pairs"),
-                        features=str(tmp_path / "f" / "test-vit" / "pairs"), teacher="test-vit",
-                        storage_path=str(runs), run_name="r", student={"name": "test-vit"},
-                        batch={"micro_batch": 1, "loader_workers": 1},
-                        scaling={"num_workers": 2},
-                        ray={"address": multinode.address}, mlflow={"enabled": False})
+    local = DistillConfig(**base, storage_path=str(runs), run_name="r",
+                          ray={"address": multinode.address})
     with pytest.raises(ConfigError, match=r"local folder .* this Ray cluster has 3 nodes.*"
                                           r"storage_path=s3://.*storage_shared=true"):
-        run_distill(cfg, progress=False)
+        run_distill(local, progress=False)
     assert not runs.exists()
+
+    # Epoch-end checkpoints only: rank 1 stops in the middle of epoch 2, which restarts at spe.
+    at = spe + spe // 2
+    cfg = DistillConfig(**base, storage_path=f"{s3_bucket}/runs", run_name="lost", epochs=2,
+                        checkpoint={"every_steps": 1000}, max_failures=1,
+                        fault={"at_step": at, "rank": 1, "mode": "hang"},
+                        storage={"endpoint_url": moto_server}, export={"enabled": False})
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", "distill", "-c",
+                             str(tmp_path / "distill.yaml"), "-q"],
+                            env=dict(os.environ, RAY_ADDRESS=multinode.address),
+                            cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        marker = f"{s3_bucket}/runs/lost/_fault/step-{at}-rank-1"
+        deadline = time.monotonic() + 300
+        while not storage.exists(marker) and proc.poll() is None:
+            assert time.monotonic() < deadline, "rank 1 never reached the fault step"
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        lost = storage.read_text(marker).strip()
+        (node,) = [w for w in multinode.gpu_workers if w.node_id == lost]
+        multinode.remove(node)  # the pod of rank 1 is gone, with its raylet and processes
+        replacement = multinode.add_gpu_worker()  # KubeRay starts a new pod for the group
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert lost not in multinode.alive_node_ids() and replacement.node_id != lost
+    state = read_state(find_checkpoint(f"{s3_bucket}/runs/lost"))
+    assert state.step == 2 * spe and state.resumes == [spe]
+    log = read_sample_log(f"{s3_bucket}/runs/lost")
+    assert sorted(log) == [0, 1]
+    for epoch, got in log.items():  # committed work only: the lost half-epoch is not in it
+        assert len(got) == len(set(got)) == 2 * spe, (epoch, sorted(got))
 
 
 def test_tile_across_nodes_from_s3_matches_a_single_node_run(ray_cluster, s3_bucket,

@@ -153,13 +153,18 @@ class ValidationSection(StrictModel):
 
 
 class FaultConfig(StrictModel):
-    """Fault injection for tests: a rank hard-exits once, the run must survive it."""
+    """Fault injection for tests: a rank fails once, the run must survive it."""
 
     at_step: int | None = Field(None, ge=0)
-    """Optimiser step at whose start the rank exits (first attempt only); ``None``: off."""
+    """Optimiser step at whose start the rank fails (first attempt only); ``None``: off."""
 
     rank: int = Field(1, ge=0)
-    """The rank that exits."""
+    """The rank that fails."""
+
+    mode: Literal["exit", "hang"] = "exit"
+    """``exit``: the rank's process hard-exits. ``hang``: the rank writes its Ray node id into
+    the marker (``<run>/_fault/step-<s>-rank-<r>``) and stops there, so a test can remove that
+    node, as a lost pod would take it (tests/test_cluster.py)."""
 
 
 class ExportSection(StrictModel):

@@ -88,8 +88,9 @@ def build_engine(cfg: DistillConfig, teacher_dim: int) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------- worker loop
 
 def _maybe_fail(cfg: DistillConfig, step: int, rank: int, ckpt: Checkpointer) -> None:
-    """Test hook: hard-exit ``fault.rank`` at ``fault.at_step``, on the first attempt only,
-    once the checkpoint before it is committed (so the test knows where the run resumes)."""
+    """Test hook: ``fault.rank`` fails at ``fault.at_step``, on the first attempt only, once the
+    checkpoint before it is committed (so the test knows where the run resumes): it hard-exits,
+    or (``hang``) names its node in the marker and waits for the test to remove that node."""
     f = cfg.fault
     if f.at_step is None or step != f.at_step or rank != f.rank:
         return
@@ -97,6 +98,13 @@ def _maybe_fail(cfg: DistillConfig, step: int, rank: int, ckpt: Checkpointer) ->
     if storage.exists(marker):
         return
     ckpt.wait_committed()
+    if f.mode == "hang":
+        import ray
+
+        storage.write_text(marker, ray.get_runtime_context().get_node_id() + "\n")
+        log.error("fault injection: rank %d stops at step %d until its node is lost", rank, step)
+        while True:
+            time.sleep(1)
     storage.write_text(marker, "injected\n")
     log.error("fault injection: rank %d exits at step %d", rank, step)
     os._exit(17)

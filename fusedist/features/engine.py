@@ -12,11 +12,13 @@ so a re-run computes every feature from the same batch and writes the same bytes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import pickle
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -64,6 +66,7 @@ class PoolSpec:
     gpus_per_actor: float
     cpus_per_actor: float
     decode_cpus: float
+    start_timeout_s: float = 1800.0  # for the first min_actors actors (before any decode)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -241,6 +244,19 @@ class EngineStats:
     decode_pids: set[int] = field(default_factory=set)
     actor_pids: set[int] = field(default_factory=set)
     actor_nodes: set[str] = field(default_factory=set)
+    # Seconds from the engine's start to the first and the last chunk's row: the first is the
+    # fixed cost (Ray Data start, actors spawned and their encoders built), and the inputs
+    # after the first chunk over (last - first) are the steady-state rate.
+    first_row_s: float | None = None
+    last_row_s: float = 0.0
+    inputs_after_first: int = 0
+
+    @property
+    def steady_rate(self) -> float | None:
+        """Encoder inputs per second after the first chunk (None with fewer than 2 chunks)."""
+        span = self.last_row_s - (self.first_row_s or 0.0)
+        return self.inputs_after_first / span if self.first_row_s is not None and span > 0 \
+            else None
 
 
 def decode_memory(spec: EngineSpec) -> int:
@@ -269,12 +285,49 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     ``on_group(id, entry, error)`` with its done-entry (or the first shard error of the group,
     entry None). A shard whose bytes do not hash to its given sha256 fails; ``finish`` sees
     the hash actually read as ``ShardResult.sha256``."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     stats = EngineStats()
     if not shards:
         return stats
+    with _actors_first(pool):
+        return _run(spec, shards, groups, finish, on_group, pool, stats)
+
+
+@contextlib.contextmanager
+def _actors_first(pool: PoolSpec) -> Iterator[None]:
+    """Ray Data starts the pool's first ``min_actors`` actors before any decode task.
+
+    Otherwise decode tasks (a fraction of a CPU each) start first and can take the CPUs an
+    actor needs: on 1-CPU nodes a node with two decode tasks running has no room for a
+    0.75-CPU actor, and that actor waits while work piles up on the other node."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = pool.start_timeout_s
+    try:
+        yield
+    except Exception as e:
+        import ray
+
+        if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
+            raise RuntimeError(
+                f"the encoder actors ({pool.min_actors} x {pool.gpus_per_actor:g} GPU, "
+                f"{pool.cpus_per_actor:g} CPU) were not placed within "
+                f"{pool.start_timeout_s:g} s: the cluster has no node with those resources. "
+                "Add (or let the autoscaler add) such nodes, lower engine.min_actors or "
+                "engine.cpus_per_actor, or raise engine.actor_start_timeout_s") from None
+        raise
+    finally:
+        ctx.wait_for_min_actors_s = before
+
+
+def _run(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group], finish: Finish,
+         on_group: Callable[[str, dict | None, str], None], pool: PoolSpec,
+         stats: EngineStats) -> EngineStats:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    t0 = time.perf_counter()
     ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
                                "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],
                              override_num_blocks=len(shards))
@@ -311,6 +364,11 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
         stats.rows += 1
         stats.bytes_received += sum(v.nbytes for v in batch.values())
         row = {k: v[0] for k, v in batch.items()}
+        stats.last_row_s = time.perf_counter() - t0
+        if stats.first_row_s is None:
+            stats.first_row_s = stats.last_row_s
+        else:
+            stats.inputs_after_first += int(row["n"]) * spec.per_sample
         name = str(row["shard"])
         gid = group_of[name]
         stats.decode_pids.add(int(row["decode_pid"]))
