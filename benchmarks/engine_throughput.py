@@ -147,8 +147,7 @@ def main() -> None:
         print(f"| {name} | {rate:.1f} | {rate / plain:.2f} | {rate / ref:.2f} |")
     print(f"max |cache - plain loop| feature difference: {worst:.2e} (float16 storage)")
     print(f"cache engine: first chunk back after {st.first_row_s:.1f} s (Ray Data start, actor "
-          f"spawned, encoder built), then {st.inputs_after_first} tiles in "
-          f"{st.last_row_s - st.first_row_s:.1f} s")
+          f"spawned, encoder built, first forward); {len(st.chunk_times)} chunks")
     print(f"driver intake: {st.bytes_received} B for {len(urls)} shards "
           f"({st.bytes_received / len(urls):.0f} B/shard; features written "
           f"{cache.manifests[enc.spec.name]['totals']['bytes'] / len(urls):.0f} B/shard)")

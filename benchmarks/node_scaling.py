@@ -58,6 +58,7 @@ def run_on(nodes: int, node_cpus: float, tiles: str, out: str, encoder: str,
         shards = next(iter(res.manifests.values()))["totals"]["shards"]
         return {"nodes": nodes, "tiles": res.tiles, "shards": shards,
                 "tiles_per_s": res.tiles / res.engine_seconds, "wall_s": wall,
+                "steady": res.engine.steady_rate or 0.0, "first_s": res.engine.first_row_s or 0.0,
                 "driver_cpu_s_per_shard": cpu / shards,
                 "actor_nodes": len(res.engine.actor_nodes)}
     finally:
@@ -93,12 +94,15 @@ def main() -> None:
                    args.batch_size) for n in (1, 2)]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, CPU; {args.encoder}; "
           f"{args.node_cpus:g} CPU per worker node; load average {os.getloadavg()[0]:.1f}")
-    print("| worker nodes | tiles | shards | engine tiles/s | wall s | driver CPU s / shard |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| worker nodes | tiles | shards | engine tiles/s | steady tiles/s (after 1st chunk) "
+          "| 1st chunk s | wall s | driver CPU s / shard |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['nodes']} | {r['tiles']} | {r['shards']} | {r['tiles_per_s']:.1f} | "
-              f"{r['wall_s']:.1f} | {r['driver_cpu_s_per_shard']:.3f} |")
-    print(f"\n2 vs 1 node throughput: {rows[1]['tiles_per_s'] / rows[0]['tiles_per_s']:.2f}x "
+              f"{r['steady']:.1f} | {r['first_s']:.1f} | {r['wall_s']:.1f} | "
+              f"{r['driver_cpu_s_per_shard']:.3f} |")
+    print(f"\n2 vs 1 node throughput: engine {rows[1]['tiles_per_s'] / rows[0]['tiles_per_s']:.2f}x,"
+          f" steady state {rows[1]['steady'] / max(rows[0]['steady'], 1e-9):.2f}x "
           f"(actors on {rows[1]['actor_nodes']} node(s))")
 
 

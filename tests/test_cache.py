@@ -127,6 +127,12 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_p
     out, stats = run_engine_collect(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]])
     assert len(out) == 3 and all(isinstance(v, dict) for v in out.values())
     assert stats.decode_pids and stats.actor_pids and not stats.decode_pids & stats.actor_pids
+    # Every chunk's work is timed in the actor: the steady-state rate counts only what ran
+    # after the first chunk, so it excludes the start-up that first_row_s measures.
+    total = sum(s["samples"] for s in m["shards"][:3])
+    assert sum(n for _, _, n in stats.chunk_times) == total and len(stats.chunk_times) >= 3
+    assert all(0 < end - start for start, end, _ in stats.chunk_times)
+    assert stats.first_row_s > 0 and stats.steady_rate > 0
     assert not (tmp_path / "parts").exists()  # finish tasks and the end clear the staging
 
 

@@ -221,7 +221,10 @@ class EncoderActor:
         out["actor_pid"] = np.full(rows, os.getpid())
         out["actor_node"] = np.array([self.node] * rows)
         errors = list(out["error"])
+        # Wall-clock bounds of each chunk's work here (EngineStats.steady_rate).
+        out["t_start"], out["t_done"] = np.zeros(rows), np.zeros(rows)
         for r in range(rows):
+            out["t_start"][r] = time.time()
             if errors[r]:
                 continue
             shard, n = str(out["shard"][r]), int(out["n"][r])
@@ -230,6 +233,7 @@ class EncoderActor:
             errors[r] = self._nan_error(shard, keys, feats)
             if not errors[r]:
                 write_part(self.spec.staging, shard, int(out["chunk"][r]), keys, feats)
+            out["t_done"][r] = time.time()
         out["error"] = np.array(errors)
         return out
 
@@ -244,19 +248,23 @@ class EngineStats:
     decode_pids: set[int] = field(default_factory=set)
     actor_pids: set[int] = field(default_factory=set)
     actor_nodes: set[str] = field(default_factory=set)
-    # Seconds from the engine's start to the first and the last chunk's row: the first is the
-    # fixed cost (Ray Data start, actors spawned and their encoders built), and the inputs
-    # after the first chunk over (last - first) are the steady-state rate.
+    # Seconds from the engine's start to the first chunk's row: the fixed cost (Ray Data
+    # start, actors spawned and their encoders built, the first chunk's forward).
     first_row_s: float | None = None
-    last_row_s: float = 0.0
-    inputs_after_first: int = 0
+    # (wall-clock start, end, encoder inputs) of each chunk's work in an actor.
+    chunk_times: list[tuple[float, float, int]] = field(default_factory=list)
 
     @property
     def steady_rate(self) -> float | None:
-        """Encoder inputs per second after the first chunk (None with fewer than 2 chunks)."""
-        span = self.last_row_s - (self.first_row_s or 0.0)
-        return self.inputs_after_first / span if self.first_row_s is not None and span > 0 \
-            else None
+        """Encoder inputs per second once the first chunk is done: the inputs of the chunks
+        that started after it, over the time from its end to the last chunk's end (None with
+        fewer than 2 chunks). Start-up is excluded; decode, transfer and writes are not."""
+        if len(self.chunk_times) < 2:
+            return None
+        first = min(end for _, end, _ in self.chunk_times)
+        later = [(end, n) for start, end, n in self.chunk_times if start >= first]
+        span = max((end for end, _ in later), default=first) - first
+        return sum(n for _, n in later) / span if later and span > 0 else None
 
 
 def decode_memory(spec: EngineSpec) -> int:
@@ -364,11 +372,10 @@ def _run(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group], finish
         stats.rows += 1
         stats.bytes_received += sum(v.nbytes for v in batch.values())
         row = {k: v[0] for k, v in batch.items()}
-        stats.last_row_s = time.perf_counter() - t0
         if stats.first_row_s is None:
-            stats.first_row_s = stats.last_row_s
-        else:
-            stats.inputs_after_first += int(row["n"]) * spec.per_sample
+            stats.first_row_s = time.perf_counter() - t0
+        stats.chunk_times.append((float(row["t_start"]), float(row["t_done"]),
+                                  int(row["n"]) * spec.per_sample))
         name = str(row["shard"])
         gid = group_of[name]
         stats.decode_pids.add(int(row["decode_pid"]))
