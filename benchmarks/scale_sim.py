@@ -203,7 +203,7 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     from fusedist.config import config_digest
     from fusedist.features.cache import TeacherInfo, _state
     from fusedist.features.cache import _manifest as feature_manifest
-    from fusedist.features.embed import _slide_digest
+    from fusedist.features.embed import _slide_digest, bag_state
     from fusedist.tiling.config import TileConfig
     from fusedist.tiling.job import MANIFEST, _assign_shards, _identity, discover
     from fusedist.tiling.job import _manifest as tile_manifest
@@ -280,9 +280,13 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
             xy = np.asarray(r["coords"][:4], np.int64).reshape(-1, 2)
             if len(xy) < 4:
                 xy = np.array([[0, 0], [1792, 0], [0, 1792], [1792, 1792]], np.int64)
-            write_bag(bag_url(bags_url, enc, r["slide_id"]),
-                      Bag(r["slide_id"], f, xy, enc, 0.5, 224,
-                          {"weights_digest": f"w-{enc}", "source_digest": sd}))
+            url = bag_url(bags_url, enc, r["slide_id"])
+            write_bag(url, Bag(r["slide_id"], f, xy, enc, 0.5, 224,
+                               {"weights_digest": f"w-{enc}", "source_digest": sd}))
+            # The done-entry embed's finish task writes beside each bag.
+            bag_state(bags_url, enc).write(r["slide_id"], {
+                "weights_digest": f"w-{enc}", "source_digest": sd,
+                "bytes": Path(url).stat().st_size})
     labels_url = str(root / "labels.csv")
     extra = slide_ids(np.random.default_rng(seed + 1), max(1, n_slides // 200))
     with open(labels_url, "w", newline="") as f:
@@ -404,7 +408,7 @@ def bench_cache_embed(w: World, out: dict[str, Point], memory: bool) -> None:
     from fusedist.bags import bag_is_current, bag_url
     from fusedist.features.cache import _done_entries, _manifest
     from fusedist.features.config import CacheConfig
-    from fusedist.features.embed import _slide_digest
+    from fusedist.features.embed import _slide_digest, bags_to_do
     from fusedist.features.runtime import read_tile_manifest
 
     tm = read_tile_manifest(w.dataset_url)
@@ -432,7 +436,7 @@ def bench_cache_embed(w: World, out: dict[str, Point], memory: bool) -> None:
     shard_sha = {s["name"]: s["sha256"] for s in tm["shards"]}
     slides = [s for s in tm["slides"] if s["status"] == "ok" and s["shards"]]
 
-    def embed_plan():  # _embed_group's per-slide check, as written there
+    def embed_plan_hdf5():  # the check before done-entries: every bag's HDF5 opened
         todo = 0
         for s in slides:
             digest = _slide_digest(s, shard_sha)
@@ -442,9 +446,17 @@ def bench_cache_embed(w: World, out: dict[str, Point], memory: bool) -> None:
                     todo += 1
         return todo
 
-    p, todo = measure(embed_plan, memory)
+    def embed_plan():  # _embed_group's check: done-entries, one listing per encoder
+        todo, _ = bags_to_do(w.bags_url, {e: f"w-{e}" for e in w.encoders}, slides, shard_sha)
+        return sum(len(v) for v in todo.values())
+
+    p, todo = measure(embed_plan_hdf5, memory)
     p.extra["todo"] = todo
-    out["embed: which bags to do (bag_is_current)"] = p
+    out["embed: which bags to do (every HDF5 opened, before)"] = p
+    p, todo2 = measure(embed_plan, memory)
+    assert todo2 == todo, (todo2, todo)
+    p.extra["todo"] = todo2
+    out["embed: which bags to do (done-entries, `bags_to_do`)"] = p
 
 
 def _stub_tars(w: World, pieces) -> None:

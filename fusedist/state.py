@@ -11,6 +11,7 @@ are this module's, once for every stage:
 
     tile      <dataset>/_state/slides/<slide>.json, _state/shards/<shard>.json
     cache     <features>/<teacher>/<dataset>/_state/shards/<shard>.json
+    embed     <output>/_state/bags/<encoder>/<slide>.json (beside <output>/<encoder>/<slide>.h5)
     fuse      <output>/_state/digest.json, _state/fold-NN.json
     distill   <storage_path>/<run_name>/_state/digest.json (what the run trains: student,
               teacher and its weights, data); its progress is the checkpoints and sample log

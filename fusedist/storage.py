@@ -517,8 +517,9 @@ def _is_temp_name(name: str) -> bool:
 _LIST_PAGE_SIZE = 1000  # S3's maximum; tests lower it to exercise pagination
 
 
-def _list_s3(url: str, delimiter: str) -> Iterator[str]:
-    """Keys (and common prefixes, with a delimiter) under ``url``, relative to it."""
+def _list_s3(url: str, delimiter: str, sizes: dict[str, int] | None = None) -> Iterator[str]:
+    """Keys (and common prefixes, with a delimiter) under ``url``, relative to it; with
+    ``sizes``, each key's size in bytes is recorded there too (the listing carries it)."""
     bucket, prefix = split_s3(url)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
@@ -529,6 +530,8 @@ def _list_s3(url: str, delimiter: str) -> Iterator[str]:
         page = _call(url, "LIST", "list_objects_v2",
                      **kw, **({"ContinuationToken": token} if token else {}))
         for o in page.get("Contents", []):
+            if sizes is not None:
+                sizes[o["Key"][len(prefix):]] = int(o["Size"])
             yield o["Key"][len(prefix):]
         for cp in page.get("CommonPrefixes", []):
             yield cp["Prefix"][len(prefix):]
@@ -548,6 +551,21 @@ def listdir(url: str, suffix: str = "") -> list[str]:
         names = {e.name + ("/" if e.is_dir() else "") for e in p.iterdir()
                  if not _is_temp_name(e.name)}
     return sorted(n for n in names if n and n.endswith(suffix))
+
+
+def file_sizes(url: str, suffix: str = "") -> dict[str, int]:
+    """{name: bytes} of the files directly under ``url`` ending in ``suffix``: one listing on
+    S3 (the sizes come with it), a stat per file on local disk."""
+    if is_s3(url):
+        sizes: dict[str, int] = {}
+        for _ in _list_s3(url, "/", sizes):
+            pass
+        return {n: b for n, b in sizes.items() if n.endswith(suffix) and "/" not in n}
+    p = local_path(url)
+    if not p.is_dir():
+        return {}
+    return {e.name: e.stat().st_size for e in p.iterdir()
+            if e.is_file() and e.name.endswith(suffix) and not _is_temp_name(e.name)}
 
 
 def walk_files(url: str) -> list[str]:

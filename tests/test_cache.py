@@ -321,6 +321,22 @@ def test_embed_bags_from_grid_tiles_and_from_slides(datasets, tmp_path):
         np.testing.assert_allclose(bag.features[0], enc.embed(uint8_chw(first)[None])[0].numpy(),
                                    rtol=1e-4, atol=1e-4)
     assert run_embed(cfg, progress=False).written == 0  # resumable per slide: all current
+    # The re-run's check reads done-entries, not every HDF5 file: a bag cut short is stale (its
+    # size is not the entry's), a bag whose entry is gone is asked itself (still current).
+    from fusedist.features.embed import bag_state, bags_to_do
+
+    out, slides = str(tmp_path / "bags"), [s for s in tm["slides"] if s["shards"]]
+    sha = {s["name"]: s["sha256"] for s in tm["shards"]}
+    sids = [s["slide_id"] for s in slides]
+    weights = {n: bag_state(out, n).read(sids[0])["weights_digest"] for n in res.bags}
+    assert bags_to_do(out, weights, slides, sha) == ({}, len(weights) * len(slides))
+    cut = tmp_path / "bags" / "test-convnext" / f"{sids[0]}.h5"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    bag_state(out, "test-convnext").delete(sids[1])
+    todo, skipped = bags_to_do(out, weights, slides, sha)
+    assert todo == {sids[0]: ["test-convnext"]} and skipped == len(weights) * len(slides) - 1
+    other = dict(weights, **{"test-convnext": "other-weights"})
+    assert sorted(bags_to_do(out, other, slides, sha)[0]) == sorted(sids)  # entry or file
     # From slides: tiled first at the encoder's resolution, then embedded.
     cfg2 = load_config(EmbedConfig, None, ["engine.batch_size=32", "mlflow.enabled=false"],
                        slides=str(datasets / "slides"), output=str(tmp_path / "b2"),

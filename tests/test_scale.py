@@ -62,6 +62,9 @@ def test_scale_sim_smallest_quick_scale(tmp_path, capsys):
     assert cache["todo"] == 0
     # One listing + one read per done-entry: no request per shard to ask whether it exists.
     assert cache["storage_ops"] == {"listdir": 1, "read_json": res["shards"]}
+    # embed's done-entry check finds exactly what opening every bag finds (one bag missing).
+    assert pts["embed: which bags to do (done-entries, `bags_to_do`)"].extra["todo"] == \
+        pts["embed: which bags to do (every HDF5 opened, before)"].extra["todo"] == 1
     rerun = pts["tile: re-run skip check (run_tile, all done)"].extra
     assert rerun["tasks"] == {}
     # The input folder and the manifest (a constant), never one request per shard.

@@ -24,6 +24,7 @@ from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_man
                                        shard_progress)
 from fusedist.preflight import check_embed
 from fusedist.runtime import init_ray
+from fusedist.state import StageState
 
 log = logging.getLogger("fusedist.embed")
 
@@ -106,16 +107,14 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     shard_sha = {s["name"]: s["sha256"] for s in tm["shards"]}
     samples = {s["name"]: s["samples"] for s in tm["shards"]}
     slides = [s for s in tm["slides"] if s["status"] == "ok" and s["shards"]]
-    todo: dict[str, list] = {}  # slide -> encoders whose bag is missing or stale
-    for s in slides:
-        digest = _slide_digest(s, shard_sha)
-        for e in encoders:
-            url = bag_url(cfg.output, e.spec.name, s["slide_id"])
-            result.bags.setdefault(e.spec.name, {})[s["slide_id"]] = url
-            if bag_is_current(url, {"weights_digest": e.weights_digest, "source_digest": digest}):
-                result.skipped += 1
-            else:
-                todo.setdefault(s["slide_id"], []).append(e)
+    for e in encoders:
+        result.bags[e.spec.name] = {s["slide_id"]: bag_url(cfg.output, e.spec.name, s["slide_id"])
+                                    for s in slides}
+    stale, result.skipped = bags_to_do(cfg.output, {e.spec.name: e.weights_digest
+                                                    for e in encoders}, slides, shard_sha)
+    by_name = {e.spec.name: e for e in encoders}
+    # slide -> encoders whose bag is missing or stale
+    todo = {sid: [by_name[n] for n in names] for sid, names in stale.items()}
     by_id = {s["slide_id"]: s for s in slides}
     shard_list = [(n, samples[n], shard_sha[n]) for sid in todo for n in by_id[sid]["shards"]]
     device, pool, threads = engine_pool(cfg.engine, cfg.ray)
@@ -149,6 +148,43 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
 
         result.engine.append(run_engine(spec, shard_list, groups, _finish_slide, on_group,
                                         pool))
+
+
+def bag_state(output: str, encoder: str) -> StageState:
+    """``<output>/_state/bags/<encoder>/<slide>.json``: a bag's done-entry (its weights and
+    source digests and its size), written right after the bag by the same finish task."""
+    return StageState(output, "bags", encoder)
+
+
+def bags_to_do(output: str, weights: dict[str, str], slides: list[dict],
+               shard_sha: dict[str, str]) -> tuple[dict[str, list[str]], int]:
+    """({slide: [encoders whose bag is missing or stale]}, bags already current).
+
+    A bag is current when its done-entry names this encoder's weights digest and the slide's
+    source digest and the file is there with the size the entry recorded (one listing and
+    concurrent small reads per encoder: ~10,000 HDF5 opens, several ranged GETs each on S3,
+    were the cost). A bag with no entry (written before entries existed) is asked itself
+    (:func:`bag_is_current`), so nothing made earlier is redone or trusted blindly."""
+    digests = {s["slide_id"]: _slide_digest(s, shard_sha) for s in slides}
+    todo: dict[str, list[str]] = {}
+    skipped = 0
+    for name, wd in weights.items():
+        entries = bag_state(output, name).read_many(digests)
+        sizes = storage.file_sizes(storage.join(output, name), ".h5")
+        for sid, digest in digests.items():
+            want = {"weights_digest": wd, "source_digest": digest}
+            e, size = entries.get(sid), sizes.get(f"{sid}.h5")
+            if size is None:
+                current = False
+            elif e is not None:
+                current = e.get("bytes") == size and all(e.get(k) == v for k, v in want.items())
+            else:
+                current = bag_is_current(bag_url(output, name, sid), want)
+            if current:
+                skipped += 1
+            else:
+                todo.setdefault(sid, []).append(name)
+    return todo, skipped
 
 
 def _refs_for(cfg: EmbedConfig, encoders: list) -> list[tuple[str, str | None]]:
@@ -265,7 +301,11 @@ def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict
             attrs["encoder_weights"] = e.weights
         bag = Bag(slide_id=sid, features=feats, coords=coords, encoder=e.name, mpp=tile_mpp,
                   tile_size=size, attrs=attrs)
-        write_bag(bag_url(job.output, e.name, sid), bag)
+        url = bag_url(job.output, e.name, sid)
+        write_bag(url, bag)
+        bag_state(job.output, e.name).write(sid, {
+            "weights_digest": e.weights_digest, "source_digest": job.digest,
+            "bytes": storage.size(url)})
     return {"tiles": len(keys), "bags": len(job.encoders)}
 
 
