@@ -463,15 +463,26 @@ def _stub_tars(w: World, pieces) -> None:
     """Tiny real tars (one 1-byte member per sample) for the shards of ``pieces``."""
     from fusedist import shards, storage
 
+    import hashlib
+
     by_name = {sp["name"]: sp for sp in w.specs}
+    sha: dict[str, dict[str, str]] = {w.dataset_url: {}, w.feats_url: {}}
     for piece in pieces:
         sp = by_name[piece.shard.name]
         rec = sp["record"]
         keys = [f"{rec['slide_id']}/{x}_{y}" for x, y in rec["coords"][sp["start"]:sp["stop"]]]
-        shards.write_shard(storage.join(w.dataset_url, sp["name"]),
-                           ((k, {"lo.jpg": b"\xff"}) for k in keys))
-        shards.write_shard(storage.join(w.feats_url, sp["name"]),
-                           ((k, {f"{TEACHER}.npy": b"\x00"}) for k in keys))
+        for root, member in ((w.dataset_url, {"lo.jpg": b"\xff"}),
+                             (w.feats_url, {f"{TEACHER}.npy": b"\x00"})):
+            url = storage.join(root, sp["name"])
+            shards.write_shard(url, ((k, member) for k in keys))
+            sha[root][sp["name"]] = hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    # The reader checks each shard's bytes against its manifest once it reads to the end:
+    # the manifests list the stubs' hashes (the synthesised ones match no real bytes).
+    for root, got in sha.items():
+        m = storage.read_json(storage.join(root, "manifest.json"))
+        for row in m["shards"]:
+            row["sha256"] = got.get(row["name"], row.get("sha256"))
+        storage.write_json(storage.join(root, "manifest.json"), m)
 
 
 def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
@@ -500,8 +511,9 @@ def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
     per_slot = rd.slot_block(reader.total, n_slots, 0, True)[1]
     mid = per_slot // 2
     take = min(MICRO_BATCH, per_slot - mid)
-    cursor = Cursor(0, (RANKS, WORKERS), {s: mid for s in range(n_slots)}, reader.fingerprint)
     _stub_tars(w, pieces)
+    reader = ShardReader(urls, rank=0, **kw)  # the manifests now list the stubs' hashes
+    cursor = Cursor(0, (RANKS, WORKERS), {s: mid for s in range(n_slots)}, reader.fingerprint)
     streamed = Counter()
     real_iter = rd.iter_tar_samples
 
