@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,7 @@ from fusedist.state import StageState
 from fusedist.tiling.config import TileConfig
 from fusedist.tiling.slide import (Geometry, SlideError, open_slide, plan_geometry, read_thumbnail,
                                    read_tile, resolve_mpp)
+from fusedist.tiling.tiffread import open_reader
 from fusedist.tiling.tissue import draw_overview, tile_fractions, tissue_mask
 
 
@@ -46,6 +48,24 @@ def local_copy(url: str, siblings: list[str]) -> Path:
 def _cached_slide(path: str):
     # Shard tasks of one slide often land on the same worker: reuse the open handle.
     return open_slide(path)
+
+
+def _fast_reader(path: str, reader: str, name: str):
+    """The fast TIFF reader of a slide (None: OpenSlide only), or None for ``reader=openslide``.
+
+    Cached, so the next shard part of the same slide on this worker reuses its decoded tiles;
+    keyed by the file's stat too, as it reads tiles at offsets parsed once (a file replaced
+    between runs in a long-lived worker gets a fresh reader).
+    """
+    if reader == "openslide":
+        return None
+    st = os.stat(path)
+    return _cached_reader(path, name, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, name: str, _stat: tuple):
+    return open_reader(path, _cached_slide(path), name)
 
 
 def _geometry(slide, cfg: TileConfig, mpp0: float, name: str) -> Geometry:
@@ -141,10 +161,11 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
-             geo: Geometry) -> Iterator[tuple[str, dict]]:
+             geo: Geometry, fast=None) -> Iterator[tuple[str, dict]]:
     sid = record["slide_id"]
+    # Coords are row-major (see _grid), so consecutive tiles reuse the fast reader's tiles.
     for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
-        img = read_tile(slide, x, y, geo, record["url"], cfg.resample)
+        img = read_tile(slide, x, y, geo, record["url"], cfg.resample, fast)
         meta = {"slide_id": sid, "dataset": cfg.dataset, "x": x, "y": y,
                 "mpp0": record["mpp0"], "tile_mpp": cfg.target_mpp, "size": cfg.out_size,
                 "tissue": frac}
@@ -165,9 +186,11 @@ def render_part(cfg: TileConfig, record: dict, start: int, stop: int,
     back as a ``failed`` dict for the shard's writer to record."""
     storage.configure(cfg.storage)
     try:
-        slide = _cached_slide(str(local_copy(record["url"], siblings)))
+        path = str(local_copy(record["url"], siblings))
+        slide = _cached_slide(path)
         geo = _geometry(slide, cfg, record["mpp0"], record["url"])
-        return list(_samples(cfg, slide, record, start, stop, geo))
+        fast = _fast_reader(path, cfg.reader, record["url"])
+        return list(_samples(cfg, slide, record, start, stop, geo, fast))
     except SlideError as e:
         return {"status": "failed", "code": e.code, "reason": e.message}
 
@@ -188,9 +211,11 @@ def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str
         if parts:
             samples: Iterator = itertools.chain.from_iterable(parts)
         else:
-            slide = _cached_slide(str(local_copy(record["url"], siblings)))
+            path = str(local_copy(record["url"], siblings))
+            slide = _cached_slide(path)
             geo = _geometry(slide, cfg, record["mpp0"], record["url"])
-            samples = _samples(cfg, slide, record, start, stop, geo)
+            fast = _fast_reader(path, cfg.reader, record["url"])
+            samples = _samples(cfg, slide, record, start, stop, geo, fast)
         info = shards.write_shard(storage.join(dataset_url, name), samples)
     except SlideError as e:
         return {"name": name, "slide_id": record["slide_id"], "status": "failed",

@@ -169,17 +169,33 @@ def shrink(img: Image.Image, size: int, resample: Resample = "reduce") -> Image.
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def read_tile(slide, x0: int, y0: int, geo: Geometry, name: str,
-              resample: Resample = "reduce") -> Image.Image:
-    """The tile whose top-left level-0 corner is (x0, y0), as an ``out_size`` RGB image."""
-    rs = geo.read_size
+def read_region_rgb(slide, x0: int, y0: int, level: int, size: int, name: str) -> Image.Image:
+    """OpenSlide's ``size`` x ``size`` region at level-0 corner (x0, y0), over white, as RGB."""
     try:
-        region = slide.read_region((int(x0), int(y0)), geo.level, (rs, rs))
+        region = slide.read_region((int(x0), int(y0)), level, (size, size))
     except Exception as e:  # noqa: BLE001 - OpenSlideError on corrupt tile data
         raise SlideError("unreadable", f"{name}: reading the region at ({x0}, {y0}) level "
-                         f"{geo.level} failed ({e}); the slide's image data is corrupt: "
+                         f"{level} failed ({e}); the slide's image data is corrupt: "
                          "re-export or re-scan it, or remove it from the input") from None
-    return shrink(_rgba_to_rgb(region), geo.out_size, resample)
+    return _rgba_to_rgb(region)
+
+
+def read_tile(slide, x0: int, y0: int, geo: Geometry, name: str,
+              resample: Resample = "reduce", fast=None) -> Image.Image:
+    """The tile whose top-left level-0 corner is (x0, y0), as an ``out_size`` RGB image.
+
+    ``fast``: a :class:`fusedist.tiling.tiffread.TiffReader` for this slide, used for the
+    regions it accepts (the same pixels as OpenSlide's); OpenSlide reads the rest.
+    """
+    rs = geo.read_size
+
+    def reference() -> Image.Image:
+        return read_region_rgb(slide, x0, y0, geo.level, rs, name)
+
+    region = fast.region(x0, y0, geo.level, rs, reference) if fast is not None else None
+    if region is None:
+        region = reference()
+    return shrink(region, geo.out_size, resample)
 
 
 def read_thumbnail(slide, thumb_mpp: float, mpp0: float, name: str) -> tuple[np.ndarray, float]:
