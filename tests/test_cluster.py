@@ -256,7 +256,7 @@ def test_tile_across_nodes_from_s3_matches_a_single_node_run(ray_cluster, s3_buc
 def test_fusedist_launch_submits_a_stage_to_the_multinode_head(tmp_path):
     """`fusedist launch tile` from outside the cluster, through the Jobs API of a CPU-0 head
     with 2 worker nodes: the job's driver runs on the head, its tasks on the workers, and the
-    stage completes. Then cache on the same 1-CPU nodes puts one CPU actor on each."""
+    stage completes."""
     import os
     import subprocess
     import sys
@@ -277,20 +277,11 @@ def test_fusedist_launch_submits_a_stage_to_the_multinode_head(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         r = subprocess.run([sys.executable, "-m", "fusedist.launch", "launch", "tile", "-c",
                             "configs/tile/grid.yaml", "--set", f"input={slide}", "--set",
-                            f"output={tmp_path / 'tiles'}", "--set", "dataset=g", "--set",
-                            "samples_per_shard=6", "--address",
+                            f"output={tmp_path / 'tiles'}", "--set", "dataset=g", "--address",
                             f"http://127.0.0.1:{port}"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "1/1 slides ok" in r.stdout and "SUCCEEDED (exit status 0)" in r.stderr
         assert (tmp_path / "tiles" / "g" / "manifest.json").is_file()
-        # On these 1-CPU nodes each CPU actor holds 0.75 CPU beside one 0.25-CPU decode task.
-        # The actors are placed before any decode task, so both nodes get one (decode tasks
-        # started first used to take the CPU the second actor needed).
-        res = _cache(tmp_path / "tiles" / "g", tmp_path / "f",
-                     **{"engine.device": "cpu", "engine.min_actors": 2,
-                        "engine.max_actors": 2})
-        assert not res.failed and res.written
-        assert res.engine.actor_nodes == mn.gpu_node_ids() and len(res.engine.actor_nodes) == 2
     finally:
         stop_multinode(mn)

@@ -66,11 +66,6 @@ class EngineConfig(StrictModel):
     compile: bool = False
     """``torch.compile`` the encoders (worth it on GPUs for long runs)."""
 
-    actor_start_timeout_s: float = Field(1800.0, gt=0)
-    """Seconds the stage waits for its first ``min_actors`` actors to be placed before any
-    decode task starts. Placing the actors first keeps decode tasks from taking the CPUs an
-    actor needs on small nodes; on an autoscaling cluster this is how long a GPU node may take
-    to come up (cloud GPU nodes take minutes) before the stage fails with how to fix it."""
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "EngineConfig":

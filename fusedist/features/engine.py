@@ -12,7 +12,6 @@ so a re-run computes every feature from the same batch and writes the same bytes
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -66,7 +65,6 @@ class PoolSpec:
     gpus_per_actor: float
     cpus_per_actor: float
     decode_cpus: float
-    start_timeout_s: float = 1800.0  # for the first min_actors actors (before any decode)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -296,37 +294,7 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     stats = EngineStats()
     if not shards:
         return stats
-    with _actors_first(pool):
-        return _run(spec, shards, groups, finish, on_group, pool, stats)
-
-
-@contextlib.contextmanager
-def _actors_first(pool: PoolSpec) -> Iterator[None]:
-    """Ray Data starts the pool's first ``min_actors`` actors before any decode task.
-
-    Otherwise decode tasks (a fraction of a CPU each) start first and can take the CPUs an
-    actor needs: on 1-CPU nodes a node with two decode tasks running has no room for a
-    0.75-CPU actor, and that actor waits while work piles up on the other node."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = ctx.wait_for_min_actors_s
-    ctx.wait_for_min_actors_s = pool.start_timeout_s
-    try:
-        yield
-    except Exception as e:
-        import ray
-
-        if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
-            raise RuntimeError(
-                f"the encoder actors ({pool.min_actors} x {pool.gpus_per_actor:g} GPU, "
-                f"{pool.cpus_per_actor:g} CPU) were not placed within "
-                f"{pool.start_timeout_s:g} s: the cluster has no node with those resources. "
-                "Add (or let the autoscaler add) such nodes, lower engine.min_actors or "
-                "engine.cpus_per_actor, or raise engine.actor_start_timeout_s") from None
-        raise
-    finally:
-        ctx.wait_for_min_actors_s = before
+    return _run(spec, shards, groups, finish, on_group, pool, stats)
 
 
 def _run(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group], finish: Finish,

@@ -150,8 +150,7 @@ def engine_pool(cfg: EngineConfig, ray_cfg: RayConfig) -> tuple[str, PoolSpec, i
                                               else node)
     pool = PoolSpec(min_actors=cfg.min_actors, max_actors=cfg.max_actors or cfg.min_actors,
                     gpus_per_actor=cfg.gpus_per_actor if device == "cuda" else 0.0,
-                    cpus_per_actor=cpus, decode_cpus=cfg.decode_cpus,
-                    start_timeout_s=cfg.actor_start_timeout_s)
+                    cpus_per_actor=cpus, decode_cpus=cfg.decode_cpus)
     threads = max(1, round(cpus))
     log.info("engine: %d-%d encoder actor(s) on %s, %g CPU(s) each (%d torch threads), "
              "%g GPU(s) each; decode tasks %g CPU", pool.min_actors, pool.max_actors, device,
