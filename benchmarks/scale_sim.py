@@ -461,9 +461,9 @@ def bench_cache_embed(w: World, out: dict[str, Point], memory: bool) -> None:
 
 def _stub_tars(w: World, pieces) -> None:
     """Tiny real tars (one 1-byte member per sample) for the shards of ``pieces``."""
-    from fusedist import shards, storage
-
     import hashlib
+
+    from fusedist import shards, storage
 
     by_name = {sp["name"]: sp for sp in w.specs}
     sha: dict[str, dict[str, str]] = {w.dataset_url: {}, w.feats_url: {}}

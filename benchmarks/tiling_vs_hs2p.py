@@ -129,13 +129,31 @@ def pixel_costs(slide_path: Path, n: int = 150) -> None:
     def composite(r):
         return Image.alpha_composite(Image.new("RGBA", r.size, (255,) * 4), r).convert("RGB")
 
-    steps = {"before": (composite, lambda im: im.resize((224, 224), Image.Resampling.LANCZOS)),
-             "now": (_rgba_to_rgb, lambda im: shrink(im, 224))}
-    for name, (to_rgb, resize) in steps.items():
+    def openslide_read(x, y):
+        return slide.read_region((x, y), 0, (448, 448))
+
+    def reduce(im):
+        return shrink(im, 224)
+
+    steps = {"before": (openslide_read, composite,
+                        lambda im: im.resize((224, 224), Image.Resampling.LANCZOS)),
+             "now": (openslide_read, _rgba_to_rgb, reduce)}
+    # The default reader (fusedist/tiling/tiffread.py): its regions come out already RGB.
+    from fusedist.tiling.tiffread import open_reader
+
+    fast = open_reader(str(slide_path), openslide.OpenSlide(str(slide_path)), slide_path.name)
+    if fast is not None:
+        steps["now, reader=auto (fusedist's TIFF tile reader)"] = (
+            lambda x, y: fast.region(x, y, 0, 448,
+                                     lambda: _rgba_to_rgb(openslide_read(x, y))),
+            lambda im: im, reduce)
+    else:
+        print("pixels reader=auto: this slide is read by OpenSlide", flush=True)
+    for name, (read, to_rgb, resize) in steps.items():
         cost = dict(read=0.0, rgb=0.0, resize=0.0, jpeg=0.0)
         for x, y in coords:
             t = time.process_time()
-            r = slide.read_region((x, y), 0, (448, 448))
+            r = read(x, y)
             cost["read"] += time.process_time() - t
             t = time.process_time()
             img = to_rgb(r)
@@ -147,26 +165,6 @@ def pixel_costs(slide_path: Path, n: int = 150) -> None:
             img.save(io.BytesIO(), "JPEG", quality=90)
             cost["jpeg"] += time.process_time() - t
         _print_costs(name, cost, len(coords))
-    # The default reader (fusedist/tiling/tiffread.py): regions come out already RGB.
-    from fusedist.tiling.tiffread import open_reader
-
-    fast = open_reader(str(slide_path), openslide.OpenSlide(str(slide_path)), slide_path.name)
-    if fast is None:
-        print("pixels reader=auto: this slide is read by OpenSlide", flush=True)
-        return
-    cost = dict(read=0.0, rgb=0.0, resize=0.0, jpeg=0.0)
-    for x, y in coords:
-        t = time.process_time()
-        img = fast.region(x, y, 0, 448, lambda: _rgba_to_rgb(slide.read_region((x, y), 0,
-                                                                               (448, 448))))
-        cost["read"] += time.process_time() - t
-        t = time.process_time()
-        img = shrink(img, 224)
-        cost["resize"] += time.process_time() - t
-        t = time.process_time()
-        img.save(io.BytesIO(), "JPEG", quality=90)
-        cost["jpeg"] += time.process_time() - t
-    _print_costs("now, reader=auto (fusedist's TIFF tile reader)", cost, len(coords))
 
 
 def _print_costs(name: str, cost: dict[str, float], n: int) -> None:

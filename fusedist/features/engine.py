@@ -291,18 +291,12 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     ``on_group(id, entry, error)`` with its done-entry (or the first shard error of the group,
     entry None). A shard whose bytes do not hash to its given sha256 fails; ``finish`` sees
     the hash actually read as ``ShardResult.sha256``."""
-    stats = EngineStats()
-    if not shards:
-        return stats
-    return _run(spec, shards, groups, finish, on_group, pool, stats)
-
-
-def _run(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group], finish: Finish,
-         on_group: Callable[[str, dict | None, str], None], pool: PoolSpec,
-         stats: EngineStats) -> EngineStats:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    stats = EngineStats()
+    if not shards:
+        return stats
     t0 = time.perf_counter()
     ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
                                "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],

@@ -50,17 +50,22 @@ def _cached_slide(path: str):
     return open_slide(path)
 
 
-def _fast_reader(path: str, reader: str, name: str):
-    """The fast TIFF reader of a slide (None: OpenSlide only), or None for ``reader=openslide``.
+def _open_for_render(cfg: TileConfig, record: dict, siblings: list[str]):
+    """(OpenSlide handle, geometry, fast TIFF reader or None) to render a slide's tiles.
 
-    Cached, so the next shard part of the same slide on this worker reuses its decoded tiles;
-    keyed by the file's stat too, as it reads tiles at offsets parsed once (a file replaced
-    between runs in a long-lived worker gets a fresh reader).
+    The fast reader is None for ``reader=openslide`` or a slide it does not apply to. It is
+    cached, so the next shard part of the same slide on this worker reuses its decoded tiles,
+    and keyed by the file's stat too, as it reads tiles at offsets parsed once (a file
+    replaced between runs in a long-lived worker gets a fresh reader).
     """
-    if reader == "openslide":
-        return None
-    st = os.stat(path)
-    return _cached_reader(path, name, (st.st_ino, st.st_size, st.st_mtime_ns))
+    path = str(local_copy(record["url"], siblings))
+    slide = _cached_slide(path)
+    geo = _geometry(slide, cfg, record["mpp0"], record["url"])
+    fast = None
+    if cfg.reader != "openslide":
+        st = os.stat(path)
+        fast = _cached_reader(path, record["url"], (st.st_ino, st.st_size, st.st_mtime_ns))
+    return slide, geo, fast
 
 
 @functools.lru_cache(maxsize=2)
@@ -160,8 +165,8 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _samples(cfg: TileConfig, slide, record: dict, start: int, stop: int,
-             geo: Geometry, fast=None) -> Iterator[tuple[str, dict]]:
+def _samples(cfg: TileConfig, record: dict, start: int, stop: int, slide, geo: Geometry,
+             fast=None) -> Iterator[tuple[str, dict]]:
     sid = record["slide_id"]
     # Coords are row-major (see _grid), so consecutive tiles reuse the fast reader's tiles.
     for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
@@ -186,11 +191,7 @@ def render_part(cfg: TileConfig, record: dict, start: int, stop: int,
     back as a ``failed`` dict for the shard's writer to record."""
     storage.configure(cfg.storage)
     try:
-        path = str(local_copy(record["url"], siblings))
-        slide = _cached_slide(path)
-        geo = _geometry(slide, cfg, record["mpp0"], record["url"])
-        fast = _fast_reader(path, cfg.reader, record["url"])
-        return list(_samples(cfg, slide, record, start, stop, geo, fast))
+        return list(_samples(cfg, record, start, stop, *_open_for_render(cfg, record, siblings)))
     except SlideError as e:
         return {"status": "failed", "code": e.code, "reason": e.message}
 
@@ -211,11 +212,7 @@ def write_slide_shard(cfg: TileConfig, dataset_url: str, record: dict, name: str
         if parts:
             samples: Iterator = itertools.chain.from_iterable(parts)
         else:
-            path = str(local_copy(record["url"], siblings))
-            slide = _cached_slide(path)
-            geo = _geometry(slide, cfg, record["mpp0"], record["url"])
-            fast = _fast_reader(path, cfg.reader, record["url"])
-            samples = _samples(cfg, slide, record, start, stop, geo, fast)
+            samples = _samples(cfg, record, start, stop, *_open_for_render(cfg, record, siblings))
         info = shards.write_shard(storage.join(dataset_url, name), samples)
     except SlideError as e:
         return {"name": name, "slide_id": record["slide_id"], "status": "failed",
