@@ -27,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench_ray import start_ray  # noqa: E402 - beside this script
+from bench_ray import TreeMemory, start_ray  # noqa: E402 - beside this script
 
 
 def model_only(enc, batch: int, seconds: float) -> float:
@@ -113,8 +113,10 @@ def main() -> None:
     teacher = [{"name": args.encoder, "weights": weights}] if weights else [args.encoder]
     sets = [f"engine.batch_size={args.batch_size}", "mlflow.enabled=false"]
     t = time.perf_counter()
-    cache = run_cache(load_config(CacheConfig, None, sets, tiles=tiles.dataset_url,
-                                  output=str(work / "feats"), teachers=teacher), progress=False)
+    with TreeMemory() as cache_mem:
+        cache = run_cache(load_config(CacheConfig, None, sets, tiles=tiles.dataset_url,
+                                      output=str(work / "feats"), teachers=teacher),
+                          progress=False)
     cache_wall = time.perf_counter() - t
     t = time.perf_counter()
     embed = run_embed(load_config(EmbedConfig, None, sets, tiles=tiles.dataset_url,
@@ -148,6 +150,8 @@ def main() -> None:
     print(f"max |cache - plain loop| feature difference: {worst:.2e} (float16 storage)")
     print(f"cache engine: first chunk back after {st.first_row_s:.1f} s (Ray Data start, actor "
           f"spawned, encoder built, first forward); {len(st.chunk_times)} chunks")
+    print(f"cache memory: {cache_mem} ({n} tiles; run twice with other --size to see it "
+          "stay flat)")
     print(f"driver intake: {st.bytes_received} B for {len(urls)} shards "
           f"({st.bytes_received / len(urls):.0f} B/shard; features written "
           f"{cache.manifests[enc.spec.name]['totals']['bytes'] / len(urls):.0f} B/shard)")

@@ -1,4 +1,4 @@
-"""Deterministic WebDataset shard writing (``webdataset.TarWriter``).
+"""Deterministic WebDataset shard writing: the bytes ``webdataset.TarWriter`` writes.
 
 A shard's bytes depend only on its samples: every tar member has mtime 0, uid/gid 0 and mode
 0644, so a re-run (or a resumed run) reproduces a shard byte for byte and its sha256 can be
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from typing import IO, Iterable, Mapping
 
 from fusedist import storage
@@ -59,17 +60,23 @@ def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, obje
     """Write ``(key, {ext: value})`` samples to ``fileobj`` as a deterministic tar; returns the
     number of samples. Members of a sample are written in sorted extension order.
 
-    ``webdataset.TarWriter`` writes the tar, so shards are WebDataset's own format; fixing its
-    mtime, mode and (empty) owner names keeps the bytes a function of the samples alone.
+    The bytes are exactly ``webdataset.TarWriter(fileobj, user="", group="", mode=0o644,
+    mtime=0, encoder=False, compress=False)``'s (tests/test_shards.py compares them), written
+    here with the stdlib ``tarfile`` that TarWriter itself uses: importing the ``webdataset``
+    package imports torch, ~3 CPU-seconds in every tile task and finisher process that writes
+    a shard. Fixed mtime, mode and (empty) owner names keep the bytes a function of the samples.
     """
-    import webdataset as wds
-
     n = 0
-    # encoder=False: members arrive as bytes (encode_member), so nothing is re-encoded.
-    with wds.TarWriter(fileobj, user="", group="", mode=0o644, mtime=0, encoder=False,
-                       compress=False) as tar:
+    with tarfile.open(fileobj=fileobj, mode="w|") as tar:
         for key, members in samples:
-            tar.write({"__key__": key, **{ext: encode_member(v) for ext, v in members.items()}})
+            for ext in sorted(members):
+                if ext.startswith("_"):  # TarWriter drops metadata entries ("__key__", "_x")
+                    continue
+                data = encode_member(members[ext])
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
             n += 1
     return n
 

@@ -100,19 +100,42 @@ def test_cached_features_equal_teacher_forward(datasets, tmp_path, mode):
 
 
 def features_of(name: str, payload, results) -> dict:
-    """A finish function for engine tests: hands the features back (small test shards)."""
-    return {n: r.features for n, r in results.items()}
+    """A finish function for engine tests: hands the features back (small test shards) and
+    the process that finished the group."""
+    return {**{n: r.features for n, r in results.items()}, "finish_pid": os.getpid()}
 
 
-def run_engine_collect(spec, shards, pool=None) -> tuple[dict, object]:
-    """Run the engine with one group per shard; ({shard: features or error}, stats)."""
+def run_engine_collect(spec, shards, pool=None, finish_pids: set | None = None
+                       ) -> tuple[dict, object]:
+    """Run the engine with one group per shard; ({shard: features or error}, stats). The
+    processes that ran the finish calls are added to ``finish_pids``."""
     from fusedist.features.engine import Group, PoolSpec, run_engine
 
     out: dict = {}
+
+    def on_group(g, e, err):
+        out[g] = err or e[g]
+        if e and finish_pids is not None:
+            finish_pids.add(e["finish_pid"])
+
     stats = run_engine(spec, shards, {n: Group((n,)) for n, _ in shards}, features_of,
-                       lambda g, e, err: out.__setitem__(g, err or e[g]),
-                       pool or PoolSpec(1, 1, 0.0, 1.0, 0.25))
+                       on_group, pool or PoolSpec(1, 1, 0.0, 1.0, 0.25))
     return out, stats
+
+
+def _exits(pid: int, within_s: float) -> bool:
+    """True once process ``pid`` is gone (or a zombie) within ``within_s`` (ray.kill is async)."""
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_path):
@@ -124,16 +147,22 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_p
     spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
                       chunk=16, encoders=(("test-vit", None),), device="cpu",
                       staging=str(tmp_path / "parts"))
-    out, stats = run_engine_collect(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]])
+    finish_pids: set[int] = set()
+    out, stats = run_engine_collect(spec, [(s["name"], s["samples"]) for s in m["shards"][:3]],
+                                    finish_pids=finish_pids)
     assert len(out) == 3 and all(isinstance(v, dict) for v in out.values())
     assert stats.decode_pids and stats.actor_pids and not stats.decode_pids & stats.actor_pids
+    # The 3 groups were finished by one long-lived finisher (no worker start per group), not
+    # by the driver or an encoder actor, and it is gone once the engine returns.
+    assert len(finish_pids) == 1 and not finish_pids & (stats.actor_pids | {os.getpid()})
+    assert _exits(next(iter(finish_pids)), within_s=20)
     # Every chunk's work is timed in the actor: the steady-state rate counts only what ran
     # after the first chunk, so it excludes the start-up that first_row_s measures.
     total = sum(s["samples"] for s in m["shards"][:3])
     assert sum(n for _, _, n in stats.chunk_times) == total and len(stats.chunk_times) >= 3
     assert all(0 < end - start for start, end, _ in stats.chunk_times)
     assert stats.first_row_s > 0 and stats.steady_rate > 0
-    assert not (tmp_path / "parts").exists()  # finish tasks and the end clear the staging
+    assert not (tmp_path / "parts").exists()  # finish calls and the end clear the staging
 
 
 def test_reader_zips_tiles_with_cached_features(datasets, tmp_path):

@@ -1,5 +1,5 @@
-"""Tile and feature shards are WebDataset's format (written by ``webdataset.TarWriter``), with
-bytes fixed by their samples, and ``webdataset.WebDataset`` streams them, local and s3://."""
+"""Tile and feature shards are WebDataset's format (the bytes ``webdataset.TarWriter`` writes),
+with bytes fixed by their samples, and ``webdataset.WebDataset`` streams them, local and s3://."""
 
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def test_shard_bytes_are_fixed_by_the_samples(tmp_path: Path) -> None:
                                              "slide.a/0_0.test-vit.npy"]
     assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == \
         {(0, 0o644, 0, 0, "", "")}
+
+
+def test_shard_bytes_are_webdatasets_own_tarwriter_bytes() -> None:
+    """``write_tar`` skips importing webdataset (it imports torch) but writes exactly what
+    ``webdataset.TarWriter`` writes with the same settings, PAX headers of long keys included."""
+    import webdataset as wds
+
+    samples = _fixed_samples() + [("s/" + "k" * 150, {"img.jpg": b"x" * 700, "_meta": b"m"}),
+                                  ("slide-é/1_2", {"a.npy": b"", "meta.json": "é"})]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    shards.write_tar(ours, samples)
+    with wds.TarWriter(theirs, user="", group="", mode=0o644, mtime=0, encoder=False,
+                       compress=False) as tar:
+        for key, members in samples:
+            tar.write({"__key__": key, **{e: shards.encode_member(v) for e, v in members.items()}})
+    assert ours.getvalue() == theirs.getvalue()
+    assert len(ours.getvalue()) > 5 * 1024
 
 
 def _jpeg(seed: int) -> bytes:

@@ -113,7 +113,7 @@ def _write(t: TeacherInfo, res: ShardResult, source: dict) -> dict:
 
 def _finish_shard(name: str, payload: tuple[list[TeacherInfo], dict],
                   results: dict[str, ShardResult]) -> dict:
-    """Finish task (runs on a worker): write the shard's feature shards and done-entries for
+    """Finish call (runs on a worker): write the shard's feature shards and done-entries for
     the teachers that lack them; returns {teacher: done-entry}."""
     teachers, source = payload
     return {t.name: _write(t, results[name], source) for t in teachers}
@@ -162,7 +162,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                       device=device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=threads, storage_cfg=cfg.storage.model_dump())
-    # One group per shard: its finish task writes each teacher's shard that is not done yet.
+    # One group per shard: its finish call writes each teacher's shard that is not done yet.
     groups = {s["name"]: Group((s["name"],), ([t for t in teachers if s["name"] not in
                                                done[t.name]], s)) for s in todo}
     result = CacheResult(manifests={})

@@ -129,7 +129,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
             "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", ""),
             "tiling": _recipe(tm["config"])}
     refs = _recorded_refs(cfg)
-    # One group per slide: its finish task writes the slide's bags from all its shards.
+    # One group per slide: its finish call writes the slide's bags from all its shards.
     groups = {sid: Group(tuple(by_id[sid]["shards"]),
                          _BagJob(cfg.output, by_id[sid], meta, _slide_digest(by_id[sid], shard_sha),
                                  [_EncInfo(e.spec.name, e.weights_digest, e.random_weights,
@@ -152,7 +152,7 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
 
 def bag_state(output: str, encoder: str) -> StageState:
     """``<output>/_state/bags/<encoder>/<slide>.json``: a bag's done-entry (its weights and
-    source digests and its size), written right after the bag by the same finish task."""
+    source digests and its size), written right after the bag by the same finish call."""
     return StageState(output, "bags", encoder)
 
 
@@ -274,7 +274,7 @@ class _EncInfo:
 
 @dataclass(frozen=True)
 class _BagJob:
-    """What the finish task of one slide needs to write its bags (plain data)."""
+    """What the finish call of one slide needs to write its bags (plain data)."""
 
     output: str
     slide: dict
@@ -284,7 +284,7 @@ class _BagJob:
 
 
 def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict:
-    """Finish task (runs on a worker): one bag per encoder from the slide's shards in order."""
+    """Finish call (runs on a worker): one bag per encoder from the slide's shards in order."""
     ordered = [parts[n] for n in job.slide["shards"]]
     keys = [k for p in ordered for k in p.keys]
     coords = coords_of(keys)

@@ -3,11 +3,12 @@
 Ray Data pipeline: shard names -> (CPU tasks) read + JPEG-decode each shard into chunks of
 uint8 images -> (an autoscaling actor pool, GPUs per actor as configured) every encoder on the
 same decoded chunk, whose features the actor writes as a part -> the driver, which receives
-only small rows, and for each finished group of shards starts a finish task on a worker that
-writes the stage's outputs (fusedist/features/parts.py). No feature array passes through the
-driver. Chunks are cut at fixed sample offsets inside a shard (the last one holds only the
-real remainder: nothing padded runs through a model) and each forward sees exactly one chunk,
-so a re-run computes every feature from the same batch and writes the same bytes.
+only small rows, and for each finished group of shards hands a finish call to a long-lived
+finisher actor on the node of the actor that wrote its last part; that writes the stage's
+outputs (fusedist/features/parts.py). No feature array passes through the driver. Chunks
+are cut at fixed sample offsets inside a shard (the last one holds only the real remainder:
+nothing padded runs through a model) and each forward sees exactly one chunk, so a re-run
+computes every feature from the same batch and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fusedist import storage
-from fusedist.features.parts import FinishTask, Finish, Group
+from fusedist.features.parts import FinishTask, Finish, Group, run_finish
 
 __all__ = ["EngineSpec", "PoolSpec", "EngineStats", "run_engine", "Group"]
 
@@ -272,15 +273,84 @@ def decode_memory(spec: EngineSpec) -> int:
     return 640 * 2**20 + 3 * chunk
 
 
-def _finish_remote():
-    import ray
+class Finisher:
+    """A long-lived writer: finish calls reuse its warm process. A Ray task per group paid a
+    worker start and the stage's imports each time (~1.4 CPU-s per group, measured on the
+    cores the encoder actor computes on); one of these per node costs that once."""
 
-    from fusedist.features.parts import run_finish
+    def warm(self, finish: Finish) -> None:
+        """Nothing to do: receiving ``finish`` imports the stage's module here, ahead of work."""
 
-    # num_cpus=0: a short write must not wait for the CPUs the actors hold until the end; it
-    # is placed on the node of the actor that wrote the group's last part (soft: any node if
-    # that one is gone).
-    return ray.remote(num_cpus=0, max_retries=3)(run_finish)
+    def run(self, task: FinishTask) -> dict:
+        return run_finish(task)
+
+
+class _Finishers:
+    """One ``Finisher`` per node that runs encoder actors, started on that node's first group;
+    a group whose finisher died with its node is finished by a plain retried task instead.
+
+    num_cpus=0: a short write must not wait for the CPUs the actors hold until the end. It is
+    placed on the node of the actor that wrote the group's last part (soft: any node if that one
+    is gone)."""
+
+    def __init__(self, finish: Finish):
+        import ray
+
+        self.ray = ray
+        self.actor_cls = ray.remote(num_cpus=0, max_concurrency=4)(Finisher)
+        self.task_fn = ray.remote(num_cpus=0, max_retries=3)(run_finish)
+        self.by_node: dict[str, object] = {}
+        self.running: dict = {}  # ref -> (group id, task, node or None for a plain task)
+        # A local run (the driver's node computes): start its finisher now, so its start and
+        # imports overlap the encoder actors' own start rather than the first groups' writes.
+        # A cluster's driver sits on a head that computes nothing (num-cpus: 0): no finisher.
+        here = ray.get_runtime_context().get_node_id()
+        if any(n["NodeID"] == here and n["Resources"].get("CPU", 0) > 0 for n in ray.nodes()):
+            self._start(here).warm.remote(finish)
+
+    def _start(self, node: str):
+        if node not in self.by_node:
+            self.by_node[node] = self.actor_cls.options(
+                scheduling_strategy=self._near(node)).remote()
+        return self.by_node[node]
+
+    def _near(self, node: str):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node, soft=True)
+
+    def submit(self, gid: str, task: FinishTask, node: str | None) -> None:
+        if node is None:  # the fallback: a retried task, anywhere
+            self.running[self.task_fn.remote(task)] = (gid, task, None)
+            return
+        self.running[self._start(node).run.remote(task)] = (gid, task, node)
+
+    def collect(self, timeout: float | None) -> Iterator[tuple[str, dict, int]]:
+        """(group id, done-entry, its pickled size) of finished calls; all of them when
+        ``timeout`` is None (waits), else those ready now."""
+        ray = self.ray
+        while self.running:
+            refs = list(self.running)
+            # Waiting: stream entries as they come (progress); polling: take all that are ready.
+            ready, _ = ray.wait(refs, num_returns=1 if timeout is None else len(refs),
+                                timeout=timeout)
+            for ref in ready:
+                gid, task, node = self.running.pop(ref)
+                try:
+                    entry = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    log.warning("the finisher on node %s died (node lost?); finishing group "
+                                "%s in a task elsewhere", node, gid)
+                    self.by_node.pop(node, None)
+                    self.submit(gid, task, None)
+                    continue
+                yield gid, entry, len(pickle.dumps(entry))
+            if timeout is not None:
+                return
+
+    def close(self) -> None:
+        for actor in self.by_node.values():
+            self.ray.kill(actor)
 
 
 def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
@@ -292,7 +362,6 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     entry None). A shard whose bytes do not hash to its given sha256 fails; ``finish`` sees
     the hash actually read as ``ShardResult.sha256``."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     stats = EngineStats()
     if not shards:
@@ -319,54 +388,50 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     sha_read: dict[str, str] = {}  # shard -> sha256 of the bytes its decode task read
     complete: dict[str, set[str]] = {}
     failed: set[str] = set()
-    running: dict = {}  # finish ref -> group id
-    remote = _finish_remote()
+    finishers = _Finishers(finish)
 
     def collect(timeout: float | None) -> None:
-        ready, _ = ray.wait(list(running), num_returns=len(running) if timeout is None else 1,
-                            timeout=timeout)
-        for ref in ready:
-            entry = ray.get(ref)
-            stats.bytes_received += len(pickle.dumps(entry))
-            on_group(running.pop(ref), entry, "")
+        for gid, entry, size in finishers.collect(timeout):
+            stats.bytes_received += size
+            on_group(gid, entry, "")
 
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
-        stats.rows += 1
-        stats.bytes_received += sum(v.nbytes for v in batch.values())
-        row = {k: v[0] for k, v in batch.items()}
-        if stats.first_row_s is None:
-            stats.first_row_s = time.perf_counter() - t0
-        stats.chunk_times.append((float(row["t_start"]), float(row["t_done"]),
-                                  int(row["n"]) * spec.per_sample))
-        name = str(row["shard"])
-        gid = group_of[name]
-        stats.decode_pids.add(int(row["decode_pid"]))
-        stats.actor_pids.add(int(row["actor_pid"]))
-        stats.actor_nodes.add(str(row["actor_node"]))
-        if gid in failed:
-            continue
-        if row["error"]:
-            failed.add(gid)
-            on_group(gid, None, str(row["error"]))
-            continue
-        n_chunks[name] = int(row["n_chunks"])
-        if row["sha256"]:
-            sha_read[name] = str(row["sha256"])
-        chunks.setdefault(name, set()).add(int(row["chunk"]))
-        if len(chunks[name]) < n_chunks[name]:
-            continue
-        complete.setdefault(gid, set()).add(name)
-        if len(complete[gid]) == len(groups[gid].shards):
-            task = FinishTask(spec.staging, spec.storage_cfg, finish, gid, groups[gid],
-                              {s: n_chunks[s] for s in groups[gid].shards},
-                              {s: sha_read.get(s, "") for s in groups[gid].shards})
-            where = NodeAffinitySchedulingStrategy(str(row["actor_node"]), soft=True)
-            running[remote.options(scheduling_strategy=where).remote(task)] = gid
-            stats.groups += 1
-        if running:
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+            stats.rows += 1
+            stats.bytes_received += sum(v.nbytes for v in batch.values())
+            row = {k: v[0] for k, v in batch.items()}
+            if stats.first_row_s is None:
+                stats.first_row_s = time.perf_counter() - t0
+            stats.chunk_times.append((float(row["t_start"]), float(row["t_done"]),
+                                      int(row["n"]) * spec.per_sample))
+            name = str(row["shard"])
+            gid = group_of[name]
+            stats.decode_pids.add(int(row["decode_pid"]))
+            stats.actor_pids.add(int(row["actor_pid"]))
+            stats.actor_nodes.add(str(row["actor_node"]))
+            if gid in failed:
+                continue
+            if row["error"]:
+                failed.add(gid)
+                on_group(gid, None, str(row["error"]))
+                continue
+            n_chunks[name] = int(row["n_chunks"])
+            if row["sha256"]:
+                sha_read[name] = str(row["sha256"])
+            chunks.setdefault(name, set()).add(int(row["chunk"]))
+            if len(chunks[name]) < n_chunks[name]:
+                continue
+            complete.setdefault(gid, set()).add(name)
+            if len(complete[gid]) == len(groups[gid].shards):
+                task = FinishTask(spec.staging, spec.storage_cfg, finish, gid, groups[gid],
+                                  {s: n_chunks[s] for s in groups[gid].shards},
+                                  {s: sha_read.get(s, "") for s in groups[gid].shards})
+                finishers.submit(gid, task, str(row["actor_node"]))
+                stats.groups += 1
             collect(timeout=0)
-    if running:
         collect(timeout=None)
+    finally:
+        finishers.close()
     _clear_staging(spec.staging)
     return stats
 

@@ -3,8 +3,9 @@
 Each encoder actor writes the features of the chunk it embedded as a *part* under a staging
 folder (``<staging>/<shard>/<chunk>.npz``: keys + one float32 array per encoder) and returns a
 small row. When every chunk of every shard of a *group* (cache: one shard; embed: one slide's
-shards) has a part, the driver starts a finish task on a worker that reads the parts, calls the
-stage's ``finish`` function (write feature shards / bags and their done-entries) and deletes
+shards) has a part, the driver hands a finish call to a finisher actor on a worker (one per
+node, engine.py ``Finisher``; a plain retried task if that node is lost) that reads the parts,
+calls the stage's ``finish`` function (write feature shards / bags and their done-entries) and deletes
 the parts. The driver only ever receives those rows and the finish function's done-entry, so
 its traffic and memory do not grow with the features (docs/benchmarks.md measures it).
 """
@@ -77,7 +78,7 @@ def delete_parts(staging: str, shard: str, n_chunks: int) -> None:
 
 @dataclass
 class FinishTask:
-    """Everything a finish task needs (plain data: it travels to a worker)."""
+    """Everything a finish call needs (plain data: it travels to a worker)."""
 
     staging: str
     storage_cfg: dict
@@ -89,7 +90,7 @@ class FinishTask:
 
 
 def run_finish(task: FinishTask) -> dict:
-    """Body of the finish Ray task: parts -> ``finish`` -> done-entry; parts removed after."""
+    """Body of a finish call (finisher actor or task): parts -> ``finish`` -> done-entry; parts removed after."""
     storage.configure(storage.StorageConfig(**task.storage_cfg))
     results = {s: read_shard(task.staging, s, task.n_chunks[s]) for s in task.group.shards}
     for s, res in results.items():
