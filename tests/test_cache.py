@@ -419,3 +419,26 @@ def test_device_comes_from_the_config_not_from_a_startup_snapshot(caplog):
     assert "set engine.device=cuda" in caplog.text and "has 8 GPU(s)" in caplog.text
     with pytest.raises(ValueError, match="max_actors.*below.*min_actors"):
         EngineConfig(min_actors=3, max_actors=2)
+
+
+def test_decode_tasks_can_never_keep_a_cpu_actor_from_its_node(ray_cluster):
+    """On CPU, Ray leases decode tasks before the GCS places an actor: decode tasks that land
+    first must leave every node room for an actor (a node's CPUs minus decode_cpus). At most
+    one decode task per actor runs at once and together they hold ``decode_cpus``."""
+    import ray
+
+    from fusedist.config import RayConfig
+    from fusedist.features.config import EngineConfig
+    from fusedist.features.runtime import engine_pool
+
+    node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    for actors in (1, 2, 3):
+        cfg = EngineConfig(device="cpu", min_actors=actors)
+        _, pool, threads = engine_pool(cfg, RayConfig())
+        assert pool.decode_tasks == actors
+        assert pool.decode_tasks * pool.decode_cpus <= cfg.decode_cpus
+        assert pool.cpus_per_actor + pool.decode_tasks * pool.decode_cpus <= node
+        assert threads == max(1, round(node - cfg.decode_cpus))
+    # GPUs need decode throughput: there Ray Data decides how many tasks run.
+    _, gpu_pool, _ = engine_pool(EngineConfig(device="cuda"), RayConfig(address="auto"))
+    assert gpu_pool.decode_tasks is None and gpu_pool.decode_cpus == 0.25

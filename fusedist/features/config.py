@@ -53,8 +53,11 @@ class EngineConfig(StrictModel):
     all the cores that decoding does not need."""
 
     decode_cpus: float = Field(0.25, gt=0)
-    """CPUs per JPEG-decode task. Decoding a 224 px JPEG costs ~1/50 of a ViT-S forward on
-    CPU, so a quarter CPU keeps the encoders fed without taking a core from them."""
+    """CPUs for JPEG decoding. On ``cpu``: what all decode tasks hold together (at most one
+    per encoder actor runs at once, each ``decode_cpus / max_actors``), so decode tasks placed
+    first can never keep an actor from its node; decoding a 224 px JPEG costs ~1/50 of a ViT-S
+    forward, so a quarter CPU keeps the encoders fed. On ``cuda``: per decode task, as many
+    tasks as Ray Data schedules (a GPU eats far more tiles per second than one task decodes)."""
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where encoders run. ``cuda``: actors request ``gpus_per_actor`` GPUs each, whether or

@@ -65,7 +65,8 @@ class PoolSpec:
     max_actors: int
     gpus_per_actor: float
     cpus_per_actor: float
-    decode_cpus: float
+    decode_cpus: float  # per decode task
+    decode_tasks: int | None = None  # most decode tasks at once (None: Ray Data decides)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -376,6 +377,7 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
     # decoded chunks need and the actors do not, so the requests differ and they never fuse
     # (tests/test_cache.py checks decoding runs in other processes than the encoders).
     ds = ds.map_batches(decode_shard, fn_kwargs={"spec": spec}, batch_size=1,
+                        compute=ray.data.TaskPoolStrategy(size=pool.decode_tasks),
                         num_cpus=pool.decode_cpus, memory=decode_memory(spec))
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -148,13 +149,24 @@ def engine_pool(cfg: EngineConfig, ray_cfg: RayConfig) -> tuple[str, PoolSpec, i
         node = _largest_node_cpus()
         cpus = 1.0 if device == "cuda" else (node - cfg.decode_cpus if node > cfg.decode_cpus
                                               else node)
-    pool = PoolSpec(min_actors=cfg.min_actors, max_actors=cfg.max_actors or cfg.min_actors,
+    actors = cfg.max_actors or cfg.min_actors
+    decode_cpus, decode_tasks = cfg.decode_cpus, None
+    if device == "cpu":
+        # Decode tasks placed first must never leave a node too few CPUs for its actor (Ray
+        # grants a task's lease before the GCS places an actor). At most one decode task per
+        # actor runs at once, and together they hold decode_cpus: wherever they land, an
+        # actor's request of a node's CPUs minus decode_cpus still fits. One task per actor
+        # keeps a CPU model fed (decoding is ~1/50 of a ViT-S forward).
+        decode_tasks = actors
+        decode_cpus = max(1e-4, math.floor(cfg.decode_cpus / actors * 1e4) / 1e4)
+    pool = PoolSpec(min_actors=cfg.min_actors, max_actors=actors,
                     gpus_per_actor=cfg.gpus_per_actor if device == "cuda" else 0.0,
-                    cpus_per_actor=cpus, decode_cpus=cfg.decode_cpus)
+                    cpus_per_actor=cpus, decode_cpus=decode_cpus, decode_tasks=decode_tasks)
     threads = max(1, round(cpus))
     log.info("engine: %d-%d encoder actor(s) on %s, %g CPU(s) each (%d torch threads), "
-             "%g GPU(s) each; decode tasks %g CPU", pool.min_actors, pool.max_actors, device,
-             cpus, threads, pool.gpus_per_actor, cfg.decode_cpus)
+             "%g GPU(s) each; decode tasks %g CPU each, %s at once", pool.min_actors,
+             pool.max_actors, device, cpus, threads, pool.gpus_per_actor, decode_cpus,
+             decode_tasks or "as many as Ray Data schedules")
     return device, pool, threads
 
 
