@@ -310,15 +310,12 @@ class _Finishers:
             self._start(here).warm.remote(finish)
 
     def _start(self, node: str):
-        if node not in self.by_node:
-            self.by_node[node] = self.actor_cls.options(
-                scheduling_strategy=self._near(node)).remote()
-        return self.by_node[node]
-
-    def _near(self, node: str):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return NodeAffinitySchedulingStrategy(node, soft=True)
+        if node not in self.by_node:
+            self.by_node[node] = self.actor_cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
+        return self.by_node[node]
 
     def submit(self, gid: str, task: FinishTask, node: str | None) -> None:
         if node is None:  # the fallback: a retried task, anywhere

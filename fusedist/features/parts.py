@@ -5,9 +5,10 @@ folder (``<staging>/<shard>/<chunk>.npz``: keys + one float32 array per encoder)
 small row. When every chunk of every shard of a *group* (cache: one shard; embed: one slide's
 shards) has a part, the driver hands a finish call to a finisher actor on a worker (one per
 node, engine.py ``Finisher``; a plain retried task if that node is lost) that reads the parts,
-calls the stage's ``finish`` function (write feature shards / bags and their done-entries) and deletes
-the parts. The driver only ever receives those rows and the finish function's done-entry, so
-its traffic and memory do not grow with the features (docs/benchmarks.md measures it).
+calls the stage's ``finish`` function (write feature shards / bags and their done-entries)
+and deletes the parts. The driver only ever receives those rows and the finish function's
+done-entry, so its traffic and memory do not grow with the features (docs/benchmarks.md
+measures it).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class FinishTask:
 
 
 def run_finish(task: FinishTask) -> dict:
-    """Body of a finish call (finisher actor or task): parts -> ``finish`` -> done-entry; parts removed after."""
+    """Body of a finish call (finisher actor or task): parts -> ``finish`` -> done-entry;
+    the parts are removed after."""
     storage.configure(storage.StorageConfig(**task.storage_cfg))
     results = {s: read_shard(task.staging, s, task.n_chunks[s]) for s in task.group.shards}
     for s, res in results.items():
