@@ -730,11 +730,7 @@ def fetch_local(url: str, subdir: str = "slides") -> Path:
         # The key becomes a path under the cache; '..' would escape it.
         raise StorageError(f"{url}: cannot cache this key locally (empty or contains '..')")
     head = _head(url)
-    etag = str(head.get("ETag", "")).strip('"')
-    tag = re.sub(r"[^A-Za-z0-9]", "_", etag)
-    stem = cache_dir() / subdir / bucket / key
-    # Keep the original suffix last: OpenSlide picks some vendor readers by extension.
-    dest = stem.with_name(f"{stem.name}.{head['ContentLength']}.{tag}{Path(key).suffix}")
+    stem, dest = _cache_names(url, head, subdir)
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -742,7 +738,29 @@ def fetch_local(url: str, subdir: str = "slides") -> Path:
     with io.BufferedReader(raw, buffer_size=4 * 1024 * 1024) as src, \
             open_write(str(dest)) as dst:
         shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
-    _remove_stale_copies(stem, Path(key).suffix, keep=dest)
+    _remove_stale_copies(stem, Path(split_s3(url)[1]).suffix, keep=dest)
+    return dest
+
+
+def _cache_names(url: str, head: dict[str, Any], subdir: str) -> tuple[Path, Path]:
+    """(stem, cached copy) of an S3 object: the name carries its size and ETag."""
+    bucket, key = split_s3(url)
+    tag = re.sub(r"[^A-Za-z0-9]", "_", str(head.get("ETag", "")).strip('"'))
+    stem = cache_dir() / subdir / bucket / key
+    # Keep the original suffix last: OpenSlide picks some vendor readers by extension.
+    return stem, stem.with_name(f"{stem.name}.{head['ContentLength']}.{tag}{Path(key).suffix}")
+
+
+def upload_to_cache(path: str | Path, url: str, subdir: str) -> Path:
+    """Upload a local file to ``url`` and keep it as this node's cached copy of the object
+    (what :func:`fetch_local` would download), so the writer never fetches it back."""
+    upload_file(path, url)
+    if not is_s3(url):
+        return local_path(url)
+    stem, dest = _cache_names(url, _head(url), subdir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    _remove_stale_copies(stem, Path(split_s3(url)[1]).suffix, keep=dest)
     return dest
 
 

@@ -40,6 +40,26 @@ def test_fixture_is_a_cpu0_head_with_gpu_workers_that_come_and_go(multinode):
     assert added.node_id in multinode.gpu_node_ids() and len(multinode.gpu_node_ids()) == 2
 
 
+def test_fuse_refuses_features_packed_on_a_node_local_disk_of_a_multinode_cluster(
+        multinode, tmp_path):
+    """A cohort packed on disk (past bags_in_memory_gb) must reach every fold task: with a
+    node-local `output` on 3 nodes, fuse stops before any fold with the fix; on S3 it goes."""
+    from types import SimpleNamespace
+
+    from fusedist.config import ConfigError
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.run import _check_packed_reachable
+    from fusedist.fusion.store import Rows
+
+    packed = SimpleNamespace(columns=lambda: [Rows(str(tmp_path / "e.float32"), [0, 1], 4, [0.0])])
+    in_memory = SimpleNamespace(columns=lambda: [[]])
+    local = FuseConfig(bags="b", labels="l", output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="3 nodes.*Put output on S3.*bags_in_memory_gb"):
+        _check_packed_reachable(packed, local)
+    _check_packed_reachable(in_memory, local)
+    _check_packed_reachable(packed, FuseConfig(bags="b", labels="l", output="s3://b/fuse"))
+
+
 def _tiles(slides, out, **kw):
     from fusedist.tiling import run_tile
     from tests.test_tiling import tile_cfg

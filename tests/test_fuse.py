@@ -23,6 +23,7 @@ from fusedist.config import ConfigError, load_config
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort, make_folds
 from fusedist.fusion.synthetic import synthetic_cohort
+from tests.s3util import moto_server, s3_bucket  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "fuse" / "synthetic.yaml"
@@ -412,3 +413,107 @@ def test_multiclass_with_slide_fm_teachers(ray_cluster, tmp_path):
                                     "slide_embeddings": {"slidefm": str(tmp_path /
                                                                         "short.npz")}}),
                  progress=False)
+
+
+# ------------------------------------------------------------------ cohorts larger than RAM
+
+def _same_cohort(a, b) -> None:
+    assert a.slide_ids == b.slide_ids and a.feature_group == b.feature_group
+    for e in a.encoders:
+        assert len(a.bags[e]) == len(b.bags[e])
+        for x, y in zip(a.bags[e], b.bags[e]):
+            assert x.dtype == y.dtype == np.float32 and np.array_equal(x, y)
+        assert all(np.array_equal(x, y) for x, y in zip(a.coords[e], b.coords[e]))
+    for e in a.feature_group:
+        for x, y in zip(a.aligned[e], b.aligned[e]):
+            assert np.array_equal(x, y)
+    assert all(np.array_equal(x, y) for x, y in zip(a.aligned_coords, b.aligned_coords))
+
+
+def test_a_packed_cohort_is_the_same_cohort_in_bounded_memory(tmp_path):
+    """Past ``bags_in_memory_gb`` the features go to memory-mapped files: every slide's
+    matrices (own tiles and aligned) are the same float32 values, the run fingerprint is the
+    same, the cohort pickles as addresses, and loading holds a few slides, not the cohort."""
+    import pickle
+    import tracemalloc
+
+    from fusedist.bags import read_bag, write_bag
+    from fusedist.fusion.run import _fingerprint
+    from fusedist.fusion.store import Picked, Rows
+
+    info = synthetic_cohort(str(tmp_path / "c"), num_slides=40, tiles=(1200, 1600), seed=5)
+    # One slide whose test-color bag lacks a tile and lists the rest in another order: its
+    # aligned view must pick rows, not alias the bag.
+    url = str(sorted((Path(info.bags) / "test-color").iterdir())[0])
+    b = read_bag(url)
+    b.features, b.coords = b.features[::-1][1:].copy(), b.coords[::-1][1:].copy()
+    write_bag(url, b)
+
+    def load(**kw):
+        tracemalloc.start()
+        try:
+            c = load_cohort(FuseConfig(bags=info.bags, labels=info.labels, folds=3,
+                                       output=str(tmp_path / "out"), **kw))
+            return c, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    mem, peak_mem = load()
+    total = sum(f.nbytes for e in mem.encoders for f in mem.bags[e])
+    assert not any(isinstance(v, Rows) for v in mem.bags.values())
+    packed, peak_packed = load(bags_in_memory_gb=0)
+    assert all(isinstance(v, Rows) for v in packed.bags.values())
+    assert all(isinstance(v, Picked) for v in packed.aligned.values())
+    assert sorted(p.name for p in (tmp_path / "out" / "_features").iterdir()) == sorted(
+        ["_aligned.coords.int64"] + [f"{e}{x}" for e in mem.encoders
+                                     for x in (".float32", ".coords.int64")])
+    _same_cohort(mem, packed)
+    i = packed.slide_ids.index(b.slide_id)
+    n = len(packed.bags["test-nuclei"][i])
+    assert any(packed.aligned[e].picks[i] is not None for e in packed.feature_group)
+    assert all(len(packed.aligned[e][i]) == n - 1 for e in packed.feature_group)
+    assert sum(p is None for p in packed.aligned["test-nuclei"].picks) == len(packed.slide_ids) - 1
+    assert _fingerprint(mem) == _fingerprint(packed)
+    # Travels to fold tasks as URLs and offsets; a fresh process maps the files itself.
+    blob = pickle.dumps(packed)
+    assert len(blob) < total / 50, (len(blob), total)
+    _same_cohort(mem, pickle.loads(blob))
+    # Memory: the in-memory load holds the cohort; the packed one a few slides' bags.
+    assert peak_mem > total and peak_packed < peak_mem / 3, (peak_mem, peak_packed, total)
+    # A budget crossed half-way packs what was held so far, then appends.
+    half, _ = load(bags_in_memory_gb=total / 2 / 2**30)
+    assert all(isinstance(v, Rows) for v in half.bags.values())
+    _same_cohort(mem, half)
+
+
+def test_packed_features_on_s3_are_cached_once_and_removed(tmp_path, s3_bucket):
+    """With ``output`` on S3 the packed files are uploaded there and kept as this node's
+    cached copy (nothing is downloaded back); removing them clears both."""
+    from fusedist import storage
+    from fusedist.fusion.store import remove_packed
+
+    info = synthetic_cohort(str(tmp_path / "c"), num_slides=12, tiles=(20, 30), seed=2)
+    mem = load_cohort(FuseConfig(bags=info.bags, labels=info.labels, folds=3))
+    out = f"{s3_bucket}/fuse"
+    c = load_cohort(FuseConfig(bags=info.bags, labels=info.labels, folds=3, output=out,
+                               bags_in_memory_gb=0))
+    rows = c.bags["test-nuclei"]
+    assert rows.url == f"{out}/_features/test-nuclei.float32" and storage.exists(rows.url)
+    assert rows.path is not None and rows.path.is_file()
+    assert rows.path == storage.fetch_local(rows.url, subdir="features")  # no second copy
+    _same_cohort(mem, c)
+    remove_packed(c.columns())
+    assert storage.listdir(f"{out}/_features") == [] and not rows.path.exists()
+
+
+@pytest.mark.timeout(600)
+def test_fuse_on_packed_features_predicts_what_it_predicts_in_memory(ray_cluster, cohort,
+                                                                    tmp_path):
+    from fusedist.fusion.run import run_fuse
+
+    kw = {"methods": ["best_expert", "concat"]}  # bag heads and the aligned view
+    run_fuse(cfg_for(cohort, tmp_path / "mem", **kw), progress=False)
+    run_fuse(cfg_for(cohort, tmp_path / "packed", bags_in_memory_gb=0, **kw), progress=False)
+    assert (read_csv(tmp_path / "packed" / "predictions.csv")
+            == read_csv(tmp_path / "mem" / "predictions.csv"))
+    assert not (tmp_path / "packed" / "_features").exists()  # removed after the run

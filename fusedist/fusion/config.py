@@ -359,6 +359,14 @@ class FuseConfig(StrictModel):
     fold_gpus: float = Field(0.0, ge=0)
     """GPUs per fold task (heads are small: fractions such as 0.25 share a GPU)."""
 
+    bags_in_memory_gb: float = Field(8.0, ge=0)
+    """The most bag features (float32, every encoder together) held in RAM. A larger cohort
+    is packed, slide after slide, into one memory-mapped file per encoder under
+    ``<output>/_features/`` and read a slide at a time (the page cache keeps what fits), so
+    fuse's memory does not grow with the cohort: the paper's 10,000 slides x 3 encoders are
+    ~1.3 TB. Results are identical either way; ``0`` always packs. On a multi-node cluster a
+    packed cohort needs ``output`` on S3 or a shared filesystem (fold tasks read the files)."""
+
     train_slides: list[str] | None = None
     """Train only on these slides (ids from ``labels``): in every outer fold the training
     samples are the fold's training samples of these slides, and the refitted model
@@ -383,7 +391,7 @@ class FuseConfig(StrictModel):
     # digest that guards resumption).
     RUN_ONLY: ClassVar[set[str]] = {"output", "thumbnails", "heatmaps", "final", "device",
                                     "fold_cpus", "fold_gpus", "overwrite", "ray", "storage",
-                                    "mlflow"}
+                                    "mlflow", "bags_in_memory_gb"}
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,15 +42,17 @@ class Cohort:
     encoders: list[str]
     """Encoders with an expert (all, or for tile tasks the feature group)."""
     dims: dict[str, int]
-    bags: dict[str, list[np.ndarray]]
-    """encoder -> per-slide features (N_i, D) float32, each encoder's own tiles."""
-    coords: dict[str, list[np.ndarray]]
+    bags: dict[str, Sequence[np.ndarray]]
+    """encoder -> per-slide features (N_i, D) float32, each encoder's own tiles (a list, or
+    packed on disk past ``bags_in_memory_gb``: fusedist.fusion.store)."""
+    coords: dict[str, Sequence[np.ndarray]]
     feature_group: list[str]
     """Encoders that share tiles, so per-tile feature fusion (concat, Meta-Encoder,
     FuseCPath) can combine them."""
-    aligned: dict[str, list[np.ndarray]]
-    """feature_group encoder -> per-slide features on the tiles all of them share."""
-    aligned_coords: list[np.ndarray]
+    aligned: dict[str, Sequence[np.ndarray]]
+    """feature_group encoder -> per-slide features on the tiles all of them share (views of
+    ``bags``: fusedist.fusion.store.Picked)."""
+    aligned_coords: Sequence[np.ndarray]
     y: np.ndarray | None = None
     """Class ids (S,) int64, or regression targets (S, G) float32."""
     time: np.ndarray | None = None
@@ -65,6 +69,10 @@ class Cohort:
     """Tile tasks: slide index of each sample."""
     sample_index: np.ndarray | None = None
     """Tile tasks: row of each sample in its slide's aligned features."""
+
+    def columns(self) -> list[Sequence[np.ndarray]]:
+        """The per-slide sequences that may be packed on disk (fusedist.fusion.store)."""
+        return [*self.bags.values(), *self.coords.values(), self.aligned_coords]
 
     @property
     def num_samples(self) -> int:
@@ -144,29 +152,38 @@ def bag_index(cfg: FuseConfig, encoders: list[str]) -> dict[str, dict[str, str]]
     return index
 
 
-def _read_all(index: dict[str, dict[str, str]], slides: list[str]
-              ) -> tuple[dict[tuple[str, str], Bag], dict[str, str]]:
-    """Read every (encoder, slide) bag in threads; a bad bag excludes its slide."""
-    jobs = [(e, s, index[e][s]) for e in index for s in slides]
-
-    def one(job):
-        e, s, url = job
+def _slide_bags(index: dict[str, dict[str, str]], s: str
+                ) -> tuple[dict[str, Bag] | None, str | None]:
+    """One slide's bag of every encoder, or why the slide is unusable (a bad bag excludes it)."""
+    bags = {}
+    for e, urls in index.items():
         try:
-            return job, read_bag(url, s), None
+            bag = read_bag(urls[s], s)
         except (BagError, OSError, ValueError) as err:
-            return job, None, str(err)
+            return None, f"{err} (re-run `fusedist embed` for this slide)"
+        if bag.features.shape[0] == 0:
+            return None, f"{urls[s]}: empty bag (no tiles)"
+        bags[e] = bag
+    return bags, None
 
-    out: dict[tuple[str, str], Bag] = {}
-    bad: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for (e, s, url), bag, err in pool.map(one, jobs):
-            if err is not None:
-                bad.setdefault(s, f"{err} (re-run `fusedist embed` for this slide)")
-            elif bag.features.shape[0] == 0:
-                bad.setdefault(s, f"{url}: empty bag (no tiles)")
-            else:
-                out[(e, s)] = bag
-    return out, bad
+
+def _read_ahead(index: dict[str, dict[str, str]], slides: list[str], ahead: int = 8
+                ) -> Iterator[tuple[str, dict[str, Bag] | None, str | None]]:
+    """Each slide's bags in order, read in threads at most ``ahead`` slides in advance (so
+    memory holds a few slides' bags, not the cohort's)."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: deque = deque()
+        it = iter(slides)
+        for s in it:
+            pending.append((s, pool.submit(_slide_bags, index, s)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            s, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_slide_bags, index, nxt)))
+            yield (s, *fut.result())
 
 
 def _tile_extent(bag: Bag) -> float:
@@ -190,26 +207,134 @@ def _encoder_info(bag: Bag) -> dict:
     return info
 
 
-def feature_group(bags: dict[tuple[str, str], Bag], encoders: list[str], slides: list[str]
-                  ) -> list[str]:
-    """The largest set of encoders that read the same tiles (same mpp and tile size)."""
+def feature_group(bags: dict[str, Bag], encoders: list[str]) -> list[str]:
+    """The largest set of encoders that read the same tiles (same mpp and tile size), judged
+    on one slide's ``bags``."""
     keys: dict[tuple, list[str]] = {}
     for e in encoders:
-        b = bags[(e, slides[0])]
+        b = bags[e]
         keys.setdefault((round(b.mpp or 0.0, 4), b.tile_size), []).append(e)
     return max(keys.values(), key=len)
 
 
-def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows of each bag on the tiles every bag has, in the first bag's order."""
+def _align_picks(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """The tiles every bag has (in the first bag's order) and, per bag, the rows of them
+    (None: all of its rows, in order, which is the usual case)."""
     keys = [{(int(x), int(y)): i for i, (x, y) in enumerate(b.coords)} for b in bags]
     common = [xy for xy in keys[0] if all(xy in k for k in keys[1:])]
     coords = np.array(common, np.int64).reshape(-1, 2)
-    return coords, [b.features[[k[xy] for xy in common]].astype(np.float32) for b, k in
-                    zip(bags, keys)]
+    picks = []
+    for b, k in zip(bags, keys):
+        rows = np.array([k[xy] for xy in common], np.int64)
+        same = len(rows) == len(b.coords) and bool((rows == np.arange(len(rows))).all())
+        picks.append(None if same else rows)
+    return coords, picks
+
+
+def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows of each bag on the tiles every bag has, in the first bag's order."""
+    coords, picks = _align_picks(bags)
+    return coords, [(b.features if p is None else b.features[p]).astype(np.float32)
+                    for b, p in zip(bags, picks)]
 
 
 # ------------------------------------------------------------------------------- cohort
+
+@dataclass
+class _Features:
+    slides: list[str]
+    dims: dict[str, int]
+    group: list[str]
+    bags: dict[str, Sequence[np.ndarray]]
+    coords: dict[str, Sequence[np.ndarray]]
+    aligned: dict[str, Sequence[np.ndarray]]
+    aligned_coords: Sequence[np.ndarray]
+    tile_extent: dict[str, float]
+    encoder_info: dict[str, dict]
+    notes: list[str]
+
+
+def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: list[str],
+                   exclusions: list[dict[str, str]]) -> _Features:
+    """Read the slides' bags one slide at a time, check them, and keep their features as
+    float32: in memory up to ``cfg.bags_in_memory_gb``, packed into memory-mapped files past
+    it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once."""
+    from fusedist.fusion.store import FOLDER, Packer, Picked
+    from fusedist.tracking import random_weights_line
+
+    encoders = list(index)
+    packer: Packer | None = None
+    dims: dict[str, int] = {}
+    group: list[str] = []
+    first: dict[str, Bag] = {}
+    keep: list[str] = []
+    picks: dict[str, list[np.ndarray | None]] = {}
+    random = set()
+
+    def exclude(sid: str, reason: str) -> None:
+        exclusions.append({"slide_id": sid, "reason": reason})
+
+    try:
+        for s, bags, why in _read_ahead(index, slides):
+            if bags is None:
+                exclude(s, why)
+                continue
+            if packer is None:  # the first usable slide sets dims and the feature group
+                first = {e: Bag(**{**vars(b), "features": b.features[:0]})
+                         for e, b in bags.items()}
+                dims = {e: int(b.features.shape[1]) for e, b in bags.items()}
+                group = feature_group(bags, encoders)
+                picks = {e: [] for e in group}
+                cols = {**{e: (d, "float32") for e, d in dims.items()},
+                        **{f"{e}.coords": (2, "int64") for e in encoders},
+                        "_aligned.coords": (2, "int64")}
+                packer = Packer(cols, storage.join(cfg.output, FOLDER),
+                                cfg.bags_in_memory_gb * 2**30)
+                first_slide = s
+            for e in encoders:
+                if bags[e].features.shape[1] != dims[e]:
+                    raise ConfigError(f"bags: {e}/{s} has {bags[e].features.shape[1]}-d "
+                                      f"features but {e}/{first_slide} has {dims[e]}; one "
+                                      "folder must hold one encoder's bags")
+            xy, rows = _align_picks([bags[e] for e in group])
+            if len(xy) == 0:
+                exclude(s, f"encoders {group} share no tile coordinates on this slide")
+                continue
+            keep.append(s)
+            packer.add("_aligned.coords", xy)
+            for e in encoders:
+                packer.add(e, bags[e].features)
+                packer.add(f"{e}.coords", bags[e].coords)
+            for e, p in zip(group, rows):
+                picks[e].append(p)
+            random |= {b.encoder for b in bags.values() if b.attrs.get("random_weights") is True}
+    except BaseException:
+        if packer is not None:
+            packer.abort()
+        raise
+    if not keep:
+        raise ConfigError("no usable slides: every labelled slide was excluded ("
+                          + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in
+                                      exclusions[:3]) + ")")
+    packed = packer.finish()
+    feats = {e: packed[e] for e in encoders}
+    if packer.packed:
+        log.info("fuse: %.2f GB of features > bags_in_memory_gb=%g: packed under %s and "
+                 "read per slide", packer.nbytes / 2**30, cfg.bags_in_memory_gb,
+                 storage.join(cfg.output, FOLDER))
+    # Bags record their encoder's random_weights: say so in the report, manifest and summary.
+    notes = [x for x in [random_weights_line(random)] if x]
+    if len(group) < len(encoders):
+        notes.append(f"feature-level fusion uses {group}: the other encoders read different "
+                     "tiles (mpp or tile size), so only logit-level methods combine them all")
+    return _Features(
+        slides=keep, dims=dims, group=group, bags=feats,
+        coords={e: packed[f"{e}.coords"] for e in encoders},
+        aligned={e: Picked(feats[e], picks[e]) for e in group},
+        aligned_coords=packed["_aligned.coords"],
+        tile_extent={e: _tile_extent(first[e]) for e in encoders},
+        encoder_info={e: _encoder_info(first[e]) for e in encoders}, notes=notes)
+
 
 def load_cohort(cfg: FuseConfig) -> Cohort:
     """Join labels and bags, exclude bad slides with reasons, check what folds need."""
@@ -245,54 +370,14 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
         exclude(sid, "bags for only some encoders: "
                 + str([e for e in encoders if sid in index[e]]) + ", and no label row")
 
-    bags, bad_bags = _read_all(index, slides)
-    for sid, why in bad_bags.items():
-        exclude(sid, why)
-    slides = [s for s in slides if s not in bad_bags]
-    if not slides:
-        raise ConfigError("no usable slides: every labelled slide was excluded ("
-                          + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in exclusions[:3])
-                          + ")")
-    dims = {e: int(bags[(e, slides[0])].features.shape[1]) for e in encoders}
-    for e in encoders:
-        for s in slides:
-            if bags[(e, s)].features.shape[1] != dims[e]:
-                raise ConfigError(f"bags: {e}/{s} has {bags[(e, s)].features.shape[1]}-d "
-                                  f"features but {e}/{slides[0]} has {dims[e]}; one folder "
-                                  "must hold one encoder's bags")
-
-    group = feature_group(bags, encoders, slides)
-    from fusedist.tracking import random_weights_line
-
-    # Bags record their encoder's random_weights: say so in the report, manifest and summary.
-    notes = [x for x in [random_weights_line(
-        {b.encoder for b in bags.values() if b.attrs.get("random_weights") is True})] if x]
-    if len(group) < len(encoders):
-        notes.append(f"feature-level fusion uses {group}: the other encoders read different "
-                     "tiles (mpp or tile size), so only logit-level methods combine them all")
-    aligned: dict[str, list[np.ndarray]] = {e: [] for e in group}
-    aligned_coords, keep = [], []
-    for s in slides:
-        coords, feats = _align([bags[(e, s)] for e in group])
-        if len(coords) == 0:
-            exclude(s, f"encoders {group} share no tile coordinates on this slide")
-            continue
-        keep.append(s)
-        aligned_coords.append(coords)
-        for e, f in zip(group, feats):
-            aligned[e].append(f)
-    slides = keep
-
+    read = _read_features(cfg, {e: index[e] for e in encoders}, slides, exclusions)
     pid = {r["slide_id"]: (r.get("patient_id") or r["slide_id"]) for r in rows}
     cohort = Cohort(
-        task=cfg.task, slide_ids=slides, patient_ids=[pid[s] for s in slides],
-        encoders=list(encoders), dims=dims,
-        bags={e: [bags[(e, s)].features.astype(np.float32) for s in slides] for e in encoders},
-        coords={e: [bags[(e, s)].coords for s in slides] for e in encoders},
-        feature_group=group, aligned=aligned, aligned_coords=aligned_coords,
-        tile_extent={e: _tile_extent(bags[(e, slides[0])]) for e in encoders},
-        encoder_info={e: _encoder_info(bags[(e, slides[0])]) for e in encoders},
-        exclusions=exclusions, notes=notes, target_names=target_names)
+        task=cfg.task, slide_ids=read.slides, patient_ids=[pid[s] for s in read.slides],
+        encoders=list(encoders), dims=read.dims, bags=read.bags, coords=read.coords,
+        feature_group=read.group, aligned=read.aligned, aligned_coords=read.aligned_coords,
+        tile_extent=read.tile_extent, encoder_info=read.encoder_info,
+        exclusions=exclusions, notes=read.notes, target_names=target_names)
     task = get_task(cfg)
     task.set_targets(cohort, targets)
     if task.tile:

@@ -22,9 +22,10 @@ import time
 import numpy as np
 
 from fusedist import storage
-from fusedist.config import config_digest
+from fusedist.config import ConfigError, config_digest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
+from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
 from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
 from fusedist.fusion.methods.registry import prepare_methods, select_methods
@@ -46,8 +47,10 @@ def _fingerprint(c: Cohort) -> str:
         if arr is not None:
             h.update(np.ascontiguousarray(arr).tobytes())
     for e in c.encoders:
-        h.update(np.array([[f.shape[0], float(f.sum(dtype=np.float64))]
-                           for f in c.bags[e]]).tobytes())
+        rows = [f.shape[0] for f in c.bags[e]] if not isinstance(c.bags[e], Rows) else \
+            np.diff(c.bags[e].offsets)  # packed: no need to read the features back
+        h.update(np.column_stack([np.asarray(rows, np.float64),
+                                  feature_sums(c.bags[e])]).tobytes())
     return h.hexdigest()
 
 
@@ -93,6 +96,7 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
     todo = [f for f in range(cfg.folds) if f not in done]
     if todo:
         init_ray(cfg.ray)
+        _check_packed_reachable(c, cfg)
         remote = ray.remote(run_fold).options(num_cpus=cfg.fold_cpus, num_gpus=cfg.fold_gpus,
                                               max_retries=1)
         c_ref = ray.put(c)
@@ -104,6 +108,22 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
         run_tasks(refs, save, desc="fuse folds", unit="fold", progress=progress)
     return [done[f] for f in range(cfg.folds)], len(done) - len(todo)
+
+
+def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
+    """Packed features on a node-local disk cannot reach fold tasks on other nodes: fail
+    before any fold runs, with the fix."""
+    from fusedist.distill.sharedfs import alive_nodes, is_shared
+
+    if not is_packed(c.columns()) or is_shared(cfg.output):
+        return
+    if (nodes := alive_nodes()) > 1:
+        raise ConfigError(
+            f"output: {cfg.output} is a local folder but this Ray cluster has {nodes} nodes, "
+            f"and the cohort's features were packed there (more than bags_in_memory_gb="
+            f"{cfg.bags_in_memory_gb:g}): fold tasks on other nodes could not read them. Put "
+            "output on S3 (--set output=s3://bucket/fuse) or a shared filesystem, or raise "
+            "bags_in_memory_gb")
 
 
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
@@ -152,6 +172,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
         if cfg.final.enabled:
             _write_final(c, cfg, methods, prepared, res, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
+        remove_packed(c.columns())
         res.elapsed = time.perf_counter() - t0
         run.log_metrics({"fuse_seconds": res.elapsed})
     return res
