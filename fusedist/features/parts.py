@@ -14,6 +14,7 @@ measures it).
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +73,11 @@ def read_shard(staging: str, shard: str, n_chunks: int) -> ShardResult:
     return ShardResult(shard, keys, {k: np.concatenate(v) for k, v in feats.items()})
 
 
+def done_url(staging: str, group: Group) -> str:
+    """Where a finished group's done-entry is kept until the run ends (its first shard's folder)."""
+    return storage.join(staging, group.shards[0], "done.json")
+
+
 def delete_parts(staging: str, shard: str, n_chunks: int) -> None:
     for c in range(n_chunks):
         storage.delete(part_url(staging, shard, c))
@@ -92,12 +98,22 @@ class FinishTask:
 
 def run_finish(task: FinishTask) -> dict:
     """Body of a finish call (finisher actor or task): parts -> ``finish`` -> done-entry;
-    the parts are removed after."""
+    the parts are removed after.
+
+    Idempotent, because a call can be run twice: a node lost after the call deleted the parts
+    but before its reply reached the driver makes the driver run it again elsewhere. The entry
+    is saved (atomically) before any part is deleted, so a second call either finds every part
+    (and redoes ``finish``, whose writes are atomic) or finds the saved entry and returns it."""
     storage.configure(storage.StorageConfig(**task.storage_cfg))
-    results = {s: read_shard(task.staging, s, task.n_chunks[s]) for s in task.group.shards}
-    for s, res in results.items():
-        res.sha256 = task.sha256.get(s, "")
-    entry = task.finish(task.group_id, task.group.payload, results)
+    marker = done_url(task.staging, task.group)
+    if storage.exists(marker):
+        entry = json.loads(storage.read_bytes(marker))
+    else:
+        results = {s: read_shard(task.staging, s, task.n_chunks[s]) for s in task.group.shards}
+        for s, res in results.items():
+            res.sha256 = task.sha256.get(s, "")
+        entry = task.finish(task.group_id, task.group.payload, results)
+        storage.write_bytes(marker, json.dumps(entry).encode())
     for s in task.group.shards:
         delete_parts(task.staging, s, task.n_chunks[s])
     return entry
