@@ -100,9 +100,10 @@ def test_cached_features_equal_teacher_forward(datasets, tmp_path, mode):
 
 
 def features_of(name: str, payload, results) -> dict:
-    """A finish function for engine tests: hands the features back (small test shards) and
-    the process that finished the group."""
-    return {**{n: r.features for n, r in results.items()}, "finish_pid": os.getpid()}
+    """A finish function for engine tests: hands the features back (small test shards, as
+    lists: a done-entry is JSON) and the process that finished the group."""
+    return {**{n: {k: v.tolist() for k, v in r.features.items()} for n, r in results.items()},
+            "finish_pid": os.getpid()}
 
 
 def run_engine_collect(spec, shards, pool=None, finish_pids: set | None = None
@@ -114,7 +115,7 @@ def run_engine_collect(spec, shards, pool=None, finish_pids: set | None = None
     out: dict = {}
 
     def on_group(g, e, err):
-        out[g] = err or e[g]
+        out[g] = err or {k: np.asarray(v, np.float32) for k, v in e[g].items()}
         if e and finish_pids is not None:
             finish_pids.add(e["finish_pid"])
 

@@ -42,7 +42,8 @@ class Group:
     payload: Any = None
 
 
-# finish(group id, payload, {shard: ShardResult}) -> done-entry (small; goes to the driver).
+# finish(group id, payload, {shard: ShardResult}) -> done-entry (small, JSON-serialisable:
+# it goes to the driver and is saved in the staging folder, see run_finish).
 Finish = Callable[[str, Any, dict[str, ShardResult]], dict]
 
 
