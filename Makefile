@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q $(TORCH)
 	# Name the torch pins again so the resolver can never swap them for another build.
 	$(PIP) install -q -e '.[test]' $(TORCH)
+	# DeepSpeed's CPU shared-memory all-reduce is C++ it would JIT-build in the first distill
+	# run (~50 s on 2 cores); build it into torch's extension cache now.
+	$(VENV)/bin/python -m fusedist.distill.prebuild
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
