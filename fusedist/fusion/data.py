@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -240,25 +241,13 @@ def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
 
 # ------------------------------------------------------------------------------- cohort
 
-@dataclass
-class _Features:
-    slides: list[str]
-    dims: dict[str, int]
-    group: list[str]
-    bags: dict[str, Sequence[np.ndarray]]
-    coords: dict[str, Sequence[np.ndarray]]
-    aligned: dict[str, Sequence[np.ndarray]]
-    aligned_coords: Sequence[np.ndarray]
-    tile_extent: dict[str, float]
-    encoder_info: dict[str, dict]
-    notes: list[str]
-
-
 def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: list[str],
-                   exclusions: list[dict[str, str]]) -> _Features:
+                   exclusions: list[dict[str, str]]) -> dict[str, Any]:
     """Read the slides' bags one slide at a time, check them, and keep their features as
     float32: in memory up to ``cfg.bags_in_memory_gb``, packed into memory-mapped files past
-    it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once."""
+    it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once.
+
+    Returns the :class:`Cohort` fields the bags decide (``slide_ids`` are the slides kept)."""
     from fusedist.fusion.store import FOLDER, Packer, Picked
     from fusedist.tracking import random_weights_line
 
@@ -327,8 +316,8 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: li
     if len(group) < len(encoders):
         notes.append(f"feature-level fusion uses {group}: the other encoders read different "
                      "tiles (mpp or tile size), so only logit-level methods combine them all")
-    return _Features(
-        slides=keep, dims=dims, group=group, bags=feats,
+    return dict(
+        slide_ids=keep, dims=dims, feature_group=group, bags=feats,
         coords={e: packed[f"{e}.coords"] for e in encoders},
         aligned={e: Picked(feats[e], picks[e]) for e in group},
         aligned_coords=packed["_aligned.coords"],
@@ -372,12 +361,9 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
 
     read = _read_features(cfg, {e: index[e] for e in encoders}, slides, exclusions)
     pid = {r["slide_id"]: (r.get("patient_id") or r["slide_id"]) for r in rows}
-    cohort = Cohort(
-        task=cfg.task, slide_ids=read.slides, patient_ids=[pid[s] for s in read.slides],
-        encoders=list(encoders), dims=read.dims, bags=read.bags, coords=read.coords,
-        feature_group=read.group, aligned=read.aligned, aligned_coords=read.aligned_coords,
-        tile_extent=read.tile_extent, encoder_info=read.encoder_info,
-        exclusions=exclusions, notes=read.notes, target_names=target_names)
+    cohort = Cohort(task=cfg.task, patient_ids=[pid[s] for s in read["slide_ids"]],
+                    encoders=list(encoders), exclusions=exclusions, target_names=target_names,
+                    **read)
     task = get_task(cfg)
     task.set_targets(cohort, targets)
     if task.tile:

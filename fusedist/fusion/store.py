@@ -30,7 +30,26 @@ FOLDER = "_features"
 """Packed features live under ``<output>/_features/`` (removed when the run succeeds)."""
 
 
-class Rows(Sequence):
+class _PerSlide(Sequence):
+    """A read-only per-slide sequence of matrices: subclasses give ``__len__`` and
+    ``_slide(i)`` (``0 <= i < len``); indexing, slices and iteration are here."""
+
+    def _slide(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._slide(j) for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"slide {i} of {n}")
+        return self._slide(i % n)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self._slide(i) for i in range(len(self)))
+
+
+class Rows(_PerSlide):
     """Slide ``i``'s rows ``offsets[i]:offsets[i+1]`` of one flat ``(total, dim)`` file of
     ``dtype`` (float32 features, int64 coords)."""
 
@@ -65,20 +84,11 @@ class Rows(Sequence):
             self.path = Path(path)
         return self._mm
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"slide {i} of {n}")
-        i %= n
+    def _slide(self, i: int) -> np.ndarray:
         return self._map()[self.offsets[i]:self.offsets[i + 1]]
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
 
-
-class Picked(Sequence):
+class Picked(_PerSlide):
     """Rows of another per-slide sequence: slide ``i`` is ``base[i]`` itself when ``picks[i]``
     is None (the usual case: every encoder of a feature group read the same tiles), else
     ``base[i][picks[i]]``. The aligned view of a cohort costs its index arrays, not a copy of
@@ -90,14 +100,9 @@ class Picked(Sequence):
     def __len__(self) -> int:
         return len(self.picks)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _slide(self, i: int) -> np.ndarray:
         p = self.picks[i]
         return self.base[i] if p is None else self.base[i][p]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
 
 
 def feature_sums(seq: Sequence[np.ndarray]) -> np.ndarray:
