@@ -62,6 +62,8 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if not self.peak_procs:  # a block shorter than one period: sample it once at least
+            self._sample()
 
     def __str__(self) -> str:
         return (f"process tree peak {self.peak_uss / 2**30:.2f} GiB private (USS summed over "

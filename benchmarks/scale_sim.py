@@ -305,20 +305,15 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
 
 @contextlib.contextmanager
 def tasks_as_results(world: World, new_records: dict[str, dict]):
-    """Replace Ray tasks by their results (plan: the synthetic record; write: an ok entry),
-    counting them. Everything else in ``run_tile`` runs as is."""
-    import ray
-
+    """Replace tile's tasks (Ray's or local processes') by their results (plan: the synthetic
+    record; write: an ok entry), counting them. Everything else in ``run_tile`` runs as is."""
     import fusedist.tiling.job as job
 
     counts: Counter = Counter()
 
-    class _Remote:
+    class _Function:
         def __init__(self, fn):
             self.fn = fn
-
-        def options(self, **_):
-            return self
 
         def remote(self, *a):
             counts[self.fn.__name__] += 1
@@ -333,17 +328,28 @@ def tasks_as_results(world: World, new_records: dict[str, dict]):
                 "digest": digest, "status": "ok", "samples": stop - start,
                 "bytes": (stop - start) * PAIR_BYTES, "sha256": "0" * 64}
 
-    def run_tasks(refs, on_done, *_, **__):
-        for r in refs:
-            on_done(result(r))
+    class _Tasks:
+        slots = 1  # one slot: a shard is one render part
 
-    saved = (ray.remote, ray.cluster_resources, job.run_tasks, job.init_ray)
-    ray.remote, job.run_tasks, job.init_ray = _Remote, run_tasks, lambda *_: None
-    ray.cluster_resources = lambda: {"CPU": 1.0}  # one slot: a shard is one render part
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+        def function(self, fn, max_retries=2, describe=None):
+            return _Function(fn)
+
+        def run(self, refs, on_done, *_, **__):
+            for r in refs:
+                on_done(result(r))
+
+    saved = job._tasks
+    job._tasks = lambda cfg: _Tasks()
     try:
         yield counts
     finally:
-        ray.remote, ray.cluster_resources, job.run_tasks, job.init_ray = saved
+        job._tasks = saved
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -466,7 +472,7 @@ def _stub_tars(w: World, pieces) -> None:
     from fusedist import shards, storage
 
     by_name = {sp["name"]: sp for sp in w.specs}
-    sha: dict[str, dict[str, str]] = {w.dataset_url: {}, w.feats_url: {}}
+    written: dict[str, dict[str, dict]] = {w.dataset_url: {}, w.feats_url: {}}
     for piece in pieces:
         sp = by_name[piece.shard.name]
         rec = sp["record"]
@@ -474,21 +480,40 @@ def _stub_tars(w: World, pieces) -> None:
         for root, member in ((w.dataset_url, {"lo.jpg": b"\xff"}),
                              (w.feats_url, {f"{TEACHER}.npy": b"\x00"})):
             url = storage.join(root, sp["name"])
-            shards.write_shard(url, ((k, member) for k in keys))
-            sha[root][sp["name"]] = hashlib.sha256(storage.read_bytes(url)).hexdigest()
+            written[root][sp["name"]] = shards.write_shard(url, ((k, member) for k in keys))
     # The reader checks each shard's bytes against its manifest once it reads to the end:
-    # the manifests list the stubs' hashes (the synthesised ones match no real bytes).
-    for root, got in sha.items():
+    # the manifests list the stubs' hashes (the synthesised ones match no real bytes) and
+    # their indexes' hashes.
+    for root, got in written.items():
         m = storage.read_json(storage.join(root, "manifest.json"))
         for row in m["shards"]:
-            row["sha256"] = got.get(row["name"], row.get("sha256"))
+            if row["name"] in got:
+                row["sha256"] = got[row["name"]]["sha256"]
+                row["index_sha256"] = got[row["name"]]["index_sha256"]
         storage.write_json(storage.join(root, "manifest.json"), m)
+
+
+def _drop_indexes(w: World) -> dict[str, bytes]:
+    """Rewrite both manifests without index hashes (shards written before indexes existed);
+    returns the originals for :func:`_restore`."""
+    from fusedist import storage
+
+    saved = {}
+    for root in (w.dataset_url, w.feats_url):
+        url = storage.join(root, "manifest.json")
+        saved[url] = storage.read_bytes(url)
+        m = json.loads(saved[url])
+        for row in m["shards"]:
+            row.pop("index_sha256", None)
+        storage.write_json(url, m)
+    return saved
 
 
 def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
     import torch
 
     import fusedist.data.reader as rd
+    from fusedist import storage
     from fusedist.data import Cursor, ShardReader
     from fusedist.distill.checkpoint import TrainState
 
@@ -515,12 +540,15 @@ def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
     reader = ShardReader(urls, rank=0, **kw)  # the manifests now list the stubs' hashes
     cursor = Cursor(0, (RANKS, WORKERS), {s: mid for s in range(n_slots)}, reader.fingerprint)
     streamed = Counter()
-    real_iter = rd.iter_tar_samples
+    real = {"iter_tar_samples": rd.iter_tar_samples,
+            "iter_indexed_samples": rd.iter_indexed_samples}
 
-    def counting(url, *args, **kwargs):
-        for item in real_iter(url, *args, **kwargs):
-            streamed[url.startswith(w.dataset_url)] += 1
-            yield item
+    def counting(fn):
+        def wrapped(url, *args, **kwargs):
+            for item in fn(url, *args, **kwargs):
+                streamed[url.startswith(w.dataset_url)] += 1
+                yield item
+        return wrapped
 
     def resume():
         r = ShardReader(urls, rank=0, cursor=cursor.to_dict(), **kw)
@@ -529,16 +557,26 @@ def bench_reader(w: World, out: dict[str, Point], memory: bool) -> dict:
         it.close()
         return batch
 
-    rd.iter_tar_samples = counting
-    try:
-        p, batch = measure(resume, memory)
-    finally:
-        rd.iter_tar_samples = real_iter
-    assert [b["__index__"] for b in batch] == list(range(mid, mid + take))
-    passed = streamed[True] // (2 if memory else 1) - take
-    p.extra["samples_streamed_past"] = passed
-    p.extra["real_bytes_streamed_past_MB"] = round(passed * (PAIR_BYTES + FEATURE_BYTES) / 1e6, 1)
-    out["reader: resume at epoch midpoint, to 1st micro-batch (per worker)"] = p
+    # With shard indexes (every shard the stages write) and without (older shards): a
+    # resumed piece starts at its first still-needed sample, or at the shard's start.
+    for label, indexed in (("", True), (", shards without indexes", False)):
+        saved = {} if indexed else _drop_indexes(w)
+        streamed.clear()
+        for name, fn in real.items():
+            setattr(rd, name, counting(fn))
+        try:
+            p, batch = measure(resume, memory)
+        finally:
+            for name, fn in real.items():
+                setattr(rd, name, fn)
+            for url, data in saved.items():
+                storage.write_bytes(url, data)
+        assert [b["__index__"] for b in batch] == list(range(mid, mid + take))
+        passed = streamed[True] // (2 if memory else 1) - take
+        p.extra["samples_streamed_past"] = passed
+        p.extra["real_bytes_streamed_past_MB"] = round(
+            passed * (PAIR_BYTES + FEATURE_BYTES) / 1e6, 1)
+        out[f"reader: resume at epoch midpoint, to 1st micro-batch (per worker{label})"] = p
 
     state = TrainState(step=10**6, epoch=5, cursor=cursor.to_dict(), samples=10**9,
                        weights_digest="0" * 64, resumes=[1000, 2000], meta={"student": "x"})
@@ -753,7 +791,9 @@ def goals(results: list[dict], ckpt_params: int, ckpt_bytes: int) -> str:
 
     reader = ["reader: open both manifests (per rank)", "reader: epoch plan (per worker)",
               "reader: Cursor.update, one rank's epoch",
-              "reader: resume at epoch midpoint, to 1st micro-batch (per worker)"]
+              "reader: resume at epoch midpoint, to 1st micro-batch (per worker)",
+              "reader: resume at epoch midpoint, to 1st micro-batch (per worker, shards "
+              "without indexes)"]
     if all(n in names for n in reader):
         once = fs(reader[0]) + fs(reader[3])
         per_epoch = fs(reader[1]) + fs(reader[2])
@@ -761,6 +801,12 @@ def goals(results: list[dict], ckpt_params: int, ckpt_bytes: int) -> str:
         lines.append(f"  reader per rank: open + 1 resume {once:.2f} s, per epoch (plan + cursor "
                      f"updates) {per_epoch:.2f} s; 10 epochs {tot:.2f} s = "
                      f"{100 * tot / run_rank_s:.3f} % of the run")
+        for n in reader[3:]:  # the I/O a resume costs: real bytes read past, not CPU
+            p = _series(results, n)[-1][1]
+            mb = p.extra["real_bytes_streamed_past_MB"]
+            lines.append(f"  {n[len('reader: '):]}: {p.extra['samples_streamed_past']} samples "
+                         f"= {mb:.1f} MB read and not yielded per worker, "
+                         f"{mb * RANKS * WORKERS / 1e3:.1f} GB over {RANKS * WORKERS} workers")
     for n in names:
         if n.startswith("distill: sample log"):
             p = _series(results, n)[-1][1]

@@ -2,7 +2,8 @@
 
 For each stage, one tiny input (one small slide; one shard; one slide's grid tiles; a
 12-slide synthetic cohort for fuse) is run as ``fusedist <stage> ... -q`` in a fresh process,
-interleaved over ``--reps`` rounds (medians). In the same run, the floors it cannot go below:
+interleaved over ``--reps`` rounds (medians); tile, cache and embed run with their default
+executor (no Ray on a laptop) and again on Ray (``executor=ray``). In the same run, the floors it cannot go below:
 the CLI's imports, a lean local Ray start + stop (``fusedist.runtime.init_ray``) and a plain
 ``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
 pointed at a missing input (which must fail before Ray starts).
@@ -92,6 +93,18 @@ def main() -> None:
                                           "-o", "{out}", "-t", "test-vit", *off), 0),
         "embed: 1 slide, test-vit": (_cli("embed", "--tiles", str(work / "tiles" / "grid"),
                                           "-o", "{out}", "-e", "test-vit", *off), 0),
+        # The same three on Ray (what they ran on before the local executors: a private
+        # local Ray each, started and stopped by the stage).
+        "tile: 1 slide, on Ray": (_cli("tile", "-i", str(work / "slide"), "-o", "{out}",
+                                       "--mode", "grid", "--set", "executor=ray"), 0),
+        "cache: 1 shard, test-vit, on Ray": (_cli("cache", "--tiles",
+                                                  str(work / "tiles" / "pairs"), "-o", "{out}",
+                                                  "-t", "test-vit", *off, "--set",
+                                                  "engine.executor=ray"), 0),
+        "embed: 1 slide, test-vit, on Ray": (_cli("embed", "--tiles",
+                                                  str(work / "tiles" / "grid"), "-o", "{out}",
+                                                  "-e", "test-vit", *off, "--set",
+                                                  "engine.executor=ray"), 0),
         "fuse: 12 slides, 3 folds": (_cli("fuse", "--bags", str(work / "cohort" / "bags"),
                                           "--labels", str(work / "cohort" / "labels.csv"),
                                           "-o", "{out}", *fuse_sets), 0),

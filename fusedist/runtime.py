@@ -98,6 +98,18 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     return True
 
 
+def uses_ray(cfg: RayConfig | None = None) -> bool:
+    """Whether a stage that can also run without Ray should use it: a cluster is configured
+    (``ray.address``, ``RAY_ADDRESS``, which Ray sets for a job's entrypoint) or this process
+    already runs Ray (``fusedist demo``, a notebook that called ``ray.init``)."""
+    if (cfg and cfg.address) or os.environ.get("RAY_ADDRESS"):
+        return True
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray just to find it is not running
+    return bool(ray is not None and ray.is_initialized())
+
+
 def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",
               progress: bool = True, rate: Callable[[], str] | None = None) -> None:
     """Wait for Ray ``refs`` as they finish, calling ``on_done(result)`` for each, with a

@@ -56,9 +56,30 @@ def encode_member(value) -> bytes:
     return (json.dumps(value, sort_keys=True, separators=(",", ":"))).encode("utf-8")
 
 
-def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, object]]]) -> int:
+INDEX_FORMAT = "fusedist.shard-index/1"
+
+
+def index_url(shard_url: str) -> str:
+    """Where a shard's index lives: beside it, ``<name>.tar.idx.json``."""
+    return shard_url + ".idx.json"
+
+
+def sample_digest(key: str, members: Mapping[str, bytes]) -> str:
+    """A sample's content digest as its shard's index records it: its key and each member's
+    extension and bytes, in sorted extension order (what a reader extracts from the tar)."""
+    h = hashlib.sha256(key.encode("utf-8") + b"\0")
+    for ext in sorted(members):
+        data = members[ext]
+        h.update(f"{ext}\0{len(data)}\0".encode("utf-8"))
+        h.update(data)
+    return h.hexdigest()[:32]
+
+
+def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, object]]],
+              index: list[tuple[int, str]] | None = None) -> int:
     """Write ``(key, {ext: value})`` samples to ``fileobj`` as a deterministic tar; returns the
-    number of samples. Members of a sample are written in sorted extension order.
+    number of samples. Members of a sample are written in sorted extension order. ``index``
+    receives each sample's ``(byte offset of its first header, sample_digest)``.
 
     The bytes are exactly ``webdataset.TarWriter(fileobj, user="", group="", mode=0o644,
     mtime=0, encoder=False, compress=False)``'s (tests/test_shards.py compares them), written
@@ -69,10 +90,12 @@ def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, obje
     n = 0
     with tarfile.open(fileobj=fileobj, mode="w|") as tar:
         for key, members in samples:
-            for ext in sorted(members):
-                if ext.startswith("_"):  # TarWriter drops metadata entries ("__key__", "_x")
-                    continue
-                data = encode_member(members[ext])
+            # TarWriter drops metadata entries ("__key__", "_x").
+            written = {ext: encode_member(members[ext]) for ext in sorted(members)
+                       if not ext.startswith("_")}
+            if index is not None:  # tar.offset: where this sample's first header starts
+                index.append((tar.offset, sample_digest(key, written)))
+            for ext, data in written.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 info.uname = info.gname = ""
@@ -82,11 +105,41 @@ def write_tar(fileobj: IO[bytes], samples: Iterable[tuple[str, Mapping[str, obje
 
 
 def write_shard(url: str, samples: Iterable[tuple[str, Mapping[str, object]]]) -> dict:
-    """Write a shard atomically to ``url``; returns ``{samples, bytes, sha256}``."""
+    """Write a shard atomically to ``url``, then its index (:func:`index_url`: each sample's
+    byte offset and content digest, so a reader can start mid-shard with a ranged read and
+    still verify every sample it yields); returns ``{samples, bytes, sha256, index_sha256}``."""
+    index: list[tuple[int, str]] = []
     with storage.open_write(url) as f:
         hw = _HashingWriter(f)
-        n = write_tar(hw, samples)
-    return {"samples": n, "bytes": hw.nbytes, "sha256": hw.sha.hexdigest()}
+        n = write_tar(hw, samples, index)
+    sha = hw.sha.hexdigest()
+    doc = {"format": INDEX_FORMAT, "shard_sha256": sha, "bytes": hw.nbytes,
+           "offsets": [o for o, _ in index], "digests": [d for _, d in index]}
+    data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    storage.write_bytes(index_url(url), data)
+    return {"samples": n, "bytes": hw.nbytes, "sha256": sha,
+            "index_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def listed_shards(dataset_url: str) -> dict[str, bool]:
+    """{shard name: whether its index is there too} for the shards under ``dataset_url``, from
+    one listing (see :func:`shard_written`)."""
+    names = storage.listdir(dataset_url)
+    indexed = {n[: -len(".idx.json")] for n in names if n.endswith(".tar.idx.json")}
+    return {n: n in indexed for n in names if n.endswith(".tar")}
+
+
+def shard_written(name: str, entry: dict, listed: dict[str, bool]) -> bool:
+    """Whether the shard ``name`` of done-entry ``entry`` is whole on storage: listed, with its
+    index if the entry records one. A re-run trusts an entry only then; one whose index file
+    is gone is redone (the reader would refuse the shard)."""
+    return name in listed and (listed[name] or "index_sha256" not in entry)
+
+
+def delete_shard(url: str) -> None:
+    """Remove a shard and its index (either may be missing)."""
+    storage.delete(url)
+    storage.delete(index_url(url))
 
 
 def sha256_of(url: str) -> str:

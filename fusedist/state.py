@@ -56,7 +56,8 @@ class StageState:
     def read_many(self, names: Iterable[str]) -> dict[str, Any]:
         """The entries that exist among ``names``, read concurrently."""
         names = list(names)
-        entries = concurrently(read_state, [self.entry_url(n) for n in names])
+        entries = concurrently(read_state, [self.entry_url(n) for n in names],
+                               remote=storage.is_s3(self.url))
         return {n: e for n, e in zip(names, entries) if e is not None}
 
     def write(self, name: str, entry: Any) -> None:

@@ -397,12 +397,12 @@ class _S3RangeReader(io.RawIOBase):
     stitches together two versions of an object.
     """
 
-    def __init__(self, url: str, etag: str | None = None):
+    def __init__(self, url: str, etag: str | None = None, start: int = 0):
         self.url = url
         self.bucket, self.key = split_s3(url)
-        self.pos = 0
+        self.pos = start  # > 0: the first GET is already a ranged one
         self.etag = etag
-        self.length = 0
+        self.length = -1  # known from the first response
         self._body: Any = None
         # Consecutive failures without progress before giving up; progress resets the count.
         self._max_failures = max(1, _config.max_attempts)
@@ -423,11 +423,13 @@ class _S3RangeReader(io.RawIOBase):
             raise
         if self.pos == 0:
             self.length = int(resp["ContentLength"])
-            self.etag = resp.get("ETag") or self.etag
         elif not str(resp.get("ContentRange", "")).startswith(f"bytes {self.pos}-"):
             resp["Body"].close()
             raise StorageError(f"GET {self.url}: asked for bytes {self.pos}- but got "
                                f"{resp.get('ContentRange')!r} (endpoint {endpoint_url()})")
+        elif self.length < 0:  # opened at an offset: "bytes <a>-<b>/<total>"
+            self.length = int(str(resp["ContentRange"]).rsplit("/", 1)[1])
+        self.etag = self.etag or resp.get("ETag")
         self._body = resp["Body"]
 
     def _drop_body(self) -> None:
@@ -499,14 +501,18 @@ class _S3RangeReader(io.RawIOBase):
         super().close()
 
 
-def open_read(url: str) -> IO[bytes]:
-    """A buffered, seekable, streaming binary reader (S3 reads resume after drops)."""
+def open_read(url: str, start: int = 0) -> IO[bytes]:
+    """A buffered, seekable, streaming binary reader (S3 reads resume after drops), positioned
+    at byte ``start`` (on S3 the first request is already a ranged GET from there)."""
     if is_s3(url):
-        return io.BufferedReader(_S3RangeReader(url), buffer_size=1024 * 1024)
+        return io.BufferedReader(_S3RangeReader(url, start=start), buffer_size=1024 * 1024)
     p = local_path(url)
     if not p.is_file():
         raise FileNotFoundError(f"{url}: no such file")
-    return open(p, "rb")
+    f = open(p, "rb")  # noqa: SIM115 - returned to the caller
+    if start:
+        f.seek(start)
+    return f
 
 
 def _is_temp_name(name: str) -> bool:

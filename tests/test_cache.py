@@ -166,6 +166,40 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_p
     assert not (tmp_path / "parts").exists()  # finish calls and the end clear the staging
 
 
+def test_local_engine_decodes_in_workers_and_matches_the_ray_engine(datasets, tmp_path):
+    """``engine.executor: local``: DataLoader workers decode, the driver's own encoders compute
+    in this process, a writer thread finishes the groups; the features are exactly the Ray
+    engine's."""
+    from fusedist.features.engine import EngineSpec, Group
+    from fusedist.features.local_engine import run_engine_local
+
+    tiles = datasets / "tiles" / "grid"
+    m = json.loads((tiles / "manifest.json").read_text())
+    shards = [(s["name"], s["samples"]) for s in m["shards"][:3]]
+    spec = EngineSpec(tiles_url=str(tiles), mode="grid", image_key="img.jpg", tile_px=224,
+                      chunk=16, encoders=(("test-vit", None),), device="cpu",
+                      staging=str(tmp_path / "parts"), threads=torch.get_num_threads())
+    ray_out, _ = run_engine_collect(spec, shards)
+    out: dict = {}
+    finish_pids: set[int] = set()
+
+    def on_group(g, e, err):
+        out[g] = err or {k: np.asarray(v, np.float32) for k, v in e[g].items()}
+        finish_pids.add(e["finish_pid"])
+
+    stats = run_engine_local(spec, shards, {n: Group((n,)) for n, _ in shards}, features_of,
+                             on_group, [build_encoder("test-vit")], decode_workers=2)
+    assert set(out) == {n for n, _ in shards}
+    for name in out:
+        np.testing.assert_array_equal(out[name]["test-vit"], ray_out[name]["test-vit"])
+    # Decoding ran in two worker processes; the model and the finish calls in this one.
+    assert len(stats.decode_pids) == 2 and os.getpid() not in stats.decode_pids
+    assert stats.actor_pids == finish_pids == {os.getpid()}
+    assert sum(n for _, _, n in stats.chunk_times) == sum(n for _, n in shards)
+    assert stats.groups == 3 and stats.first_row_s > 0
+    assert not (tmp_path / "parts").exists()
+
+
 def test_reader_zips_tiles_with_cached_features(datasets, tmp_path):
     from fusedist.data import ShardReader
 
@@ -230,11 +264,13 @@ def corrupt_copy(src: Path, dst: Path, shard: str, member: str) -> str:
     return key
 
 
-def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path, executor):
     tiles = tmp_path / "tiles"
     bad = shard_names(datasets / "tiles" / "grid")[1]
     key = corrupt_copy(datasets / "tiles" / "grid", tiles, bad, "img.jpg")
-    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"],
+                              **{"engine.executor": executor}), progress=False)
     assert [f["name"] for f in res.failed] == [bad]
     reason = res.failed[0]["reason"]
     assert bad in reason and key in reason and "decode" in reason
@@ -244,7 +280,8 @@ def test_corrupt_jpeg_fails_its_shard_only(datasets, tmp_path):
     assert not (tmp_path / "f" / "test-vit" / "grid" / bad).exists()
 
 
-def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_path):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_path, executor):
     """Bytes flipped inside a JPEG member (the tar intact, the JPEG still decodes): cache
     hashes each shard as it streams and fails that one; the others proceed, and the feature
     manifest records the hash actually read."""
@@ -260,7 +297,8 @@ def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_pa
     listed = json.loads((tiles / "manifest.json").read_text())["shards"][-1]["sha256"]
     flip_member_byte(bad, ".img.jpg")
     got = hashlib.sha256(bad.read_bytes()).hexdigest()
-    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"]), progress=False)
+    res = run_cache(cache_cfg(tiles, tmp_path / "f", teachers=["test-vit"],
+                              **{"engine.executor": executor}), progress=False)
     assert [f["name"] for f in res.failed] == [names[-1]]
     reason = res.failed[0]["reason"]
     assert str(bad) in reason and got in reason and listed in reason
@@ -271,7 +309,8 @@ def test_changed_tile_bytes_fail_their_shard_naming_both_hashes(datasets, tmp_pa
     assert not (tmp_path / "f" / "test-vit" / "grid" / names[-1]).exists()
 
 
-def test_nan_features_are_an_error_not_written(datasets, tmp_path):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_nan_features_are_an_error_not_written(datasets, tmp_path, executor):
     enc = build_encoder("test-vit")
     with torch.no_grad():
         for p in enc.parameters():
@@ -279,8 +318,8 @@ def test_nan_features_are_an_error_not_written(datasets, tmp_path):
     w = tmp_path / "nan.safetensors"
     save_weights(enc, w)
     res = run_cache(cache_cfg(datasets / "tiles" / "grid", tmp_path / "f",
-                              teachers=[{"name": "test-vit", "weights": str(w)}]),
-                    progress=False)
+                              teachers=[{"name": "test-vit", "weights": str(w)}],
+                              **{"engine.executor": executor}), progress=False)
     assert res.failed and all("NaN/inf" in f["reason"] and "test-vit" in f["reason"]
                               for f in res.failed)
     grid = datasets / "tiles" / "grid"
@@ -291,14 +330,16 @@ def test_nan_features_are_an_error_not_written(datasets, tmp_path):
 
 
 def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cluster):
+    """The clean run is on Ray; the killed and the resumed one have no Ray address, so they
+    run the local engine (``engine.executor: auto``): the same bytes either way."""
     tiles = datasets / "tiles" / "pairs"
     args = ["cache", "--tiles", str(tiles), "-t", "test-vit", "-t", "test-convnext", "-q",
             "--set", "engine.batch_size=16", "--set", "mlflow.enabled=false"]
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     clean = subprocess.run([sys.executable, "-m", "fusedist.cli", *args, "-o",
-                            str(tmp_path / "clean")], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+                            str(tmp_path / "clean")], env=dict(os.environ, RAY_ADDRESS=ray_cluster),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", *args, "-o", str(out)],
                             env=env, cwd=REPO, start_new_session=True,
@@ -312,9 +353,12 @@ def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cl
     n_total = len(json.loads((tiles / "manifest.json").read_text())["shards"])
     done = len(list(state.glob("*.json")))
     assert 2 <= done < n_total and not (out / "test-vit" / "pairs" / "manifest.json").exists()
-    again = subprocess.run([sys.executable, "-m", "fusedist.cli", *args, "-o", str(out)],
+    verbose = [a for a in args if a != "-q"]  # its log says which engine ran
+    again = subprocess.run([sys.executable, "-m", "fusedist.cli", *verbose, "-o", str(out)],
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert "engine: local, without Ray (engine.executor=auto" in again.stderr
+    assert "started a local Ray" not in again.stderr
     for t in ("test-vit", "test-convnext"):
         a, b = tmp_path / "clean" / t / "pairs", out / t / "pairs"
         assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()

@@ -43,30 +43,41 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
+def _samples(i: int, n: int, kind: str, rename: tuple[int, int] | None):
+    for j in range(n):
+        key = f"s{i}/{j * 224}_0" if (i, j) != rename else f"s{i}/renamed_0"
+        if kind == "tiles":
+            meta = {"slide_id": f"s{i}", "x": j * 224, "y": 0, "n": i * 1000 + j}
+            yield key, {"lo.jpg": _jpeg(i * 1000 + j), "meta.json": json.dumps(meta).encode()}
+        else:
+            npy = io.BytesIO()
+            np.save(npy, np.full((4,), i * 1000 + j, dtype=np.float32))
+            yield key, {"t.npy": npy.getvalue()}
+
+
 def make_dataset(root: Path, sizes: list[int], kind: str = "tiles",
-                 rename: tuple[int, int] | None = None) -> str:
+                 rename: tuple[int, int] | None = None, indexed: bool = False) -> str:
     """A dataset folder per docs/formats.md: one slide per shard, manifest written last.
 
     ``kind="feats"`` writes mirrored feature shards (``t.npy`` holding the sample's number);
-    ``rename=(shard, sample)`` changes one key there, to break the mirror.
+    ``rename=(shard, sample)`` changes one key there, to break the mirror. ``indexed``: written
+    as the stages write them (``shards.write_shard``: with an index); else a plain USTAR tar
+    without one, as shards written before indexes existed.
     """
+    from fusedist import shards as shard_io
+
     root.mkdir(parents=True)
     shards = []
     for i, n in enumerate(sizes):
         name = f"shard-{i:06d}.tar"
+        if indexed:
+            info = shard_io.write_shard(str(root / name), _samples(i, n, kind, rename))
+            shards.append({"name": name, "slide_id": f"s{i}", **info})
+            continue
         with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for j in range(n):
-                key = f"s{i}/{j * 224}_0"
-                if (i, j) == rename:
-                    key = f"s{i}/renamed_0"
-                if kind == "tiles":
-                    meta = {"slide_id": f"s{i}", "x": j * 224, "y": 0, "n": i * 1000 + j}
-                    _add(tf, f"{key}.lo.jpg", _jpeg(i * 1000 + j))
-                    _add(tf, f"{key}.meta.json", json.dumps(meta).encode())
-                else:
-                    npy = io.BytesIO()
-                    np.save(npy, np.full((4,), i * 1000 + j, dtype=np.float32))
-                    _add(tf, f"{key}.t.npy", npy.getvalue())
+            for key, members in _samples(i, n, kind, rename):
+                for ext, data in members.items():
+                    _add(tf, f"{key}.{ext}", data)
         sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
         shards.append({"name": name, "slide_id": f"s{i}", "samples": n, "sha256": sha})
     manifest = {"format": "fusedist.tiles/1", "dataset": "demo", "mode": "grid", "shards": shards}
@@ -294,10 +305,14 @@ def test_truncated_shard_raises_naming_shard_and_position(tmp_path):
 def test_reads_shards_from_s3_through_storage(tmp_path, s3_bucket):
     from fusedist import storage
 
-    local = make_dataset(tmp_path / "tiles", [9, 14])
+    local = make_dataset(tmp_path / "tiles", [9, 14], indexed=True)
     url = storage.join(s3_bucket, "tiles/demo")
     for p in sorted(Path(local).iterdir()):
         storage.upload_file(p, storage.join(url, p.name))
+    # A read opened mid-object is one ranged GET from there (what indexed pieces do).
+    data = (Path(local) / "shard-000001.tar").read_bytes()
+    with storage.open_read(storage.join(url, "shard-000001.tar"), start=1536) as f:
+        assert f.read(700) == data[1536:2236] and f.seek(0) == 0 and f.read(10) == data[:10]
     keys = []
     for rank in (0, 1):  # loader workers open their own clients (storage keys them by pid)
         keys += keys_of(load(ShardReader(url, seed=2, rank=rank, world_size=2)))
@@ -351,3 +366,117 @@ def test_changed_shard_bytes_fail_with_both_hashes(tmp_path, tiles):
     with pytest.raises(ShardHashError, match="shard-000002.tar"):
         for r in range(4):
             list(ShardReader([tiles, feats], rank=r, world_size=4, shuffle=False))
+
+
+def _count_reads(monkeypatch) -> dict[str, dict]:
+    """Record, per opened shard, where each read started and how many bytes were read."""
+    from fusedist import storage
+
+    real_open, seen = storage.open_read, {}
+
+    class Counting(io.RawIOBase):
+        def __init__(self, f, rec):
+            self.f, self.rec = f, rec
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            self.rec["bytes"] += n
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def opened(url, start=0):
+        f = real_open(url, start)
+        if not url.endswith(".tar"):
+            return f
+        rec = seen.setdefault(url.rsplit("/", 1)[1], {"starts": [], "bytes": 0})
+        rec["starts"].append(start)
+        return io.BufferedReader(Counting(f, rec))
+
+    monkeypatch.setattr(storage, "open_read", opened)
+    return seen
+
+
+def _shard_and_sample(key: str) -> tuple[str, int]:
+    slide, xy = key.split("/")
+    return f"shard-{int(slide[1:]):06d}.tar", int(xy[:-2]) // 224
+
+
+def test_indexed_shards_resume_reading_only_what_is_still_needed(tmp_path, monkeypatch):
+    """With shard indexes a resumed slot starts each shard at the first sample it still needs
+    (a ranged read) and jumps long runs of samples it already yielded, yields exactly what an
+    unindexed dataset yields, and reads less."""
+    sizes = [120, 150, 90]
+    plain = make_dataset(tmp_path / "plain", sizes)
+    indexed = make_dataset(tmp_path / "indexed", sizes, indexed=True)
+    # Samples a shuffle buffer still holds at a resume lie far apart in a shard: old ones are
+    # rare, so the gaps between them grow past JUMP_SAMPLES.
+    kw = dict(seed=3, rank=0, world_size=1, shuffle_buffer=60, interleave=2)
+    full = [s["__key__"] for s in ShardReader(indexed, **kw)]
+    assert full == [s["__key__"] for s in ShardReader(plain, **kw)]
+    offsets = {n: json.loads((Path(indexed) / f"{n}.idx.json").read_text())["offsets"]
+               for n in (f"shard-{i:06d}.tar" for i in range(len(sizes)))}
+    seen = _count_reads(monkeypatch)
+    jumps = 0
+    for done in (0, 40, 130, 200, 290, len(full) - 1):
+        cursor = {"epoch": 0, "world": [1, 1], "consumed": [done]}
+        seen.clear()
+        rest = [s["__key__"] for s in ShardReader(indexed, cursor=cursor, **kw)]
+        assert rest == full[done:], f"resume after {done} diverged"
+        indexed_bytes = sum(r["bytes"] for r in seen.values())
+        needed: dict[str, set[int]] = {}
+        for k in rest:
+            shard, j = _shard_and_sample(k)
+            needed.setdefault(shard, set()).add(j)
+        assert set(seen) == set(needed)  # only shards that still owe a sample are opened
+        for shard, rec in seen.items():
+            # The first read starts at the first sample still needed; every later one (a
+            # jump) at another needed sample.
+            assert rec["starts"][0] == offsets[shard][min(needed[shard])]
+            assert set(rec["starts"]) <= {offsets[shard][j] for j in needed[shard]}
+            jumps += len(rec["starts"]) - 1
+        seen.clear()
+        assert [s["__key__"] for s in ShardReader(plain, cursor=cursor, **kw)] == rest
+        if 0 < done < len(full) - 1:
+            assert indexed_bytes < sum(r["bytes"] for r in seen.values())
+    assert jumps > 0
+
+
+def test_indexed_reads_verify_every_sample_and_the_index(tmp_path):
+    """Reading from mid-shard never hashes the whole file: each sample is checked against the
+    index's digest instead, and the index against the manifest."""
+    tiles = make_dataset(tmp_path / "tiles", [10, 10], indexed=True)
+    feats = make_dataset(tmp_path / "feats", [10, 10], kind="feats", indexed=True)
+    # 4 slots of 5: slots 1 and 3 start mid-shard (sample 5) and read through the index.
+    keys = [k for r in range(4) for k in keys_of([{"__key__": [s["__key__"] for s in
+            ShardReader([tiles, feats], rank=r, world_size=4, shuffle=False)]}])]
+    assert sorted(keys) == sorted(all_keys([10, 10]))
+    path = Path(feats) / "shard-000001.tar"
+    name = flip_member_byte_at(path, 7, ".t.npy")  # sample 7: read by slot 3 via the index
+    with pytest.raises(ShardHashError, match=r"shard-000001\.tar: sample 7 \('s1/1568_0'\) "
+                       r"differs from the digest its index recorded"):
+        list(ShardReader([tiles, feats], rank=3, world_size=4, shuffle=False))
+    assert name == "s1/1568_0.t.npy"
+    idx = Path(feats) / "shard-000000.tar.idx.json"
+    idx.write_text(idx.read_text().replace('"offsets":[0,', '"offsets":[512,'))
+    with pytest.raises(ShardHashError, match=r"shard-000000\.tar\.idx\.json: sha256 is .* the "
+                       r"index changed"):
+        list(ShardReader([tiles, feats], rank=1, world_size=4, shuffle=False))
+    idx.unlink()
+    with pytest.raises(ShardError, match=r"shard-000000\.tar\.idx\.json: missing"):
+        list(ShardReader([tiles, feats], rank=1, world_size=4, shuffle=False))
+
+
+def flip_member_byte_at(path: Path, sample: int, member_suffix: str) -> str:
+    """:func:`flip_member_byte` on the ``sample``-th member ending in ``member_suffix``."""
+    with tarfile.open(path) as tf:
+        info = [m for m in tf.getmembers() if m.name.endswith(member_suffix)][sample]
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + info.size // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    return info.name

@@ -73,6 +73,14 @@ def test_scale_sim_smallest_quick_scale(tmp_path, capsys):
     diff = pts[f"tile: re-run after +{mod.NEW_SLIDES} slides (retrain diff)"].extra
     assert diff["tasks"]["plan_slide"] == mod.NEW_SLIDES
     assert pts["fuse: cohort load (labels join, exclusions, folds)"].extra["slides"] > 20
+    # A resume reads past no more samples with shard indexes than without (older shards); at
+    # this scale a slot fits its shuffle buffer, so both read the same (tests/test_reader.py
+    # checks the jumps), and the indexed run reads each opened shard's index.
+    resume = "reader: resume at epoch midpoint, to 1st micro-batch (per worker"
+    indexed = pts[resume + ")"].extra
+    plain = pts[resume + ", shards without indexes)"].extra
+    assert 0 <= indexed["samples_streamed_past"] <= plain["samples_streamed_past"]
+    assert indexed["storage_ops"]["read_bytes"] > 0 and "read_bytes" not in plain["storage_ops"]
     table = mod.report([res, res])
     assert "| reader: epoch plan (per worker) |" in table
     assert "exponent" in table

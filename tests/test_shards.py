@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from fusedist import shards, storage
-from fusedist.data.reader import iter_tar_samples
+from fusedist.data.reader import iter_tar_samples, split_member
 from fusedist.features.cache import npy_bytes
 from tests.s3util import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
@@ -35,7 +35,9 @@ def test_shard_bytes_are_fixed_by_the_samples(tmp_path: Path) -> None:
     assert hashlib.sha256(buf.getvalue()).hexdigest() == FIXED_SHA256
     info = shards.write_shard(str(tmp_path / "a.tar"), _fixed_samples())
     again = shards.write_shard(str(tmp_path / "b.tar"), _fixed_samples())
-    assert info == again == {"samples": 5, "bytes": len(buf.getvalue()), "sha256": FIXED_SHA256}
+    index_bytes = (tmp_path / "a.tar.idx.json").read_bytes()
+    assert info == again == {"samples": 5, "bytes": len(buf.getvalue()), "sha256": FIXED_SHA256,
+                             "index_sha256": hashlib.sha256(index_bytes).hexdigest()}
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
     assert [m.name for m in members[:3]] == ["slide.a/0_0.img.jpg", "slide.a/0_0.meta.json",
@@ -124,3 +126,39 @@ def test_webdataset_reads_local_shards(tmp_path: Path) -> None:
 def test_webdataset_reads_s3_shards_through_the_registered_opener(s3_bucket: str) -> None:
     storage.register_webdataset_opener()
     _check_webdataset(f"{s3_bucket}/data")
+
+
+def test_shard_index_points_at_each_samples_first_header_and_digests_it(tmp_path: Path) -> None:
+    """The index beside a shard: where each sample's first tar header starts (a PAX header for
+    long or unicode keys) and the digest of what a reader extracts for it."""
+    samples = _fixed_samples() + [("s/" + "k" * 150, {"img.jpg": b"x" * 700, "_meta": b"m"}),
+                                  ("slide-é/1_2", {"a.npy": b"", "meta.json": "é"})]
+    url = str(tmp_path / "s.tar")
+    info = shards.write_shard(url, samples)
+    index = json.loads(Path(shards.index_url(url)).read_text())
+    assert index["format"] == "fusedist.shard-index/1" and index["shard_sha256"] == info["sha256"]
+    first_headers, extracted = [], []
+    with tarfile.open(url) as tar:
+        for m in tar.getmembers():
+            key, ext = split_member(m.name)
+            if not extracted or extracted[-1][0] != key:
+                first_headers.append(m.offset)
+                extracted.append((key, {}))
+            extracted[-1][1][ext] = tar.extractfile(m).read()
+    assert index["offsets"] == first_headers and len(first_headers) == 7
+    assert index["digests"] == [shards.sample_digest(k, m) for k, m in extracted]
+    assert len(set(index["digests"])) == 7
+    shards.delete_shard(url)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_shard_counts_as_written_only_with_its_index(tmp_path: Path) -> None:
+    url = str(tmp_path / "a.tar")
+    entry = {"name": "a.tar", **shards.write_shard(url, _fixed_samples())}
+    (tmp_path / "old.tar").write_bytes(b"")  # written before indexes: no index expected
+    listed = shards.listed_shards(str(tmp_path))
+    assert listed == {"a.tar": True, "old.tar": False}
+    assert shards.shard_written("a.tar", entry, listed)
+    assert shards.shard_written("old.tar", {"name": "old.tar", "sha256": "x"}, listed)
+    Path(shards.index_url(url)).unlink()
+    assert not shards.shard_written("a.tar", entry, shards.listed_shards(str(tmp_path)))

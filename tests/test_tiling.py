@@ -177,7 +177,9 @@ def test_failures_do_not_stop_good_slides(ray_cluster, fixtures_dir, known_slide
 
 
 def run_cli(args, env_extra=None, **kw):
+    """The CLI in a subprocess; ``env_extra`` values of None remove that variable."""
     env = dict(os.environ, **(env_extra or {}))
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "fusedist.cli", *args], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300, **kw)
 
@@ -201,6 +203,14 @@ def test_rerun_skips_finished_work_and_refuses_other_config(ray_cluster, known_s
     assert again.written_shards == 0 and again.manifest == first.manifest
     assert mtimes == {p.name: p.stat().st_mtime_ns
                       for p in (tmp_path / "default").glob("*.tar")}
+    # Every shard has its index beside it; one whose index is lost is rewritten, alone.
+    idx = sorted((tmp_path / "default").glob("*.tar.idx.json"))
+    assert [p.name[: -len(".idx.json")] for p in idx] == sorted(mtimes)
+    lost = idx[1].read_bytes()
+    idx[1].unlink()
+    healed = run_tile(cfg, progress=False)
+    assert healed.written_shards == 1 and idx[1].read_bytes() == lost
+    assert healed.manifest == first.manifest
     with pytest.raises(ConfigError, match="different tiling config.*overwrite=true"):
         run_tile(tile_cfg(known_slide[0], tmp_path, mode="grid", min_tissue=0.9), progress=False)
     other = run_tile(tile_cfg(known_slide[0], tmp_path, mode="grid", min_tissue=0.9,
@@ -211,15 +221,18 @@ def test_rerun_skips_finished_work_and_refuses_other_config(ray_cluster, known_s
 
 
 def test_killed_run_resumes_to_identical_output(ray_cluster, tmp_path):
+    """The clean run is on Ray; the killed and the resumed run use no Ray (``executor: auto``
+    with no Ray address: local processes), so this also checks both give the same bytes."""
     src = known_slides(tmp_path / "slides", 3, width=4096, height=3584)
-    args = ["tile", "-i", str(src), "--dataset", "d", "--set", "samples_per_shard=2", "-q"]
-    env = {"RAY_ADDRESS": ray_cluster}
-    clean = run_cli([*args, "-o", str(tmp_path / "clean")], env)
+    args = ["tile", "-i", str(src), "--dataset", "d", "--set", "samples_per_shard=2"]
+    clean = run_cli([*args, "-q", "-o", str(tmp_path / "clean")], {"RAY_ADDRESS": ray_cluster})
     assert clean.returncode == 0, clean.stderr
+    env = {"RAY_ADDRESS": None}
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", *args, "-o", str(out)],
-                            env=dict(os.environ, **env), cwd=REPO, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "fusedist.cli", *args, "-q", "-o", str(out)],
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                            cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "d" / "_state" / "shards"
     deadline = time.time() + 120
@@ -234,6 +247,8 @@ def test_killed_run_resumes_to_identical_output(ray_cluster, tmp_path):
 
     resumed = run_cli([*args, "-o", str(out)], env)
     assert resumed.returncode == 0, resumed.stderr
+    assert "local processes without Ray (executor=auto" in resumed.stderr
+    assert "started a local Ray" not in resumed.stderr
     # The re-run writes only what was missing (tasks in flight at the kill may have finished).
     wrote = int(re.search(r"wrote (\d+) shards", resumed.stdout).group(1))
     assert 1 <= wrote <= n_total - done_at_kill

@@ -15,7 +15,9 @@ Every yielded sample carries ``__key__``, ``__shard__``, ``__epoch__``, ``__slot
 ``__index__`` (its position in the slot's stream). A training loop feeds the batches it has
 consumed to :meth:`Cursor.update`; a reader built with that cursor replays each slot's stream
 index-only (no payload kept, no decoding) and yields exactly the rest, in the same order an
-uninterrupted run would have (WebDataset has no mid-epoch resume, hence this module).
+uninterrupted run would have (WebDataset has no mid-epoch resume, hence this module). Shards
+with an index (``fusedist.shards.index_url``) are read from the first sample a slot needs,
+with ranged reads that jump what it does not; see :class:`_PieceReader`.
 
 Typical DDP loop (``equal=True`` so every rank takes the same number of steps)::
 
@@ -42,12 +44,12 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fusedist import storage
+from fusedist import shards, storage
 
 Sample = dict[str, Any]
 META_KEYS = ("__key__", "__shard__", "__epoch__", "__slot__", "__index__")
@@ -72,6 +74,7 @@ class ShardInfo:
     name: str
     samples: int
     sha256: str | None = None  # from the manifest; checked as the shard streams past
+    index_sha256: str | None = None  # of its index (shards.index_url); None: no index
 
 
 def _manifest_shards(url: str) -> list[ShardInfo]:
@@ -82,8 +85,8 @@ def _manifest_shards(url: str) -> list[ShardInfo]:
         raise FileNotFoundError(f"{murl}: no manifest; a dataset folder lists its shards in "
                                 "manifest.json (see docs/formats.md)") from e
     try:
-        return [ShardInfo(str(s["name"]), int(s["samples"]), s.get("sha256"))
-                for s in manifest["shards"]]
+        return [ShardInfo(str(s["name"]), int(s["samples"]), s.get("sha256"),
+                          s.get("index_sha256")) for s in manifest["shards"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{murl}: 'shards' must be a list of {{name, samples}} ({e!r})") from e
 
@@ -96,11 +99,17 @@ def load_shards(urls: Sequence[str]) -> list[ShardInfo]:
 def load_mirrored(urls: Sequence[str]) -> tuple[list[ShardInfo], list[dict[str, str | None]]]:
     """The shard list of ``urls[0]`` (checked to be mirrored by every other dataset) and, per
     dataset, each shard's manifest sha256 by name."""
+    base, infos = _load_mirrored(urls)
+    return base, [{n: i.sha256 for n, i in d.items()} for d in infos]
+
+
+def _load_mirrored(urls: Sequence[str]) -> tuple[list[ShardInfo], list[dict[str, ShardInfo]]]:
+    """:func:`load_mirrored` with each dataset's whole :class:`ShardInfo` by name."""
     base = _manifest_shards(urls[0])
-    hashes: list[dict[str, str | None]] = [{s.name: s.sha256 for s in base}]
+    infos: list[dict[str, ShardInfo]] = [{s.name: s for s in base}]
     for url in urls[1:]:
         listed = _manifest_shards(url)
-        hashes.append({s.name: s.sha256 for s in listed})
+        infos.append({s.name: s for s in listed})
         other = {s.name: s.samples for s in listed}
         missing = [s.name for s in base if s.name not in other]
         if missing:
@@ -112,7 +121,7 @@ def load_mirrored(urls: Sequence[str]) -> tuple[list[ShardInfo], list[dict[str, 
                 raise DatasetMismatchError(
                     f"{s.name}: {urls[0]} lists {s.samples} samples but {url} lists "
                     f"{other[s.name]}")
-    return base, hashes
+    return base, infos
 
 
 def select_shards(shards: list[ShardInfo], names: Iterable[str], url: str) -> list[ShardInfo]:
@@ -256,6 +265,37 @@ class _HashingReader(io.RawIOBase):
         return self.sha.hexdigest()
 
 
+def _tar_samples(f: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` of each sample of a tar stream, as soon as it is complete
+    (members of a sample are consecutive). ``f`` may start at any member header."""
+    key, members = None, {}
+    with tarfile.open(fileobj=f, mode="r|") as tf:
+        while (info := tf.next()) is not None:
+            tf.members.clear()  # stream mode keeps every TarInfo otherwise
+            if not info.isfile():
+                continue
+            k, ext = split_member(info.name)
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tf.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _corrupt(url: str, count: int, key: str | None, e: BaseException) -> NoReturn:
+    """Re-raise a read error of ``url`` as :class:`ShardError`, unless it is a missing file
+    or a (named) storage failure, which are not a corrupt shard."""
+    if isinstance(e, (FileNotFoundError, storage.StorageError)):
+        raise e
+    raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key read "
+                     f"{key!r}): {type(e).__name__}: {e}") from e
+
+
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError)
+
+
 def iter_tar_samples(url: str, sha256: str | None = None,
                      digest: dict[str, str] | None = None
                      ) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -266,41 +306,85 @@ def iter_tar_samples(url: str, sha256: str | None = None,
     naming the file and both hashes before it, so a consumer that reads a shard to its end
     never finishes on unverified data. ``digest["sha256"]`` receives the hash actually read.
     """
-    key, members, count = None, {}, 0
+    count, held = 0, None
     try:
-        with storage.open_read(url) as raw, tarfile.open(fileobj=(f := _HashingReader(raw)),
-                                                         mode="r|") as tf:
-            while (info := tf.next()) is not None:
-                tf.members.clear()  # stream mode keeps every TarInfo otherwise
-                if not info.isfile():
-                    continue
-                k, ext = split_member(info.name)
-                if k != key and key is not None:
-                    yield key, members
-                    count, members = count + 1, {}
-                key = k
-                members[ext] = tf.extractfile(info).read()
+        with storage.open_read(url) as raw:
+            f = _HashingReader(raw)
+            for item in _tar_samples(f):
+                if held is not None:
+                    yield held
+                    count += 1
+                held = item
             got = f.drain()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, (FileNotFoundError, storage.StorageError)):
-            raise  # a missing file or a storage failure (named) is not a corrupt shard
-        raise ShardError(f"{url}: corrupt or truncated at sample {count} (last key read "
-                         f"{key!r}): {type(e).__name__}: {e}") from e
+    except _READ_ERRORS as e:
+        _corrupt(url, count, held[0] if held else None, e)
     if digest is not None:
         digest["sha256"] = got
     if sha256 is not None and got != sha256:
         raise ShardHashError(f"{url}: sha256 of the bytes read is {got} but its manifest lists "
                              f"{sha256}; the shard changed after it was written (re-run the "
                              "stage that wrote it, or restore the file)")
-    if key is not None:
-        yield key, members
+    if held is not None:
+        yield held
 
 
-def _zip_samples(urls: list[str], hashes: Sequence[str | None]
-                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_index(url: str, info: ShardInfo) -> dict[str, Any]:
+    """The index of shard ``url`` (offsets and digests of its samples), checked against the
+    manifest's ``index_sha256`` and sample count."""
+    iurl = shards.index_url(url)
+    try:
+        data = storage.read_bytes(iurl)
+    except FileNotFoundError:
+        raise ShardError(f"{iurl}: missing, but the manifest lists an index for {url}; re-run "
+                         "the stage that wrote the shard, or restore the file") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != info.index_sha256:
+        raise ShardHashError(f"{iurl}: sha256 is {got} but the manifest lists "
+                             f"{info.index_sha256}; the index changed after it was written "
+                             "(re-run the stage that wrote the shard, or restore the file)")
+    index = json.loads(data)
+    if not len(index["offsets"]) == len(index["digests"]) == info.samples:
+        raise ShardError(f"{iurl}: lists {len(index['offsets'])} samples but the manifest "
+                         f"lists {info.samples} for {url}")
+    return index
+
+
+def iter_indexed_samples(url: str, info: ShardInfo, start: int
+                         ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of ``url`` from its sample ``start`` on, read from that sample's byte
+    offset (one ranged GET on S3: nothing before it is read). Each sample is checked against
+    the digest its index records before it is yielded, so every byte yielded is verified
+    though the whole file is never hashed."""
+    index = read_index(url, info)
+    digests, count, key = index["digests"], start, None
+    try:
+        with storage.open_read(url, start=index["offsets"][start]) as raw:
+            for key, members in _tar_samples(raw):
+                if count >= len(digests):
+                    raise ShardError(f"{url}: holds more than the {len(digests)} samples its "
+                                     "index lists")
+                if shards.sample_digest(key, members) != digests[count]:
+                    raise ShardHashError(
+                        f"{url}: sample {count} ({key!r}) differs from the digest its index "
+                        "recorded when the shard was written; the shard changed after it was "
+                        "written (re-run the stage that wrote it, or restore the file)")
+                yield key, members
+                count += 1
+    except _READ_ERRORS as e:
+        if isinstance(e, ShardError):
+            raise
+        _corrupt(url, count, key, e)
+
+
+def _zip_samples(urls: list[str], infos: Sequence[ShardInfo | None],
+                 start: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Merge the members of mirrored shards sample by sample, checking that keys agree and,
-    once a shard is read to its end, its sha256."""
-    its = [iter_tar_samples(u, h) for u, h in zip(urls, hashes)]
+    once a shard is read to its end, its sha256; with ``start``, from that sample on through
+    the shards' indexes, each sample checked (every ``infos`` entry must then have one)."""
+    if start is not None:
+        its = [iter_indexed_samples(u, i, start) for u, i in zip(urls, infos)]
+    else:
+        its = [iter_tar_samples(u, i.sha256 if i else None) for u, i in zip(urls, infos)]
     try:
         for n in itertools.count():
             got = [next(it, None) for it in its]
@@ -326,22 +410,38 @@ def _zip_samples(urls: list[str], hashes: Sequence[str | None]
             it.close()
 
 
-class _PieceReader:
-    """Reads one piece of a shard lazily: a piece whose samples are all skipped is never opened."""
+JUMP_SAMPLES = 16
+"""An indexed piece re-opens at a wanted sample (one ranged GET) rather than read past more
+than this many unwanted ones (a GET's latency is worth a few samples' transfer)."""
 
-    def __init__(self, urls: list[str], piece: _Piece, hashes: Sequence[str | None]):
-        self.urls, self.piece, self.hashes = urls, piece, hashes
-        self.offset = piece.start
+
+class _PieceReader:
+    """Reads one piece of a shard lazily: a piece whose samples are all skipped is never opened.
+
+    With shard indexes (every dataset of the piece lists one) each read starts at the first
+    sample wanted, and a gap of more than :data:`JUMP_SAMPLES` unwanted samples is jumped with
+    a new ranged read, so a resumed slot reads the samples its shuffle buffer still holds, not
+    everything before them; every sample yielded is checked against its index digest. Without
+    (older shards) a piece streams from the shard's start and reads through what it skips,
+    and the shard's sha256 is checked when it is read to its end.
+    """
+
+    def __init__(self, urls: list[str], piece: _Piece, infos: Sequence[ShardInfo | None]):
+        self.urls, self.piece, self.infos = urls, piece, infos
+        self.indexed = all(i is not None and i.index_sha256 for i in infos)
+        self.offset = piece.start  # the position asked for next
+        self._at = 0  # the position the open stream yields next
         self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
 
     def next(self, want: bool) -> tuple[str, dict[str, bytes]] | None:
-        if self._it is None and not want:
-            self.offset += 1
+        if not want and (self._it is None or self.indexed):
+            self.offset += 1  # nothing read now: an open stream catches up or jumps later
             return None
-        if self._it is None:
-            self._it = _zip_samples(self.urls, self.hashes)
-            for _ in range(self.offset):  # headers and bytes stream past; nothing is decoded
-                self._take()
+        if self._it is None or (self.indexed and
+                                not 0 <= self.offset - self._at <= JUMP_SAMPLES):
+            self._open()
+        while self._at < self.offset:  # headers and bytes stream past; nothing is decoded
+            self._take()
         item = self._take()
         self.offset += 1
         if self.offset == self.piece.shard.samples and next(self._it, None) is not None:
@@ -351,16 +451,26 @@ class _PieceReader:
             self.close()  # don't hold a connection while the slot's other pieces stream
         return item if want else None
 
+    def _open(self) -> None:
+        self.close()
+        if self.indexed:
+            self._it, self._at = _zip_samples(self.urls, self.infos, self.offset), self.offset
+        else:
+            self._it, self._at = _zip_samples(self.urls, self.infos), 0
+
     def _take(self) -> tuple[str, dict[str, bytes]]:
+        assert self._it is not None
         item = next(self._it, None)
         if item is None:
-            raise ShardError(f"{self.urls[0]}: ends at sample {self.offset} but its manifest "
+            raise ShardError(f"{self.urls[0]}: ends at sample {self._at} but its manifest "
                              f"lists {self.piece.shard.samples} (truncated shard?)")
+        self._at += 1
         return item
 
     def close(self) -> None:
         if self._it is not None:
-            self._it.close()  # a closed generator stays non-None: the piece is never reopened
+            self._it.close()
+            self._it = None
 
 
 # ----------------------------------------------------------------------------- cursor
@@ -482,7 +592,7 @@ class ShardReader(IterableDataset):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("ShardReader needs at least one dataset URL")
-        self.shards, self.hashes = load_mirrored(self.urls)
+        self.shards, self.infos = _load_mirrored(self.urls)
         if shards is not None:
             self.shards = select_shards(self.shards, shards, self.urls[0])
         self.seed, self.shuffle, self.equal = seed, shuffle, equal
@@ -554,7 +664,7 @@ class ShardReader(IterableDataset):
             next(emit)
         kept, first_new = set(emit.buf), emit.next_read
         readers = [_PieceReader([storage.join(u, p.shard.name) for u in self.urls], p,
-                                [h.get(p.shard.name) for h in self.hashes])
+                                [d.get(p.shard.name) for d in self.infos])
                    for p in pieces]
         source = _interleave([p.stop - p.start for p in pieces], self.interleave)
         pending: dict[int, tuple[str, str, dict[str, bytes]]] = {}

@@ -17,12 +17,11 @@ import numpy as np
 
 from fusedist import shards, storage
 from fusedist.features.config import CacheConfig
-from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
+from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
+from fusedist.features.runtime import (execute, load_encoders, plan_engine, read_tile_manifest,
                                        shard_progress)
 from fusedist.state import StageState, mismatch_error
-from fusedist.runtime import init_ray
 
 log = logging.getLogger("fusedist.cache")
 
@@ -76,16 +75,16 @@ def _state(t: TeacherInfo) -> StageState:
 def _done_entries(t: TeacherInfo, tile_shards: list[dict], overwrite: bool) -> dict[str, dict]:
     """The current done-entries of ``t`` by shard name: one listing and concurrent reads (a
     request per shard one after another took minutes on S3 at 10,000 slides)."""
-    written = set(storage.listdir(t.url, ".tar"))
+    listed = shards.listed_shards(t.url)
     entries = _state(t).read_many(s["name"] for s in tile_shards)
     return {s["name"]: e for s in tile_shards
-            if (e := _valid_entry(t, s, overwrite, entries.get(s["name"]), written)) is not None}
+            if (e := _valid_entry(t, s, overwrite, entries.get(s["name"]), listed)) is not None}
 
 
 def _valid_entry(t: TeacherInfo, shard: dict, overwrite: bool, e: dict | None,
-                 written: set[str]) -> dict | None:
+                 listed: dict[str, bool]) -> dict | None:
     """The shard's done-entry ``e`` if it is current for this teacher's weights and source
-    shard and the shard is in ``written``."""
+    shard and the shard is whole on storage (``shards.shard_written``)."""
     if e is None:
         return None
     if e.get("weights_digest") != t.digest and not overwrite:
@@ -93,7 +92,7 @@ def _valid_entry(t: TeacherInfo, shard: dict, overwrite: bool, e: dict | None,
                              f"set of weights (other weights: digest "
                              f"{e.get('weights_digest', '?')[:12]} vs {t.digest[:12]})")
     current = (e.get("weights_digest") == t.digest and e.get("source_sha256") == shard["sha256"]
-               and shard["name"] in written)
+               and shards.shard_written(shard["name"], e, listed))
     return e if current else None
 
 
@@ -121,9 +120,9 @@ def _finish_shard(name: str, payload: tuple[list[TeacherInfo], dict],
 
 def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: list[dict],
               per_sample: list[int], done: dict[str, dict]) -> dict:
-    rows = [{k: done[s["name"]][k] for k in ("name", "samples", "bytes", "sha256",
-                                             "source_sha256")}
-            for s in tile_manifest["shards"] if s["name"] in done]
+    keys = ("name", "samples", "bytes", "sha256", "index_sha256", "source_sha256")
+    rows = [{k: e[k] for k in keys if k in e}  # no index_sha256: written before indexes
+            for s in tile_manifest["shards"] if (e := done.get(s["name"])) is not None]
     return {"format": FORMAT, "teacher": t.name, "weights_digest": t.digest,
             "random_weights": t.random_weights, "dim": t.dim, "dtype": "float16",
             "sample_shape": [*per_sample, t.dim], "mode": tile_manifest["mode"],
@@ -145,13 +144,13 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     teachers = [TeacherInfo(e.spec.name, storage.join(cfg.output, e.spec.name, tm["dataset"]),
                             e.weights_digest, e.spec.dim, e.random_weights)
                 for e in encoders]
-    del encoders
     # Done-entries are read once; writes add to this, and the manifests are built from it.
     done = {t.name: _done_entries(t, tm["shards"], cfg.overwrite) for t in teachers}
     todo = [s for s in tm["shards"] if any(s["name"] not in done[t.name] for t in teachers)]
     by_name = {s["name"]: s for s in tm["shards"]}
-    init_ray(cfg.ray)
-    device, pool, threads = engine_pool(cfg.engine, cfg.ray)
+    plan = plan_engine(cfg.engine, cfg.ray)
+    if not plan.local:
+        encoders = []  # Ray actors build their own: free the driver's copies
     per = 16 if tm["mode"] == "pairs" else 1
     spec = EngineSpec(tiles_url=cfg.tiles.rstrip("/"), mode=tm["mode"],
                       image_key="hi.jpg" if tm["mode"] == "pairs" else "img.jpg",
@@ -159,9 +158,9 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                       tm["config"]["tile_size"],
                       chunk=max(1, cfg.engine.batch_size // per),
                       encoders=tuple((r.name, r.weights) for r in cfg.teachers),
-                      device=device, compile=cfg.engine.compile,
+                      device=plan.device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
-                      threads=threads, storage_cfg=cfg.storage.model_dump())
+                      threads=plan.threads, storage_cfg=cfg.storage.model_dump())
     # One group per shard: its finish call writes each teacher's shard that is not done yet.
     groups = {s["name"]: Group((s["name"],), ([t for t in teachers if s["name"] not in
                                                done[t.name]], s)) for s in todo}
@@ -184,9 +183,9 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                 bar.advance(by_name[name]["samples"])
 
             t_engine = time.perf_counter()
-            result.engine = run_engine(spec, [(s["name"], s["samples"], s.get("sha256"))
-                                              for s in todo], groups, _finish_shard, on_group,
-                                       pool)
+            result.engine = execute(plan, spec, [(s["name"], s["samples"], s.get("sha256"))
+                                                 for s in todo], groups, _finish_shard,
+                                    on_group, encoders)
             result.engine_seconds = time.perf_counter() - t_engine
         per_sample = [16] if tm["mode"] == "pairs" else []
         for t in teachers:

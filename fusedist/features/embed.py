@@ -18,12 +18,11 @@ from fusedist import storage
 from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.config import ConfigError
 from fusedist.features.config import EmbedConfig
-from fusedist.features.engine import EngineSpec, EngineStats, Group, run_engine
+from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (engine_pool, load_encoders, read_tile_manifest,
-                                       shard_progress)
+from fusedist.features.runtime import (EnginePlan, execute, load_encoders, plan_engine,
+                                       read_tile_manifest, shard_progress)
 from fusedist.preflight import check_embed
-from fusedist.runtime import init_ray
 from fusedist.state import StageState
 
 log = logging.getLogger("fusedist.embed")
@@ -101,8 +100,8 @@ def _slide_digest(slide: dict, shard_sha: dict[str, str]) -> str:
     return hashlib.sha256("".join(shard_sha[n] for n in slide["shards"]).encode()).hexdigest()
 
 
-def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: EmbedResult,
-                 progress: bool) -> None:
+def _embed_group(cfg: EmbedConfig, plan: EnginePlan, tiles_url: str, encoders: list,
+                 result: EmbedResult, progress: bool) -> None:
     tm = read_tile_manifest(tiles_url)
     shard_sha = {s["name"]: s["sha256"] for s in tm["shards"]}
     samples = {s["name"]: s["samples"] for s in tm["shards"]}
@@ -117,14 +116,13 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
     todo = {sid: [by_name[n] for n in names] for sid, names in stale.items()}
     by_id = {s["slide_id"]: s for s in slides}
     shard_list = [(n, samples[n], shard_sha[n]) for sid in todo for n in by_id[sid]["shards"]]
-    device, pool, threads = engine_pool(cfg.engine, cfg.ray)
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
                       encoders=tuple(_refs_for(cfg, encoders)),
-                      device=device, compile=cfg.engine.compile,
+                      device=plan.device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
-                      threads=threads, storage_cfg=cfg.storage.model_dump())
+                      threads=plan.threads, storage_cfg=cfg.storage.model_dump())
     meta = {"tile_mpp": float(tm["config"]["tile_mpp"]),
             "tile_size": int(tm["config"]["tile_size"]), "dataset": tm.get("dataset", ""),
             "tiling": _recipe(tm["config"])}
@@ -146,8 +144,8 @@ def _embed_group(cfg: EmbedConfig, tiles_url: str, encoders: list, result: Embed
             result.tiles += entry["tiles"]
             result.written += entry["bags"]
 
-        result.engine.append(run_engine(spec, shard_list, groups, _finish_slide, on_group,
-                                        pool))
+        result.engine.append(execute(plan, spec, shard_list, groups, _finish_slide, on_group,
+                                     encoders))
 
 
 def bag_state(output: str, encoder: str) -> StageState:
@@ -317,7 +315,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
     storage.configure(cfg.storage)
     check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts
     encoders = load_encoders(cfg.encoders, _tracking_uri(cfg))
-    init_ray(cfg.ray)
+    plan = plan_engine(cfg.engine, cfg.ray)
     result = EmbedResult()
     with start_run(cfg.mlflow, run_name="embed", params=cfg,
                    tags={"fusedist.stage": "embed"}) as run:
@@ -325,7 +323,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
         result.random_weights = [e.spec.name for e in encoders if e.random_weights]
         for (mpp, size), group in _groups(encoders).items():
             tiles_url = _tiles_for(cfg, mpp, size, [e.spec.name for e in group])
-            _embed_group(cfg, tiles_url, group, result, progress)
+            _embed_group(cfg, plan, tiles_url, group, result, progress)
         result.elapsed = time.perf_counter() - t0
         run.log_metrics({"bags_written": result.written, "bags_current": result.skipped,
                          "slides_failed": len(result.failed), "tiles": result.tiles,

@@ -162,8 +162,9 @@ class EncoderActor:
     """Ray Data actor: loads every encoder once, embeds each decoded chunk with all of them and
     writes the chunk's features as a part (fusedist/features/parts.py); returns a small row."""
 
-    def __init__(self, spec: EngineSpec):
-        import ray
+    def __init__(self, spec: EngineSpec, encoders: list | None = None):
+        """``encoders``: already built ones (the local engine passes the driver's, in this
+        process); ``None`` (a Ray actor): build them here from ``spec``."""
         import torch
 
         from fusedist.features.runtime import resolve_ref
@@ -175,12 +176,18 @@ class EncoderActor:
         torch.set_num_threads(spec.threads)
         device = actor_device(spec)
         self.device = torch.device(device)
-        self.node = ray.get_runtime_context().get_node_id()
-        # An exported encoder on S3 is resolved here, in the actor's own process, which
-        # knows the endpoint only from the stage's storage config.
-        storage.configure(storage.StorageConfig(**spec.storage_cfg))
-        self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=device)
-                         for ref, w in spec.encoders]
+        if encoders is not None:
+            self.node = "local"
+            self.encoders = [e.to(device) for e in encoders]
+        else:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id()
+            # An exported encoder on S3 is resolved here, in the actor's own process, which
+            # knows the endpoint only from the stage's storage config.
+            storage.configure(storage.StorageConfig(**spec.storage_cfg))
+            self.encoders = [build_encoder(resolve_ref(ref), weights=w, device=device)
+                             for ref, w in spec.encoders]
         if spec.compile:
             for enc in self.encoders:
                 enc.compile()  # compiles forward in place (the module keeps its attributes)
@@ -351,6 +358,58 @@ class _Finishers:
             self.ray.kill(actor)
 
 
+class _Rows:
+    """The driver's bookkeeping of chunk rows, shared by the Ray and the local engine: stats,
+    failed groups (reported at once), and the finish task of each group whose shards are all
+    done."""
+
+    def __init__(self, spec: EngineSpec, groups: dict[str, Group], finish: Finish,
+                 on_group: Callable[[str, dict | None, str], None], stats: EngineStats,
+                 t0: float):
+        self.spec, self.groups, self.finish = spec, groups, finish
+        self.on_group, self.stats, self.t0 = on_group, stats, t0
+        self.group_of = {s: g for g, grp in groups.items() for s in grp.shards}
+        self.chunks: dict[str, set[int]] = {}
+        self.n_chunks: dict[str, int] = {}
+        self.sha_read: dict[str, str] = {}  # shard -> sha256 of the bytes its decode task read
+        self.complete: dict[str, set[str]] = {}
+        self.failed: set[str] = set()
+
+    def add(self, row: dict) -> tuple[str, FinishTask] | None:
+        """Record one row (one value per field); a group's (id, finish task) once complete."""
+        stats, spec = self.stats, self.spec
+        stats.rows += 1
+        if stats.first_row_s is None:
+            stats.first_row_s = time.perf_counter() - self.t0
+        stats.chunk_times.append((float(row["t_start"]), float(row["t_done"]),
+                                  int(row["n"]) * spec.per_sample))
+        name = str(row["shard"])
+        gid = self.group_of[name]
+        stats.decode_pids.add(int(row["decode_pid"]))
+        stats.actor_pids.add(int(row["actor_pid"]))
+        stats.actor_nodes.add(str(row["actor_node"]))
+        if gid in self.failed:
+            return None
+        if row["error"]:
+            self.failed.add(gid)
+            self.on_group(gid, None, str(row["error"]))
+            return None
+        self.n_chunks[name] = int(row["n_chunks"])
+        if row["sha256"]:
+            self.sha_read[name] = str(row["sha256"])
+        self.chunks.setdefault(name, set()).add(int(row["chunk"]))
+        if len(self.chunks[name]) < self.n_chunks[name]:
+            return None
+        self.complete.setdefault(gid, set()).add(name)
+        group = self.groups[gid]
+        if len(self.complete[gid]) < len(group.shards):
+            return None
+        stats.groups += 1
+        return gid, FinishTask(spec.staging, spec.storage_cfg, self.finish, gid, group,
+                               {s: self.n_chunks[s] for s in group.shards},
+                               {s: self.sha_read.get(s, "") for s in group.shards})
+
+
 def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
                finish: Finish, on_group: Callable[[str, dict | None, str], None],
                pool: PoolSpec) -> EngineStats:
@@ -381,12 +440,7 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
                             min_size=pool.min_actors, max_size=pool.max_actors,
                             max_tasks_in_flight_per_actor=2),
                         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor)
-    group_of = {s: g for g, grp in groups.items() for s in grp.shards}
-    chunks: dict[str, set[int]] = {}
-    n_chunks: dict[str, int] = {}
-    sha_read: dict[str, str] = {}  # shard -> sha256 of the bytes its decode task read
-    complete: dict[str, set[str]] = {}
-    failed: set[str] = set()
+    rows = _Rows(spec, groups, finish, on_group, stats, t0)
     finishers = _Finishers(finish)
 
     def collect(timeout: float | None) -> None:
@@ -396,46 +450,20 @@ def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
 
     try:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
-            stats.rows += 1
             stats.bytes_received += sum(v.nbytes for v in batch.values())
             row = {k: v[0] for k, v in batch.items()}
-            if stats.first_row_s is None:
-                stats.first_row_s = time.perf_counter() - t0
-            stats.chunk_times.append((float(row["t_start"]), float(row["t_done"]),
-                                      int(row["n"]) * spec.per_sample))
-            name = str(row["shard"])
-            gid = group_of[name]
-            stats.decode_pids.add(int(row["decode_pid"]))
-            stats.actor_pids.add(int(row["actor_pid"]))
-            stats.actor_nodes.add(str(row["actor_node"]))
-            if gid in failed:
-                continue
-            if row["error"]:
-                failed.add(gid)
-                on_group(gid, None, str(row["error"]))
-                continue
-            n_chunks[name] = int(row["n_chunks"])
-            if row["sha256"]:
-                sha_read[name] = str(row["sha256"])
-            chunks.setdefault(name, set()).add(int(row["chunk"]))
-            if len(chunks[name]) < n_chunks[name]:
-                continue
-            complete.setdefault(gid, set()).add(name)
-            if len(complete[gid]) == len(groups[gid].shards):
-                task = FinishTask(spec.staging, spec.storage_cfg, finish, gid, groups[gid],
-                                  {s: n_chunks[s] for s in groups[gid].shards},
-                                  {s: sha_read.get(s, "") for s in groups[gid].shards})
-                finishers.submit(gid, task, str(row["actor_node"]))
-                stats.groups += 1
+            done = rows.add(row)
+            if done is not None:
+                finishers.submit(done[0], done[1], str(row["actor_node"]))
             collect(timeout=0)
         collect(timeout=None)
     finally:
         finishers.close()
-    _clear_staging(spec.staging)
+    clear_staging(spec.staging)
     return stats
 
 
-def _clear_staging(staging: str) -> None:
+def clear_staging(staging: str) -> None:
     """Parts left by failed groups (finished groups delete their own), and local folders."""
     if not storage.is_s3(staging):
         shutil.rmtree(storage.local_path(staging), ignore_errors=True)

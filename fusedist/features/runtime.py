@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 from fusedist import storage
@@ -168,6 +169,69 @@ def engine_pool(cfg: EngineConfig, ray_cfg: RayConfig) -> tuple[str, PoolSpec, i
              pool.max_actors, device, cpus, threads, pool.gpus_per_actor, decode_cpus,
              decode_tasks or "as many as Ray Data schedules")
     return device, pool, threads
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How a stage's engine runs: on Ray (``pool``) or in this process (``local``)."""
+
+    local: bool
+    device: str
+    threads: int  # torch threads of the encoders
+    pool: PoolSpec | None = None  # Ray
+    decode_workers: int = 1  # local
+
+
+def plan_engine(cfg: EngineConfig, ray_cfg: RayConfig) -> EnginePlan:
+    """``engine.executor`` decided: Ray (started or joined here) or this process; the device,
+    and why, is logged either way."""
+    from fusedist.runtime import init_ray, uses_ray
+
+    if cfg.executor == "ray" or (cfg.executor == "auto" and uses_ray(ray_cfg)):
+        init_ray(ray_cfg)
+        device, pool, threads = engine_pool(cfg, ray_cfg)
+        return EnginePlan(False, device, threads, pool=pool)
+    from fusedist.localtasks import local_cpus
+
+    why = ("engine.executor=local" if cfg.executor == "local" else "engine.executor=auto, "
+           "and no ray.address, no RAY_ADDRESS and no Ray in this process")
+    device = _local_device(cfg)
+    cores = local_cpus(ray_cfg.num_cpus)
+    threads = max(1, round(cfg.cpus_per_actor)) if cfg.cpus_per_actor else cores
+    workers = cfg.decode_workers or (1 if device == "cpu" else min(8, max(1, cores - 1)))
+    log.info("engine: local, without Ray (%s): encoders in this process on %s, %d torch "
+             "threads; %d DataLoader worker(s) decode", why, device, threads, workers)
+    return EnginePlan(True, device, threads, decode_workers=workers)
+
+
+def _local_device(cfg: EngineConfig) -> str:
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_gpu:
+        raise ConfigError("engine.device=cuda but this machine has no CUDA GPU (the engine "
+                          "runs locally, without Ray); use engine.device=cpu (or auto), or "
+                          "join a GPU cluster with --set ray.address=...")
+    if cfg.device != "auto":
+        log.info("engine.device=%s (from the config)", cfg.device)
+        return cfg.device
+    log.info("engine.device=auto -> %s: this machine has %s", "cuda" if has_gpu else "cpu",
+             "a CUDA GPU" if has_gpu else "no CUDA GPU")
+    return "cuda" if has_gpu else "cpu"
+
+
+def execute(plan: EnginePlan, spec, shards: list[tuple], groups: dict, finish, on_group,
+            encoders: list):
+    """Run the engine ``plan`` chose (``run_engine``'s arguments; ``encoders``: the built
+    encoders of ``spec``, which the local engine computes with)."""
+    if plan.local:
+        from fusedist.features.local_engine import run_engine_local
+
+        return run_engine_local(spec, shards, groups, finish, on_group, encoders,
+                                plan.decode_workers)
+    from fusedist.features.engine import run_engine
+
+    return run_engine(spec, shards, groups, finish, on_group, plan.pool)
 
 
 class _Bar:

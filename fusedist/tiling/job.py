@@ -1,4 +1,5 @@
-"""``fusedist tile``: slides -> WebDataset shards, as Ray tasks, resumable.
+"""``fusedist tile``: slides -> WebDataset shards, as Ray tasks (or local processes when no
+Ray runs: ``executor``), resumable.
 
 Two phases. *Plan*: one task per slide opens it, finds tissue and lists its tiles (cheap; the
 plan is saved and reused on re-runs). *Write*: a slide's tiles fill ``samples_per_shard``-sized
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
-from fusedist.runtime import Rate, init_ray, run_tasks
-from fusedist.shards import shard_name
+from fusedist.runtime import Rate, init_ray, run_tasks, uses_ray
+from fusedist.shards import delete_shard, listed_shards, shard_name, shard_written
 from fusedist.tiling.config import TileConfig
 from fusedist.lookups import concurrently
 from fusedist.state import mismatch_error
@@ -120,12 +121,10 @@ def _check_existing(cfg: TileConfig, dataset_url: str, digest: str) -> None:
         raise mismatch_error(dataset_url, "tiles", "tiling config")
 
 
-def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
-    import ray
-
+def _plan_all(cfg, tasks, dataset_url, slides, digest, progress) -> list[dict]:
     records: dict[str, dict] = {}
     todo = []
-    idents = concurrently(_identity, slides)
+    idents = concurrently(_identity, slides, remote=storage.is_s3(cfg.input))
     states = slide_state(dataset_url).read_many(s.slide_id for s in slides)
     for s, ident in zip(slides, idents):
         rec = states.get(s.slide_id)
@@ -135,10 +134,10 @@ def _plan_all(cfg, dataset_url, slides, digest, progress) -> list[dict]:
             records[s.slide_id] = rec
             continue
         todo.append((s, ident))
-    task = ray.remote(plan_slide).options(num_cpus=cfg.task_cpus, max_retries=2)
+    task = tasks.function(plan_slide, describe=lambda a: f"the plan of slide {a[3]}")
     refs = [task.remote(cfg, dataset_url, s.slide_id, s.url, s.siblings, ident)
             for s, ident in todo]
-    run_tasks(refs, lambda r: records.__setitem__(r["slide_id"], r),
+    tasks.run(refs, lambda r: records.__setitem__(r["slide_id"], r),
               f"plan {len(todo)} slides", "slide", progress)
     return _merge_dicom_series([records[s.slide_id] for s in slides])
 
@@ -180,7 +179,7 @@ def _remove_stale(dataset_url: str, specs: list[dict]) -> None:
     for name in state.names():
         if name not in planned:
             state.delete(name)
-            storage.delete(storage.join(dataset_url, name))
+            delete_shard(storage.join(dataset_url, name))
 
 
 def _clean_temp_files(dataset_url: str) -> None:
@@ -200,17 +199,17 @@ class WriteStats:
     rate: Rate = field(default_factory=lambda: Rate("tiles"))  # tiles written, and tiles/s
 
 
-def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, dict, WriteStats]:
-    import ray
-
+def _write_all(cfg, tasks, dataset_url, specs, slides_by_id,
+               progress) -> tuple[dict, dict, WriteStats]:
     entries: dict[str, dict] = {}
     failures: dict[str, dict] = {}
     todo = []
-    written = set(storage.listdir(dataset_url, ".tar"))  # one listing, not a request per shard
+    listed = listed_shards(dataset_url)  # one listing, not a request per shard
     states = shard_state(dataset_url).read_many(s["name"] for s in specs)
     for s in specs:
         e = states.get(s["name"])
-        if e is not None and e.get("digest") == s["digest"] and s["name"] in written:
+        if (e is not None and e.get("digest") == s["digest"]
+                and shard_written(s["name"], e, listed)):
             entries[s["name"]] = e
             continue
         todo.append(s)
@@ -225,9 +224,9 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
         else:
             failures.setdefault(e["slide_id"], e)
 
-    task = ray.remote(write_slide_shard).options(num_cpus=cfg.task_cpus, max_retries=2)
-    render = ray.remote(render_part).options(num_cpus=cfg.task_cpus, max_retries=2)
-    slots = int(ray.cluster_resources().get("CPU", 1) // cfg.task_cpus)
+    task = tasks.function(write_slide_shard, describe=lambda a: f"shard {a[3]}")
+    render = tasks.function(render_part, describe=lambda a: f"tiles of slide {a[1]['url']}")
+    slots = tasks.slots
     refs = []
     for s in todo:
         sib = slides_by_id[s["record"]["slide_id"]].siblings
@@ -235,7 +234,8 @@ def _write_all(cfg, dataset_url, specs, slides_by_id, progress) -> tuple[dict, d
                  for a, b in split_range(s["start"], s["stop"], len(todo), slots)]
         refs.append(task.remote(cfg, dataset_url, s["record"], s["name"], s["start"], s["stop"],
                                 s["digest"], sib, *parts))
-    run_tasks(refs, done, f"write {len(todo)} shards", "shard", progress, rate=lambda: str(stats.rate))
+    tasks.run(refs, done, f"write {len(todo)} shards", "shard", progress,
+              rate=lambda: str(stats.rate))
     return entries, failures, stats
 
 
@@ -264,8 +264,9 @@ def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> di
         r = s["record"]
         if r["status"] == "ok" and s["name"] in entries:
             e = entries[s["name"]]
+            # index_sha256: shards written before indexes existed have none (read whole).
             shard_rows.append({k: e[k] for k in ("name", "slide_id", "samples", "bytes",
-                                                  "sha256")})
+                                                  "sha256", "index_sha256") if k in e})
             r["shards"].append(s["name"])
     slides = []
     for r in records:
@@ -283,6 +284,44 @@ def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> di
             "config_digest": digest, "shards": shard_rows, "slides": slides, "totals": totals}
 
 
+class _RayTasks:
+    """The tile tasks on Ray: the interface of :class:`fusedist.localtasks.LocalTasks`."""
+
+    def __init__(self, cfg: TileConfig):
+        import ray
+
+        init_ray(cfg.ray)
+        self._cpus = cfg.task_cpus
+        self.slots = int(ray.cluster_resources().get("CPU", 1) // cfg.task_cpus)
+
+    def __enter__(self) -> "_RayTasks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def function(self, fn, max_retries: int = 2, describe=None):
+        import ray
+
+        return ray.remote(fn).options(num_cpus=self._cpus, max_retries=max_retries)
+
+    def run(self, refs, on_done, desc, unit, progress, rate=None) -> None:
+        run_tasks(refs, on_done, desc, unit, progress, rate=rate)
+
+
+def _tasks(cfg: TileConfig):
+    """Ray tasks, or local processes (``executor``; ``auto`` decides by ``uses_ray``)."""
+    if cfg.executor == "ray" or (cfg.executor == "auto" and uses_ray(cfg.ray)):
+        return _RayTasks(cfg)
+    from fusedist.localtasks import LocalTasks, local_cpus
+
+    workers = max(1, int(local_cpus(cfg.ray.num_cpus) // cfg.task_cpus))
+    why = ("executor=local" if cfg.executor == "local" else
+           "executor=auto, and no ray.address, no RAY_ADDRESS and no Ray in this process")
+    log.info("tiling in %d local processes without Ray (%s)", workers, why)
+    return LocalTasks(workers, preload=("fusedist.tiling.plan",))
+
+
 def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
     """Tile every slide of ``cfg.input`` into ``<output>/<dataset>``; see the module doc."""
     t0 = time.perf_counter()
@@ -292,14 +331,14 @@ def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
     _check_existing(cfg, dataset_url, digest)
     slides = discover(cfg)
     _clean_temp_files(dataset_url)
-    init_ray(cfg.ray)
-    records = _plan_all(cfg, dataset_url, slides, digest, progress)
-    specs = _assign_shards(cfg, records)
-    _remove_stale(dataset_url, specs)
-    for r in records:
-        r["shards"] = []
-    entries, failures, stats = _write_all(cfg, dataset_url, specs,
-                                         {s.slide_id: s for s in slides}, progress)
+    with _tasks(cfg) as tasks:
+        records = _plan_all(cfg, tasks, dataset_url, slides, digest, progress)
+        specs = _assign_shards(cfg, records)
+        _remove_stale(dataset_url, specs)
+        for r in records:
+            r["shards"] = []
+        entries, failures, stats = _write_all(cfg, tasks, dataset_url, specs,
+                                             {s.slide_id: s for s in slides}, progress)
     manifest = _manifest(cfg, dataset_url, digest, records, specs, entries, failures)
     storage.write_json(storage.join(dataset_url, MANIFEST), manifest)
     return TileResult(manifest, dataset_url, written_shards=stats.shards,
