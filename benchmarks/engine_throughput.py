@@ -182,10 +182,11 @@ def main() -> None:
     for executor in ("local", "ray"):
         whole[f"fusedist embed, engine {executor}"] = _whole(
             [sys.executable, "-m", "fusedist.cli", "embed", "--tiles", tiles.dataset_url,
-             "-o", str(work / f"bags-cli-{executor}"), "-e", args.encoder, "-q",
+             "-o", str(work / f"bags-cli-{executor}"), "-q",
              *[a for x in (*sets, f"engine.executor={executor}") for a in ("--set", x)],
+             # -e would drop the weights: random ones are named through the config
              *(["--set", f"encoders=[{{name: {args.encoder}, weights: {weights}}}]"]
-               if weights else [])], env)
+               if weights else ["-e", args.encoder])], env)
     start_ray(init_ray)
     run_both("ray")
 
