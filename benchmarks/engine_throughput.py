@@ -9,7 +9,13 @@ plain DataLoader + timm loop, same tiles, same weights, same cores, in one run.
   default split); "engine" time excludes the stage's own start (weights loaded in the driver),
   "wall" includes it;
 - whole processes: the plain loop as a script of its own (imports, model build, loop,
-  features saved) against ``fusedist embed`` as a command, with each engine.
+  features saved) against ``fusedist embed`` as a command, with each engine;
+- the peer tool, with ``--trident PYTHON`` (a Python that has TRIDENT installed from its
+  source, in its own virtualenv, not a fusedist dependency): TRIDENT's
+  ``WSI.extract_patch_features`` on the same slides at the same tile coordinates (its
+  ``CustomInferenceEncoder`` around the same timm ViT with the same weights), timed around
+  the extraction calls; it reads each tile from the slide where fusedist decodes a JPEG
+  shard, so compare it with ``fusedist embed --slides`` (tile + embed) as well.
 The local contenders run before this process starts Ray (so the process-tree memory of the
 local engine counts no Ray process). Features of the plain loop and of cache are compared
 (same weights: random, seed 0), and the two engines' feature shards byte for byte.
@@ -111,6 +117,85 @@ if __name__ == "__main__":
 """
 
 
+_TRIDENT_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch, timm, h5py
+from safetensors.torch import load_file
+from torchvision import transforms
+from trident import OpenSlideWSI
+from trident.patch_encoder_models.load import CustomInferenceEncoder
+
+if __name__ == "__main__":
+    job = json.load(open(sys.argv[1]))
+    model = timm.create_model(job["arch"], pretrained=False, num_classes=0)
+    model.load_state_dict(load_file(job["weights"]))
+    tf = transforms.Compose([transforms.ToTensor(),
+                             transforms.Normalize(job["mean"], job["std"])])
+    enc = CustomInferenceEncoder("bench", model, tf, torch.float32)
+    n, t = 0, time.perf_counter()
+    for s in job["slides"]:
+        wsi = OpenSlideWSI(slide_path=s["path"], lazy_init=False)
+        out = wsi.extract_patch_features(enc, s["coords"], job["out"], device="cpu",
+                                         batch_limit=job["batch"])
+        with h5py.File(out) as f:
+            n += f["features"].shape[0]
+    print(json.dumps({"tiles": n, "seconds": time.perf_counter() - t}))
+"""
+
+
+def trident_extract(python: str, work: Path, enc, tiles_manifest: dict, slides: Path,
+                    dataset_url: str, batch: int) -> dict:
+    """TRIDENT's extraction of the tiles fusedist kept (coordinates from tile's plan
+    records, written in TRIDENT's coords format), in its own interpreter."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fusedist.tiling.plan import slide_state
+    from tests.trident import coords_attrs, save_h5
+
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()},
+              str(work / "trident-weights.safetensors"))
+    records = slide_state(dataset_url).read_many(
+        s["slide_id"] for s in tiles_manifest["slides"] if s["status"] == "ok")
+    cfg = tiles_manifest["config"]
+    jobs = []
+    for sid, rec in sorted(records.items()):
+        src_mag = round(10 / float(rec["mpp0"]))  # 0.25 µm/px: 40x
+        dst_mag = round(10 / float(cfg["tile_mpp"]))
+        path = work / "trident-coords" / f"{sid}_patches.h5"
+        save_h5(path, {"coords": np.asarray(rec["coords"], np.int64)},
+                {"coords": coords_attrs(sid, int(cfg["tile_size"]), src_mag, dst_mag,
+                                        str(path.parent))})
+        jobs.append({"path": str(slides / f"{sid}.tiff"), "coords": str(path)})
+    spec = {"arch": enc.spec.arch, "weights": str(work / "trident-weights.safetensors"),
+            "mean": list(enc.spec.mean), "std": list(enc.spec.std), "batch": batch,
+            "out": str(work / "trident-features"), "slides": jobs}
+    (work / "trident-job.json").write_text(json.dumps(spec))
+    script = work / "trident_extract.py"
+    script.write_text(_TRIDENT_SCRIPT)
+    import subprocess
+
+    t = time.perf_counter()
+    r = subprocess.run([python, str(script), str(work / "trident-job.json")], check=True,
+                       capture_output=True, text=True, cwd=work)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["wall"] = time.perf_counter() - t
+    return res
+
+
+def _trident_cosine(work: Path, feats: dict[str, np.ndarray]) -> float:
+    import h5py
+
+    cos = []
+    for path in sorted((work / "trident-features").glob("*.h5")):
+        with h5py.File(path) as f:
+            for (x, y), a in zip(f["coords"][:], f["features"][:]):
+                b = feats[f"{path.stem}/{x}_{y}"]
+                cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return float(np.mean(cos)) if cos else float("nan")
+
+
 def _whole(cmd: list[str], env: dict | None = None) -> float:
     import subprocess
 
@@ -127,6 +212,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--samples-per-shard", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--trident", help="a Python with TRIDENT installed (its own virtualenv)")
     args = ap.parse_args()
 
     import torch
@@ -140,6 +226,7 @@ def main() -> None:
 
     weights = None if args.encoder.startswith("test-") else "random"
     work = Path(tempfile.mkdtemp(prefix="fusedist-engine-bench-"))
+    sys.path.insert(0, str(REPO))  # tests.trident: TRIDENT's coords format
     for i in range(args.slides):
         make_slide(work / "slides" / f"s{i}.tiff", size=args.size, mpp=0.25, seed=i)
     tiles = run_tile(load_config(TileConfig, None, ["mode=grid",
@@ -187,6 +274,17 @@ def main() -> None:
              # -e would drop the weights: random ones are named through the config
              *(["--set", f"encoders=[{{name: {args.encoder}, weights: {weights}}}]"]
                if weights else ["-e", args.encoder])], env)
+    # The same slides tiled and embedded by one command (what TRIDENT's extraction does).
+    whole["fusedist embed --slides (tile + embed), engine local"] = _whole(
+        [sys.executable, "-m", "fusedist.cli", "embed", "--slides", str(work / "slides"),
+         "-o", str(work / "bags-cli-slides"), "-q",
+         *[a for x in (*sets, "engine.executor=local") for a in ("--set", x)],
+         *(["--set", f"encoders=[{{name: {args.encoder}, weights: {weights}}}]"]
+           if weights else ["-e", args.encoder])], env)
+    trident = None
+    if args.trident:
+        trident = trident_extract(args.trident, work, enc, tiles.manifest, work / "slides",
+                                  tiles.dataset_url, args.batch_size)
     start_ray(init_ray)
     run_both("ray")
 
@@ -217,14 +315,24 @@ def main() -> None:
                  (f"fusedist cache, engine {ex} (wall, with its start)", c.tiles / r["cache_wall"]),
                  (f"fusedist embed, engine {ex} (wall, with its start)",
                   r["embed"].tiles / r["embed_wall"])]
+    if trident:
+        rows.append(("TRIDENT extract_patch_features (from the slides, extraction calls)",
+                     trident["tiles"] / trident["seconds"]))
     for name, rate in rows:
         print(f"| {name} | {rate:.1f} | {rate / plain:.2f} | {rate / ref:.2f} |")
     print("\nWhole processes (imports, model build, Ray's start where used, all tiles):")
     print("| process | wall s | tiles/s | vs the plain loop script |")
     print("|---|---:|---:|---:|")
     base = whole["plain loop script"]
+    if trident:
+        whole["TRIDENT extraction script (its imports, model, the slides)"] = trident["wall"]
     for name, wall in whole.items():
         print(f"| {name} | {wall:.1f} | {n / wall:.1f} | {base / wall:.2f} |")
+    if trident:
+        print(f"TRIDENT extracted {trident['tiles']} tiles ({n} for fusedist); mean cosine "
+              f"of its features to the plain loop's, tile by tile: "
+              f"{_trident_cosine(work, plain_feats):.4f} (it reads and resizes the slide "
+              "region itself, fusedist's tiles are JPEGs)")
     print(f"\nmax |cache - plain loop| feature difference: {worst:.2e} (float16 storage); "
           f"local and Ray engines' feature shards byte-identical: {same}")
     for ex, r in runs.items():
