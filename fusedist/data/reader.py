@@ -436,6 +436,8 @@ class _PieceReader:
     def next(self, want: bool) -> tuple[str, dict[str, bytes]] | None:
         if not want and (self._it is None or self.indexed):
             self.offset += 1  # nothing read now: an open stream catches up or jumps later
+            if self.offset == self.piece.stop:
+                self.close()
             return None
         if self._it is None or (self.indexed and
                                 not 0 <= self.offset - self._at <= JUMP_SAMPLES):
