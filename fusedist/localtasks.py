@@ -13,9 +13,10 @@ object store). This module offers the two Ray calls the tile stage makes, on a p
 
 Failure semantics follow Ray's: an exception raised by a task propagates (after the pool is
 stopped); a worker *process* that dies (a segfault in a slide library, the OOM killer) breaks
-the pool, which is rebuilt, and the tasks that were running are retried, each at most
-``max_retries`` times. Only ``workers`` tasks are handed to the pool at a time, so the tasks
-charged with a crash are the ones that were running.
+the pool, which is rebuilt. A broken pool fails every task it was running, and it does not
+say whose process died, so those tasks are then retried one at a time, alone: a task whose
+process dies while it runs alone is the cause, and it is charged; after ``max_retries`` such
+deaths the run fails naming it. Tasks that merely shared the pool are never charged.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class LocalRef:
         self.fn, self.args = fn, args
         self.deps = [a for a in args if isinstance(a, LocalRef)]
         self.dependents: list[LocalRef] = []
-        self.attempts = 0
+        self.crashes = 0  # its worker died while it ran alone
         self.done = False
         self.result: Any = None
         for d in self.deps:
@@ -79,6 +80,8 @@ class LocalTasks:
         self._pool: ProcessPoolExecutor | None = None
         self._ready: deque[LocalRef] = deque()
         self._running: dict[Future, LocalRef] = {}
+        self._suspects: deque[LocalRef] = deque()  # were running when a worker died
+        self._alone: LocalRef | None = None  # the suspect running by itself
 
     def __enter__(self) -> "LocalTasks":
         return self
@@ -110,13 +113,20 @@ class LocalTasks:
 
     def _submit_ready(self) -> None:
         pool = self._start_pool()
+        if self._suspects or self._alone:  # after a crash: one suspect at a time, alone
+            if not self._running:
+                self._alone = self._suspects.popleft()
+                self._running[pool.submit(self._alone.fn.fn, *self._alone.resolved_args())] = \
+                    self._alone
+            return
         while self._ready and len(self._running) < self.slots:
             ref = self._ready.popleft()
-            ref.attempts += 1
             self._running[pool.submit(ref.fn.fn, *ref.resolved_args())] = ref
 
     def _finished(self, ref: LocalRef, result: Any) -> None:
         ref.done, ref.result = True, result
+        if ref is self._alone:
+            self._alone = None
         for d in ref.deps:  # a result no later task needs is dropped (memory stays flat)
             if all(x.done for x in d.dependents):
                 d.result = None
@@ -126,8 +136,9 @@ class LocalTasks:
                 self._ready.appendleft(d)
 
     def _pool_broke(self, err: BaseException) -> list[tuple[LocalRef, Any]]:
-        """A worker process died: keep what finished, retry what was running on a new pool
-        (or give up on a task that has used its retries). Returns the finished results."""
+        """A worker process died: keep what finished, and retry what was running on a new
+        pool, alone (or give up on a task that killed its worker alone too often). Returns
+        the finished results."""
         finished, lost = [], []
         for fut, ref in self._running.items():
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -136,16 +147,18 @@ class LocalTasks:
                 lost.append(ref)
         self._running.clear()
         self.close(kill=True)
-        for ref in lost:
-            if ref.attempts > ref.fn.max_retries:
+        culprit, self._alone = self._alone, None
+        if culprit is not None and culprit in lost:  # it ran by itself: its process died
+            culprit.crashes += 1
+            if culprit.crashes > culprit.fn.max_retries:
                 raise RuntimeError(
-                    f"a worker process died {ref.attempts} times running "
-                    f"{ref.fn.describe(ref.args)}: a crash in a slide library or the machine "
-                    "running out of memory (see the kernel log); use fewer processes "
-                    "(ray.num_cpus) or run on Ray (executor=ray)") from err
-        log.warning("a local worker process died (%s); retrying %d task(s) on a new pool",
-                    err, len(lost))
-        self._ready.extendleft(reversed(lost))
+                    f"a worker process died {culprit.crashes} times running "
+                    f"{culprit.fn.describe(culprit.args)} alone: a crash in a slide library or "
+                    "the machine running out of memory (see the kernel log); use fewer "
+                    "processes (ray.num_cpus) or run on Ray (executor=ray)") from err
+        log.warning("a local worker process died (%s); retrying %d task(s) one at a time on "
+                    "a new pool", err, len(lost))
+        self._suspects.extendleft(reversed(lost))
         return finished
 
     def run(self, refs: list[LocalRef], on_done: Callable[[Any], None], desc: str,

@@ -64,8 +64,10 @@ def _tiles(slides, out, **kw):
     from fusedist.tiling import run_tile
     from tests.test_tiling import tile_cfg
 
+    # executor=ray: these tests are about Ray tasks on worker nodes (auto would pick Ray here
+    # too, since the fixture runs Ray in this process; pinned so a change there can't hide).
     return run_tile(tile_cfg(slides, out, dataset="grid", mode="grid", samples_per_shard=6,
-                             **kw), progress=False)
+                             executor="ray", **kw), progress=False)
 
 
 def _cache(tiles, out, **kw):
@@ -260,15 +262,16 @@ def test_tile_across_nodes_from_s3_matches_a_single_node_run(ray_cluster, s3_buc
     from tests.test_tiling_s3 import s3_cfg, same_shards, upload
 
     src = known_slides(tmp_path / "slides", 2, width=3072, height=2560)
-    # The reference: the session's one-node local Ray, local files.
-    ref = run_tile(tile_cfg(src, tmp_path / "local", mode="grid", samples_per_shard=8),
-                   progress=False)
+    # The reference: one machine, local files, local processes (no Ray).
+    ref = run_tile(tile_cfg(src, tmp_path / "local", mode="grid", samples_per_shard=8,
+                            executor="local"), progress=False)
     upload(src, s3_bucket, moto_server)
     multinode = request.getfixturevalue("multinode")  # replaces the session's Ray
     assert len(multinode.alive_node_ids()) == 3
     # storage.cache_dir is scratch each task fills for itself; the bucket is the only store
     # the tasks share.
-    res = run_tile(s3_cfg(s3_bucket, moto_server, tmp_path / "node-cache"), progress=False)
+    res = run_tile(s3_cfg(s3_bucket, moto_server, tmp_path / "node-cache", executor="ray"),
+                   progress=False)
     assert not res.failed
     same_shards(res.manifest, ref.manifest)
 
@@ -303,5 +306,8 @@ def test_fusedist_launch_submits_a_stage_to_the_multinode_head(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert "1/1 slides ok" in r.stdout and "SUCCEEDED (exit status 0)" in r.stderr
         assert (tmp_path / "tiles" / "g" / "manifest.json").is_file()
+        # The job's driver found the cluster (RAY_ADDRESS, set by Ray for an entrypoint) and
+        # ran the tasks on it, not in local processes on the CPU-0 head.
+        assert "joining Ray cluster" in r.stdout and "without Ray" not in r.stdout, r.stdout
     finally:
         stop_multinode(mn)

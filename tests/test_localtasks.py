@@ -53,26 +53,29 @@ def test_graph_results_reach_dependents_in_worker_processes():
 
 
 def test_a_dead_worker_process_is_replaced_and_its_task_retried(tmp_path):
+    """Every task kills its worker once: the tasks that shared the broken pool are retried
+    alone and never charged, so none runs out of retries (max_retries=1 suffices)."""
     got = []
     with LocalTasks(2) as tasks:
-        fn = tasks.function(die_once, max_retries=2)
-        refs = [fn.remote(str(tmp_path / f"m{i}"), i) for i in range(4)]
+        fn = tasks.function(die_once, max_retries=1)
+        refs = [fn.remote(str(tmp_path / f"m{i}"), i) for i in range(6)]
         tasks.run(refs, got.append, "die once", progress=False)
-    assert sorted(got) == [1, 2, 3, 4]
-    assert len(list(tmp_path.glob("m*"))) == 4
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert len(list(tmp_path.glob("m*"))) == 6
 
 
 def test_a_task_that_always_kills_its_worker_fails_the_run_naming_it():
     with LocalTasks(2) as tasks:
         fn = tasks.function(always_die, max_retries=1, describe=lambda a: f"slide s{a[0]}")
-        with pytest.raises(RuntimeError, match=r"died 2 times running slide s5.*executor=ray"):
+        with pytest.raises(RuntimeError,
+                           match=r"died 2 times running slide s5 alone.*executor=ray"):
             tasks.run([fn.remote(5)], lambda r: None, "always", progress=False)
 
 
 def test_a_task_exception_propagates_and_stops_the_pool():
     tasks = LocalTasks(2)
     fn = tasks.function(raises)
-    with pytest.raises(ValueError, match="bad slide 3"):
+    with pytest.raises(ValueError, match="bad slide [34]"):  # whichever fails first
         tasks.run([fn.remote(3), fn.remote(4)], lambda r: None, "raises", progress=False)
     assert tasks._pool is None  # workers are gone, nothing left running
 

@@ -31,14 +31,16 @@ of ~4 % (``benchmarks/scale_sim.py``). The fraction is recorded in each ``COMMIT
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -158,6 +160,25 @@ def _digest(module: torch.nn.Module) -> str:
     return state_dict_digest(module.state_dict())
 
 
+@contextlib.contextmanager
+def _local_copy(ckpt: Any, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder: its own path on a local filesystem, else a download
+    private to this rank. ``Checkpoint.as_directory`` shares one temp folder between the
+    processes of a node, and the first rank done deletes it while another still waits on its
+    lock ("Checkpoint directory ... does not exist, even though it should have been created
+    by another process"): with two ranks on one node that failed a restore from S3."""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    tmp = tempfile.mkdtemp(prefix=f"fusedist-restore-rank{rank}-")
+    try:
+        yield ckpt.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Checkpointer:
     """Save/restore the DeepSpeed engine, the EMA and the train state inside a Ray Train loop."""
 
@@ -175,7 +196,7 @@ class Checkpointer:
         if ckpt is None:
             self.samples.rollback(after=0)
             return None
-        with ckpt.as_directory() as d:
+        with _local_copy(ckpt, self.rank) as d:
             engine.load_checkpoint(d, tag=DS_TAG)
             state = TrainState(**json.loads((Path(d) / STATE_FILE).read_text()))
             ema.load_state_dict(torch.load(Path(d) / EMA_FILE, map_location="cpu",
