@@ -617,12 +617,16 @@ def _open_write_local(p: Path) -> Iterator[IO[bytes]]:
             f.close()
             os.replace(tmp_name, p)
     except BaseException:
-        # Closing flushes what is buffered, which fails again on a full disk: that second
-        # error must not replace the first.
-        with contextlib.suppress(OSError):
-            f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        # The temp file goes first: a second interrupt (Ray cancels a task with
+        # KeyboardInterrupt, which can land while this cleans up after ENOSPC) must not leave
+        # it behind. Closing flushes what is buffered, which fails again on a full disk: that
+        # second error must not replace the first.
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
         raise
     # Make the rename itself durable (a crash could otherwise lose the new directory entry).
     with contextlib.suppress(OSError):
