@@ -110,6 +110,16 @@ def uses_ray(cfg: RayConfig | None = None) -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+def local_reason(executor: str, ray_cfg: RayConfig | None, key: str = "executor") -> str | None:
+    """Why a stage with setting ``key`` = ``executor`` (auto|ray|local) runs without Ray, for
+    its log line; ``None`` when it runs on Ray (``auto`` decides by :func:`uses_ray`)."""
+    if executor == "ray" or (executor == "auto" and uses_ray(ray_cfg)):
+        return None
+    if executor == "local":
+        return f"{key}=local"
+    return f"{key}=auto, and no ray.address, no RAY_ADDRESS and no Ray in this process"
+
+
 def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",
               progress: bool = True, rate: Callable[[], str] | None = None) -> None:
     """Wait for Ray ``refs`` as they finish, calling ``on_done(result)`` for each, with a

@@ -185,16 +185,15 @@ class EnginePlan:
 def plan_engine(cfg: EngineConfig, ray_cfg: RayConfig) -> EnginePlan:
     """``engine.executor`` decided: Ray (started or joined here) or this process; the device,
     and why, is logged either way."""
-    from fusedist.runtime import init_ray, uses_ray
+    from fusedist.runtime import init_ray, local_reason
 
-    if cfg.executor == "ray" or (cfg.executor == "auto" and uses_ray(ray_cfg)):
+    why = local_reason(cfg.executor, ray_cfg, "engine.executor")
+    if why is None:
         init_ray(ray_cfg)
         device, pool, threads = engine_pool(cfg, ray_cfg)
         return EnginePlan(False, device, threads, pool=pool)
     from fusedist.localtasks import local_cpus
 
-    why = ("engine.executor=local" if cfg.executor == "local" else "engine.executor=auto, "
-           "and no ray.address, no RAY_ADDRESS and no Ray in this process")
     device = _local_device(cfg)
     cores = local_cpus(ray_cfg.num_cpus)
     threads = max(1, round(cfg.cpus_per_actor)) if cfg.cpus_per_actor else cores

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
-from fusedist.runtime import Rate, init_ray, run_tasks, uses_ray
+from fusedist.runtime import Rate, init_ray, local_reason, run_tasks
 from fusedist.shards import delete_shard, listed_shards, shard_name, shard_written
 from fusedist.tiling.config import TileConfig
 from fusedist.lookups import concurrently
@@ -311,13 +311,12 @@ class _RayTasks:
 
 def _tasks(cfg: TileConfig):
     """Ray tasks, or local processes (``executor``; ``auto`` decides by ``uses_ray``)."""
-    if cfg.executor == "ray" or (cfg.executor == "auto" and uses_ray(cfg.ray)):
+    why = local_reason(cfg.executor, cfg.ray)
+    if why is None:
         return _RayTasks(cfg)
     from fusedist.localtasks import LocalTasks, local_cpus
 
     workers = max(1, int(local_cpus(cfg.ray.num_cpus) // cfg.task_cpus))
-    why = ("executor=local" if cfg.executor == "local" else
-           "executor=auto, and no ray.address, no RAY_ADDRESS and no Ray in this process")
     log.info("tiling in %d local processes without Ray (%s)", workers, why)
     return LocalTasks(workers, preload=("fusedist.tiling.plan",))
 
