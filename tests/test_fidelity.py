@@ -465,7 +465,7 @@ def test_fidelity_released_resolves_every_switch():
         "logitprod.survival.stop_on", "logitprod.survival.patience",
         "logitprod.survival.gradients", "fusecpath.clustering", "fusecpath.subbag_rule",
         "fusecpath.topk_ties"}
-    assert set(DISTILL_RELEASED) == {"ema_update", "optim.schedule"}
+    assert set(DISTILL_RELEASED) == {"ema_update", "optim.schedule", "augment.backend"}
     assert resolved(_fuse(fidelity="released"), "fuse") == FUSE_RELEASED
     dc = DistillConfig(tiles="t", features="f", fidelity="released")
     assert resolved(dc, "distill") == DISTILL_RELEASED
@@ -476,7 +476,7 @@ def test_fidelity_released_resolves_every_switch():
                    "fusecpath.clustering": "kmeans"}
     assert default == {**FUSE_RELEASED, **corrections}
     assert resolved(DistillConfig(tiles="t", features="f"), "distill") == {
-        "ema_update": "after_step", "optim.schedule": "cosine"}
+        "ema_update": "after_step", "optim.schedule": "cosine", "augment.backend": "tensor"}
 
 
 def test_fidelity_explicit_keys_win_and_the_dump_round_trips(tmp_path):
