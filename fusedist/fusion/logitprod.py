@@ -15,8 +15,9 @@ penalty trained its survival gate; ``gradients=False`` reproduces that).
 
 Released-code switches (docs/methods.md, divergences): ``logs="clamped"`` takes every log as
 the released code takes it (``fusedist.fusion.logs``: its eps, what it clamps, float32)
-instead of exact log-softmax / log-sigmoid; the survival penalty is ``mean_weight`` (w̄ᵀRw̄ of the bin-mean weights, released) or
-``per_bin``; ``fit_logitprod`` reads the gate-loop settings from ``LogitProdConfig``.
+instead of exact log-softmax / log-sigmoid; the survival penalty is ``mean_weight`` (w̄ᵀRw̄
+of the bin-mean weights, released) or ``per_bin``; ``fit_logitprod`` reads the gate-loop
+settings from ``LogitProdConfig``.
 """
 
 from __future__ import annotations
