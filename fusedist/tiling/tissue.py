@@ -89,9 +89,6 @@ def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
         mask = ndimage.binary_closing(mask, _disk(cfg.close_um / thumb_mpp), border_value=0)
     if cfg.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
-    # After closing and filling, which would bridge a stroke or fill one drawn inside tissue;
-    # before opening and the area rule, which then drop the slivers left along a stroke.
-    mask &= ~ink
     if cfg.open_um > 0:
         mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
     if cfg.min_area_um2 > 0 and mask.any():
@@ -99,6 +96,13 @@ def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
         areas = np.bincount(labels.ravel())[1:] * thumb_mpp * thumb_mpp
         keep = np.concatenate([[False], areas >= cfg.min_area_um2])
         mask = keep[labels]
+    if ink.any():
+        # Ink is cut out last: closing would bridge a stroke, filling would fill one drawn
+        # inside tissue, and the area rule would drop the tissue a stroke cuts off a piece.
+        # Opening again removes the slivers left along a stroke.
+        mask &= ~ink
+        if cfg.open_um > 0:
+            mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
     return mask, ink
 
 
