@@ -91,18 +91,19 @@ def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
         mask = ndimage.binary_fill_holes(mask)
     if cfg.open_um > 0:
         mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
-    if cfg.min_area_um2 > 0 and mask.any():
-        labels, n = ndimage.label(mask)
-        areas = np.bincount(labels.ravel())[1:] * thumb_mpp * thumb_mpp
-        keep = np.concatenate([[False], areas >= cfg.min_area_um2])
-        mask = keep[labels]
     if ink.any():
-        # Ink is cut out last: closing would bridge a stroke, filling would fill one drawn
-        # inside tissue, and the area rule would drop the tissue a stroke cuts off a piece.
-        # Opening again removes the slivers left along a stroke.
+        # Cut after closing and filling, which bridge into a stroke; opening again removes
+        # the slivers left along it.
         mask &= ~ink
         if cfg.open_um > 0:
             mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
+    if cfg.min_area_um2 > 0 and mask.any():
+        # A piece is measured with the ink on it: tissue that a stroke cuts off a large piece
+        # is not debris.
+        labels, n = ndimage.label(mask | ink)
+        areas = np.bincount(labels[mask], minlength=n + 1)[1:] * thumb_mpp * thumb_mpp
+        keep = np.concatenate([[False], areas >= cfg.min_area_um2])
+        mask = keep[labels] & mask
     return mask, ink
 
 
