@@ -141,3 +141,17 @@ def test_pen_settings_only_touch_marked_slides():
     plain = slide_specs(cfg.model_copy(update={"pen": PenConfig()}))
     for s, p in zip(slide_specs(cfg), plain):
         assert (s.digest() == p.digest()) == (s.options.pen_strokes == 0)
+
+
+def test_predict_tiles_like_bags_made_before_ink_removal():
+    from fusedist.fusion.predict import PredictConfig
+    from fusedist.fusion.predict_slides import plan_encoders
+
+    old = {k: v for k, v in TileConfig(input=".", mode="grid").tissue.model_dump().items()
+           if k != "ink"}
+    new = TileConfig(input=".", mode="grid").tissue.model_dump(mode="json")
+    card = {"encoders": {e: {"mpp": 0.5, "tile_size": 224, "tiling": {"tissue": t}}
+                         for e, t in (("old", old), ("new", new))}}
+    plans = {p.name: p.recipe for p in plan_encoders(PredictConfig(model="m", slides="s"), card)}
+    assert TileConfig(input=".", **plans["old"]).tissue.ink.enabled is False
+    assert TileConfig(input=".", **plans["new"]).tissue.ink.enabled is True
