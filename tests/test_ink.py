@@ -100,7 +100,8 @@ def test_strokes_are_drawn_where_ink_mask_says_and_nowhere_else(slides):
 def test_no_kept_tile_is_mostly_ink_and_tissue_tiles_stay(slides, tmp_path):
     clean, inked = slides
     truth = ink_mask(**inked["ink_args"])
-    on, off = plan(inked, tile_cfg(), tmp_path / "on"), plan(inked, tile_cfg(False), tmp_path / "off")
+    on = plan(inked, tile_cfg(), tmp_path / "on")
+    off = plan(inked, tile_cfg(False), tmp_path / "off")
     ref = plan(clean, tile_cfg(), tmp_path / "clean")
     # Without ink removal Otsu keeps the strokes: the test has teeth.
     assert (share(off, truth) > 0.5).sum() >= 20

@@ -71,7 +71,8 @@ def pen_strokes(width: int, height: int, mpp: float, seed: int, n: int,
         pts = [(x, y)]
         for _ in range(SEGMENTS):
             heading += bend + rng.normal(0, 0.03)
-            x, y = x + math.cos(heading) * length / SEGMENTS, y + math.sin(heading) * length / SEGMENTS
+            step = length / SEGMENTS
+            x, y = x + math.cos(heading) * step, y + math.sin(heading) * step
             pts.append((x, y))
         out.append(Stroke(np.array(pts), width_um / mpp, colours[k % len(colours)],
                           float(rng.uniform(0.7, 1.0))))
