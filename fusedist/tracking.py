@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from fusedist.config import StrictModel
 # The one masking helper (shared with storage); re-exported here for its long-time callers.
-from fusedist.secrets import MASK, SECRET_KEY_RE, mask_text, redact  # noqa: F401
+from fusedist.secrets import MASK, SECRET_KEY_RE, env_snapshot, mask_text, redact  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ def serve_local(backend_uri: str | Path, artifacts_dir: str | Path, host: str = 
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
            "--artifacts-destination", artifacts, "--serve-artifacts",
            "--host", host, "--port", str(port), "--workers", "1"]
-    env = dict(os.environ)
+    env = env_snapshot()
     # MLflow 3's job runner adds ~7 Huey processes (~1 GB); tracking does not use it.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     with open(log_file, "wb") as out:
