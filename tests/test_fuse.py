@@ -337,12 +337,20 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
 
     # Resume: lose one finished fold and the outputs, re-run, get the same predictions.
     before = (out / "predictions.csv").read_text()
+    card_mtime = (out / "model" / "card.json").stat().st_mtime_ns
     (out / "_state" / "fold-01.json").unlink()
     (out / "predictions.csv").unlink()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(1 folds run, 2 resumed)" in p.stdout
     assert (out / "predictions.csv").read_text() == before
+    # ...and nothing else changed: the finished refit is kept, its version reused.
+    assert "refit resumed" in p.stdout, p.stdout
+    assert (out / "model" / "card.json").stat().st_mtime_ns == card_mtime
+    assert "(version 1, unchanged: nothing registered)" in p.stdout
+    assert [v.version for v in client.search_model_versions("name = 'fused-cli'")] == ["1"]
+    assert client.get_model_version_by_alias("fused-cli", "champion").version == "1"
+    assert json.loads((out / "manifest.json").read_text())["model"]["version"] == "1"
 
     # Other settings into the same output are refused (exit 2) with the fix.
     p = subprocess.run(cmd + ["--set", "seed=7"], capture_output=True, text=True, env=env,
