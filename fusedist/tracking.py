@@ -14,6 +14,9 @@ Secrets never reach MLflow: params, tags, text and dict artifacts pass through :
 which masks secret-named keys, credential-shaped values, the values of secret environment
 variables and passwords inside URLs. Environment variables themselves are never logged.
 
+Lineage: :meth:`Tracker.log_datasets` lists the data a run read and wrote as MLflow datasets
+(:mod:`fusedist.lineage` builds them: tile and feature manifests, bag folders, labels).
+
 A run that uses random weights (no model hub is reachable here) says so: call
 :func:`warn_random_weights`, which logs a WARNING and sets the tags of
 :func:`random_weights_tag` (``fusedist.random_weights=true`` plus the model names).
@@ -260,6 +263,17 @@ class Tracker:
         """A redacted JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact."""
         if self.active:
             self._client.log_dict(self._run_id, redact(data), artifact_file)
+
+    def log_datasets(self, refs: Iterable[Any]) -> None:
+        """Lineage: list ``refs`` (:class:`fusedist.lineage.DataRef`, built by its ``*_ref``
+        helpers) among the run's inputs as MLflow datasets, each with its manifest's digest,
+        its credential-free URL as source and its role (``input``/``output``) as context."""
+        if not self.active:
+            return
+        from fusedist.lineage import dataset_inputs
+
+        if inputs := dataset_inputs(refs):
+            self._client.log_inputs(self._run_id, datasets=inputs)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.active:

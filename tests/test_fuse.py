@@ -322,6 +322,16 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
     assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+    # Lineage: the run lists the labels and each encoder's bag folder it was fitted on.
+    from fusedist.lineage import bags_ref, labels_ref
+
+    datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    want = [labels_ref(cohort.labels)] + [bags_ref(str(Path(cohort.bags) / e), e)
+                                          for e in manifest["encoders"]]
+    assert sorted(datasets) == sorted(r.name for r in want)
+    for r in want:
+        assert datasets[r.name].digest == r.digest
+        assert json.loads(datasets[r.name].source)["uri"] == str(Path(r.url).resolve())
     # The fused model is an MLflow model of the run, registered under final.alias.
     mv = client.get_model_version_by_alias("fused-cli", "champion")
     assert mv.run_id == run.info.run_id and str(mv.version) == "1"

@@ -337,6 +337,7 @@ def _guard_run(cfg: DistillConfig, meta: dict) -> None:
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
     from fusedist.distill.progress import distill_bar
+    from fusedist.lineage import features_ref, tiles_ref
     from fusedist.runtime import init_ray
     from fusedist.tracking import start_run, warn_random_weights
 
@@ -384,6 +385,8 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         random_models = {*([cfg.student.name] if student_random else []),
                          *([info.teacher] if info.teacher_random_weights else [])}
         warn_random_weights(run, random_models)
+        if run.active:
+            run.log_datasets([tiles_ref(cfg.tiles), features_ref(cfg.features)])
         run.log_dict(cfg, "config/distill.yaml")
         run.log_dict(split, "validation/split.json")
         run.log_metrics({"samples": info.samples, "steps_per_epoch": spe,

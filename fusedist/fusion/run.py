@@ -127,6 +127,15 @@ def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
             "bags_in_memory_gb")
 
 
+def lineage_inputs(cfg: FuseConfig, encoders: list[str]) -> list:
+    """What a fuse reads, as MLflow datasets (:mod:`fusedist.lineage`): the labels and the
+    bag folder of each encoder."""
+    from fusedist.fusion.data import encoder_folder
+    from fusedist.lineage import bags_ref, labels_ref
+
+    return [labels_ref(cfg.labels), *(bags_ref(encoder_folder(cfg, e), e) for e in encoders)]
+
+
 FINAL = "final"  # the state entry of a finished refit: a re-run keeps its model folder
 
 
@@ -204,6 +213,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
              c.num_samples, c.encoders, c.task, cfg.folds)
     with start_run(cfg.mlflow, run_name="fuse", params=cfg,
                    tags={"fusedist.stage": "fuse", "fusedist.task": cfg.task}) as run:
+        if run.active:
+            run.log_datasets(lineage_inputs(cfg, c.encoders))
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
