@@ -398,7 +398,7 @@ def test_exported_student_embeds_a_slide_at_5x(trained, data, tmp_path):
     assert again == (res.export_dir, res.encoder, res.model_version) and res.model_version
     assert (Path(res.export_dir) / "card.json").stat().st_mtime_ns == mtime
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    assert [v.version for v in client.search_model_versions("name = 'xmag-student'")] == [
+    assert [str(v.version) for v in client.search_model_versions("name = 'xmag-student'")] == [
         res.model_version]
     # Lineage: the distill run lists the tiles and the teacher's features it read.
     from tests.test_tracking import _run_datasets

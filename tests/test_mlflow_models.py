@@ -158,7 +158,7 @@ def test_unchanged_fused_model_reuses_its_version(server, fused):
             return log_fused_model(run, folder, "fused-reuse", "champion")
 
     def versions() -> list[str]:
-        return sorted(v.version for v in client.search_model_versions("name = 'fused-reuse'"))
+        return sorted(str(v.version) for v in client.search_model_versions("name = 'fused-reuse'"))
 
     first = publish(url)
     mv = client.get_model_version("fused-reuse", first["version"])

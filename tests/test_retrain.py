@@ -206,8 +206,11 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     pending = json.loads(storage.read_text(f"{root}/retrain/_state/pending.json"))
     folds = f"{root}/retrain/runs/{pending['run_id']}/challenger/_state/fold-00.json"
     done = storage.read_text(folds)
+    card = f"{root}/retrain/runs/{pending['run_id']}/challenger/model/card.json"
+    refit_at = storage._head(card)["LastModified"]
     r3 = run_retrain(_bags_only(root, db, epochs=10), progress=False)
     assert r3.run_id == pending["run_id"] and storage.read_text(folds) == done
+    assert storage._head(card)["LastModified"] == refit_at  # the finished refit is kept too
     assert not storage.exists(f"{root}/retrain/_state/pending.json")
     assert r3.status == "promoted", r3.promotion["reason"]
     assert r3.promotion["delta"] > 0 and _alias(db, "fused-test") == "3"

@@ -217,7 +217,8 @@ class _Job:
         chal = run_fuse(chal_cfg, progress=self.progress)
         chal_card = storage.read_json(storage.join(chal.model, "card.json"))
         if self.tracker.active:  # the data this retrain fitted on (its fuse run lists it too)
-            self.tracker.log_datasets(lineage_inputs(chal_cfg, sorted(chal_card["encoders"])))
+            fused = storage.read_json(storage.join(chal.output, "manifest.json"))["encoders"]
+            self.tracker.log_datasets(lineage_inputs(chal_cfg, fused))
         metric = cfg.promotion.metric or chal.primary_metric
         check_metric(metric, cfg.fuse.task)
         c_score = score_of(chal, cfg.promotion.method or chal_card["methods"][0], metric)
