@@ -359,7 +359,7 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     assert (out / "model" / "card.json").stat().st_mtime_ns == card_mtime
     assert "(version 1, unchanged: nothing registered)" in p.stdout
     assert [str(v.version) for v in client.search_model_versions("name = 'fused-cli'")] == ["1"]
-    assert client.get_model_version_by_alias("fused-cli", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("fused-cli", "champion").version) == "1"
     assert json.loads((out / "manifest.json").read_text())["model"]["version"] == "1"
 
     # Other settings into the same output are refused (exit 2) with the fix.

@@ -174,13 +174,13 @@ def test_unchanged_fused_model_reuses_its_version(server, fused):
     (changed / "card.json").write_text(json.dumps({**card, "seed": card["seed"] + 1}))
     second = publish(str(changed))
     assert not second["reused"] and len(versions()) == 2
-    assert client.get_model_version_by_alias("fused-reuse", "champion").version == \
+    assert str(client.get_model_version_by_alias("fused-reuse", "champion").version) == \
         second["version"]
     # The first model again: its version is reused, and the alias, moved since (as a
     # retrain's promotion would), stays where it is.
     back = publish(url)
     assert (back["version"], back["reused"], back["alias"]) == (first["version"], True, None)
-    assert client.get_model_version_by_alias("fused-reuse", "champion").version == \
+    assert str(client.get_model_version_by_alias("fused-reuse", "champion").version) == \
         second["version"] and len(versions()) == 2
 
 
