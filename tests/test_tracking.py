@@ -309,18 +309,6 @@ def test_hung_server_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
         assert time.monotonic() - start < 20
 
 
-def test_server_stop_leaves_no_processes(mlflow_server: tuple[LocalServer, Path]) -> None:
-    """Runs last in this module (it stops the shared server; the fixture's stop is idempotent)."""
-    server, _ = mlflow_server
-    pgid = server.process.pid
-    os.killpg(pgid, 0)  # the group exists while the server runs
-    server.stop()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)  # no orphaned uvicorn worker keeps the SQLite file or the port
-    with pytest.raises(TrackingError):
-        start_run(MlflowConfig(tracking_uri=server.url), "after-stop")
-
-
 def _run_datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str, str]]:
     """name -> (digest, source URI, role) of a run's MLflow datasets."""
     out = {}
@@ -374,3 +362,15 @@ def test_lineage_datasets_on_a_real_server(mlflow_server: tuple[LocalServer, Pat
     assert bags_ref(str(tmp_path / "bags" / "enc"), "enc").digest != bags.digest
     # A source never carries credentials.
     assert source_url("s3://AKIAABCDEFGHIJKLMNOP:s3cr3t-value@bucket/tiles") == "s3://bucket/tiles"
+
+
+def test_server_stop_leaves_no_processes(mlflow_server: tuple[LocalServer, Path]) -> None:
+    """Runs last in this module (it stops the shared server; the fixture's stop is idempotent)."""
+    server, _ = mlflow_server
+    pgid = server.process.pid
+    os.killpg(pgid, 0)  # the group exists while the server runs
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # no orphaned uvicorn worker keeps the SQLite file or the port
+    with pytest.raises(TrackingError):
+        start_run(MlflowConfig(tracking_uri=server.url), "after-stop")
