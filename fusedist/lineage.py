@@ -100,7 +100,7 @@ def bags_ref(folder: str, encoder: str, role: str = INPUT) -> DataRef:
         sizes.update({storage.join(parent, n): b for n, b in storage.file_sizes(parent).items()})
     state = StageState(folder.rsplit("/", 1)[0] if "/" in folder else ".", "bags",
                        storage.basename(folder))
-    have = set(state.names()) if storage.exists(state.url) else set()
+    have = set(state.names())  # one listing; none for bags fusedist did not write
     entries = state.read_many(sid for sid in urls if sid in have)
     rows = [[sid, storage.basename(u), sizes.get(u),
              (entries.get(sid) or {}).get("weights_digest"),
