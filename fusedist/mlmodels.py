@@ -10,6 +10,9 @@ name), so loading needs fusedist importable and no code of the run that logged i
   as an MLflow 3 LoggedModel, in the run's experiment.
 - :func:`register` makes it a new version of a registered model and moves an alias to it
   (aliases, not stages; ``latest`` is MLflow's own and is never set).
+- :func:`publish` does both, idempotently: the version records the digest of the model's
+  files (tag ``fusedist.files_sha256``), and a model whose files a version already holds
+  reuses that version (nothing logged, nothing registered, the alias left where it is).
 - :func:`download` turns ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
   ``models:/<name>/latest`` or ``models:/m-<id>`` back into the local model folder.
 
@@ -19,17 +22,19 @@ The registry is the tracking server's unless ``MLFLOW_REGISTRY_URI`` names anoth
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("fusedist")
 
 SCHEME = "models:/"
 LATEST = "latest"  # MLflow's reserved alias: models:/<name>/latest is the newest version
 PYFUNC = "python_function"
+FILES_DIGEST_TAG = "fusedist.files_sha256"  # version tag: what files the version holds
 
 
 def is_registry_uri(ref: str) -> bool:
@@ -140,16 +145,103 @@ def log_pyfunc(tracker: Any, name: str, python_model: Any, artifacts: dict[str, 
     return info
 
 
+def digest_files(files: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 of a model's files: each relative path (sorted) and its bytes, length-prefixed
+    so that no two different folders hash alike."""
+    h = hashlib.sha256()
+    for rel, data in sorted(files):
+        for part in (rel.encode(), data):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def files_digest(folder: str | Path) -> str:
+    """:func:`digest_files` of every file under a local ``folder``."""
+    root = Path(folder)
+    return digest_files((p.relative_to(root).as_posix(), p.read_bytes())
+                        for p in root.rglob("*") if p.is_file())
+
+
+def _registry_client(tracker: Any) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.tracking_uri,
+                        registry_uri=registry_uri(tracker.tracking_uri))
+
+
+def _sets_alias(alias: str | None) -> bool:
+    return bool(alias) and alias.lower() != LATEST
+
+
+def version_with_files(tracker: Any, model_name: str, digest: str) -> Any | None:
+    """The newest version of ``model_name`` tagged with files digest ``digest``, or None."""
+    found = _registry_client(tracker).search_model_versions(
+        f"name = '{model_name}' and tag.`{FILES_DIGEST_TAG}` = '{digest}'", max_results=1,
+        order_by=["version_number DESC"])
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where :func:`publish` left a model."""
+
+    model_uri: str
+    """The LoggedModel (``models:/m-<id>``): logged now, or the reused version's source."""
+    model_id: str | None
+    version: str | None
+    """The registered version; ``None`` when not registered."""
+    reused: bool
+    """An existing version already held these files: nothing was logged or registered."""
+    aliased: bool = False
+    """The alias asked for points at ``version`` (not so for a reused version whose alias
+    was moved to another one since)."""
+
+
+def publish(tracker: Any, folder: str | Path, log_model: Callable[[], Any],
+            model_name: str | None, alias: str | None, tags: dict[str, str] | None = None,
+            description: str | None = None) -> Published | None:
+    """Log the model in the local ``folder`` (``log_model()`` returns MLflow's ``ModelInfo``)
+    and register it as a version of ``model_name`` with ``alias``; ``model_name=None`` only
+    logs it. A re-run that changes nothing registers nothing: when a version of
+    ``model_name`` already holds exactly these files (its :data:`FILES_DIGEST_TAG`), that
+    version is returned, and ``alias`` is set on it only if the model has no such alias yet
+    (an alias someone moved since, e.g. a retrain's promotion, stays where it is).
+    ``None`` for an inactive tracker."""
+    if not getattr(tracker, "active", False):
+        return None
+    digest = files_digest(folder)
+    if model_name and (mv := version_with_files(tracker, model_name, digest)) is not None:
+        client = _registry_client(tracker)
+        aliased = False
+        if _sets_alias(alias):
+            aliases = client.get_registered_model(model_name).aliases or {}
+            if alias not in aliases:  # e.g. a run that died between registering and aliasing
+                client.set_registered_model_alias(model_name, alias, mv.version)
+            aliased = str(aliases.get(alias, mv.version)) == str(mv.version)
+        log.info("%s version %s already holds these files (sha256 %s...): reused, nothing "
+                 "registered", model_name, mv.version, digest[:12])
+        return Published(mv.source, getattr(mv, "model_id", None), str(mv.version), True,
+                         aliased)
+    info = log_model()
+    version = None
+    if model_name:
+        version = register(tracker, info, model_name, alias,
+                           tags={**(tags or {}), FILES_DIGEST_TAG: digest},
+                           description=description)
+    return Published(info.model_uri, info.model_id, version, False,
+                     version is not None and _sets_alias(alias))
+
+
 def register(tracker: Any, model_info: Any, model_name: str, alias: str | None,
              tags: dict[str, str] | None = None, description: str | None = None) -> str:
     """A new version of ``model_name`` (created if new) from a logged model, with ``alias``
     moved to it. ``alias`` ``latest`` (any case) or ``None`` sets none: ``models:/<name>/latest``
-    already resolves to the newest version. Returns the version."""
-    from mlflow import MlflowClient
+    already resolves to the newest version. Returns the version. Stages call :func:`publish`,
+    which reuses the version of an unchanged model instead."""
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracker.tracking_uri,
-                          registry_uri=registry_uri(tracker.tracking_uri))
+    client = _registry_client(tracker)
     try:
         client.create_registered_model(model_name, description=description)
     except MlflowException as e:
@@ -160,10 +252,10 @@ def register(tracker: Any, model_info: Any, model_name: str, alias: str | None,
                                          run_id=tracker.run_id, tags=tags,
                                          description=description,
                                          model_id=model_info.model_id)
-    if alias and alias.lower() != LATEST:
+    if _sets_alias(alias):
         client.set_registered_model_alias(model_name, alias, mv.version)
     log.info("registered %s version %s%s from run %s", model_name, mv.version,
-             f" (alias {alias})" if alias and alias.lower() != LATEST else "", tracker.run_id)
+             f" (alias {alias})" if _sets_alias(alias) else "", tracker.run_id)
     return str(mv.version)
 
 

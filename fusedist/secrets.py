@@ -44,9 +44,33 @@ _MIN_ENV_SECRET_LEN = 8
 _MIN_EXTRA_LEN = 4
 
 
+def env_snapshot() -> dict[str, str]:
+    """A copy of ``os.environ`` that is safe while other threads change it.
+
+    Walking ``os.environ`` (``items()``, ``dict(os.environ)``, ``copy()``) reads each key's
+    value after listing the keys, so a variable another thread removes in between raises
+    ``KeyError`` (MLflow's telemetry thread removes ``_MLFLOW_TELEMETRY_SESSION_ID``). Listing
+    the keys is one atomic copy; each value is then read with ``get``, and a key gone by then
+    is left out, as if it had been removed just before the snapshot."""
+    for _ in range(100):
+        try:
+            keys = list(os.environ)
+            break
+        except RuntimeError:  # "changed size during iteration" (free-threaded builds)
+            continue
+    else:
+        keys = []
+    out = {}
+    for k in keys:
+        v = os.environ.get(k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
 def _env_secret_values() -> list[str]:
     """Values of secret-looking env vars, longest first so overlapping secrets mask whole."""
-    values = {v for k, v in os.environ.items()
+    values = {v for k, v in env_snapshot().items()
               if (k in _SECRET_ENV_VARS or SECRET_KEY_RE.search(k))
               and len(v) >= _MIN_ENV_SECRET_LEN}
     return sorted(values, key=len, reverse=True)

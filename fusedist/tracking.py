@@ -14,6 +14,9 @@ Secrets never reach MLflow: params, tags, text and dict artifacts pass through :
 which masks secret-named keys, credential-shaped values, the values of secret environment
 variables and passwords inside URLs. Environment variables themselves are never logged.
 
+Lineage: :meth:`Tracker.log_datasets` lists the data a run read and wrote as MLflow datasets
+(:mod:`fusedist.lineage` builds them: tile and feature manifests, bag folders, labels).
+
 A run that uses random weights (no model hub is reachable here) says so: call
 :func:`warn_random_weights`, which logs a WARNING and sets the tags of
 :func:`random_weights_tag` (``fusedist.random_weights=true`` plus the model names).
@@ -37,7 +40,7 @@ from pydantic import BaseModel, Field
 
 from fusedist.config import StrictModel
 # The one masking helper (shared with storage); re-exported here for its long-time callers.
-from fusedist.secrets import MASK, SECRET_KEY_RE, mask_text, redact  # noqa: F401
+from fusedist.secrets import MASK, SECRET_KEY_RE, env_snapshot, mask_text, redact  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +263,17 @@ class Tracker:
         """A redacted JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact."""
         if self.active:
             self._client.log_dict(self._run_id, redact(data), artifact_file)
+
+    def log_datasets(self, refs: Iterable[Any]) -> None:
+        """Lineage: list ``refs`` (:class:`fusedist.lineage.DataRef`, built by its ``*_ref``
+        helpers) among the run's inputs as MLflow datasets, each with its manifest's digest,
+        its credential-free URL as source and its role (``input``/``output``) as context."""
+        if not self.active:
+            return
+        from fusedist.lineage import dataset_inputs
+
+        if inputs := dataset_inputs(refs):
+            self._client.log_inputs(self._run_id, datasets=inputs)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.active:
@@ -527,7 +541,7 @@ def serve_local(backend_uri: str | Path, artifacts_dir: str | Path, host: str = 
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
            "--artifacts-destination", artifacts, "--serve-artifacts",
            "--host", host, "--port", str(port), "--workers", "1"]
-    env = dict(os.environ)
+    env = env_snapshot()
     # MLflow 3's job runner adds ~7 Huey processes (~1 GB); tracking does not use it.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     with open(log_file, "wb") as out:

@@ -387,6 +387,26 @@ def test_exported_student_embeds_a_slide_at_5x(trained, data, tmp_path):
     card = json.loads((Path(folder) / "card.json").read_text())
     assert version is None and card["step"] == read_state(ckpt).step
     assert card["mpp"] == 2.0 and card["teacher"] == TEACHER and card["output"] == "cls"
+    # Again into the run's own export, with the run's MLflow: the export of this checkpoint
+    # is kept as it is and its registered version reused (nothing new registered).
+    from mlflow import MlflowClient
+
+    mtime = (Path(res.export_dir) / "card.json").stat().st_mtime_ns
+    again = run_export(load_config(
+        ExportConfig, None, [f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"],
+        checkpoint=res.run_url, output=res.export_dir))
+    assert again == (res.export_dir, res.encoder, res.model_version) and res.model_version
+    assert (Path(res.export_dir) / "card.json").stat().st_mtime_ns == mtime
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'xmag-student'")] == [
+        res.model_version]
+    # Lineage: the distill run lists the tiles and the teacher's features it read.
+    from tests.test_tracking import _run_datasets
+
+    got = _run_datasets(client, res.mlflow_run_id)
+    assert got["tiles/pairs"][1:] == (str(data["tiles"] / "manifest.json"), "input")
+    assert got[f"features/{TEACHER}/pairs"][1:] == (str(data["features"] / "manifest.json"),
+                                                    "input")
     student, _ = load_ema_student(ckpt)
 
     run_tile(tile_cfg(data["root"] / "slides", tmp_path / "tiles", dataset="g5x", mode="grid",

@@ -322,6 +322,16 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
     assert sorted(m.step for m in hist) == [0, 1, 2]  # one value per fold
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "fuse")}
     assert {"fuse/report.md", "fuse/results.csv", "fuse/plots"} <= arts
+    # Lineage: the run lists the labels and each encoder's bag folder it was fitted on.
+    from fusedist.lineage import bags_ref, labels_ref
+
+    datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    want = [labels_ref(cohort.labels)] + [bags_ref(str(Path(cohort.bags) / e), e)
+                                          for e in manifest["encoders"]]
+    assert sorted(datasets) == sorted(r.name for r in want)
+    for r in want:
+        assert datasets[r.name].digest == r.digest
+        assert json.loads(datasets[r.name].source)["uri"] == str(Path(r.url).resolve())
     # The fused model is an MLflow model of the run, registered under final.alias.
     mv = client.get_model_version_by_alias("fused-cli", "champion")
     assert mv.run_id == run.info.run_id and str(mv.version) == "1"
@@ -337,12 +347,20 @@ def test_fuse_cli_end_to_end_with_mlflow_report_and_resume(ray_cluster, cohort, 
 
     # Resume: lose one finished fold and the outputs, re-run, get the same predictions.
     before = (out / "predictions.csv").read_text()
+    card_mtime = (out / "model" / "card.json").stat().st_mtime_ns
     (out / "_state" / "fold-01.json").unlink()
     (out / "predictions.csv").unlink()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(1 folds run, 2 resumed)" in p.stdout
     assert (out / "predictions.csv").read_text() == before
+    # ...and nothing else changed: the finished refit is kept, its version reused.
+    assert "refit resumed" in p.stdout, p.stdout
+    assert (out / "model" / "card.json").stat().st_mtime_ns == card_mtime
+    assert "(version 1, unchanged: nothing registered)" in p.stdout
+    assert [str(v.version) for v in client.search_model_versions("name = 'fused-cli'")] == ["1"]
+    assert str(client.get_model_version_by_alias("fused-cli", "champion").version) == "1"
+    assert json.loads((out / "manifest.json").read_text())["model"]["version"] == "1"
 
     # Other settings into the same output are refused (exit 2) with the fix.
     p = subprocess.run(cmd + ["--set", "seed=7"], capture_output=True, text=True, env=env,

@@ -140,6 +140,50 @@ def test_fused_model_registered_loads_anywhere_and_predicts_as_fusedist(server, 
         run_predict(bad, progress=False)
 
 
+def test_unchanged_fused_model_reuses_its_version(server, fused):
+    """A re-run that changes nothing registers nothing: the version records its files'
+    digest, the same files reuse it; changed files make a new version."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from fusedist import mlmodels
+    from fusedist.fusion.pyfunc import log_fused_model
+
+    _, _, url, tmp = fused
+    client = MlflowClient(tracking_uri=server)
+
+    def publish(folder: str) -> dict:
+        with start_run(MlflowConfig(tracking_uri=server), run_name="fuse") as run:
+            return log_fused_model(run, folder, "fused-reuse", "champion")
+
+    def versions() -> list[str]:
+        return sorted(str(v.version) for v in client.search_model_versions("name = 'fused-reuse'"))
+
+    first = publish(url)
+    mv = client.get_model_version("fused-reuse", first["version"])
+    assert mv.tags[mlmodels.FILES_DIGEST_TAG] == mlmodels.files_digest(url)
+    again = publish(url)  # a second run, nothing changed
+    assert (again["version"], again["reused"], again["alias"]) == (first["version"], True,
+                                                                    "champion")
+    assert again["model_uri"] == first["model_uri"] and versions() == [first["version"]]
+
+    changed = tmp / "changed-model"
+    shutil.copytree(url, changed)
+    card = json.loads((changed / "card.json").read_text())
+    (changed / "card.json").write_text(json.dumps({**card, "seed": card["seed"] + 1}))
+    second = publish(str(changed))
+    assert not second["reused"] and len(versions()) == 2
+    assert str(client.get_model_version_by_alias("fused-reuse", "champion").version) == \
+        second["version"]
+    # The first model again: its version is reused, and the alias, moved since (as a
+    # retrain's promotion would), stays where it is.
+    back = publish(url)
+    assert (back["version"], back["reused"], back["alias"]) == (first["version"], True, None)
+    assert str(client.get_model_version_by_alias("fused-reuse", "champion").version) == \
+        second["version"] and len(versions()) == 2
+
+
 def test_fused_pyfunc_input_checks_name_the_column(fused):
     import pandas as pd
 
@@ -194,11 +238,14 @@ def test_student_registered_embeds_like_fusedist_embed(server, student_export, r
 
     out, tmp = student_export
     card = json.loads((Path(out) / "card.json").read_text())
-    with start_run(MlflowConfig(tracking_uri=server), run_name="distill") as tracker:
-        assert register_in_mlflow(tracker, out, "xmag-test-student", alias="champion") == "1"
-    mv = MlflowClient(tracking_uri=server).get_model_version_by_alias("xmag-test-student",
-                                                                     "champion")
+    for _ in range(2):  # the second registration of the same export reuses version 1
+        with start_run(MlflowConfig(tracking_uri=server), run_name="distill") as tracker:
+            assert register_in_mlflow(tracker, out, "xmag-test-student", alias="champion") \
+                == "1"
+    client = MlflowClient(tracking_uri=server)
+    mv = client.get_model_version_by_alias("xmag-test-student", "champion")
     assert mv.tags["weights_sha256"] == card["weights_sha256"]  # the tags are kept
+    assert len(client.search_model_versions("name = 'xmag-test-student'")) == 1
 
     # 5x tiles of one slide, embedded with the registered model as the encoder.
     run_tile(tile_cfg(known_slides(tmp / "slides", 1), tmp / "tiles", dataset="g5x",

@@ -206,8 +206,11 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     pending = json.loads(storage.read_text(f"{root}/retrain/_state/pending.json"))
     folds = f"{root}/retrain/runs/{pending['run_id']}/challenger/_state/fold-00.json"
     done = storage.read_text(folds)
+    card = f"{root}/retrain/runs/{pending['run_id']}/challenger/model/card.json"
+    refit_at = storage._head(card)["LastModified"]
     r3 = run_retrain(_bags_only(root, db, epochs=10), progress=False)
     assert r3.run_id == pending["run_id"] and storage.read_text(folds) == done
+    assert storage._head(card)["LastModified"] == refit_at  # the finished refit is kept too
     assert not storage.exists(f"{root}/retrain/_state/pending.json")
     assert r3.status == "promoted", r3.promotion["reason"]
     assert r3.promotion["delta"] > 0 and _alias(db, "fused-test") == "3"
@@ -308,6 +311,43 @@ def test_a_second_run_with_no_new_slides_changes_nothing(ingested):
     assert "no new slides; champion kept" in r.stdout
     assert _snapshot(work, skip=()) == whole
     assert _versions(db, "fused-ingest") == ["1", "2"]
+
+
+def test_lineage_leads_from_the_registered_model_to_its_tiles(ingested):
+    """MLflow datasets link the runs: the registered challenger's run lists the labels and
+    bags it was fitted on; the embed run that wrote those bags (same name and digest) lists
+    the tile dataset it read, the cache run the tiles and the features it wrote."""
+    from tests.test_tracking import _run_datasets
+
+    work, client = ingested["work"], _client(ingested["db"])
+    mv = client.get_model_version("fused-ingest", "2")
+    fitted = _run_datasets(client, mv.run_id)
+    labels = work / "slides" / "labels.csv"
+    assert fitted["labels/labels.csv"] == (
+        hashlib.sha256(labels.read_bytes()).hexdigest()[:32], str(labels), "input")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`fusedist.retrain.run_id` = '{ingested['second'].run_id}'")
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("fusedist.stage"), []).append(
+            _run_datasets(client, r.info.run_id))
+    (embed,) = by_stage["embed"]
+    for enc in ("test-vit", "test-convnext"):
+        name = f"bags/{enc}"
+        assert fitted[name][2] == "input" and embed[name][2] == "output"
+        assert fitted[name][:2] == embed[name][:2] == (embed[name][0], str(work / "bags" / enc))
+        # The challenger's own fuse run read the same bags.
+        assert any(d.get(name, ())[:2] == fitted[name][:2] for d in by_stage["fuse"])
+    def manifest_sha(folder: Path) -> str:
+        return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:32]
+
+    assert embed["tiles/grid"] == (manifest_sha(work / "tiles" / "grid"),
+                                   str(work / "tiles" / "grid" / "manifest.json"), "input")
+    (cache,) = by_stage["cache"]
+    assert cache["tiles/pairs"][0] == manifest_sha(work / "tiles" / "pairs")
+    feats = work / "features" / "test-vit" / "pairs"
+    assert cache["features/test-vit/pairs"] == (manifest_sha(feats),
+                                                str(feats / "manifest.json"), "output")
 
 
 # ------------------------------------------------------------------------- student

@@ -309,6 +309,61 @@ def test_hung_server_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
         assert time.monotonic() - start < 20
 
 
+def _run_datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str, str]]:
+    """name -> (digest, source URI, role) of a run's MLflow datasets."""
+    out = {}
+    for d in client.get_run(run_id).inputs.dataset_inputs:
+        role = {t.key: t.value for t in d.tags}["mlflow.data.context"]
+        out[d.dataset.name] = (d.dataset.digest, json.loads(d.dataset.source)["uri"], role)
+    return out
+
+
+def test_lineage_datasets_on_a_real_server(mlflow_server: tuple[LocalServer, Path],
+                                           tmp_path: Path) -> None:
+    """A run lists what it read and wrote as MLflow datasets: the manifest's digest, its URL
+    (no credentials) and its role; a bag folder's digest follows what made its bags."""
+    import hashlib
+
+    import numpy as np
+
+    from fusedist.bags import Bag, write_bag
+    from fusedist.lineage import (OUTPUT, bags_ref, features_ref, labels_ref, source_url,
+                                  tiles_ref)
+    from fusedist.state import StageState
+
+    server, _ = mlflow_server
+    tiles = tmp_path / "tiles" / "grid"
+    tiles.mkdir(parents=True)
+    (tiles / "manifest.json").write_text(json.dumps({"dataset": "grid", "shards": []}))
+    feats = tmp_path / "feats" / "test-vit" / "grid"
+    feats.mkdir(parents=True)
+    (feats / "manifest.json").write_text(json.dumps({"teacher": "test-vit", "dataset": "grid"}))
+    (tmp_path / "labels.csv").write_text("slide_id,label\ns0,a\n")
+    for sid in ("s0", "s1"):
+        write_bag(str(tmp_path / "bags" / "enc" / f"{sid}.h5"),
+                  Bag(slide_id=sid, features=np.ones((3, 4), np.float32),
+                      coords=np.zeros((3, 2), np.int64), encoder="enc"))
+    state = StageState(str(tmp_path / "bags"), "bags", "enc")
+    state.write("s0", {"weights_digest": "w1", "source_digest": "x"})
+    bags = bags_ref(str(tmp_path / "bags" / "enc"), "enc", OUTPUT)
+
+    with start_run(MlflowConfig(tracking_uri=server.url), "cache") as t:
+        t.log_datasets([tiles_ref(str(tiles)), features_ref(str(feats), OUTPUT),
+                        labels_ref(str(tmp_path / "labels.csv")), bags])
+        run_id = t.run_id
+    got = _run_datasets(MlflowClient(server.url), run_id)
+    sha = hashlib.sha256((tiles / "manifest.json").read_bytes()).hexdigest()[:32]
+    assert got["tiles/grid"] == (sha, str(tiles / "manifest.json"), "input")
+    assert got["features/test-vit/grid"][1:] == (str(feats / "manifest.json"), "output")
+    assert got["labels/labels.csv"][0] == hashlib.sha256(b"slide_id,label\ns0,a\n").hexdigest()[:32]
+    assert got["bags/enc"] == (bags.digest, str(tmp_path / "bags" / "enc"), "output")
+    # Same bags, other weights recorded: another digest (the bytes' sizes alone are alike).
+    state.write("s0", {"weights_digest": "w2", "source_digest": "x"})
+    assert bags_ref(str(tmp_path / "bags" / "enc"), "enc").digest != bags.digest
+    # A source never carries credentials.
+    assert source_url("s3://AKIAABCDEFGHIJKLMNOP:s3cr3t-value@bucket/tiles") == "s3://bucket/tiles"
+
+
 def test_server_stop_leaves_no_processes(mlflow_server: tuple[LocalServer, Path]) -> None:
     """Runs last in this module (it stops the shared server; the fixture's stop is idempotent)."""
     server, _ = mlflow_server

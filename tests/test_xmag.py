@@ -456,9 +456,14 @@ def test_register_in_mlflow_creates_a_version_with_alias(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with start_run(MlflowConfig(tracking_uri=uri), run_name="distill", rank=0) as tracker:
         v1 = register_in_mlflow(tracker, out, "xmag-student", alias="latest")
-        v2 = register_in_mlflow(tracker, out, "xmag-student", alias="candidate")
+        # The same files again: version 1 is reused (nothing registered) and gets the alias
+        # the model did not have yet.
+        v1_again = register_in_mlflow(tracker, out, "xmag-student", alias="candidate")
         run_id = tracker.run_id
-    assert (v1, v2) == ("1", "2")
+        other = export_student(student, str(tmp_path / "second" / "export"),
+                               {"name": "xmag-test-mlflow", "description": "another card"})
+        v2 = register_in_mlflow(tracker, other, "xmag-student", alias="candidate")
+    assert (v1, v1_again, v2) == ("1", "1", "2")  # another card: other files
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("xmag-student", "candidate")
     assert str(mv.version) == "2" and mv.run_id == run_id

@@ -264,8 +264,9 @@ def register_in_mlflow(tracker: Any, export_dir: str, model_name: str, alias: st
                        artifact_path: str = ARTIFACT_PATH) -> str | None:
     """Log the export folder as an ``mlflow.pyfunc`` model (``artifact_path``) of
     ``tracker``'s run and register it as a new version of ``model_name`` with ``alias``
-    (MLflow 3: aliases, not stages). Returns the version; ``None`` for a no-op tracker
-    (rank != 0, tracking disabled). See :mod:`fusedist.distill.pyfunc` for what the model
+    (MLflow 3: aliases, not stages); an export whose files a version already holds reuses
+    that version (:func:`fusedist.mlmodels.publish`). Returns the version; ``None`` for a
+    no-op tracker (rank != 0, tracking disabled). See :mod:`fusedist.distill.pyfunc` for what the model
     takes and gives; ``fusedist embed -e models:/<name>@<alias>`` uses it as an encoder.
 
     ``alias="latest"`` is MLflow's reserved name: it is not set (``models:/<name>/latest``
@@ -277,10 +278,13 @@ def register_in_mlflow(tracker: Any, export_dir: str, model_name: str, alias: st
     from fusedist.distill.validation import validation_tags
 
     card = storage.read_json(storage.join(export_dir, CARD))
-    with tempfile.TemporaryDirectory(prefix="fusedist-mlflow-") as tmp:
-        info = log_student(tracker, _local_copy(export_dir, Path(tmp)), card, artifact_path)
     tags = {k: str(card[k]) for k in ("name", "backbone", "teacher", "weights_sha256",
                                       "data_digest", "init_weights") if card.get(k) is not None}
     tags.update(validation_tags(card))  # validation.global_cos, .local_cos, ... (if validated)
-    return mlmodels.register(tracker, info, model_name, alias, tags=tags,
-                             description=card.get("description"))
+    with tempfile.TemporaryDirectory(prefix="fusedist-mlflow-") as tmp:
+        local = _local_copy(export_dir, Path(tmp))
+        pub = mlmodels.publish(tracker, local,
+                               lambda: log_student(tracker, local, card, artifact_path),
+                               model_name, alias, tags=tags,
+                               description=card.get("description"))
+    return pub.version

@@ -337,6 +337,7 @@ def _guard_run(cfg: DistillConfig, meta: dict) -> None:
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
     from fusedist.distill.progress import distill_bar
+    from fusedist.lineage import features_ref, tiles_ref
     from fusedist.runtime import init_ray
     from fusedist.tracking import start_run, warn_random_weights
 
@@ -384,6 +385,8 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         random_models = {*([cfg.student.name] if student_random else []),
                          *([info.teacher] if info.teacher_random_weights else [])}
         warn_random_weights(run, random_models)
+        if run.active:
+            run.log_datasets([tiles_ref(cfg.tiles), features_ref(cfg.features)])
         run.log_dict(cfg, "config/distill.yaml")
         run.log_dict(split, "validation/split.json")
         run.log_metrics({"samples": info.samples, "steps_per_epoch": spe,
@@ -414,13 +417,10 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
             out.validation = state.get("validation")
         export_dir = cfg.export.output or storage.join(cfg.run_url(), "export")
         if cfg.export.enabled and ckpt is not None:
-            if _exported(export_dir, ckpt):  # a re-run of a finished run: nothing new
-                out.export_dir = export_dir
-                out.encoder = storage.read_json(storage.join(export_dir, "card.json"))["name"]
-            else:
-                out.export_dir, out.encoder, out.model_version = export_checkpoint(
-                    ckpt, export_dir, cfg.export.name, run, cfg.export.registered_model,
-                    cfg.export.alias)
+            # A re-run of a finished run finds the export done and its registered version.
+            out.export_dir, out.encoder, out.model_version = export_checkpoint(
+                ckpt, export_dir, cfg.export.name, run, cfg.export.registered_model,
+                cfg.export.alias)
         out.elapsed = time.perf_counter() - t0
         run.log_metrics({"elapsed_s": out.elapsed, "steps_total": out.steps})
     return out
@@ -428,17 +428,27 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
 
 # ----------------------------------------------------------------------------- export
 
-def _exported(export_dir: str, checkpoint: str) -> bool:
-    card = storage.join(export_dir, "card.json")
-    return storage.exists(card) and storage.read_json(card).get("checkpoint") == checkpoint
+def _exported(export_dir: str, checkpoint: str, name: str | None) -> bool:
+    """Whether ``export_dir`` already holds the export of ``checkpoint`` (named ``name``)."""
+    url = storage.join(export_dir, "card.json")
+    if not storage.exists(url):
+        return False
+    card = storage.read_json(url)
+    return card.get("checkpoint") == checkpoint and name in (None, card.get("name"))
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, name: str | None, tracker: Any,
                       registered_model: str, alias: str) -> tuple[str, str, str | None]:
     """EMA student of ``checkpoint`` -> an encoder folder; registered in MLflow via
-    ``tracker`` (no-op trackers skip it). Returns (folder, encoder name, model version)."""
+    ``tracker`` (no-op trackers skip it). Returns (folder, encoder name, model version).
+
+    A folder that already holds this checkpoint's export is kept as it is (a re-export would
+    only change its ``created`` time), so the registration finds its version unchanged."""
     from fusedist.distill.export import CARD, export_student, register_in_mlflow
 
+    if _exported(out_dir, checkpoint, name):
+        encoder = storage.read_json(storage.join(out_dir, CARD))["name"]
+        return out_dir, encoder, register_in_mlflow(tracker, out_dir, registered_model, alias)
     student, state = load_ema_student(checkpoint)
     m = state.meta
     card = {"teacher": m.get("teacher"), "teacher_weights_digest": m.get("teacher_weights_digest"),

@@ -135,6 +135,7 @@ def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: lis
 
 def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     """Cache every teacher's features for the tile dataset ``cfg.tiles``."""
+    from fusedist.lineage import OUTPUT, features_ref, tiles_ref
     from fusedist.tracking import start_run, warn_random_weights
 
     t0 = time.perf_counter()
@@ -193,6 +194,9 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
             storage.write_json(storage.join(t.url, "manifest.json"), m)
             result.manifests[t.name] = m
             run.log_dict(m, f"manifests/{t.name}.json")
+        if run.active:
+            run.log_datasets([tiles_ref(cfg.tiles), *(features_ref(t.url, OUTPUT)
+                                                      for t in teachers)])
         result.elapsed = time.perf_counter() - t0
         run.log_metrics({"tiles": result.tiles, "shards_written": result.written,
                          "shards_failed": len(result.failed),

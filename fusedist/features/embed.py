@@ -309,6 +309,7 @@ def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict
 
 def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
     """Embed every slide of the tile dataset (or slide folder) with every encoder."""
+    from fusedist.lineage import OUTPUT, bags_ref, tiles_ref
     from fusedist.tracking import start_run, warn_random_weights
 
     t0 = time.perf_counter()
@@ -321,9 +322,15 @@ def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
                    tags={"fusedist.stage": "embed"}) as run:
         warn_random_weights(run, [e.spec.name for e in encoders if e.random_weights])
         result.random_weights = [e.spec.name for e in encoders if e.random_weights]
+        lineage = []
         for (mpp, size), group in _groups(encoders).items():
             tiles_url = _tiles_for(cfg, mpp, size, [e.spec.name for e in group])
             _embed_group(cfg, plan, tiles_url, group, result, progress)
+            if run.active:  # what this group read and wrote (the digests cost a listing)
+                lineage += [tiles_ref(tiles_url)] + [
+                    bags_ref(storage.join(cfg.output, e.spec.name), e.spec.name, OUTPUT)
+                    for e in group]
+        run.log_datasets(lineage)
         result.elapsed = time.perf_counter() - t0
         run.log_metrics({"bags_written": result.written, "bags_current": result.skipped,
                          "slides_failed": len(result.failed), "tiles": result.tiles,

@@ -139,6 +139,12 @@ def discover_encoders(cfg: FuseConfig) -> list[str]:
     return found
 
 
+def encoder_folder(cfg: FuseConfig, encoder: str) -> str:
+    """The bag folder of ``encoder`` under ``cfg.bags`` (``<encoder>/`` or TRIDENT's
+    ``features_<encoder>/``)."""
+    return _encoder_folders(cfg.bags).get(encoder) or storage.join(cfg.bags, encoder)
+
+
 def bag_index(cfg: FuseConfig, encoders: list[str]) -> dict[str, dict[str, str]]:
     index = {}
     folders = _encoder_folders(cfg.bags)

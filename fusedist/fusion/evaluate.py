@@ -138,6 +138,8 @@ class FuseResult:
     """The RANDOM WEIGHTS line when some bags came from random-weight encoders."""
     model: str | None = None
     """The fused model's folder, when one was refitted."""
+    final_resumed: bool = False
+    """The refit had finished in an earlier run; its model folder was kept, not refitted."""
     mlflow_model: dict | None = None
     """Where the fused model is in MLflow: ``model_uri`` (the run's LoggedModel) and, when
     registered, ``registered_model``, ``version``, ``alias`` and ``uri``."""
@@ -155,12 +157,15 @@ class FuseResult:
                  f"{len(self.exclusions)} slide(s) excluded (see manifest.json)",
                  f"report: {self.report}"]
         if self.model:
-            lines.append(f"fused model: {self.model}")
+            lines.append(f"fused model: {self.model}"
+                         + (" (refit resumed: kept from an earlier run)" if self.final_resumed
+                            else ""))
         m = self.mlflow_model or {}
         if m.get("version"):
             ref = f"models:/{m['registered_model']}@{m['alias']}" if m.get("alias") else m["uri"]
-            lines.append(f"registered: {ref} (version {m['version']}); predict with "
-                         f"`fusedist predict --model {ref}`")
+            lines.append(f"registered: {ref} (version {m['version']}"
+                         + (", unchanged: nothing registered" if m.get("reused") else "")
+                         + f"); predict with `fusedist predict --model {ref}`")
         elif m:
             lines.append(f"logged: {m['model_uri']}")
         if "feature_fusion_per_logitprod" in self.ratios:

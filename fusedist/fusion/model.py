@@ -124,6 +124,16 @@ class FusedModel:
         return {name: f.predict(x, device) for name, f in self.components.items()}
 
 
+def model_files(url: str) -> dict[str, bytes]:
+    """The files of the model folder at ``url`` (``card.json`` and each component's
+    safetensors), read as they are: what is logged to MLflow and digested."""
+    card_text = storage.read_text(storage.join(url, CARD))
+    files = {CARD: card_text.encode()}
+    for comp in json.loads(card_text)["components"].values():
+        files[comp["file"]] = storage.read_bytes(storage.join(url, comp["file"]))
+    return files
+
+
 def load_model(url: str) -> FusedModel:
     """Rebuild a model written by ``write_model``; a component file whose digest differs
     from the card's is refused."""

@@ -184,37 +184,38 @@ def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = Non
 def log_fused_model(run, model_url: str, registered_model: str | None,
                     alias: str | None) -> dict[str, Any] | None:
     """Log ``fuse``'s model folder as a pyfunc model of ``run`` and, when
-    ``registered_model`` is set, register it with ``alias``. Returns what to record in the
-    manifest (``model_uri``; ``registered_model``, ``version``, ``alias``, ``uri``), ``None``
-    for an inactive run."""
+    ``registered_model`` is set, register it with ``alias`` (:func:`fusedist.mlmodels.publish`:
+    a version that already holds these files is reused). Returns what to record in the
+    manifest (``model_uri``; ``registered_model``, ``version``, ``alias``, ``uri``,
+    ``reused``), ``None`` for an inactive run."""
     if not getattr(run, "active", False):
         return None
     import hashlib
 
-    from fusedist import mlmodels, storage
-    from fusedist.fusion.model import CARD
+    from fusedist import mlmodels
+    from fusedist.fusion.model import CARD, model_files
 
-    card_text = storage.read_text(storage.join(model_url, CARD))
-    card = json.loads(card_text)
+    files = model_files(model_url)
+    card = json.loads(files[CARD])
+    tags = {"fusedist.task": card["task"], "methods": ",".join(card["methods"]),
+            "encoders": ",".join(card["encoders"]),
+            "card_sha256": hashlib.sha256(files[CARD]).hexdigest()}
     with tempfile.TemporaryDirectory(prefix="fusedist-fused-mlflow-") as tmp:
         local = Path(tmp) / "model"
         local.mkdir()
-        for f in [CARD] + [c["file"] for c in card["components"].values()]:
-            (local / f).write_bytes(storage.read_bytes(storage.join(model_url, f)))
-        info = mlmodels.log_pyfunc(run, MODEL_NAME, FusedPyfunc(), {ARTIFACT: str(local)},
-                                   signature(card), metadata={"fusedist_card": card},
-                                   tags={"fusedist.kind": "fused-model",
-                                         "fusedist.task": card["task"]})
-    out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
-    if registered_model:
-        tags = {"fusedist.task": card["task"], "methods": ",".join(card["methods"]),
-                "encoders": ",".join(card["encoders"]),
-                "card_sha256": hashlib.sha256(card_text.encode()).hexdigest()}
-        version = mlmodels.register(
-            run, info, registered_model, alias, tags=tags,
+        for name, data in files.items():
+            (local / name).write_bytes(data)
+        pub = mlmodels.publish(
+            run, local, lambda: mlmodels.log_pyfunc(
+                run, MODEL_NAME, FusedPyfunc(), {ARTIFACT: str(local)}, signature(card),
+                metadata={"fusedist_card": card},
+                tags={"fusedist.kind": "fused-model", "fusedist.task": card["task"]}),
+            registered_model, alias, tags=tags,
             description=f"fusedist fused model ({card['task']}; {', '.join(card['methods'])} "
                         f"over {', '.join(card['encoders'])})")
-        out.update(registered_model=registered_model, version=version,
-                   alias=alias if alias and alias.lower() != mlmodels.LATEST else None,
-                   uri=f"models:/{registered_model}/{version}")
+    out: dict[str, Any] = {"model_uri": pub.model_uri, "model_id": pub.model_id}
+    if pub.version is not None:
+        out.update(registered_model=registered_model, version=pub.version,
+                   alias=alias if pub.aliased else None,
+                   uri=f"models:/{registered_model}/{pub.version}", reused=pub.reused)
     return out

@@ -10,7 +10,8 @@ Output folder::
     results.md / .csv    the comparison table (mean ± std over folds, cost)
     plots/*.png          ROC / Kaplan–Meier / regression, per-fold bars, attention heatmaps
     report.md            the table, the plots and the notes
-    _state/              finished folds (a re-run skips them) and the digest that guards them
+    _state/              finished folds and refit (a re-run skips them) and the digest that
+                         guards them
 """
 
 from __future__ import annotations
@@ -126,27 +127,72 @@ def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
             "bags_in_memory_gb")
 
 
+def lineage_inputs(cfg: FuseConfig, encoders: list[str]) -> list:
+    """What a fuse reads, as MLflow datasets (:mod:`fusedist.lineage`): the labels and the
+    bag folder of each encoder."""
+    from fusedist.fusion.data import encoder_folder
+    from fusedist.lineage import bags_ref, labels_ref
+
+    return [labels_ref(cfg.labels), *(bags_ref(encoder_folder(cfg, e), e) for e in encoders)]
+
+
+FINAL = "final"  # the state entry of a finished refit: a re-run keeps its model folder
+
+
+def _final_entry(names: list[str], cv: dict) -> dict:
+    """What a refit depends on beyond the state's guard digest (``final`` is run-only there):
+    the rows refitted and the CV metrics the card records."""
+    import hashlib
+
+    return {"methods": names, "cv_sha256": hashlib.sha256(
+        json.dumps(cv, sort_keys=True, default=float).encode()).hexdigest()}
+
+
+def _refit_done(url: str, entry: dict, done: dict | None) -> bool:
+    """Whether the model folder ``url`` is the one the recorded refit ``done`` wrote for
+    ``entry`` (files read back and digested: a folder changed or damaged since is refitted)."""
+    from fusedist.fusion.model import model_files
+    from fusedist.mlmodels import digest_files
+
+    if not done or {k: done.get(k) for k in entry} != entry:
+        return False
+    try:
+        return digest_files(model_files(url).items()) == done.get("files_sha256")
+    except (OSError, ValueError, KeyError):  # missing or unreadable: refit
+        return False
+
+
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
                  res: FuseResult, run) -> None:
     """Refit ``final.methods`` on every labelled sample, write ``<output>/model/``, log it on
     the run as a pyfunc model (registered with ``final.registered_model``) and record where
-    in ``res`` and the manifest."""
-    from fusedist.fusion.model import final_methods, refit, write_model
+    in ``res`` and the manifest. A refit that finished for these rows and CV results is
+    skipped like a finished fold (``_state/final.json``)."""
+    from fusedist.fusion.model import final_methods, model_files, refit, write_model
     from fusedist.fusion.pyfunc import log_fused_model
+    from fusedist.mlmodels import digest_files
 
     rows = final_methods(cfg, methods, res.best())
-    fitted = refit(c, cfg, rows, prepared)
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
-    res.model = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv)
-    log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
+    url, state = storage.join(cfg.output, "model"), StageState(cfg.output)
+    entry = _final_entry([m.name for m in rows], {m.name: cv.get(m.name) for m in rows})
+    if _refit_done(url, entry, state.read(FINAL)):
+        res.model, res.final_resumed, fitted = url, True, entry["methods"]
+        log.info("fuse: fused model (%s) kept from an earlier run: %s", ", ".join(fitted), url)
+    else:
+        fitted = list(refit(c, cfg, rows, prepared).items())
+        res.model = write_model(url, c, cfg, dict(fitted), cv)
+        fitted = [name for name, _ in fitted]
+        state.write(FINAL, {**entry, "files_sha256": digest_files(model_files(url).items())})
+        log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
     res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
                                        cfg.final.alias)
     # The manifest was written with the CV outputs; the model comes after them.
-    url = storage.join(cfg.output, "manifest.json")
-    manifest = json.loads(storage.read_text(url))
+    murl = storage.join(cfg.output, "manifest.json")
+    manifest = json.loads(storage.read_text(murl))
     manifest["model"] = {"folder": res.model, "methods": list(fitted),
                          **(res.mlflow_model or {})}
-    storage.write_text(url, json.dumps(manifest, indent=2, default=float))
+    storage.write_text(murl, json.dumps(manifest, indent=2, default=float))
 
 
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
@@ -167,6 +213,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
              c.num_samples, c.encoders, c.task, cfg.folds)
     with start_run(cfg.mlflow, run_name="fuse", params=cfg,
                    tags={"fusedist.stage": "fuse", "fusedist.task": cfg.task}) as run:
+        if run.active:
+            run.log_datasets(lineage_inputs(cfg, c.encoders))
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from fusedist.secrets import env_snapshot
 from fusedist.launch.config import CREDENTIAL_ENV_RE
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -83,7 +84,7 @@ def job_env(extra: list[str] | None = None,
             environ: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """(env for the job, names dropped with the reason). Only allow-listed, non-secret names;
     credentials embedded in URLs are stripped rather than forwarded."""
-    environ = dict(os.environ if environ is None else environ)
+    environ = env_snapshot() if environ is None else dict(environ)
     names = list(ENV_ALLOW)
     dropped: list[str] = []
     for name in extra or []:
@@ -155,8 +156,8 @@ def _client(address: str, token: str | None):
     headers = {"Authorization": f"Bearer {token}"} if token else None
     # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address we pass; a
     # RAY_ADDRESS meant for ray.init() (host:port of GCS) would then send us elsewhere.
-    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-             if k in os.environ}
+    popped = {k: os.environ.pop(k, None) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
+    saved = {k: v for k, v in popped.items() if v is not None}
     try:
         return JobSubmissionClient(address, headers=headers)
     finally:

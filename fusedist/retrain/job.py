@@ -212,10 +212,13 @@ class _Job:
                                 final={**cfg.fuse.final.model_dump(mode="json"),
                                        "enabled": True},
                                 mlflow=self._mlflow(cfg.fuse.mlflow).model_dump())
-        from fusedist.fusion.run import run_fuse
+        from fusedist.fusion.run import lineage_inputs, run_fuse
 
         chal = run_fuse(chal_cfg, progress=self.progress)
         chal_card = storage.read_json(storage.join(chal.model, "card.json"))
+        if self.tracker.active:  # the data this retrain fitted on (its fuse run lists it too)
+            fused = storage.read_json(storage.join(chal.output, "manifest.json"))["encoders"]
+            self.tracker.log_datasets(lineage_inputs(chal_cfg, fused))
         metric = cfg.promotion.metric or chal.primary_metric
         check_metric(metric, cfg.fuse.task)
         c_score = score_of(chal, cfg.promotion.method or chal_card["methods"][0], metric)
