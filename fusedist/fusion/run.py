@@ -67,7 +67,8 @@ def _encode(r: FoldResult) -> dict:
         "preds": {m: arr(p) for m, p in r.preds.items()}, "costs": r.costs, "notes": r.notes,
         "objectives": r.objectives, "gate_weights": r.gate_weights,
         "attention": {m: {str(i): a.tolist() for i, a in d.items()}
-                      for m, d in r.attention.items()}, "chosen": r.chosen}
+                      for m, d in r.attention.items()}, "chosen": r.chosen,
+        "best_epochs": r.best_epochs}
 
 
 def _decode(d: dict) -> FoldResult:
@@ -78,7 +79,8 @@ def _decode(d: dict) -> FoldResult:
         costs=d["costs"], notes=d["notes"], objectives=d["objectives"],
         gate_weights=d["gate_weights"],
         attention={m: {int(i): np.array(a, np.float32) for i, a in v.items()}
-                   for m, v in d["attention"].items()}, chosen=d.get("chosen", {}))
+                   for m, v in d["attention"].items()}, chosen=d.get("chosen", {}),
+        best_epochs=d.get("best_epochs", {}))
 
 
 # ------------------------------------------------------------------------------- run
@@ -127,17 +129,25 @@ def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
 
 
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
-                 res: FuseResult, run) -> None:
-    """Refit ``final.methods`` on every labelled sample, write ``<output>/model/``, log it on
-    the run as a pyfunc model (registered with ``final.registered_model``) and record where
-    in ``res`` and the manifest."""
-    from fusedist.fusion.model import final_methods, refit, write_model
+                 res: FuseResult, results: list[FoldResult], run) -> None:
+    """Refit ``final.methods`` on every labelled sample (``select_best`` heads for the folds'
+    median best epoch), check that its outputs vary over those samples, write
+    ``<output>/model/``, log it on the run as a pyfunc model (registered with
+    ``final.registered_model``) and record where in ``res`` and the manifest."""
+    from fusedist.fusion.methods.base import refit_epochs
+    from fusedist.fusion.model import final_methods, refit, spread_checks, write_model
     from fusedist.fusion.pyfunc import log_fused_model
 
     rows = final_methods(cfg, methods, res.best())
-    fitted = refit(c, cfg, rows, prepared)
+    epochs = refit_epochs([r.best_epochs for r in results])
+    fitted = refit(c, cfg, rows, prepared, epochs)
+    checks = spread_checks(c, cfg, fitted, prepared)
+    res.flat = {m: ch["reason"] for m, ch in checks.items() if ch["flat"]}
+    for m, why in res.flat.items():
+        log.warning("fuse: FLAT REFIT %s: %s", m, why)
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
-    res.model = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv)
+    res.model = write_model(storage.join(cfg.output, "model"), c, cfg, fitted, cv,
+                            {"epochs": epochs, "checks": checks, "flat": sorted(res.flat)})
     log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
     res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
                                        cfg.final.alias)
@@ -170,7 +180,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
-            _write_final(c, cfg, methods, prepared, res, run)
+            _write_final(c, cfg, methods, prepared, res, results, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
         remove_packed(c.columns())
         res.elapsed = time.perf_counter() - t0
