@@ -103,6 +103,14 @@ def spread_checks(c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     return out
 
 
+def flat_reason(card: dict) -> str | None:
+    """Why the card's refit is flat (``<component>: <reason>; ...``), or None when no
+    component is (or the card predates the check)."""
+    refit = card.get("refit") or {}
+    flat = refit.get("flat") or []
+    return "; ".join(f"{m}: {refit['checks'][m]['reason']}" for m in flat) or None
+
+
 # Fields of a FuseConfig that say where and how a run executes, not what the model learns;
 # the card's recipe leaves them out (and the data paths, which the card's reader supplies).
 _NOT_RECIPE = {"bags", "labels", "output", "thumbnails", "heatmaps", "overwrite", "ray",
