@@ -123,6 +123,18 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         weights = [float(c) for c in cells[3 + 2:]]
         assert len(weights) == 3 and abs(sum(weights) - 1) < 3e-3
     assert len(list((work / "predict" / "heatmaps").glob("*heldout-*.png"))) >= 4
+    # The held-out slides' scores beside the CV estimate of the same method; the refit's
+    # flat-check in the card, and in the report when it fired.
+    right = sum(ln.strip("|").split("|")[1].strip() == ln.strip("|").split("|")[2].strip()
+                for ln in table)
+    (held_row,) = [ln for ln in report.splitlines()
+                   if ln.startswith("| held-out slides (the refit model) |")]
+    assert f"| {right / 4:.3f} | 4 (" in held_row
+    assert f"| `{primary}` | AUC |" in report
+    assert "| cross-validation (mean ± std over folds) |" in report
+    mcard = json.loads((work / "fuse" / "classification" / "model" / "card.json").read_text())
+    assert set(mcard["refit"]["checks"]) == set(mcard["methods"])
+    assert ("**FLAT REFIT" in report) == bool(mcard["refit"]["flat"])
 
 
 def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):

@@ -8,12 +8,16 @@ run); the student is a seeded random export (no distill run).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,50 @@ def _python(code: str, *args: str) -> str:
                        capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
+
+
+@contextlib.contextmanager
+def _scoring_server(model_uri: str, tracking_uri: str, log: Path):
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (this venv's mlflow, its
+    uvicorn on PATH, no new environment), as a user runs it; yields its URL."""
+    from tests.cluster import _free_port
+
+    port = _free_port()
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        proc.wait(timeout=60)
+
+
+def _invoke(url: str, payload: dict):
+    """POST ``payload`` to ``/invocations``; the answer parsed as strict JSON (NaN and
+    Infinity, which Python's json module would accept, are errors)."""
+    def strict(const: str):
+        raise AssertionError(f"not JSON: the response holds {const}")
+
+    req = urllib.request.Request(url + "/invocations", json.dumps(payload).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read().decode(), parse_constant=strict)["predictions"]
 
 
 # ----------------------------------------------------------------------- fused model
@@ -80,7 +128,7 @@ def test_fused_model_registered_loads_anywhere_and_predicts_as_fusedist(server, 
     from mlflow import MlflowClient
 
     from fusedist.fusion.predict import PredictConfig, run_predict
-    from fusedist.fusion.pyfunc import log_fused_model
+    from fusedist.fusion.pyfunc import bags_frame, log_fused_model
 
     co, c, url, tmp = fused
     with start_run(MlflowConfig(tracking_uri=server), run_name="fuse") as run:
@@ -127,6 +175,25 @@ def test_fused_model_registered_loads_anywhere_and_predicts_as_fusedist(server, 
                 continue
             np.testing.assert_allclose(float(r[col]), float(w[col]), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{r['slide_id']} {r['method']} {col}")
+
+    # Served over HTTP (`mlflow models serve`): a pandas-split request of two slides gets
+    # the same rows, as strict JSON (null, not NaN, where LogitProd's weights do not apply).
+    frame = bags_frame(co.bags, c.encoders, c.slide_ids[:2])
+    split = frame.to_dict(orient="split")
+    split["data"] = [[v.tolist() if isinstance(v, np.ndarray) else v for v in row]
+                     for row in split["data"]]
+    del split["index"]
+    with _scoring_server("models:/fused-test@champion", server, tmp / "serve.log") as url:
+        served = _invoke(url, {"dataframe_split": split})
+    assert len(served) == 2 * 3 and list(served[0]) == list(got[0])
+    for r in served:
+        w = want[(r["slide_id"], r["method"])]
+        assert r["predicted"] == w["predicted"]
+        for col in [k for k in r if k.startswith(("prob_", "weight_"))]:
+            if w[col] == "":
+                assert r[col] is None, (r["method"], col)
+            else:
+                assert r[col] == pytest.approx(float(w[col]), rel=1e-5, abs=1e-6)
 
     # A version number resolves too (in-process predict: same table).
     cfg = PredictConfig(model="models:/fused-test/1", bags=co.bags, heatmaps=False,
@@ -223,7 +290,8 @@ def student_export(tmp_path_factory):
     return out, tmp
 
 
-def test_student_registered_embeds_like_fusedist_embed(server, student_export, ray_cluster):
+def test_student_registered_embeds_like_fusedist_embed(server, student_export, ray_cluster,
+                                                       monkeypatch):
     import torch
     from mlflow import MlflowClient
 
@@ -278,6 +346,27 @@ def test_student_registered_embeds_like_fusedist_embed(server, student_export, r
     enc = build_encoder(resolve_encoder(out))  # the encoder `fusedist embed -e <export>` uses
     np.testing.assert_allclose(got, enc.embed(tiles).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, bag.features[:len(tiles)], rtol=1e-4, atol=1e-4)
+
+    # Served over HTTP: a tensor request of two tiles, the same embeddings.
+    with _scoring_server(ref, server, tmp / "serve.log") as url:
+        served = np.asarray(_invoke(url, {"inputs": tiles[:2].numpy().tolist()}))
+    np.testing.assert_allclose(served, got[:2], rtol=1e-5, atol=1e-5)
+
+    # `fusedist cache -t models:/...` resolves through the stage's own mlflow.tracking_uri
+    # (MLFLOW_TRACKING_URI unset) and its actors read the export copied under the output.
+    from fusedist.features import CacheConfig, run_cache
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ccfg = load_config(CacheConfig, None, ["engine.batch_size=16",
+                                           f"mlflow.tracking_uri={server}"],
+                       tiles=str(tmp / "tiles" / "g5x"), output=str(tmp / "features"),
+                       teachers=[ref])
+    cached = run_cache(ccfg, progress=False)
+    assert not cached.failed and list(cached.manifests) == ["xmag-test-pyfunc"]
+    assert cached.manifests["xmag-test-pyfunc"]["weights_digest"] == card["weights_digest"]
+    copy = tmp / "features" / "_state" / "models" / "xmag-test-pyfunc"
+    assert json.loads((copy / "card.json").read_text())["weights_sha256"] == \
+        card["weights_sha256"]
 
 
 def test_registry_uris_are_checked_before_mlflow_is_asked(tmp_path, monkeypatch):

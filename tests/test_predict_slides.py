@@ -7,7 +7,9 @@ card that lacks what re-embedding needs is refused naming the fix."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -69,7 +71,8 @@ def _predict(model: str, **kw) -> dict:
     return run_predict(cfg, progress=False)
 
 
-def test_predict_slides_equals_predict_bags_and_a_broken_slide_fails_alone(fused, fixtures_dir):
+def test_predict_slides_equals_predict_bags_and_a_broken_slide_fails_alone(fused, fixtures_dir,
+                                                                          caplog):
     d, url = fused
     card = json.loads((d / "model" / "card.json").read_text())
     assert card["encoders"][STUDENT]["ref"] == str(d / "export")  # where to rebuild it
@@ -83,7 +86,13 @@ def test_predict_slides_equals_predict_bags_and_a_broken_slide_fails_alone(fused
     shutil.copy(fixtures_dir / "unopenable.tiff", new / "broken.tiff")
     make_known_slide(new / "nompp.tiff", width=1024, height=1024, mpp=None)
     out = d / "pred-slides"
-    res = _predict(url, slides=str(new), output=str(out), heatmaps=True)
+    with caplog.at_level(logging.INFO, logger="fusedist.models"):
+        res = _predict(url, slides=str(new), output=str(out), heatmaps=True)
+    # This process builds each of the card's encoders once: the check that it is the card's
+    # encoder hands the very object to embed (Ray actors, if any, build their own copies).
+    builds = Counter(r.getMessage().split(":")[0] for r in caplog.records
+                     if r.name == "fusedist.models" and ": weights from " in r.getMessage())
+    assert builds == {f"encoder {e}": 1 for e in card["encoders"]}, builds
     assert ((out / "predictions.csv").read_text()
             == (d / "pred-bags" / "predictions.csv").read_text())
     manifest = json.loads((out / "manifest.json").read_text())

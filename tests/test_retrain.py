@@ -70,6 +70,12 @@ def test_the_promotion_rule():
     gate = decide(PromotionConfig(student_min_delta=-0.01), chal,
                   Score("logitprod", "auc", [0.5, 0.5]), student={"delta": -0.05})
     assert not gate.promote and "student_min_delta" in gate.reason
+    # A flat refit is never promoted: not as the first model, not when it beats the champion.
+    why = "logitprod: it predicts class 0 for all 18 of its training samples (2 classes)"
+    for champ in (None, Score("logitprod", "auc", [0.5, 0.5])):
+        flat = decide(rule, chal, champ, flat=why)
+        assert not flat.promote and "refit is flat" in flat.reason and why in flat.reason
+    assert decide(rule, chal, None, force=True, flat=why).promote  # unless forced
 
 
 def test_train_slides_restricts_only_the_training_side():
@@ -148,25 +154,42 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
             text.append(",".join(lab if k == "label" else v for k, v in r.items()))
         storage.write_text(f"{root}/labels.csv", "\n".join(text) + "\n")
 
-    # 1. No champion: the first challenger (a weak recipe, 3 epochs, 18 slides) is promoted.
+    # 0. No champion, but a recipe too short to fit (1 epoch): its refit calls one class for
+    # every training slide. Registered and flagged, never promoted, not even as the first.
     publish(first)
-    r1 = run_retrain(_bags_only(root, db, epochs=3), progress=False)
+    r0 = run_retrain(_bags_only(root, db, epochs=1), progress=False)
+    assert r0.status == "kept" and "refit is flat" in r0.message, r0.message
+    assert "for all 18 of its training samples" in r0.promotion["challenger"]["flat_refit"]
+    assert _versions(db, "fused-test") == ["1"]
+    v1 = _client(db).get_model_version("fused-test", "1")
+    assert v1.tags["fusedist.flat_refit"] == "true" and not v1.aliases
+    assert "logitprod: it predicts class" in v1.tags["fusedist.flat_refit.reason"]
+
+    # 1. Still no champion: the first challenger that fits (a weak recipe, 5 epochs, 18
+    # slides) is promoted. Its experts trained the folds' median best epoch, on every slide.
+    r1 = run_retrain(_bags_only(root, db, epochs=5), progress=False)
     assert r1.status == "promoted" and "first model" in r1.message
-    assert _versions(db, "fused-test") == ["1"] and _alias(db, "fused-test") == "1"
+    assert _versions(db, "fused-test") == ["1", "2"] and _alias(db, "fused-test") == "2"
+    assert _client(db).get_model_version("fused-test", "2").tags["fusedist.flat_refit"] == \
+        "false"
     card = json.loads(storage.read_text(f"{r1.promotion['challenger']['model']}/card.json"))
     assert card["trained_slides"] == [r["slide_id"] for r in rows[:first]]
-    assert card["recipe"]["experts"]["epochs"] == 3
+    assert card["recipe"]["experts"]["epochs"] == 5
+    assert card["refit"]["flat"] == [] and card["refit"]["checks"]["logitprod"]["spread"] > 0.02
+    fold = json.loads(storage.read_text(
+        f"{r1.run_url}/challenger/_state/fold-00.json"))["best_epochs"]
+    assert set(card["refit"]["epochs"]) == set(fold) and 1 <= fold["expert.test-color"] <= 5
 
     # 2. 18 new slides whose labels are swapped: the same recipe learns worse; kept out.
     publish(36, swap=True)
-    r2 = run_retrain(_bags_only(root, db, epochs=3), progress=False)
+    r2 = run_retrain(_bags_only(root, db, epochs=5), progress=False)
     p = r2.promotion
     assert r2.status == "kept" and not p["promoted"], p["reason"]
     assert p["delta"] < 0 and "does not beat the champion" in p["reason"]
-    assert _versions(db, "fused-test") == ["1", "2"] and _alias(db, "fused-test") == "1"
+    assert _versions(db, "fused-test") == ["1", "2", "3"] and _alias(db, "fused-test") == "2"
     assert len(p["challenger"]["folds"]) == len(p["champion"]["folds"]) == 3
     assert p["challenger"]["trained_slides"] == 36 and p["champion"]["trained_slides"] == first
-    assert p["champion"]["version"] == "1" and p["challenger"]["version"] == "2"
+    assert p["champion"]["version"] == "2" and p["challenger"]["version"] == "3"
     assert json.loads(storage.read_text(f"{r2.run_url}/promotion.json")) == json.loads(
         json.dumps(p, default=float))
     assert "KEPT" in storage.read_text(f"{r2.run_url}/summary.md")
@@ -184,7 +207,7 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     assert run.data.metrics["challenger_auc"] == pytest.approx(p["challenger"]["mean"])
     logged = client.download_artifacts(run.info.run_id, "promotion.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["reason"] == p["reason"]
-    assert "champion" not in client.get_model_version("fused-test", "2").aliases
+    assert "champion" not in client.get_model_version("fused-test", "3").aliases
 
     # 3. The labels fixed and a stronger recipe on all 36 slides: better, promoted. The first
     # attempt dies when it registers the challenger; the next run resumes it (same run id,
@@ -213,14 +236,15 @@ def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bu
     assert storage._head(card)["LastModified"] == refit_at  # the finished refit is kept too
     assert not storage.exists(f"{root}/retrain/_state/pending.json")
     assert r3.status == "promoted", r3.promotion["reason"]
-    assert r3.promotion["delta"] > 0 and _alias(db, "fused-test") == "3"
+    assert r3.promotion["delta"] > 0 and _alias(db, "fused-test") == "4"
     runs_before = len(client.search_runs([run.info.experiment_id]))
     listing = storage.walk_files(root)
 
     # 4. Nothing new: no run, no version, not one object written.
     r4 = run_retrain(_bags_only(root, db, epochs=10), progress=False)
     assert (r4.status, r4.message) == ("nothing", NOTHING)
-    assert _versions(db, "fused-test") == ["1", "2", "3"] and _alias(db, "fused-test") == "3"
+    assert _versions(db, "fused-test") == ["1", "2", "3", "4"] and \
+        _alias(db, "fused-test") == "4"
     assert len(client.search_runs([run.info.experiment_id])) == runs_before
     assert storage.walk_files(root) == listing
 
@@ -243,7 +267,9 @@ def _pipeline(work: Path, db: Path) -> dict:
                            "engine": {"batch_size": 32}}},
         "fuse": {"bags": str(work / "bags"), "folds": 2, "inner_folds": 2, "methods": [],
                  "experts": {"epochs": 2, "hidden": 32}, "heatmaps": 0,
-                 "final": {"methods": ["expert.test-vit"]}},
+                 # This recipe (2 epochs on 8 slides) exercises ingestion, not a model that
+                 # fits: the flat-refit check is off.
+                 "final": {"methods": ["expert.test-vit"], "min_spread": 0}},
         "registry": {"fused_model": "fused-ingest"},
         "mlflow": {"tracking_uri": f"sqlite:///{db}"}}
 

@@ -19,8 +19,8 @@ from fusedist import shards, storage
 from fusedist.features.config import CacheConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (execute, load_encoders, plan_engine, read_tile_manifest,
-                                       shard_progress)
+from fusedist.features.runtime import (actor_refs, execute, load_encoders, plan_engine,
+                                       read_tile_manifest, shard_progress, stage_tracking_uri)
 from fusedist.state import StageState, mismatch_error
 
 log = logging.getLogger("fusedist.cache")
@@ -141,7 +141,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     tm = read_tile_manifest(cfg.tiles)
-    encoders = load_encoders(cfg.teachers)  # wrong weights fail here, before any work
+    uri = stage_tracking_uri(cfg.mlflow)  # models:/ teachers resolve where the run logs
+    encoders = load_encoders(cfg.teachers, uri)  # wrong weights fail here, before any work
     teachers = [TeacherInfo(e.spec.name, storage.join(cfg.output, e.spec.name, tm["dataset"]),
                             e.weights_digest, e.spec.dim, e.random_weights)
                 for e in encoders]
@@ -150,6 +151,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     todo = [s for s in tm["shards"] if any(s["name"] not in done[t.name] for t in teachers)]
     by_name = {s["name"]: s for s in tm["shards"]}
     plan = plan_engine(cfg.engine, cfg.ray)
+    refs = actor_refs(cfg.teachers, encoders, uri, cfg.output)
     if not plan.local:
         encoders = []  # Ray actors build their own: free the driver's copies
     per = 16 if tm["mode"] == "pairs" else 1
@@ -158,7 +160,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
                       tile_px=tm["config"]["lo_size"] if tm["mode"] == "pairs" else
                       tm["config"]["tile_size"],
                       chunk=max(1, cfg.engine.batch_size // per),
-                      encoders=tuple((r.name, r.weights) for r in cfg.teachers),
+                      encoders=tuple(refs),
                       device=plan.device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=plan.threads, storage_cfg=cfg.storage.model_dump())

@@ -20,8 +20,9 @@ from fusedist.config import ConfigError
 from fusedist.features.config import EmbedConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (EnginePlan, execute, load_encoders, plan_engine,
-                                       read_tile_manifest, shard_progress)
+from fusedist.features.runtime import (EnginePlan, actor_refs, execute, load_encoders,
+                                       plan_engine, read_tile_manifest, shard_progress,
+                                       shared_export, stage_tracking_uri)
 from fusedist.preflight import check_embed
 from fusedist.state import StageState
 
@@ -119,7 +120,8 @@ def _embed_group(cfg: EmbedConfig, plan: EnginePlan, tiles_url: str, encoders: l
     spec = EngineSpec(tiles_url=tiles_url, mode="grid", image_key="img.jpg",
                       tile_px=int(tm["config"]["tile_size"]),
                       chunk=cfg.engine.batch_size,
-                      encoders=tuple(_refs_for(cfg, encoders)),
+                      encoders=tuple(actor_refs(cfg.encoders, encoders, _tracking_uri(cfg),
+                                               cfg.output)),
                       device=plan.device, compile=cfg.engine.compile,
                       staging=storage.join(cfg.output, "_state", "parts", tm["dataset"]),
                       threads=plan.threads, storage_cfg=cfg.storage.model_dump())
@@ -185,51 +187,8 @@ def bags_to_do(output: str, weights: dict[str, str], slides: list[dict],
     return todo, skipped
 
 
-def _refs_for(cfg: EmbedConfig, encoders: list) -> list[tuple[str, str | None]]:
-    """The (reference, weights) pairs of this group's encoders, as the user gave them, so
-    actors can resolve exported models in their own process; an MLflow model's reference is
-    its export copied under the output (:func:`_shared_export`)."""
-    from fusedist import mlmodels
-    from fusedist.features.runtime import resolve_ref
-
-    names = {e.spec.name for e in encoders}
-    uri = _tracking_uri(cfg)
-    out = []
-    for r in cfg.encoders:
-        name = resolve_ref(r.name, uri)
-        if name in names:
-            out.append((_shared_export(cfg, name) if mlmodels.is_registry_uri(r.name)
-                        else r.name, r.weights))
-    return out
-
-
 def _tracking_uri(cfg: EmbedConfig) -> str:
-    from fusedist.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(cfg.mlflow)[0]
-
-
-def _shared_export(cfg: EmbedConfig, name: str) -> str:
-    """``<output>/_state/models/<name>/``: the export folder of an encoder that came from
-    ``models:/``, copied where every actor can read it. The driver downloaded it into its
-    own cache, which workers on other nodes do not see, and which an actor could not refill
-    itself: it may not reach the MLflow the driver was pointed at."""
-    from pathlib import Path
-
-    from fusedist.distill.export import CARD, exported_weights
-
-    src = Path(exported_weights(name)).parent
-    dest = storage.join(cfg.output, "_state", "models", name)
-    card = storage.read_json(str(src / CARD))
-    have = storage.join(dest, CARD)
-    if not (storage.exists(have) and storage.read_json(have).get("weights_sha256")
-            == card.get("weights_sha256")):
-        storage.delete(have)  # no moment pairs the old card with the new weights
-        for p in sorted(src.iterdir()):
-            if p.name != CARD:
-                storage.upload_file(p, storage.join(dest, p.name))
-        storage.upload_file(src / CARD, have)  # last: marks the copy complete
-    return dest
+    return stage_tracking_uri(cfg.mlflow)
 
 
 def _recipe(tile_config: dict) -> dict:
@@ -254,7 +213,7 @@ def _recorded_refs(cfg: EmbedConfig) -> dict[str, tuple[str, str | None]]:
         name = resolve_ref(r.name, uri)
         ref = r.name
         if mlmodels.is_registry_uri(ref):
-            ref = _shared_export(cfg, name)
+            ref = shared_export(cfg.output, name)
         if ref != name and not storage.is_s3(ref):  # a local export folder or card
             ref = str(storage.local_path(ref).expanduser().resolve())
         out[name] = (ref, r.weights)
@@ -307,15 +266,18 @@ def _finish_slide(sid: str, job: _BagJob, parts: dict[str, ShardResult]) -> dict
     return {"tiles": len(keys), "bags": len(job.encoders)}
 
 
-def run_embed(cfg: EmbedConfig, progress: bool = True) -> EmbedResult:
-    """Embed every slide of the tile dataset (or slide folder) with every encoder."""
+def run_embed(cfg: EmbedConfig, progress: bool = True, built: list | None = None
+              ) -> EmbedResult:
+    """Embed every slide of the tile dataset (or slide folder) with every encoder.
+    ``built``: the encoders of ``cfg.encoders``, already built (and checked) by the caller
+    (``predict --slides``), so they are not built a second time here."""
     from fusedist.lineage import OUTPUT, bags_ref, tiles_ref
     from fusedist.tracking import start_run, warn_random_weights
 
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts
-    encoders = load_encoders(cfg.encoders, _tracking_uri(cfg))
+    encoders = built if built is not None else load_encoders(cfg.encoders, _tracking_uri(cfg))
     plan = plan_engine(cfg.engine, cfg.ray)
     result = EmbedResult()
     with start_run(cfg.mlflow, run_name="embed", params=cfg,

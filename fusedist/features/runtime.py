@@ -97,6 +97,56 @@ def resolve_ref(name: str, tracking_uri: str | None = None) -> str:
         raise ConfigError(f"encoder {name!r}: {e}") from None
 
 
+def stage_tracking_uri(mlflow_cfg) -> str:
+    """The MLflow that resolves a stage's ``models:/`` encoders: the stage's own
+    ``mlflow.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the local store (the URI the
+    stage logs its run to, so one setting names one server)."""
+    from fusedist.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(mlflow_cfg)[0]
+
+
+def shared_export(output: str, name: str) -> str:
+    """``<output>/_state/models/<name>/``: the export folder of an encoder that came from
+    ``models:/``, copied where every actor can read it. The driver downloaded it into its
+    own cache, which workers on other nodes do not see, and which an actor could not refill
+    itself: it may not reach the MLflow the driver was pointed at."""
+    from pathlib import Path
+
+    from fusedist.distill.export import CARD, exported_weights
+
+    src = Path(exported_weights(name)).parent
+    dest = storage.join(output, "_state", "models", name)
+    card = storage.read_json(str(src / CARD))
+    have = storage.join(dest, CARD)
+    if not (storage.exists(have) and storage.read_json(have).get("weights_sha256")
+            == card.get("weights_sha256")):
+        storage.delete(have)  # no moment pairs the old card with the new weights
+        for p in sorted(src.iterdir()):
+            if p.name != CARD:
+                storage.upload_file(p, storage.join(dest, p.name))
+        storage.upload_file(src / CARD, have)  # last: marks the copy complete
+    return dest
+
+
+def actor_refs(refs: list[EncoderRef], encoders: list, tracking_uri: str, output: str
+               ) -> list[tuple[str, str | None]]:
+    """The (reference, weights) pairs the engine's actors build ``encoders`` (built by
+    :func:`load_encoders` from ``refs``) from, in their own processes: as the user gave them,
+    but an MLflow model's reference is its export copied under ``output``
+    (:func:`shared_export`), so no actor needs to reach MLflow."""
+    from fusedist import mlmodels
+
+    names = {e.spec.name for e in encoders}
+    out = []
+    for r in refs:
+        name = resolve_ref(r.name, tracking_uri)
+        if name in names:
+            out.append((shared_export(output, name) if mlmodels.is_registry_uri(r.name)
+                        else r.name, r.weights))
+    return out
+
+
 def joined_cluster(ray_cfg: RayConfig) -> bool:
     """True when the stage joins a cluster by address (which may autoscale), False for the
     private local Ray it starts itself (whose resources are all there is)."""

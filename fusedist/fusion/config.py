@@ -65,7 +65,8 @@ class ExpertConfig(StrictModel):
     select_best: bool = True
     """Keep the epoch with the lowest validation loss (released), on ``val_fraction`` of the
     expert's own training slides (never the evaluated fold); ``false``: train on every
-    training slide and keep the last epoch."""
+    training slide and keep the last epoch. The final refit holds no slides out: it trains on
+    every slide for the median of the folds' best epochs."""
 
     val_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of an expert's training slides held out to pick its best epoch
@@ -183,6 +184,11 @@ class MetaEncoderConfig(StrictModel):
     lr: float | None = Field(None, gt=0)
     """Adam learning rate; default: the experts'."""
 
+    select_best: bool = False
+    """As ``experts.select_best``, for the Meta-Encoder and concat heads: in each fold keep
+    the epoch with the lowest loss on ``experts.val_fraction`` of the fold's training slides;
+    the refit then trains on every slide for the median of the folds' best epochs."""
+
 
 class FuseCPathConfig(StrictModel):
     """FuseCPath (methods.md §4): clustered sub-bags, RRT student, collaborative distillation."""
@@ -254,6 +260,14 @@ class FinalConfig(StrictModel):
     alias: str | None = "champion"
     """Alias moved to the new version (MLflow 3 aliases, not stages); ``None`` or ``latest``
     (MLflow's own name for the newest version) moves none."""
+
+    min_spread: float = Field(0.02, ge=0)
+    """A refitted component whose predictions on its own training slides vary less than this
+    is flagged ``flat`` (card, run summary, model-version tag; ``retrain`` never promotes
+    it): the std over slides of the class probabilities (classification), of the risk over
+    the number of time bins (survival), or of each target over that target's std
+    (regression). A classifier that gives every training slide the same class is flagged
+    too. 0 turns the check off."""
 
 
 class FuseConfig(StrictModel):

@@ -143,6 +143,9 @@ class FuseResult:
     mlflow_model: dict | None = None
     """Where the fused model is in MLflow: ``model_uri`` (the run's LoggedModel) and, when
     registered, ``registered_model``, ``version``, ``alias`` and ``uri``."""
+    flat: dict[str, str] = field(default_factory=dict)
+    """Refitted components whose training-slide outputs barely vary -> why
+    (``final.min_spread``); ``retrain`` never promotes such a model."""
 
     def best(self) -> str:
         ok = {m: s[self.primary_metric][0] for m, s in self.summary.items()
@@ -160,6 +163,9 @@ class FuseResult:
             lines.append(f"fused model: {self.model}"
                          + (" (refit resumed: kept from an earlier run)" if self.final_resumed
                             else ""))
+        lines += [f"FLAT REFIT {m}: {why}; the model barely tells its training slides apart "
+                  "(more epochs or a higher lr, see docs/methods.md)"
+                  for m, why in self.flat.items()]
         m = self.mlflow_model or {}
         if m.get("version"):
             ref = f"models:/{m['registered_model']}@{m['alias']}" if m.get("alias") else m["uri"]

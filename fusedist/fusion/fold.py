@@ -42,10 +42,14 @@ class FoldResult:
     chosen: dict[str, str] = field(default_factory=dict)
     """Experts picked in this fold: ``best_expert`` (on inner scores) and, when the gate
     fell back to one expert, ``logitprod_fallback``."""
+    best_epochs: dict[str, int] = field(default_factory=dict)
+    """Head name -> the epoch its validation split chose (``select_best`` heads): the final
+    refit trains the folds' median epochs (``methods.base.refit_epochs``)."""
 
 
 def fold_context(c: Cohort, cfg: FuseConfig, train: np.ndarray, test: np.ndarray, fold: int,
-                 prepared: dict[str, object] | None) -> FoldContext:
+                 prepared: dict[str, object] | None,
+                 fixed_epochs: dict[str, int] | None = None) -> FoldContext:
     import torch
 
     from fusedist.fusion.tasks import get_task
@@ -53,7 +57,7 @@ def fold_context(c: Cohort, cfg: FuseConfig, train: np.ndarray, test: np.ndarray
 
     torch.set_num_threads(max(1, int(cfg.fold_cpus)))
     return FoldContext(c, cfg, get_task(cfg), train, test, fold, pick_device(cfg.device),
-                       prepared)
+                       prepared, fixed_epochs)
 
 
 def run_fold(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, fold: int,
@@ -94,4 +98,5 @@ def run_fold(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, fold: int,
         res.objectives.update(fitted.info.objectives)
         res.chosen.update(fitted.info.chosen)
     res.costs.update(ctx.costs)
+    res.best_epochs = dict(ctx.best_epochs)
     return res

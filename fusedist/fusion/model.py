@@ -3,7 +3,9 @@ every labelled sample with the fold's recipe and saved as ``<output>/model/``:
 
     card.json               task, targets (classes / time bins / normalisation), encoders
                             (name, dim, weights digest, mpp, tile size), each component's
-                            spec and file digest, the CV metrics, the fusedist version
+                            spec and file digest, the CV metrics, the fusedist version, the
+                            refit (epochs the folds chose, the spread of its training-slide
+                            predictions and which components are ``flat``)
     <method>.safetensors    one per component (tensors only; rebuilt from the card's spec)
 
 ``load_model`` rebuilds it; ``FusedModel.predict(inputs)`` gives each component's outputs.
@@ -45,16 +47,68 @@ def final_methods(cfg: FuseConfig, methods: list[Method], best: str) -> list[Met
     return [by_name[n] for n in dict.fromkeys(n for n in names if n)]
 
 
-def refit(c: Cohort, cfg: FuseConfig, rows: list[Method], prepared: dict) -> dict[str, Fitted]:
-    """Fit ``rows`` on every sample, exactly as a fold fits them on its training folds."""
+def _refit_context(c: Cohort, cfg: FuseConfig, prepared: dict,
+                   epochs: dict[str, int] | None = None):
+    """A fold context whose training samples are every labelled one and whose test is none."""
+    from fusedist.fusion.data import restrict_training
     from fusedist.fusion.fold import fold_context
 
-    from fusedist.fusion.data import restrict_training
-
     everything = np.arange(c.num_samples)
-    ctx = fold_context(c, cfg, restrict_training(c, cfg, everything), everything[:0], -1,
-                       prepared)
+    return fold_context(c, cfg, restrict_training(c, cfg, everything), everything[:0], -1,
+                        prepared, epochs)
+
+
+def refit(c: Cohort, cfg: FuseConfig, rows: list[Method], prepared: dict,
+          epochs: dict[str, int] | None = None) -> dict[str, Fitted]:
+    """Fit ``rows`` on every sample with the fold's recipe. ``epochs`` (head name -> epochs,
+    ``methods.base.refit_epochs`` of the folds' choices) replaces the validation split of
+    ``select_best`` heads: those train that many epochs on every sample."""
+    ctx = _refit_context(c, cfg, prepared, epochs)
     return {m.name: m.fit(ctx) for m in rows}
+
+
+def spread_checks(c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
+                  prepared: dict) -> dict[str, dict]:
+    """Component -> ``{"spread", "flat", "reason"}``: how much its predictions vary over the
+    slides it was refitted on (``final.min_spread``). A refit that gives every training slide
+    about the same output learnt nothing it can apply to a new slide, whatever the folds
+    scored."""
+    from fusedist.fusion.tasks import ClassTargets, RegressionTargets, SurvivalTargets
+
+    ctx = _refit_context(c, cfg, prepared)
+    x = ctx.inputs(ctx.train)
+    out = {}
+    for name, f in fitted.items():
+        pred = np.asarray(f.predict(x, ctx.device).pred, np.float64)
+        ok = np.isfinite(pred).all(axis=tuple(range(1, pred.ndim)))
+        pred, t = pred[ok], f.targets
+        if isinstance(t, SurvivalTargets):  # risk = -sum_t S(t): on [-T, 0]
+            spread, what = float(pred.std() / t.num_outputs), "std of risk / time bins"
+        elif isinstance(t, RegressionTargets):
+            spread = float(np.mean(pred.std(0) / np.asarray(t.std, np.float64)))
+            what = "std of the predictions / the targets' std"
+        else:
+            spread, what = float(pred.std(0).mean()), "std of the class probabilities"
+        reason = None
+        if spread < cfg.final.min_spread:
+            reason = (f"{what} over its {len(pred)} training samples is {spread:.4f} < "
+                      f"final.min_spread {cfg.final.min_spread:g}")
+        elif isinstance(t, ClassTargets) and cfg.final.min_spread > 0 and len(pred):
+            labels = np.unique(np.asarray(t.y)[ctx.train[ok]])
+            called = np.unique(pred.argmax(1))
+            if len(called) == 1 and len(labels) > 1:
+                reason = (f"it predicts class {t.classes[int(called[0])]} for all "
+                          f"{len(pred)} of its training samples ({len(labels)} classes)")
+        out[name] = {"spread": spread, "flat": reason is not None, "reason": reason}
+    return out
+
+
+def flat_reason(card: dict) -> str | None:
+    """Why the card's refit is flat (``<component>: <reason>; ...``), or None when no
+    component is (or the card predates the check)."""
+    refit = card.get("refit") or {}
+    flat = refit.get("flat") or []
+    return "; ".join(f"{m}: {refit['checks'][m]['reason']}" for m in flat) or None
 
 
 # Fields of a FuseConfig that say where and how a run executes, not what the model learns;
@@ -74,9 +128,10 @@ def _sha256(path: Path) -> str:
 
 
 def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
-                cv: dict[str, dict[str, list[float]]]) -> str:
+                cv: dict[str, dict[str, list[float]]], refit_info: dict | None = None) -> str:
     """Save ``fitted`` to ``url`` (folder or s3://): one safetensors per component, and the
-    card. Returns ``url``."""
+    card. ``refit_info``: the card's ``refit`` (``epochs`` the folds chose, ``checks`` of
+    :func:`spread_checks`, ``flat`` components). Returns ``url``."""
     from safetensors.torch import save_file
 
     from fusedist.bags import _version
@@ -106,6 +161,8 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
             # What `fusedist retrain` needs to score this model's recipe against a challenger
             # on the same folds: the slides it was fitted on and the recipe that fitted it.
             "trained_slides": slides, "recipe": recipe_of(cfg)}
+        if refit_info is not None:
+            card["refit"] = refit_info
         (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=float))
         for p in sorted(out.iterdir()):
             storage.upload_file(p, storage.join(url, p.name))

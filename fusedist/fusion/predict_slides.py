@@ -117,14 +117,16 @@ def plan_encoders(cfg: "PredictConfig", card: dict) -> list[_Plan]:
     return plans
 
 
-def _check_encoders(plans: list[_Plan], card: dict) -> None:
-    """Build each encoder once: it must be the card's (name, weights digest, input size)."""
+def _check_encoders(plans: list[_Plan], card: dict, tracking_uri: str) -> dict:
+    """Build each encoder once: it must be the card's (name, weights digest, input size).
+    Returns them by name, for ``embed`` to use as they are (no second build)."""
     from fusedist.features.config import EncoderRef
     from fusedist.features.runtime import load_encoders
 
+    built = {}
     for p in plans:
         try:
-            (enc,) = load_encoders([EncoderRef(name=p.ref, weights=p.weights)])
+            (enc,) = load_encoders([EncoderRef(name=p.ref, weights=p.weights)], tracking_uri)
         except ConfigError as err:
             raise ConfigError(f"model card: encoder {p.name!r} (built from {p.ref!r}): {err}; "
                               f"if it lives elsewhere now, {_fix(p.name, 'ref')}") from None
@@ -143,6 +145,8 @@ def _check_encoders(plans: list[_Plan], card: dict) -> None:
                               f"{p.recipe['tile_size']} px tiles but takes "
                               f"{enc.spec.input_size} px inputs; {_fix(p.name, 'tile_size')}")
         p.mpp_mismatch = abs(float(enc.spec.mpp) - p.recipe["tile_mpp"]) > 1e-6
+        built[p.name] = enc
+    return built
 
 
 def _dataset_name(recipe: dict) -> str:
@@ -158,8 +162,10 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
     from fusedist.features.config import EncoderRef
     from fusedist.tiling import TileConfig, run_tile
 
+    from fusedist.features.runtime import stage_tracking_uri
+
     plans = plan_encoders(cfg, card)
-    _check_encoders(plans, card)
+    built = _check_encoders(plans, card, stage_tracking_uri(cfg.mlflow))
     groups: dict[str, list[_Plan]] = {}
     for p in plans:
         groups.setdefault(json.dumps(p.recipe, sort_keys=True), []).append(p)
@@ -198,7 +204,7 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
                            engine=cfg.engine, ray=cfg.ray, storage=cfg.storage,
                            mlflow=cfg.mlflow.model_copy(update={
                                "run_name": cfg.mlflow.run_name or "embed (predict --slides)"}))
-        emb = run_embed(ecfg, progress=progress)
+        emb = run_embed(ecfg, progress=progress, built=[built[p.name] for p in group])
         log.info("%s", emb.summary())
         for f in emb.failed:
             problems.setdefault(f["slide_id"], []).append(f"embedding ({', '.join(names)}) "

@@ -16,9 +16,11 @@ different tile counts, which MLflow tensors (one fixed shape per call) cannot ho
 
 Output: a DataFrame with the columns of ``fusedist predict``'s predictions.csv: ``slide_id``,
 ``method``, then ``prob_<class>`` + ``predicted`` (classification), ``risk`` (survival) or
-``pred_<target>`` (regression), then LogitProd's ``weight_<encoder>`` (NaN on other methods'
-rows); one row per slide per method, in the card's method order. Values are the same numbers,
-unrounded (the CSV writes 6 significant digits).
+``pred_<target>`` (regression), then LogitProd's ``weight_<encoder>`` (missing on other
+methods' rows); one row per slide per method, in the card's method order. Values are the same
+numbers, unrounded (the CSV writes 6 significant digits); numeric columns are pandas'
+nullable ``Float64``, so a missing value is ``<NA>`` and ``null`` in the scoring server's
+JSON (``mlflow models serve``), never ``NaN``.
 
 The model's one artifact, ``model``, is the ``<output>/model/`` folder ``fuse`` writes, so
 ``fusedist predict --model models:/<name>@<alias>`` reads the same files. ``model_config``
@@ -135,7 +137,19 @@ def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame
             w = (np.asarray(o.weights, np.float64).mean(0).tolist() if o.weights is not None
                  else [math.nan] * len(experts))
             rows.append([sid, name] + vals + w)
-    return pd.DataFrame(rows, columns=_prediction_columns(card))
+    return strict_numbers(pd.DataFrame(rows, columns=_prediction_columns(card)))
+
+
+def strict_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns as pandas' nullable ``Float64``, a missing value (LogitProd's weights
+    on another method's rows, a slide FuseCPath could not predict) as ``<NA>``: the scoring
+    server's JSON then says ``null`` where a float NaN would print ``NaN``, which is not JSON
+    and which strict clients refuse. The CSV still writes an empty field."""
+    out = frame.copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = pd.array(out[col].to_numpy(np.float64), dtype="Float64")
+    return out
 
 
 class FusedPyfunc(mlflow.pyfunc.PythonModel):
@@ -181,6 +195,22 @@ def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = Non
 
 # ----------------------------------------------------------------------------- logging
 
+FLAT_TAG = "fusedist.flat_refit"
+
+
+def flat_tags(card: dict) -> dict[str, str]:
+    """``fusedist.flat_refit``: ``true`` when a component's refit barely varies over its
+    training slides (``card["refit"]["flat"]``), with the components and why in
+    ``fusedist.flat_refit.reason``; ``false`` otherwise. Cards written before the check: none."""
+    from fusedist.fusion.model import flat_reason
+
+    if card.get("refit") is None:
+        return {}
+    why = flat_reason(card)
+    return {FLAT_TAG: "false"} if why is None else \
+        {FLAT_TAG: "true", f"{FLAT_TAG}.reason": why[:5000]}
+
+
 def log_fused_model(run, model_url: str, registered_model: str | None,
                     alias: str | None) -> dict[str, Any] | None:
     """Log ``fuse``'s model folder as a pyfunc model of ``run`` and, when
@@ -199,7 +229,7 @@ def log_fused_model(run, model_url: str, registered_model: str | None,
     card = json.loads(files[CARD])
     tags = {"fusedist.task": card["task"], "methods": ",".join(card["methods"]),
             "encoders": ",".join(card["encoders"]),
-            "card_sha256": hashlib.sha256(files[CARD]).hexdigest()}
+            "card_sha256": hashlib.sha256(files[CARD]).hexdigest(), **flat_tags(card)}
     with tempfile.TemporaryDirectory(prefix="fusedist-fused-mlflow-") as tmp:
         local = Path(tmp) / "model"
         local.mkdir()

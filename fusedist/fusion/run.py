@@ -68,7 +68,8 @@ def _encode(r: FoldResult) -> dict:
         "preds": {m: arr(p) for m, p in r.preds.items()}, "costs": r.costs, "notes": r.notes,
         "objectives": r.objectives, "gate_weights": r.gate_weights,
         "attention": {m: {str(i): a.tolist() for i, a in d.items()}
-                      for m, d in r.attention.items()}, "chosen": r.chosen}
+                      for m, d in r.attention.items()}, "chosen": r.chosen,
+        "best_epochs": r.best_epochs}
 
 
 def _decode(d: dict) -> FoldResult:
@@ -79,7 +80,8 @@ def _decode(d: dict) -> FoldResult:
         costs=d["costs"], notes=d["notes"], objectives=d["objectives"],
         gate_weights=d["gate_weights"],
         attention={m: {int(i): np.array(a, np.float32) for i, a in v.items()}
-                   for m, v in d["attention"].items()}, chosen=d.get("chosen", {}))
+                   for m, v in d["attention"].items()}, chosen=d.get("chosen", {}),
+        best_epochs=d.get("best_epochs", {}))
 
 
 # ------------------------------------------------------------------------------- run
@@ -163,28 +165,41 @@ def _refit_done(url: str, entry: dict, done: dict | None) -> bool:
 
 
 def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
-                 res: FuseResult, run) -> None:
-    """Refit ``final.methods`` on every labelled sample, write ``<output>/model/``, log it on
-    the run as a pyfunc model (registered with ``final.registered_model``) and record where
-    in ``res`` and the manifest. A refit that finished for these rows and CV results is
-    skipped like a finished fold (``_state/final.json``)."""
-    from fusedist.fusion.model import final_methods, model_files, refit, write_model
+                 res: FuseResult, results: list[FoldResult], run) -> None:
+    """Refit ``final.methods`` on every labelled sample (``select_best`` heads for the folds'
+    median best epoch), check that its outputs vary over those samples, write
+    ``<output>/model/``, log it on the run as a pyfunc model (registered with
+    ``final.registered_model``) and record where in ``res`` and the manifest. A refit that
+    finished for these rows, epochs and CV results is skipped like a finished fold
+    (``_state/final.json``)."""
+    from fusedist.fusion.methods.base import refit_epochs
+    from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
+                                       write_model)
     from fusedist.fusion.pyfunc import log_fused_model
     from fusedist.mlmodels import digest_files
 
     rows = final_methods(cfg, methods, res.best())
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
+    epochs = refit_epochs([r.best_epochs for r in results])
     url, state = storage.join(cfg.output, "model"), StageState(cfg.output)
-    entry = _final_entry([m.name for m in rows], {m.name: cv.get(m.name) for m in rows})
+    entry = {**_final_entry([m.name for m in rows], {m.name: cv.get(m.name) for m in rows}),
+             "epochs": json.loads(json.dumps(epochs))}
     if _refit_done(url, entry, state.read(FINAL)):
         res.model, res.final_resumed, fitted = url, True, entry["methods"]
+        refit_info = json.loads(model_files(url)[CARD]).get("refit") or {}
+        res.flat = {m: refit_info["checks"][m]["reason"] for m in refit_info.get("flat", [])}
         log.info("fuse: fused model (%s) kept from an earlier run: %s", ", ".join(fitted), url)
     else:
-        fitted = list(refit(c, cfg, rows, prepared).items())
-        res.model = write_model(url, c, cfg, dict(fitted), cv)
-        fitted = [name for name, _ in fitted]
+        models = refit(c, cfg, rows, prepared, epochs)
+        checks = spread_checks(c, cfg, models, prepared)
+        res.flat = {m: ch["reason"] for m, ch in checks.items() if ch["flat"]}
+        res.model = write_model(url, c, cfg, models, cv,
+                                {"epochs": epochs, "checks": checks, "flat": sorted(res.flat)})
+        fitted = list(models)
         state.write(FINAL, {**entry, "files_sha256": digest_files(model_files(url).items())})
         log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
+    for m, why in res.flat.items():
+        log.warning("fuse: FLAT REFIT %s: %s", m, why)
     res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
                                        cfg.final.alias)
     # The manifest was written with the CV outputs; the model comes after them.
@@ -218,7 +233,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
         results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
-            _write_final(c, cfg, methods, prepared, res, run)
+            _write_final(c, cfg, methods, prepared, res, results, run)
         res.folds_run, res.folds_resumed = cfg.folds - resumed, resumed
         remove_packed(c.columns())
         res.elapsed = time.perf_counter() - t0

@@ -78,17 +78,20 @@ def expert_scheduler(opt: torch.optim.Optimizer, schedule: str
 def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.ndarray,
                task: Targets, epochs: int, lr: float, weight_decay: float,
                max_tiles: int | None, seed: int, device: torch.device,
-               schedule: str = "constant", val: np.ndarray | None = None) -> float:
+               schedule: str = "constant", val: np.ndarray | None = None
+               ) -> tuple[float, int]:
     """Adam, one slide per step; a bag above ``max_tiles`` is subsampled afresh each epoch.
     ``views[v][slide]`` are the per-view features; the model takes the list of views.
     ``schedule``: see ``expert_scheduler``. ``val``: slides scored (task loss, every tile)
-    after each epoch; the best epoch's weights are restored (the first on ties). Returns the
-    wall time in seconds."""
+    after each epoch; the best epoch's weights are restored (the first on ties). Returns
+    (wall time in seconds, epochs the kept weights trained: the best epoch's number with
+    ``val``, else ``epochs``)."""
     t0 = time.perf_counter()
     gen, opt = _start(model, lr, weight_decay, seed, device)
     sched = expert_scheduler(opt, schedule)
     best: tuple[float, dict | None] = (float("inf"), None)
-    for _ in range(epochs):
+    kept = epochs
+    for epoch in range(epochs):
         for i in gen.permutation(idx):
             n = views[0][i].shape[0]
             rows = np.sort(gen.choice(n, max_tiles, replace=False)) if max_tiles and \
@@ -104,11 +107,11 @@ def train_bags(model: nn.Module, views: Sequence[Sequence[np.ndarray]], idx: np.
                 v = float(task.loss(torch.as_tensor(out, device=device),
                                     task.targets(val, device)))
             if best[1] is None or v < best[0]:
-                best = (v, copy.deepcopy(model.state_dict()))
+                best, kept = (v, copy.deepcopy(model.state_dict())), epoch + 1
             model.train()
     if best[1] is not None:
         model.load_state_dict(best[1])
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, kept
 
 
 @torch.no_grad()

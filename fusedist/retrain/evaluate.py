@@ -131,8 +131,16 @@ class Decision:
 
 
 def decide(rule: PromotionConfig, challenger: Score, champion: Score | None,
-           force: bool = False, student: dict | None = None) -> Decision:
-    """The promotion rule: beat the champion by ``min_delta`` (a tie keeps it)."""
+           force: bool = False, student: dict | None = None,
+           flat: str | None = None) -> Decision:
+    """The promotion rule: beat the champion by ``min_delta`` (a tie keeps it). A challenger
+    whose refit is ``flat`` (why; ``fusion.model.flat_reason``) is never promoted, champion
+    or not, unless forced: its folds may score well while the model it registers gives
+    every slide about the same answer."""
+    if flat and not force:
+        return Decision(False, f"the challenger's refit is flat ({flat}): registered, not "
+                               "promoted; train longer or with a higher lr (the fuse "
+                               "recipe's epochs / lr), or --force-promote")
     if champion is None:
         return Decision(True, "no champion yet: the first model is promoted")
     delta = challenger.mean - champion.mean

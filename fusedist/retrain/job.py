@@ -31,6 +31,7 @@ from fusedist.retrain import ingest as ing
 from fusedist.retrain.config import RetrainConfig
 from fusedist.retrain.evaluate import (Decision, Score, champion_config, check_metric,
                                        check_same_folds, decide, score_of)
+from fusedist.fusion.model import flat_reason
 from fusedist.retrain.registry import FUSED_ARTIFACT, STUDENT_ARTIFACT, Registry, Version
 from fusedist.state import StageState
 
@@ -223,6 +224,7 @@ class _Job:
         check_metric(metric, cfg.fuse.task)
         c_score = score_of(chal, cfg.promotion.method or chal_card["methods"][0], metric)
         c_score.trained_slides = len(chal_card["trained_slides"])
+        c_score.extra["flat_refit"] = flat_reason(chal_card)
 
         k_score, champ_card, unscored = None, None, None
         if champion is not None:
@@ -239,7 +241,8 @@ class _Job:
             decision = Decision(True, f"--force-promote; the champion (version "
                                       f"{champion.version}) was not scored: {unscored}")
         else:
-            decision = decide(cfg.promotion, c_score, k_score, force, students)
+            decision = decide(cfg.promotion, c_score, k_score, force, students,
+                              flat=flat_reason(chal_card))
 
         version = self._register(chal.model, digest, c_score, decision.promote)
         c_score.version = version.version

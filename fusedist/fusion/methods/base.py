@@ -246,13 +246,19 @@ class FoldContext:
 
     def __init__(self, c: Cohort, cfg: FuseConfig, task: Task, train: np.ndarray,
                  test: np.ndarray, fold: int, device: torch.device,
-                 prepared: dict[str, object] | None = None) -> None:
+                 prepared: dict[str, object] | None = None,
+                 fixed_epochs: dict[str, int] | None = None) -> None:
         self.c, self.cfg, self.task, self.fold = c, cfg, task, fold
         self.train, self.test, self.device = train, test, device
         self.targets = task.prepare(c, train)
         self.prepared = prepared or {}
         self.costs: dict[str, dict[str, float]] = {}
         """Costs of shared work that is not a method row (the inner CV)."""
+        self.fixed_epochs = dict(fixed_epochs or {})
+        """Head name -> epochs to train on every training slide, no validation split (the
+        final refit: the folds' choice, :func:`refit_epochs`)."""
+        self.best_epochs: dict[str, int] = {}
+        """Head name -> the epoch its validation split chose (heads with ``select_best``)."""
         self._experts: dict[str, HeadFitted] = {}
         self._oof: dict[str, np.ndarray] | None = None
         self.tiles = None
@@ -282,12 +288,16 @@ class FoldContext:
         """Build (seeded by ``name`` and the training size) and train one head. Bag heads
         can follow the released expert recipe: ``schedule="warm_restarts"`` and
         ``select_best`` (the epoch with the lowest loss on a held-out ``val_fraction`` of
-        ``train``, which the head then does not train on)."""
+        ``train``, which the head then does not train on; the epoch is kept in
+        ``best_epochs``). A head named in ``fixed_epochs`` trains that many epochs on all of
+        ``train`` instead."""
         import torch
 
         from fusedist.fusion.train import train_bags, train_tiles, trainable_params
 
         ex = self.cfg.experts
+        if name in self.fixed_epochs:
+            epochs, select_best = self.fixed_epochs[name], False
         torch.manual_seed(self.seed(name, "init", len(train)))
         model = build_head(arch, kw)
         seed = self.seed(name, len(train))
@@ -302,9 +312,11 @@ class FoldContext:
                 tr, va = holdout_split(len(train), self.task.strata(self.c, train),
                                        ex.val_fraction, self.seed(name, "val", len(train)))
                 train, val = train[tr], train[va]
-            secs = train_bags(model, [src[e] for e in encoders], train, self.targets, epochs,
-                              lr, ex.weight_decay, ex.max_tiles, seed, self.device,
-                              schedule=schedule, val=val)
+            secs, kept = train_bags(model, [src[e] for e in encoders], train, self.targets,
+                                    epochs, lr, ex.weight_decay, ex.max_tiles, seed,
+                                    self.device, schedule=schedule, val=val)
+            if val is not None:
+                self.best_epochs[name] = kept
         return HeadFitted(self.targets, model, arch, kw, encoders, view, self.task.tile,
                           FitInfo(train_s=secs, params=trainable_params(model)))
 
@@ -358,3 +370,15 @@ class FoldContext:
 
     def score(self, idx: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         return self.task.score(self.c, idx, pred)
+
+
+def refit_epochs(per_fold: list[dict[str, int]]) -> dict[str, int]:
+    """Head name -> epochs for the final refit: the median (rounded up) of the best epochs
+    the folds' validation splits chose. A best epoch picked on the 3-4 slides a split of a
+    small cohort holds out is noisy, and a refit that held slides out again would train on
+    fewer slides than it could; the folds' median is both steadier and uses every slide."""
+    import math
+
+    names = sorted({n for d in per_fold for n in d})
+    return {n: int(math.ceil(float(np.median([d[n] for d in per_fold if n in d]))))
+            for n in names}

@@ -24,7 +24,8 @@ class _FeatureFusion(Method):
         if not ctx.task.tile:
             kw.update(hidden=ex.hidden, dropout=ex.dropout)
         return ctx.fit_head(self.name, arch, kw, list(g), "aligned", ctx.train,
-                            me.epochs or ctx.expert_epochs(), me.lr or ex.lr)
+                            me.epochs or ctx.expert_epochs(), me.lr or ex.lr,
+                            select_best=me.select_best)
 
 
 @register
