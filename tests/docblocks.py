@@ -16,6 +16,7 @@ flag fails the suite rather than a reader.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -221,13 +222,19 @@ def _check_options(cmd, args: list[str], name: str) -> tuple[list[str], list[str
         if tok.startswith("-") and len(tok) > 1 and not re.match(r"^-\d", tok):
             if opt not in table:
                 known = ", ".join(sorted(o for o in table if o.startswith("--")))
-                errors.append(f"`{name}` has no option {opt} (its options: {known})")
+                errors.append(f"`{name}` has no option {opt}{_did_you_mean(opt, table)} "
+                              f"(its options: {known})")
             elif table[opt] and "=" not in tok and len(tok) == len(opt):
                 i += 1  # the option's value, which may itself start with '-'
         else:
             positional.append(tok)
         i += 1
     return errors, positional
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def check_fusedist(args: list[str]) -> list[str]:
@@ -244,8 +251,8 @@ def check_fusedist(args: list[str]) -> list[str]:
         if sub not in cmd.commands and isinstance(cmd, _LaunchGroup):
             sub, rest = "submit", [sub, *rest]  # `fusedist launch tile` = `launch submit tile`
         if sub not in cmd.commands:
-            return [f"`{name} {sub}`: no such command (there are: "
-                    f"{', '.join(sorted(cmd.commands))})"]
+            return [f"`{name} {sub}`: no such command{_did_you_mean(sub, cmd.commands)} "
+                    f"(there are: {', '.join(sorted(cmd.commands))})"]
         cmd, name = cmd.commands[sub], f"{name} {sub}"
     if name == "fusedist launch submit":
         return _check_submit(cmd, rest)
@@ -298,13 +305,30 @@ def check_make(args: list[str]) -> list[str]:
             f"{', '.join(sorted(make_targets()))})" for t in targets if t not in make_targets()]
 
 
+# Arguments under these folders name files of the repository (a recipe, a benchmark script, a
+# manifest folder); a renamed or deleted one is a broken command in the docs.
+REPO_DIRS = ("configs/", "benchmarks/", "k8s/", "launch/")
+
+
+def check_paths(tokens: list[str]) -> list[str]:
+    out = []
+    for tok in tokens:
+        value = tok.split("=", 1)[1] if tok.startswith("-") and "=" in tok else tok
+        if value.startswith(REPO_DIRS) and not any(c in value for c in "*?$<"):
+            if not (REPO / value).exists():
+                out.append(f"{value}: no such file in the repository")
+    return out
+
+
 def check_block(block: Block) -> list[str]:
-    """Every ``fusedist`` and ``make`` command of a block checked; errors name file:line."""
+    """Every ``fusedist`` and ``make`` command of a block, and every repository path it names,
+    checked; errors name file:line."""
     errors = []
     for tokens in simple_commands(block.script):
         i = command_word(tokens)
         if i is None:
             continue
+        errors += [f"{block.where}: {e}\n    in: {' '.join(tokens)}" for e in check_paths(tokens)]
         prog = os.path.basename(tokens[i])
         found = (check_fusedist(tokens[i + 1:]) if prog == "fusedist"
                  else check_make(tokens[i + 1:]) if prog == "make" else [])
