@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PIP     = $(VENV)/bin/python -m pip
 STAMP   = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all demo bench docs reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,14 @@ demo: venv
 bench: venv
 	$(VENV)/bin/python benchmarks/tiling.py
 
+# The docs site, offline, warnings as errors, into site/. It regenerates nothing: the config
+# reference under docs/reference/ is committed (tests/test_docs.py fails when it is stale).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs build --strict --site-dir site
+
+# Rewrite docs/reference/ from the config models (after changing a config field).
+reference: venv
+	$(VENV)/bin/python -m fusedist.docsgen
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output .pytest_cache site
