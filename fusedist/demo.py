@@ -22,6 +22,7 @@ from pydantic import Field
 
 from fusedist import storage
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.synth.ink import PenConfig
 from fusedist.tracking import MlflowConfig
 
 
@@ -42,6 +43,11 @@ class DemoConfig(StrictModel):
 
     seed: int = 0
     """Seed of the synthetic data."""
+
+    pen: PenConfig = Field(default_factory=lambda: PenConfig(strokes=2, width_um=40.0,
+                                                             slide_fraction=0.25))
+    """Pen strokes on some synthetic slides (a quarter: blue, green and black ink), which
+    ``tile`` takes out of the tissue; ``pen.strokes=0`` for ink-free slides."""
 
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     """Where Ray runs (default: a private local Ray)."""
@@ -107,7 +113,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
 
     t = time.perf_counter()
     synth = SynthConfig(output=slides, num_slides=cfg.num_slides, size=cfg.size,
-                        num_classes=cfg.num_classes, seed=cfg.seed, storage=cfg.storage)
+                        num_classes=cfg.num_classes, seed=cfg.seed, pen=cfg.pen,
+                        storage=cfg.storage)
     synthesize(synth, progress=progress)
     heldout = storage.join(root, "heldout")
     if cfg.heldout_slides:
@@ -135,9 +142,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
         res = run_tile(tcfg, progress=progress)
         summaries.append(res.summary())
         tot = res.manifest["totals"]
+        inked = sum(r.get("ink_fraction", 0) > 0 for r in res.manifest["slides"])
         times.append(StageTime(f"tile ({mode})", time.perf_counter() - t,
                                f"{tot['tiles']} tiles in {tot['shards']} shards, "
-                               f"{tot['slides_failed']} slides failed"))
+                               f"{tot['slides_failed']} slides failed, pen ink removed on "
+                               f"{inked} slides (see thumbnails/)"))
 
     t = time.perf_counter()
     n = _read_back(storage.join(tiles, "pairs"))

@@ -52,6 +52,8 @@ FUSE_RELEASED: dict[str, Any] = {
 DISTILL_RELEASED: dict[str, Any] = {
     "ema_update": "before_step",
     "optim.schedule": "paper",
+    # Colour jitter on uint8 PIL images (torchvision's ColorJitter), not on float tensors.
+    "augment.backend": "pil",
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

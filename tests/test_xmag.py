@@ -220,6 +220,80 @@ def test_jitter_matches_torchvision_per_image_and_spares_unjittered() -> None:
     assert p.jitter.any() and (~p.jitter).any()
 
 
+def test_pil_backend_runs_torchvision_colorjitter_ops_on_uint8_pil_images() -> None:
+    """``augment.backend: pil`` (released): each jittered image through torchvision's PIL ops
+    in its drawn order, bit for bit; flips as before; the others untouched."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    g = torch.Generator().manual_seed(5)
+    u8 = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
+    images = u8.float().div(255.0)
+    aug = PairAugment(backend="pil")
+    p = aug.sample(8, torch.Generator().manual_seed(11))
+    assert sorted(p.order[0].tolist()) == [0, 1, 2, 3]
+    # The extra draw comes after the tensor backend's: its factors are unchanged.
+    t = PairAugment().sample(8, torch.Generator().manual_seed(11))
+    assert t.order is None and torch.equal(t.hue, p.hue) and torch.equal(t.jitter, p.jitter)
+    out, _ = aug.apply(images, torch.zeros(8, 16, 2), p)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    factors = torch.stack((p.brightness, p.contrast, p.saturation, p.hue), 1)
+    for i in range(8):
+        ref = images[i].flip(-1) if p.hflip[i] else images[i]
+        ref = ref.flip(-2) if p.vflip[i] else ref
+        if p.jitter[i]:
+            im = Image.fromarray((ref * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
+            for op in p.order[i].tolist():
+                im = ops[op](im, factors[i, op].item())
+            ref = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+        assert torch.equal(out[i], ref), i
+    assert p.jitter.any() and (~p.jitter).any()
+    with pytest.raises(ValueError, match="backend"):
+        PairAugment(backend="cuda")
+
+
+def test_pil_backend_hand_values_8_bit_rounding_and_hue_steps() -> None:
+    """Hand values of Pillow's 8-bit ops against the float tensor ops."""
+    from fusedist.distill.augment import AugParams
+
+    def one(rgb, op, factor, backend):
+        img = torch.tensor(rgb, dtype=torch.float32).div(255).permute(2, 0, 1)[None]
+        f = {0: "brightness", 1: "contrast", 2: "saturation", 3: "hue"}
+        kw = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, f[op]: factor}
+        p = AugParams(hflip=torch.tensor([False]), vflip=torch.tensor([False]),
+                      jitter=torch.tensor([True]),
+                      order=torch.tensor([[op] + [k for k in range(4) if k != op]]),
+                      **{k: torch.tensor([float(v)]) for k, v in kw.items()})
+        out, _ = PairAugment(backend=backend).apply(img, torch.zeros(1, 16, 1), p)
+        return (out[0] * 255).permute(1, 2, 0).tolist()
+
+    # Brightness 1.03 on 101: 104.03, truncated by Pillow's blend to 104.
+    assert one([[[101, 101, 101]]], 0, 1.03, "pil") == [[[104.0] * 3]]
+    assert one([[[101, 101, 101]]], 0, 1.03, "tensor")[0][0][0] == pytest.approx(104.03, abs=1e-3)
+    # Contrast 1.04 on grey 100 and 101: Pillow's mean grey is int(100.5 + 0.5) = 101, so
+    # 101 + 1.04 (100 - 101) = 99.96 -> 99, and 101 stays; the tensor blends towards the
+    # exact mean 100.5: 100.5 - 1.04 * 0.5 = 99.98 and 100.5 + 1.04 * 0.5 = 101.02.
+    # (The other ops run at identity factors, which leave grey pixels as they are.)
+    assert one([[[100] * 3, [101] * 3]], 1, 1.04, "pil") == [[[99.0] * 3, [101.0] * 3]]
+    t = one([[[100] * 3, [101] * 3]], 1, 1.04, "tensor")[0]
+    assert t[0][0] == pytest.approx(99.98, abs=1e-3) and t[1][0] == pytest.approx(101.02, abs=1e-3)
+    # Hue +0.03 on pure red: H moves int(7.65) = 7 of 255 steps; Pillow's hsv2rgb gives
+    # G = round(255 * 7 * 6 / 255) = 42. The tensor rotates by 0.03 of a turn: G = 255 * 0.18.
+    assert one([[[255, 0, 0]]], 3, 0.03, "pil") == [[[255.0, 42.0, 0.0]]]
+    assert one([[[255, 0, 0]]], 3, 0.03, "tensor")[0][0] == pytest.approx([255, 45.9, 0],
+                                                                           abs=1e-3)
+    # -0.03: -7 wraps to H = 249, sector 5, B = round(255 * (1 - 249 * 6 / 255 + 5)) = 36.
+    assert one([[[255, 0, 0]]], 3, -0.03, "pil") == [[[255.0, 0.0, 36.0]]]
+
+
+def test_fidelity_released_selects_the_pil_jitter() -> None:
+    from fusedist.distill.config import DistillConfig
+
+    assert DistillConfig(tiles="t", features="f").augment.backend == "tensor"
+    assert DistillConfig(tiles="t", features="f", fidelity="released").augment.backend == "pil"
+
+
 # -- EMA ----------------------------------------------------------------------------------------
 def _tiny() -> nn.Module:
     torch.manual_seed(0)

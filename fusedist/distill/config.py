@@ -50,6 +50,12 @@ class AugmentConfig(StrictModel):
     """Probability of colour jitter per sample (brightness/contrast/saturation 0.95-1.05,
     hue +-0.05)."""
 
+    backend: Literal["tensor", "pil"] = "tensor"
+    """Where the jitter runs. ``tensor``: on the batch's float tensors on its device, the
+    ops in a fixed order (fusedist). ``pil`` (released): per image on uint8 PIL images on
+    the CPU, as torchvision's ColorJitter — each op rounds to 8 bits, the hue moves in steps
+    of 1/255 of a turn, the ops in a random order; much slower (docs/methods.md)."""
+
 
 class OptimConfig(StrictModel):
     """AdamW, gradient clipping and the learning-rate schedule."""

@@ -147,7 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
     total, warmup = spe * cfg.epochs, round(cfg.optim.warmup_epochs * spe)
     objective = XmagObjective(cfg.loss.global_weight, cfg.loss.local_weight)
     augment = PairAugment(flip_p=cfg.augment.flip_p, jitter_p=cfg.augment.jitter_p,
-                          grid=cfg.student.grid)
+                          grid=cfg.student.grid, backend=cfg.augment.backend)
     logger = StepLogger(worker_tracker(config.get("mlflow"), rank), cfg.log_every,
                         cfg.global_batch, device)
     report = StepReporter(config.get("progress"), rank)  # the driver's progress bar

@@ -142,9 +142,11 @@ class LogitProdConfig(StrictModel):
     every epoch."""
 
     logs: Literal["exact", "clamped"] = "exact"
-    """A correction: ``exact`` log-softmax / log-sigmoid. ``clamped`` (released):
-    probabilities clamped at 1e-7 before their logs (the same at normal logit scales; differs
-    once a probability falls below 1e-7). The saved model's card records it."""
+    """A correction: ``exact`` log-softmax / log-sigmoid. ``clamped`` (released): every log
+    as the released code takes it, in float32 — the classification product exact, the
+    survival outcome law and its hazards clamped at 1e-12, the NLL-survival's hazards at
+    [1e-7, 1 - 1e-7], the error correlation's p_y at 1e-8 (docs/methods.md). The same at
+    normal logit scales; differs once a probability nears its eps. The card records it."""
 
     survival: LogitProdSurvivalConfig = Field(default_factory=LogitProdSurvivalConfig)
     """The survival gate's training settings."""

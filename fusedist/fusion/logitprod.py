@@ -13,10 +13,11 @@ with one gate per outcome bin, renormalises, and converts back to hazards — wi
 gradients throughout (the released code wrapped the conversions in no-grad, so only the
 penalty trained its survival gate; ``gradients=False`` reproduces that).
 
-Released-code switches (docs/methods.md, divergences): ``logs="clamped"`` takes logs of
-probabilities clamped at ``CLAMP_EPS`` instead of exact log-softmax / log-sigmoid; the
-survival penalty is ``mean_weight`` (w̄ᵀRw̄ of the bin-mean weights, released) or
-``per_bin``; ``fit_logitprod`` reads the gate-loop settings from ``LogitProdConfig``.
+Released-code switches (docs/methods.md, divergences): ``logs="clamped"`` takes every log as
+the released code takes it (``fusedist.fusion.logs``: its eps, what it clamps, float32)
+instead of exact log-softmax / log-sigmoid; the survival penalty is ``mean_weight`` (w̄ᵀRw̄
+of the bin-mean weights, released) or ``per_bin``; ``fit_logitprod`` reads the gate-loop
+settings from ``LogitProdConfig``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusedist.fusion.logs import (LOG_MODES, NLL_EPS, check_logs, class_log_probs,
+                                  class_nll_errors, released_hazards,
+                                  released_outcome_log_probs)
 from fusedist.fusion.survival import (harrell_c_index, hazard_logits_to_outcome_log_probs,
                                       hazards_to_outcome_probs, nll_survival_loss,
                                       outcome_log_probs_to_hazards, survival_risk)
@@ -37,25 +41,7 @@ if TYPE_CHECKING:
     from fusedist.fusion.config import LogitProdConfig
 
 ERROR_KINDS = ("nll", "brier", "zero_one")
-LOG_MODES = ("exact", "clamped")
 PENALTY_KINDS = ("mean_weight", "per_bin")
-CLAMP_EPS = 1e-7
-"""Released ``logs="clamped"``: probabilities are clamped here before their logs (the eps of
-the released NLL-survival, ``survival.nll_survival_loss``)."""
-
-
-def _check_logs(logs: str) -> str:
-    if logs not in LOG_MODES:
-        raise ValueError(f"logs must be one of {LOG_MODES}, got {logs!r}")
-    return logs
-
-
-def class_log_probs(logits: Tensor, logs: str = "exact") -> Tensor:
-    """log p over the last dim: exact ``log_softmax``, or (released) ``log(clamp(softmax,
-    CLAMP_EPS))``, which differs only where a probability is below CLAMP_EPS."""
-    if _check_logs(logs) == "exact":
-        return F.log_softmax(logits, dim=-1)
-    return torch.log(F.softmax(logits, dim=-1).clamp(min=CLAMP_EPS))
 
 
 # --------------------------------------------------------------------------- gate features
@@ -89,22 +75,25 @@ def logit_features(logits: Tensor, eps: float = 1e-12) -> Tensor:
 
 # ---------------------------------------------------------------------- error correlation
 
-def expert_errors(logits: Tensor, labels: Tensor, kind: str = "nll") -> Tensor:
-    """Per-sample, per-expert error (N, M) in float64: ``nll`` (-log p_y), ``brier``
-    (sum_k (p_k - 1[k = y])^2) or ``zero_one`` (argmax != y)."""
+def expert_errors(logits: Tensor, labels: Tensor, kind: str = "nll",
+                  logs: str = "exact") -> Tensor:
+    """Per-sample, per-expert error (N, M) in float64: ``nll`` (-log p_y; ``logs="clamped"``:
+    as released, float32 with p_y clamped at 1e-8), ``brier`` (sum_k (p_k - 1[k = y])^2) or
+    ``zero_one`` (argmax != y). (The released Brier writes the one-hot of expert 0 only, a
+    bug not copied: docs/methods.md.)"""
     if logits.ndim != 3:
         raise ValueError(f"logits must be (N, M, K), got {tuple(logits.shape)}")
+    check_logs(logs)
     z = logits.detach().double()
     y = labels.detach().long().view(-1)
     n, m, k = z.shape
     if y.numel() != n:
         raise ValueError(f"{y.numel()} labels for {n} samples")
-    logp = F.log_softmax(z, dim=-1)
     if kind == "nll":
-        return -logp.gather(-1, y.view(n, 1, 1).expand(n, m, 1)).squeeze(-1)
+        return class_nll_errors(logits, y, logs)
     if kind == "brier":
         onehot = F.one_hot(y, k).double().unsqueeze(1)
-        return ((logp.exp() - onehot) ** 2).sum(dim=-1)
+        return ((F.log_softmax(z, dim=-1).exp() - onehot) ** 2).sum(dim=-1)
     if kind == "zero_one":
         return (z.argmax(dim=-1) != y.view(n, 1)).double()
     raise ValueError(f"unknown error kind {kind!r}; choose one of {ERROR_KINDS}")
@@ -150,19 +139,34 @@ def correlation_steps(errors: Tensor, shrink: float = 0.1) -> dict[str, Tensor]:
 
 
 def error_correlation(logits: Tensor, labels: Tensor, kind: str = "nll",
-                      shrink: float = 0.1) -> Tensor:
+                      shrink: float = 0.1, logs: str = "exact") -> Tensor:
     """Out-of-fold expert logits (N, M, K) and labels (N,) -> diversity matrix R (M, M),
-    float32. See ``correlation_steps`` for the stages and what the result guarantees."""
-    return correlation_steps(expert_errors(logits, labels, kind), shrink)["final"].float()
+    float32. See ``correlation_steps`` for the stages and what the result guarantees;
+    ``logs`` as in ``expert_errors``."""
+    return correlation_steps(expert_errors(logits, labels, kind, logs), shrink)["final"].float()
+
+
+def survival_expert_errors(hazard_logits: Tensor, time_bin: Tensor, event: Tensor,
+                           alpha: float = 0.4, logs: str = "exact") -> Tensor:
+    """Per-sample, per-expert NLL-survival (N, M), float64 out: exact (float64 log-sigmoid)
+    or released (``logs="clamped"``: of sigmoid(z) in float32, h clamped at 1e-7)."""
+    z = hazard_logits.detach()
+    if check_logs(logs) == "exact":
+        per = [nll_survival_loss(z[:, j].double(), time_bin, event, alpha=alpha,
+                                 reduction="none") for j in range(z.shape[1])]
+    else:
+        h = torch.sigmoid(z.float())
+        per = [nll_survival_loss(h[:, j], time_bin, event, alpha=alpha, from_logits=False,
+                                 eps=NLL_EPS, reduction="none") for j in range(z.shape[1])]
+    return torch.stack(per, dim=1).double()
 
 
 def survival_error_correlation(hazard_logits: Tensor, time_bin: Tensor, event: Tensor,
-                               shrink: float = 0.1, alpha: float = 0.4) -> Tensor:
-    """R for survival experts: the per-sample error is each expert's NLL-survival."""
-    n, m, _ = hazard_logits.shape
-    errs = torch.stack([nll_survival_loss(hazard_logits[:, j].detach().double(), time_bin,
-                                          event, alpha=alpha, reduction="none")
-                        for j in range(m)], dim=1)
+                               shrink: float = 0.1, alpha: float = 0.4,
+                               logs: str = "exact") -> Tensor:
+    """R for survival experts: the per-sample error is each expert's NLL-survival
+    (``survival_expert_errors``)."""
+    errs = survival_expert_errors(hazard_logits, time_bin, event, alpha, logs)
     return correlation_steps(errs, shrink)["final"].float()
 
 
@@ -191,8 +195,9 @@ class LogitProd(nn.Module):
     Train with ``F.nll_loss(fused_log_probs, y)``, which equals CE on s (log_softmax is
     idempotent); predict ``fused_log_probs.exp()`` = softmax(s).
     ``gate="mlp"`` swaps the linear gate for Linear -> GELU -> Linear (last layer zeroed).
-    ``logs="clamped"`` (released) uses log(clamp(softmax(z_m), CLAMP_EPS)) for the experts'
-    log-probabilities; the CE on s is exact either way (as the released cross-entropy).
+    ``logs`` changes nothing here: the released product takes exact log-softmax too (it
+    returns s itself, whose softmax and CE are those of log_softmax(s)); it only sets how
+    the caller's ``error_correlation`` takes its logs.
     """
 
     def __init__(self, num_experts: int, num_classes: int, gate: str = "linear",
@@ -203,7 +208,7 @@ class LogitProd(nn.Module):
             raise ValueError("need at least one expert and one class")
         self.num_experts, self.num_classes = num_experts, num_classes
         self.temperature, self.eps = float(temperature), float(eps)
-        self.logs = _check_logs(logs)
+        self.logs = check_logs(logs)
         self.gate = _make_gate(3 * num_experts + 2, num_experts, gate, hidden)
 
     def _check(self, logits: Tensor) -> Tensor:
@@ -267,8 +272,10 @@ class LogitProdSurvival(nn.Module):
     Everything after the (no-grad) gate features is differentiable, so the NLL trains the
     gate; ``gradients=False`` detaches the fused outputs as the released code does (only the
     penalty, through ``weights``, then trains it). ``logs="clamped"`` (released) works with
-    probabilities: log(clamp(P, CLAMP_EPS)) and h(t) = P(t) / clamp(S(t-1), CLAMP_EPS); the
-    loss then reads ``hazards`` (``logitprod_survival_loss_terms(from_logits=False)``).
+    probabilities in float32 as the released code does (``fusion.logs``:
+    ``released_outcome_log_probs``, ``released_hazards``; ``hazard_logits`` = logit(hazards),
+    +inf where a hazard saturates at 1); the loss then reads ``hazards``
+    (``logitprod_survival_loss_terms(from_logits=False)``).
     """
 
     def __init__(self, num_experts: int, num_bins: int = 4, gate: str = "linear",
@@ -277,7 +284,7 @@ class LogitProdSurvival(nn.Module):
         super().__init__()
         self.num_experts, self.num_bins = num_experts, num_bins
         self.temperature, self.eps = float(temperature), float(eps)
-        self.logs, self.gradients = _check_logs(logs), bool(gradients)
+        self.logs, self.gradients = check_logs(logs), bool(gradients)
         self.gate = _make_gate(3 * num_experts + 2, (num_bins + 1) * num_experts, gate, hidden)
 
     def forward(self, hazard_logits: Tensor) -> dict[str, Tensor]:
@@ -286,23 +293,21 @@ class LogitProdSurvival(nn.Module):
             raise ValueError(f"expected (B, {self.num_experts}, {self.num_bins}) hazard "
                              f"logits, got {tuple(hazard_logits.shape)}")
         z = hazard_logits.float()
-        if self.logs == "exact":
-            logp = hazard_logits_to_outcome_log_probs(z)                    # (B, M, T+1)
-        else:
-            logp = torch.log(hazards_to_outcome_probs(torch.sigmoid(z)).clamp(min=CLAMP_EPS))
+        exact = self.logs == "exact"
+        logp = (hazard_logits_to_outcome_log_probs(z) if exact
+                else released_outcome_log_probs(z))                         # (B, M, T+1)
         b = logp.shape[0]
         g = self.gate(logit_features(logp, self.eps)).view(b, self.num_bins + 1,
                                                            self.num_experts)
         w = F.softmax(g / self.temperature, dim=-1)                         # (B, T+1, M)
-        fused = F.log_softmax(torch.einsum("btm,bmt->bt", w, logp), dim=-1)
-        if self.logs == "exact":
+        s = torch.einsum("btm,bmt->bt", w, logp)
+        fused = F.log_softmax(s, dim=-1)
+        if exact:
             hz = outcome_log_probs_to_hazards(fused, as_logits=True)
             hazards = torch.sigmoid(hz)
-        else:
-            q = fused.exp()
-            tail = q.flip(-1).cumsum(-1).flip(-1)                           # S(t-1)
-            hazards = q[..., :-1] / tail[..., :-1].clamp(min=CLAMP_EPS)
-            hz = torch.logit(hazards, eps=CLAMP_EPS)
+        else:  # released: the fused law is softmax(s), in probabilities
+            hazards = released_hazards(F.softmax(s, dim=-1))
+            hz = torch.logit(hazards)
         if not self.gradients:  # released: the conversions ran under no-grad
             hz, hazards, fused = hz.detach(), hazards.detach(), fused.detach()
         return {"hazard_logits": hz, "hazards": hazards, "outcome_log_probs": fused,
@@ -314,13 +319,13 @@ def logitprod_survival_loss_terms(out: dict[str, Tensor], time_bin: Tensor, even
                                   penalty: str = "mean_weight",
                                   from_logits: bool = True) -> dict[str, Tensor]:
     """``{"loss", "nll", "penalty"}``: NLL-survival + lam * ``survival_penalty`` (``penalty``
-    kind). ``from_logits=False`` (the released clamped logs) takes the NLL of ``hazards``
-    with probabilities clamped at CLAMP_EPS."""
+    kind). ``from_logits=False`` (the released clamped logs) takes the NLL of ``hazards`` as
+    released (``nll_survival_loss(from_logits=False)``, eps 1e-7, float32)."""
     if from_logits:
         nll = nll_survival_loss(out["hazard_logits"], time_bin, event, alpha=alpha)
     else:
         nll = nll_survival_loss(out["hazards"], time_bin, event, alpha=alpha,
-                                from_logits=False, eps=CLAMP_EPS)
+                                from_logits=False, eps=NLL_EPS)
     pen = survival_penalty(out["weights"], R, penalty) if R is not None else nll.new_zeros(())
     return {"loss": nll + lam * pen, "nll": nll, "penalty": pen}
 
@@ -497,6 +502,7 @@ def expert_fallback(model: LogitProd | LogitProdSurvival, data: tuple[Tensor, ..
 
 __all__ = [
     "ERROR_KINDS",
+    "LOG_MODES",
     "LogitProd",
     "LogitProdSurvival",
     "batch_starts",
@@ -519,6 +525,7 @@ __all__ = [
     "outcome_log_probs_to_hazards",
     "select_expert",
     "survival_error_correlation",
+    "survival_expert_errors",
     "survival_penalty",
     "survival_risk",
     "training_objective",

@@ -106,6 +106,9 @@ def plan_encoders(cfg: "PredictConfig", card: dict) -> list[_Plan]:
                         "its training bags used other settings", e, defaults["min_tissue"], e)
         recipe = {k: defaults[k] for k in TileConfig.SLIDE_RECIPE}
         recipe.update({k: v for k, v in (recorded or {}).items() if k in recipe})
+        if recorded and "ink" not in recipe["tissue"]:
+            # Bags tiled before fusedist removed pen ink kept it: tile new slides alike.
+            recipe["tissue"] = {**recipe["tissue"], "ink": {"enabled": False}}
         recipe.update(tile_mpp=float(mpp), tile_size=int(size))
         if over.min_tissue is not None:
             recipe["min_tissue"] = over.min_tissue

@@ -3,8 +3,6 @@ hazards <-> outcome distributions, the NLL-survival loss, risk, and Harrell's c-
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,19 +47,22 @@ def nll_survival_loss(hazards: Tensor, time_bin: Tensor, event: Tensor, alpha: f
         L_unc  = -event     * [log S(y-1) + log h(y)]
         L_cens = -(1-event) * log S(y)
         L      = (1 - alpha) * (L_unc + L_cens) + alpha * L_unc
-    i.e. alpha is extra weight on the uncensored term. Probabilities are clamped at eps
-    (as released); from logits the logs are exact (logsigmoid).
+    i.e. alpha is extra weight on the uncensored term. From logits the logs are exact
+    (logsigmoid). From hazards, as the released LogitProd loss (``logs: clamped``): h is
+    clamped to [eps, 1 - eps] in its own dtype (float32: ``1 - 1e-7`` rounds to
+    ``1 - 2^-23``), S = cumprod(1 - h), and S and h are clamped at eps before their logs.
     """
     z = hazards if hazards.dtype == torch.float64 else hazards.float()
     if from_logits:
         log_h, log_1mh = F.logsigmoid(z), F.logsigmoid(-z)
+        log_surv = torch.cumsum(log_1mh, dim=1)
     else:
-        log_h, log_1mh = torch.log(z.clamp(min=eps)), torch.log((1.0 - z).clamp(min=eps))
+        h = z.clamp(min=eps, max=1.0 - eps)
+        log_h = torch.log(h.clamp(min=eps))
+        log_surv = torch.log(torch.cumprod(1.0 - h, dim=1).clamp(min=eps))
     y = time_bin.long().view(-1, 1)
     ev = event.to(z.dtype).view(-1)
-    log_surv = torch.cat([torch.zeros_like(log_1mh[:, :1]), torch.cumsum(log_1mh, dim=1)], 1)
-    if not from_logits:
-        log_surv = log_surv.clamp(min=math.log(eps))
+    log_surv = torch.cat([torch.zeros_like(log_surv[:, :1]), log_surv], 1)
     uncensored = -ev * (log_surv.gather(1, y).squeeze(1) + log_h.gather(1, y).squeeze(1))
     censored = -(1.0 - ev) * log_surv.gather(1, y + 1).squeeze(1)
     loss = (1.0 - alpha) * (uncensored + censored) + alpha * uncensored

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import StorageConfig, StrictModel
 from fusedist.synth.cues import CUES, LabelParams
+from fusedist.synth.ink import PenConfig
 from fusedist.synth.slide import RenderOptions
 
 
@@ -66,6 +67,9 @@ class SynthConfig(StrictModel):
 
     stain_jitter: float = Field(0.08, ge=0.0)
     """Per-slide log-normal spread of overall stain intensity (a nuisance unrelated to labels)."""
+
+    pen: PenConfig = Field(default_factory=PenConfig)
+    """Pen strokes (blue, green, black ink) drawn over some slides; off by default."""
 
     class_separation: float = Field(0.8, ge=0.0)
     """Scale of the class prototypes in units of cue noise: prototype[k, c] =
@@ -143,13 +147,17 @@ class SynthConfig(StrictModel):
     def width_height(self) -> tuple[int, int]:
         return self.size, self.height or self.size
 
-    def render_options(self, tissue_fraction: float | None = None) -> RenderOptions:
+    def render_options(self, tissue_fraction: float | None = None,
+                       marked: bool = False) -> RenderOptions:
+        """How each slide is drawn; ``marked``: with the ``pen`` strokes."""
         return RenderOptions(
             tile_size=self.tile_size, jpeg_quality=self.jpeg_quality,
             level_downsample=self.level_downsample, min_level_size=self.min_level_size,
             mask_downsample=self.mask_downsample,
             tissue_fraction=self.tissue_fraction if tissue_fraction is None else tissue_fraction,
             glands=self.glands, stain_jitter=self.stain_jitter,
+            pen_strokes=self.pen.strokes if marked else 0, pen_colours=tuple(self.pen.colours),
+            pen_width_um=self.pen.width_um,
         )
 
     def label_params(self) -> LabelParams:

@@ -51,10 +51,13 @@ class SlideSpec:
         return self.labels.slide_id
 
     def digest(self) -> str:
+        options = asdict(self.options)
+        if not self.options.pen_strokes:  # unmarked: the digest of slides before pens existed
+            options = {k: v for k, v in options.items() if not k.startswith("pen_")}
         payload = {
             "generator": GENERATOR_VERSION, "tifffile": tifffile.__version__,
             "jpeg": imagecodecs.__version__, "seed": self.seed, "cues": self.labels.cues,
-            "size": [self.width, self.height], "mpp": self.mpp, "options": asdict(self.options),
+            "size": [self.width, self.height], "mpp": self.mpp, "options": options,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -63,6 +66,15 @@ class SlideSpec:
         o = self.options
         return tissue_mask(self.width, self.height, self.seed, o.tissue_fraction,
                            o.mask_downsample)
+
+    def ink_args(self) -> dict | None:
+        """``ink_mask(**ink_args)`` is where this slide's strokes are; None: no strokes."""
+        o = self.options
+        if not o.pen_strokes:
+            return None
+        return {"width": self.width, "height": self.height, "mpp": self.mpp, "seed": self.seed,
+                "strokes": o.pen_strokes, "colours": list(o.pen_colours),
+                "width_um": o.pen_width_um, "downsample": o.mask_downsample}
 
 
 def slide_seed(seed: int, index: int) -> int:
@@ -79,8 +91,9 @@ def slide_specs(cfg: SynthConfig) -> list[SlideSpec]:
         jitter = math.exp(np.random.default_rng([cfg.seed, 0x715, i]).normal(
             0, cfg.tissue_fraction_jitter))
         frac = round(float(np.clip(cfg.tissue_fraction * jitter, 0.1, 0.9)), 4)
+        marked = np.random.default_rng([cfg.seed, 0x1A5, i]).random() < cfg.pen.slide_fraction
         out.append(SlideSpec(row, slide_seed(cfg.seed, i), width, height, cfg.mpp,
-                             cfg.render_options(frac)))
+                             cfg.render_options(frac, marked)))
     return out
 
 
@@ -235,6 +248,7 @@ def _record(spec: SlideSpec, urls: tuple[str, str], entry: dict, seconds: float 
         "mpp": spec.mpp, "seed": spec.seed,
         "mask_args": {"width": spec.width, "height": spec.height, "seed": spec.seed,
                       "tissue_fraction": o.tissue_fraction, "downsample": o.mask_downsample},
+        **({"ink_args": spec.ink_args()} if spec.ink_args() else {}),
         **{k: v for k, v in entry.items() if k != "digest"},
         "skipped": seconds is None, "seconds": seconds,
     }

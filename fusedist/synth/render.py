@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from fusedist.synth import fields as F
 from fusedist.synth.cues import Morphology, morphology
+from fusedist.synth.ink import Stroke, ink_od
 
 BACKGROUND_OD = np.array([0.018, 0.022, 0.015], np.float32)  # clean glass, slightly warm
 EDGE_WIDTH_UM = 1.5       # width of the tissue/background transition
@@ -69,6 +70,7 @@ class Scene:
     nuc_s: np.ndarray
     bucket_start: np.ndarray  # (n_buckets + 1,) offsets into the sorted nuclei
     n_glands: int
+    ink: np.ndarray | None = None  # (3, gy+2, gx+2): OD of pen strokes, None = no strokes
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -123,8 +125,10 @@ def _place_nuclei(rng: np.random.Generator, m: Morphology, mask: np.ndarray, ram
 
 def build_scene(width: int, height: int, mpp: float, cues: Mapping[str, float], seed: int,
                 tile: int = 512, tissue_fraction: float = 0.5, glands: bool = True,
-                stain_jitter: float = 0.08, mask_downsample: int = F.MASK_DOWNSAMPLE) -> Scene:
-    """Draw the slide's fields, nuclei and textures (everything random happens here)."""
+                stain_jitter: float = 0.08, mask_downsample: int = F.MASK_DOWNSAMPLE,
+                strokes: list[Stroke] | None = None) -> Scene:
+    """Draw the slide's fields, nuclei and textures (everything random happens here), and
+    the ink of pen ``strokes`` over them."""
     ds = mask_downsample
     if tile % ds or tile % F.FINE_DOWNSAMPLE:
         raise ValueError(f"tile size {tile} must be a multiple of {ds} and {F.FINE_DOWNSAMPLE}")
@@ -175,6 +179,8 @@ def build_scene(width: int, height: int, mpp: float, cues: Mapping[str, float], 
         h_od=(m.h_od * h_scale).astype(np.float32), e_od=m.e_od.astype(np.float32),
         sprites=bank.sprites, halves=halves, margin=int(2 * halves.max() + 1),
         nuc_x=x[order], nuc_y=y[order], nuc_s=s[order], bucket_start=starts, n_glands=g.count,
+        ink=None if not strokes else np.stack(
+            [F.pad_grid(c, gy, gx) for c in ink_od(strokes, mask.shape, ds)]),
     )
 
 
@@ -231,7 +237,12 @@ class TileRenderer:
         win = np.ascontiguousarray(
             s.coarse[:, y0 // dc:y0 // dc + t // dc + 2, x0 // dc:x0 // dc + t // dc + 2])
         nx, ny, sid = self._nuclei(ty, tx)
-        if win[0].max() + self.max_rough <= 0 and nx.size == 0:
+        ink = None
+        if s.ink is not None:
+            ink = np.ascontiguousarray(
+                s.ink[:, y0 // dc:y0 // dc + t // dc + 2, x0 // dc:x0 // dc + t // dc + 2])
+            ink = ink if ink.max() > 0 else None
+        if win[0].max() + self.max_rough <= 0 and nx.size == 0 and ink is None:
             return self.background
         up = self.a_coarse @ win @ self.a_coarse_t
         fwin = np.ascontiguousarray(
@@ -249,6 +260,8 @@ class TileRenderer:
         # Beer-Lambert: OD = concentrations @ stain vectors (one small GEMM), RGB = exp(-OD).
         od = conc.reshape(-1, 2) @ self.stains
         od += BACKGROUND_OD
+        if ink is not None:  # a marker on the coverslip absorbs over glass and tissue alike
+            od += (self.a_coarse @ ink @ self.a_coarse_t).reshape(3, -1).T
         np.exp(-od, out=od)
         od *= 255.0
         od += 0.5

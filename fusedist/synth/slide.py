@@ -27,6 +27,7 @@ import tifffile
 from PIL import Image
 
 from fusedist.synth.fields import MASK_DOWNSAMPLE
+from fusedist.synth.ink import pen_strokes
 from fusedist.synth.render import Scene, TileRenderer, build_scene
 
 GENERATOR_VERSION = "fusedist.synth/1"
@@ -46,6 +47,9 @@ class RenderOptions:
     glands: bool = True
     stain_jitter: float = 0.08
     jpeg_threads: int = 1
+    pen_strokes: int = 0                      # see fusedist.synth.ink.PenConfig
+    pen_colours: tuple[str, ...] = ("blue", "green", "black")
+    pen_width_um: float = 150.0
 
 
 @dataclass
@@ -140,11 +144,15 @@ def make_slide(path: str | Path, size: int | tuple[int, int] = 4096, mpp: float 
     scene: Scene = build_scene(width, height, mpp, cues, seed, tile=opts.tile_size,
                                tissue_fraction=opts.tissue_fraction, glands=opts.glands,
                                stain_jitter=opts.stain_jitter,
-                               mask_downsample=opts.mask_downsample)
+                               mask_downsample=opts.mask_downsample,
+                               strokes=pen_strokes(width, height, mpp, seed, opts.pen_strokes,
+                                                   opts.pen_colours, opts.pen_width_um))
     if description is None:
         desc_cues = " ".join(f"{k}={v:.4f}" for k, v in sorted(cues.items()))
         description = (f"{GENERATOR_VERSION} synthetic H&E; mpp={mpp} seed={seed} "
                        f"size={width}x{height} {desc_cues}").strip()
+        if opts.pen_strokes:
+            description += f" pen={opts.pen_strokes}x{opts.pen_width_um:g}um"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _single_threaded_blas():

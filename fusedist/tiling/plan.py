@@ -24,7 +24,7 @@ from fusedist.tiling.config import TileConfig
 from fusedist.tiling.slide import (Geometry, SlideError, open_slide, plan_geometry, read_thumbnail,
                                    read_tile, resolve_mpp)
 from fusedist.tiling.tiffread import open_reader
-from fusedist.tiling.tissue import draw_overview, tile_fractions, tissue_mask
+from fusedist.tiling.tissue import detect_tissue, draw_overview, tile_fractions
 
 
 def slide_state(dataset_url: str) -> StageState:
@@ -125,7 +125,9 @@ def _plan(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
                          f"({geo.size0}x{geo.size0} level-0 px = {cfg.out_size} px at "
                          f"{cfg.target_mpp:g} µm/px); use a smaller tile or leave it out")
     thumb_mpp = mpp.value / scale
-    mask = tissue_mask(thumb, thumb_mpp, cfg.tissue)
+    mask, ink = detect_tissue(thumb, thumb_mpp, cfg.tissue)
+    if cfg.tissue.ink.enabled:
+        info["ink_fraction"] = round(float(ink.mean()), 4)  # of the thumbnail's area
     step0 = max(1, round(cfg.step_px * cfg.target_mpp / mpp.value))
     xs, ys = _grid(w0, h0, geo, step0)
     frac = tile_fractions(mask, scale, xs, ys, geo.size0)
@@ -138,7 +140,7 @@ def _plan(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
     xs, ys, frac = xs[keep], ys[keep], frac[keep]
     if cfg.thumbnails:
         buf = io.BytesIO()
-        draw_overview(thumb, mask, scale, xs, ys, geo.size0).save(buf, "PNG")
+        draw_overview(thumb, mask, scale, xs, ys, geo.size0, ink=ink).save(buf, "PNG")
         storage.write_bytes(storage.join(dataset_url, "thumbnails", f"{slide_id}.png"),
                             buf.getvalue())
         info["thumbnail"] = f"thumbnails/{slide_id}.png"

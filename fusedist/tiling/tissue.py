@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 from scipy import ndimage
 
 from fusedist.config import StrictModel
+from fusedist.tiling.ink import InkConfig, ink_pixels
 
 
 class TissueConfig(StrictModel):
@@ -34,6 +36,9 @@ class TissueConfig(StrictModel):
     fill_holes: bool = True
     """Fill holes inside tissue (lumens and fat are still tissue context)."""
 
+    ink: InkConfig = Field(default_factory=InkConfig)
+    """Pen marks (blue, green, black) that are taken out of the tissue."""
+
 
 def otsu_threshold(values: np.ndarray) -> int:
     """Otsu's threshold of uint8 values (the split that maximises between-class variance)."""
@@ -59,9 +64,25 @@ def _disk(radius_px: float) -> np.ndarray:
 
 def tissue_mask(thumb_rgb: np.ndarray, thumb_mpp: float, cfg: TissueConfig) -> np.ndarray:
     """Boolean mask (H, W) of tissue on an RGB thumbnail at ``thumb_mpp`` µm/px."""
+    return detect_tissue(thumb_rgb, thumb_mpp, cfg)[0]
+
+
+def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
+                  cfg: TissueConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, ink): boolean masks (H, W) on an RGB thumbnail at ``thumb_mpp`` µm/px.
+
+    ``ink`` is the pen ink found (grown by its margin; all False when ``ink.enabled`` is off),
+    which ``tissue`` never overlaps.
+    """
     hsv = np.asarray(Image.fromarray(thumb_rgb).convert("HSV"))
     sat, val = hsv[..., 1], hsv[..., 2]
-    valid = val >= cfg.max_value_dark
+    ink = np.zeros(sat.shape, bool)
+    if cfg.ink.enabled:
+        ink = ink_pixels(hsv, cfg.ink)
+        if ink.any() and cfg.ink.margin_um > 0:
+            ink = ndimage.binary_dilation(ink, _disk(cfg.ink.margin_um / thumb_mpp))
+    # Saturated ink would pull Otsu's threshold towards itself: it is left out of the split.
+    valid = (val >= cfg.max_value_dark) & ~ink
     thr = max(cfg.min_saturation, otsu_threshold(sat[valid]) if valid.any() else 255)
     mask = (sat > thr) & valid
     if cfg.close_um > 0:
@@ -70,12 +91,20 @@ def tissue_mask(thumb_rgb: np.ndarray, thumb_mpp: float, cfg: TissueConfig) -> n
         mask = ndimage.binary_fill_holes(mask)
     if cfg.open_um > 0:
         mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
+    if ink.any():
+        # Cut after closing and filling, which bridge into a stroke; opening again removes
+        # the slivers left along it.
+        mask &= ~ink
+        if cfg.open_um > 0:
+            mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
     if cfg.min_area_um2 > 0 and mask.any():
-        labels, n = ndimage.label(mask)
-        areas = np.bincount(labels.ravel())[1:] * thumb_mpp * thumb_mpp
+        # A piece is measured with the ink on it: tissue that a stroke cuts off a large piece
+        # is not debris.
+        labels, n = ndimage.label(mask | ink)
+        areas = np.bincount(labels[mask], minlength=n + 1)[1:] * thumb_mpp * thumb_mpp
         keep = np.concatenate([[False], areas >= cfg.min_area_um2])
-        mask = keep[labels]
-    return mask
+        mask = keep[labels] & mask
+    return mask, ink
 
 
 def tile_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarray,
@@ -98,15 +127,19 @@ def tile_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarra
 
 
 def draw_overview(thumb_rgb: np.ndarray, mask: np.ndarray, scale: float, xs: np.ndarray,
-                  ys: np.ndarray, size0: int, min_side: int = 768) -> Image.Image:
-    """The thumbnail with the tissue mask tinted and each kept tile outlined in green.
+                  ys: np.ndarray, size0: int, min_side: int = 768,
+                  ink: np.ndarray | None = None) -> Image.Image:
+    """The thumbnail with the tissue mask tinted blue, the pen ink taken out of it hatched in
+    orange, and each kept tile outlined in green.
 
     Small thumbnails are enlarged (nearest neighbour) to ``min_side`` so a person can see them.
     """
     img = Image.fromarray(thumb_rgb).convert("RGB")
-    tint = Image.new("RGB", img.size, (0, 90, 255))
-    img = Image.composite(Image.blend(img, tint, 0.25), img,
-                          Image.fromarray((mask * 255).astype(np.uint8)))
+    img = _tint(img, mask, (0, 90, 255), 0.25)
+    if ink is not None and ink.any():
+        # Diagonal hatching keeps the ink visible under the overlay (blue ink, blue tint).
+        yy, xx = np.indices(ink.shape)
+        img = _tint(img, ink & ((xx + yy) % 4 < 2), (255, 140, 0), 0.8)
     up = max(1, min_side // max(img.size))
     if up > 1:
         img = img.resize((img.width * up, img.height * up), Image.Resampling.NEAREST)
@@ -117,3 +150,10 @@ def draw_overview(thumb_rgb: np.ndarray, mask: np.ndarray, scale: float, xs: np.
         tx, ty = round(x * scale), round(y * scale)
         draw.rectangle([tx, ty, tx + s - 1, ty + s - 1], outline=(0, 200, 0))
     return img
+
+
+def _tint(img: Image.Image, where: np.ndarray, colour: tuple[int, int, int],
+          alpha: float) -> Image.Image:
+    """``img`` blended towards ``colour`` by ``alpha`` where ``where`` is True."""
+    return Image.composite(Image.blend(img, Image.new("RGB", img.size, colour), alpha), img,
+                           Image.fromarray((where * 255).astype(np.uint8)))

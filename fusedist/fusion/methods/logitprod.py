@@ -100,9 +100,9 @@ class LogitProdMethod(Method):
                                lp.val_fraction, ctx.seed("gate-val"))
         alpha = cfg.survival_alpha
         if surv:
-            R = survival_error_correlation(z, tgt[0], tgt[1], lp.shrink, alpha)
+            R = survival_error_correlation(z, tgt[0], tgt[1], lp.shrink, alpha, lp.logs)
         else:
-            R = error_correlation(z, tgt[0], lp.error, lp.shrink)
+            R = error_correlation(z, tgt[0], lp.error, lp.shrink, lp.logs)
         model = _gate(len(es), ctx.num_outputs, lp.gate, surv, lp.logs)
         pen = lp.survival.penalty
         # The survival gate stops on the c-index of the slides' event times, not their bins.
