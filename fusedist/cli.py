@@ -238,7 +238,12 @@ def export(checkpoint: str = typer.Argument(
 @app.command()
 def fuse(config: Optional[Path] = ConfigOpt,
          bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
-         labels: Optional[str] = typer.Option(None, help="Labels CSV (slide_id, ...)."),
+         labels: Optional[str] = typer.Option(
+             None, help="Labels CSV keyed by slide_id, or by patient_id (with --slides)."),
+         slides: Optional[str] = typer.Option(
+             None, help="Slide table (slide_id, path, patient_id): each slide's patient."),
+         unit: Optional[str] = typer.Option(
+             None, help="auto | slide | patient: one sample per slide or per patient."),
          task: Optional[str] = typer.Option(
              None, help="classification | tile_classification | survival | regression."),
          output: Optional[str] = typer.Option(None, "--output", "-o",
@@ -251,7 +256,7 @@ def fuse(config: Optional[Path] = ConfigOpt,
 
     _setup_logging(quiet, verbose, "fuse")
     cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task,
-                output=output)
+                output=output, slides=slides, unit=unit)
     _run_stage(check_fuse, cfg)  # before torch and Ray: bad inputs fail in a second
     from fusedist.fusion.run import run_fuse
 

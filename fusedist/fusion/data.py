@@ -547,7 +547,9 @@ def restrict_training(c: Cohort, cfg: FuseConfig, train: np.ndarray) -> np.ndarr
         return train
     keep = set(cfg.train_slides)
     slide_of = (np.arange(len(c.slide_ids)) if c.sample_slide is None else c.sample_slide)
-    allowed = np.array([c.slide_ids[i] in keep for i in slide_of], bool)
+    # A patient unit trains when one of its slides (or its id) is listed.
+    unit_ok = [bool(keep & {c.slide_ids[i], *c.unit_slides(i)}) for i in range(len(c.slide_ids))]
+    allowed = np.array([unit_ok[i] for i in slide_of], bool)
     out = train[allowed[train]]
     if len(out) == 0:
         raise ConfigError(f"train_slides: none of its {len(keep)} slide(s) is among this "

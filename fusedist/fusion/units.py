@@ -72,6 +72,27 @@ def slide_patients(cfg, rows: list[dict[str, str]], key: str) -> dict[str, str] 
                                         or r["slide_id"]) for r in rows}}
 
 
+def join_patients(cfg, rows: list[dict[str, str]], key: str
+                  ) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    """slide -> patient, patient -> slides, and the labelled patients (file order).
+    Patient-keyed labels without a slide table, or whose patients match none of its, are a
+    ConfigError (cheap: no bag is read; ``fuse``'s preflight runs it)."""
+    of = slide_patients(cfg, rows, key)
+    if of is None:
+        raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; set `slides:` to a "
+                          "slide table (slide_id, path, patient_id) so its patients can be "
+                          "joined to their slides' bags")
+    slides_of: dict[str, list[str]] = {}
+    for s, p in of.items():
+        slides_of.setdefault(p, []).append(s)
+    labelled = list(dict.fromkeys(r[key] if key == "patient_id" else of[r["slide_id"]]
+                                  for r in rows))
+    if not any(p in slides_of for p in labelled):
+        raise ConfigError(no_shared_ids(labelled, sorted(slides_of), "patient_id", cfg.labels,
+                                        f"the slide table {cfg.slides}"))
+    return of, slides_of, labelled
+
+
 def patient_units(cfg, rows: list[dict[str, str]], key: str, targets: dict[str, object],
                   bad: dict[str, str], with_bags: set[str], exclude
                   ) -> tuple[list[Unit], dict[str, object]]:
@@ -83,22 +104,9 @@ def patient_units(cfg, rows: list[dict[str, str]], key: str, targets: dict[str, 
     without bags, are recorded through ``exclude(slide_id, reason, patient_id=...)``; no
     labelled patient with a slide is a ConfigError before any bag is read.
     """
-    of = slide_patients(cfg, rows, key)
-    if of is None:
-        raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; set `slides:` to a "
-                          "slide table (slide_id, path, patient_id) so its patients can be "
-                          "joined to their slides' bags")
-    slides_of: dict[str, list[str]] = {}
-    for s, p in of.items():
-        slides_of.setdefault(p, []).append(s)
+    of, slides_of, labelled = join_patients(cfg, rows, key)
     if key == "slide_id":
         targets, bad = _merge_per_patient(cfg, of, targets, bad)
-    labelled = list(dict.fromkeys(r[key] if key == "patient_id" else of[r["slide_id"]]
-                                  for r in rows))
-    known = [p for p in labelled if p in slides_of]
-    if not known:
-        raise ConfigError(no_shared_ids(labelled, sorted(slides_of), "patient_id", cfg.labels,
-                                        f"the slide table {cfg.slides}"))
     units = []
     for p in labelled:
         if p not in slides_of:
