@@ -273,6 +273,9 @@ def predict(config: Optional[Path] = ConfigOpt,
             slides: Optional[str] = typer.Option(
                 None, help="Or: slides (folder or s3://) to tile and embed first, as the "
                            "model's card records (into <output>/tiles and <output>/bags)."),
+            patients: Optional[str] = typer.Option(
+                None, help="Slide table (slide_id, patient_id) grouping the slides into "
+                           "patients, for a model fused with unit: patient."),
             output: Optional[str] = typer.Option(None, "--output", "-o",
                                                  help="Predictions folder (or s3://)."),
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
@@ -287,7 +290,7 @@ def predict(config: Optional[Path] = ConfigOpt,
     if slides and not bags:
         sets.insert(0, "bags=null")  # --slides replaces a config file's `bags`
     cfg = _load(PredictConfig, config, sets, print_config, bags=bags, slides=slides,
-                output=output)
+                output=output, patients=patients)
     result = _run_stage(run_predict, cfg, quiet)
     typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
                f"failed; predictions: {result['output']}/predictions.csv")

@@ -273,13 +273,6 @@ def _align_picks(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray | None]]:
     return coords, picks
 
 
-def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows of each bag on the tiles every bag has, in the first bag's order."""
-    coords, picks = _align_picks(bags)
-    return coords, [(b.features if p is None else b.features[p]).astype(np.float32)
-                    for b, p in zip(bags, picks)]
-
-
 # ------------------------------------------------------------------------------- cohort
 
 def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: list[Unit],
@@ -446,8 +439,8 @@ def _slide_units(cfg: FuseConfig, rows, index: dict[str, dict[str, str]],
     labelled = [r["slide_id"] for r in rows]
     every = set().union(*(set(v) for v in index.values()))
     if not every & set(labelled):
-        raise ConfigError(no_shared_ids(labelled, sorted(every), "slide_id", cfg.labels,
-                                        f"the bags under {cfg.bags}"))
+        raise ConfigError(no_shared_ids(labelled, sorted(every), "slide_id",
+                                        f"labels {cfg.labels}", f"the bags under {cfg.bags}"))
     slides = []
     for sid in labelled:
         if sid in bad_targets:

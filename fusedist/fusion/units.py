@@ -88,8 +88,8 @@ def join_patients(cfg, rows: list[dict[str, str]], key: str
     labelled = list(dict.fromkeys(r[key] if key == "patient_id" else of[r["slide_id"]]
                                   for r in rows))
     if not any(p in slides_of for p in labelled):
-        raise ConfigError(no_shared_ids(labelled, sorted(slides_of), "patient_id", cfg.labels,
-                                        f"the slide table {cfg.slides}"))
+        raise ConfigError(no_shared_ids(labelled, sorted(slides_of), "patient_id",
+                                        f"labels {cfg.labels}", f"the slide table {cfg.slides}"))
     return of, slides_of, labelled
 
 
@@ -128,9 +128,10 @@ def patient_units(cfg, rows: list[dict[str, str]], key: str, targets: dict[str, 
                     "they are left out (manifest.json lists them)", gone, len(labelled),
                     cfg.slides, next(p for p in labelled if p not in slides_of))
     if not units:
-        wanted = sorted(s for p in known for s in slides_of[p])
+        wanted = sorted(s for p in labelled if p in slides_of for s in slides_of[p])
         raise ConfigError(no_shared_ids(wanted, sorted(with_bags), "slide_id",
-                                        f"the slide table {cfg.slides}", "the bags"))
+                                        f"the slide table {cfg.slides}",
+                                        f"the bags under {cfg.bags}"))
     for s in sorted(with_bags - set(of)):
         exclude(s, f"has bags but no row in {cfg.slides}", "")
     return units, targets
@@ -165,10 +166,10 @@ def no_shared_ids(labels: list[str], other: list[str], what: str, labels_url: st
     theirs = ", ".join(map(repr, other[:3])) or "none"
     return (f"{labels_url} and {other_name} share no {what}: {labels_url} has {len(labels)} "
             f"(e.g. {show}), {other_name} {len(other)} (e.g. {theirs}). "
-            f"{likely_cause(labels, other)}")
+            f"{likely_cause(labels, other, what)}")
 
 
-def likely_cause(labels: list[str], other: list[str]) -> str:
+def likely_cause(labels: list[str], other: list[str], what: str = "slide_id") -> str:
     """A guess at why two id lists do not meet, from what the ids look like."""
     lab, oth = labels[:200], other[:200]
     for a in lab:
@@ -185,6 +186,11 @@ def likely_cause(labels: list[str], other: list[str]) -> str:
                         "file suffix; key the labels as the bags are named")
     if lab and oth and {a.lower() for a in lab} & {b.lower() for b in oth}:
         return "Likely cause: the ids differ only in upper/lower case; ids are matched exactly"
+    if what == "patient_id":
+        return ("Likely cause: the two tables write patient ids differently or come from "
+                "different cohorts (TCGA: the case is the barcode's first 12 characters, "
+                "e.g. 'TCGA-2F-A9KO'); make the clinical table's patient_id match the slide "
+                "table's")
     if lab and all(len(a) == 12 and a.startswith("TCGA-") for a in lab):
         return ("Likely cause: the labels are TCGA patient barcodes (12 characters) keyed as "
                 "slides; name the column patient_id and set `slides:` to a slide table")
