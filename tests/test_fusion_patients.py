@@ -58,7 +58,7 @@ def cohort(tmp_path_factory):
 
 
 def _cfg(co, clinical, slides, **kw) -> FuseConfig:
-    return FuseConfig(bags=co.bags, labels=clinical, slides=slides, folds=3, **kw)
+    return FuseConfig(bags=co.bags, labels=clinical, slides=slides, **{"folds": 3, **kw})
 
 
 # ------------------------------------------------------------------------------ the cohort
