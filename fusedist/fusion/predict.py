@@ -357,6 +357,8 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     results, failed = [], []
     early = None
+    if card.get("unit") == "patient":
+        _patient_table(cfg)  # before any tiling: a patient model needs the patients
     if cfg.slides:
         from fusedist.fusion.predict_slides import embed_slides
 
@@ -418,17 +420,26 @@ def _usable(slides: dict[str, dict[str, str | None]], failed: list[dict], patien
     return ok
 
 
-def _units(cfg: PredictConfig, todo: dict[str, dict[str, str]], failed: list[dict]
-           ) -> dict[str, dict[str, dict[str, str]]]:
-    """patient -> slide -> encoder -> bag URL, from the slide table that groups the slides
-    (a patient-unit model predicts patients); slides it does not list are recorded failed."""
-    from fusedist.formats.slide_table import is_slide_table, patients, read_slide_table
+def _patient_table(cfg: PredictConfig) -> str:
+    """The slide table that groups slides into patients (``patients``, else ``slides`` when
+    it is a table); a ConfigError when there is none."""
+    from fusedist.formats.slide_table import is_slide_table
 
     table = cfg.patients or (cfg.slides if cfg.slides and is_slide_table(cfg.slides) else None)
     if table is None:
         raise ConfigError("model: it was fused with unit: patient (its card), so it predicts "
                           "patients: give `patients:` (--patients) a slide table (slide_id, "
                           "patient_id) grouping these slides into patients")
+    return table
+
+
+def _units(cfg: PredictConfig, todo: dict[str, dict[str, str]], failed: list[dict]
+           ) -> dict[str, dict[str, dict[str, str]]]:
+    """patient -> slide -> encoder -> bag URL, from the slide table that groups the slides
+    (a patient-unit model predicts patients); slides it does not list are recorded failed."""
+    from fusedist.formats.slide_table import patients, read_slide_table
+
+    table = _patient_table(cfg)
     of = patients(read_slide_table(table))
     if todo and not set(todo) & set(of):
         from fusedist.fusion.units import no_shared_ids
