@@ -238,7 +238,12 @@ def export(checkpoint: str = typer.Argument(
 @app.command()
 def fuse(config: Optional[Path] = ConfigOpt,
          bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
-         labels: Optional[str] = typer.Option(None, help="Labels CSV (slide_id, ...)."),
+         labels: Optional[str] = typer.Option(
+             None, help="Labels CSV keyed by slide_id, or by patient_id (with --slides)."),
+         slides: Optional[str] = typer.Option(
+             None, help="Slide table (slide_id, path, patient_id): each slide's patient."),
+         unit: Optional[str] = typer.Option(
+             None, help="auto | slide | patient: one sample per slide or per patient."),
          task: Optional[str] = typer.Option(
              None, help="classification | tile_classification | survival | regression."),
          output: Optional[str] = typer.Option(None, "--output", "-o",
@@ -251,7 +256,7 @@ def fuse(config: Optional[Path] = ConfigOpt,
 
     _setup_logging(quiet, verbose, "fuse")
     cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task,
-                output=output)
+                output=output, slides=slides, unit=unit)
     _run_stage(check_fuse, cfg)  # before torch and Ray: bad inputs fail in a second
     from fusedist.fusion.run import run_fuse
 
@@ -268,6 +273,9 @@ def predict(config: Optional[Path] = ConfigOpt,
             slides: Optional[str] = typer.Option(
                 None, help="Or: slides (folder or s3://) to tile and embed first, as the "
                            "model's card records (into <output>/tiles and <output>/bags)."),
+            patients: Optional[str] = typer.Option(
+                None, help="Slide table (slide_id, patient_id) grouping the slides into "
+                           "patients, for a model fused with unit: patient."),
             output: Optional[str] = typer.Option(None, "--output", "-o",
                                                  help="Predictions folder (or s3://)."),
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
@@ -282,7 +290,7 @@ def predict(config: Optional[Path] = ConfigOpt,
     if slides and not bags:
         sets.insert(0, "bags=null")  # --slides replaces a config file's `bags`
     cfg = _load(PredictConfig, config, sets, print_config, bags=bags, slides=slides,
-                output=output)
+                output=output, patients=patients)
     result = _run_stage(run_predict, cfg, quiet)
     typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
                f"failed; predictions: {result['output']}/predictions.csv")

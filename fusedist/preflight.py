@@ -73,10 +73,20 @@ def check_embed(cfg: Any) -> None:
 def check_fuse(cfg: Any) -> None:
     """``fusedist fuse``: the labels CSV parses for the task and the bags folder has bags."""
     storage.configure(cfg.storage)
-    from fusedist.fusion.data import bag_index, discover_encoders, parse_targets, read_labels
+    from fusedist.fusion.data import (bag_index, discover_encoders, keyed_rows,
+                                      parse_targets, read_labels)
 
     rows, cols = read_labels(cfg.labels)
-    parse_targets(cfg, rows, cols)
+    parse_targets(cfg, keyed_rows(rows, cols), cols)
+    from fusedist.fusion.units import join_patients, label_key, resolve_unit
+
+    key = label_key(cfg.labels, cols)
+    if resolve_unit(cfg, key) == "patient":  # the clinical table meets the slide table
+        join_patients(cfg, keyed_rows(rows, cols), key)
+    elif cfg.slides:
+        from fusedist.formats.slide_table import read_slide_table
+
+        read_slide_table(cfg.slides)
     bag_index(cfg, discover_encoders(cfg))
 
 

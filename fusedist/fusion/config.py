@@ -286,7 +286,20 @@ class FuseConfig(StrictModel):
     TRIDENT and CLAM layouts are read)."""
 
     labels: str
-    """CSV with ``slide_id``, optional ``patient_id`` and the task's columns."""
+    """CSV with the task's columns, keyed by slide (``slide_id``, optional ``patient_id``)
+    or by patient (``patient_id`` and no ``slide_id``: a clinical table, joined to the bags
+    through ``slides``)."""
+
+    slides: str | None = None
+    """Slide table (CSV or Parquet: ``slide_id``, ``path``, ``patient_id``; the one ``tile``
+    and ``embed`` read) giving each slide's patient: needed for labels keyed by patient;
+    with slide-keyed labels it fills the patient ids the labels lack."""
+
+    unit: Literal["auto", "slide", "patient"] = "auto"
+    """What one sample is: a ``slide`` (its bag), or a ``patient`` (the bags of all its
+    slides pooled per encoder: tiles concatenated in slide-id order, as CLAM and PORPOISE do
+    for TCGA); folds, metrics, predictions.csv and the fused model are then per patient.
+    ``auto``: ``patient`` when ``labels`` is keyed by patient, else ``slide``."""
 
     task: Task = "classification"
     """``classification`` (slide), ``tile_classification``, ``survival`` (``time`` +
@@ -441,6 +454,9 @@ class FuseConfig(StrictModel):
             if isinstance(self.target, list) and len(self.target) != 1:
                 raise ValueError(f"task {self.task} takes one label column, got {self.target}; "
                                  "set target: label")
+        if self.task == "tile_classification" and self.unit == "patient":
+            raise ValueError("unit: patient pools slides into one sample; tile_classification "
+                             "samples tiles of one slide: use unit: slide (or auto)")
         if self.encoders is not None and len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders lists a name twice: {self.encoders}")
         if self.final.registered_model and not (self.final.enabled and self.mlflow.enabled):

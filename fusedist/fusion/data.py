@@ -25,6 +25,7 @@ from fusedist.bags import Bag, BagError, encoder_folders, list_bags, read_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.tasks import TASKS, Task, class_order, get_task, need_columns
+from fusedist.fusion.units import Unit
 
 log = logging.getLogger("fusedist")
 
@@ -34,11 +35,14 @@ class Cohort:
     """Everything a fold needs, as plain arrays (it travels to Ray tasks).
 
     Slide-level tasks have one sample per slide; ``tile_classification`` has one sample per
-    sampled tile (``sample_slide`` maps a sample to its slide).
+    sampled tile (``sample_slide`` maps a sample to its slide). With ``unit: patient`` each
+    "slide" below is a patient: ``slide_ids`` are patient ids and each per-slide array is
+    the patient's slides pooled (fusedist.fusion.units); ``members`` lists those slides.
     """
 
     task: str
     slide_ids: list[str]
+    """The id of each unit: slide ids, or patient ids with ``unit: patient``."""
     patient_ids: list[str]
     encoders: list[str]
     """Encoders with an expert (all, or for tile tasks the feature group)."""
@@ -70,6 +74,23 @@ class Cohort:
     """Tile tasks: slide index of each sample."""
     sample_index: np.ndarray | None = None
     """Tile tasks: row of each sample in its slide's aligned features."""
+    unit: str = "slide"
+    """``slide`` or ``patient`` (FuseConfig.unit, decided)."""
+    members: list[list[str]] | None = None
+    """Patient unit: the slides pooled into each unit, in pooling (slide-id) order."""
+    member_sizes: dict[str, list[list[int]]] | None = None
+    """Patient unit: encoder -> per unit, the tiles each member slide contributes."""
+
+    def unit_slides(self, i: int) -> list[str]:
+        """The slides of unit ``i`` (itself, for slide units)."""
+        return [self.slide_ids[i]] if self.members is None else self.members[i]
+
+    def unit_label(self, i: int) -> str:
+        """What predictions.csv and folds.csv write as unit ``i``'s slide_id: the slide, or
+        the patient's slides joined by ``;``."""
+        from fusedist.fusion.units import SEP
+
+        return SEP.join(self.unit_slides(i))
 
     def columns(self) -> list[Sequence[np.ndarray]]:
         """The per-slide sequences that may be packed on disk (fusedist.fusion.store)."""
@@ -90,8 +111,11 @@ class Cohort:
 # ------------------------------------------------------------------------------- labels
 
 def read_labels(url: str) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows and columns of a labels CSV; a missing file or ``slide_id`` column is a
+    """Rows and columns of a labels CSV keyed by ``slide_id`` (or, with no such column, by
+    ``patient_id``: a clinical table); a missing file, key column or a repeated key is a
     ConfigError."""
+    from fusedist.fusion.units import label_key
+
     try:
         text = storage.read_text(url)
     except FileNotFoundError:
@@ -100,17 +124,26 @@ def read_labels(url: str) -> tuple[list[dict[str, str]], list[str]]:
     reader = csv.DictReader(io.StringIO(text))
     cols = [c.strip() for c in (reader.fieldnames or [])]
     rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    if "slide_id" not in cols:
-        raise ConfigError(f"labels: {url} has no slide_id column (columns: {cols}); the first "
-                          "row must name the columns, one of them slide_id")
+    key = label_key(url, cols)
+    what = "slide" if key == "slide_id" else "patient"
     seen: dict[str, int] = {}
     for i, r in enumerate(rows, start=2):
-        sid = r["slide_id"]
+        sid = r[key]
+        if not sid:
+            raise ConfigError(f"labels: {url}, line {i}: empty {key}; every row needs one")
         if sid in seen:
-            raise ConfigError(f"labels: {url} lists slide {sid!r} twice (lines {seen[sid]} and "
-                              f"{i}); keep one row per slide")
+            raise ConfigError(f"labels: {url} lists {what} {sid!r} twice (lines {seen[sid]} "
+                              f"and {i}); keep one row per {what}")
         seen[sid] = i
     return rows, cols
+
+
+def keyed_rows(rows: list[dict[str, str]], cols: list[str]) -> list[dict[str, str]]:
+    """Rows whose ``slide_id`` is their key (tasks parse targets by ``slide_id``): a
+    patient-keyed table's rows get their patient id there."""
+    if "slide_id" in cols:
+        return rows
+    return [{**r, "slide_id": r["patient_id"]} for r in rows]
 
 
 def parse_targets(cfg: FuseConfig, rows: list[dict[str, str]], cols: list[str]
@@ -193,6 +226,14 @@ def _read_ahead(index: dict[str, dict[str, str]], slides: list[str], ahead: int 
             yield (s, *fut.result())
 
 
+def _read_units(index: dict[str, dict[str, str]], units: list[Unit]
+                ) -> Iterator[tuple[Unit, list[tuple[str, dict[str, Bag] | None, str | None]]]]:
+    """Each unit with its slides' bags (or why not), read ahead slide by slide."""
+    flat = _read_ahead(index, [s for u in units for s in u.slides])
+    for u in units:
+        yield u, [next(flat) for _ in u.slides]
+
+
 def _tile_extent(bag: Bag) -> float:
     v = bag.attrs.get("patch_size_level0")
     if v:
@@ -238,23 +279,18 @@ def _align_picks(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray | None]]:
     return coords, picks
 
 
-def _align(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows of each bag on the tiles every bag has, in the first bag's order."""
-    coords, picks = _align_picks(bags)
-    return coords, [(b.features if p is None else b.features[p]).astype(np.float32)
-                    for b, p in zip(bags, picks)]
-
-
 # ------------------------------------------------------------------------------- cohort
 
-def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: list[str],
-                   exclusions: list[dict[str, str]]) -> dict[str, Any]:
-    """Read the slides' bags one slide at a time, check them, and keep their features as
-    float32: in memory up to ``cfg.bags_in_memory_gb``, packed into memory-mapped files past
-    it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once.
+def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: list[Unit],
+                   exclusions: list[dict[str, str]], patient: bool = False) -> dict[str, Any]:
+    """Read the units' bags one slide at a time, check them, pool each unit's slides
+    (fusedist.fusion.units.pool_bags; a slide unit is its one slide) and keep their features
+    as float32: in memory up to ``cfg.bags_in_memory_gb``, packed into memory-mapped files
+    past it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once.
 
-    Returns the :class:`Cohort` fields the bags decide (``slide_ids`` are the slides kept)."""
+    Returns the :class:`Cohort` fields the bags decide (``slide_ids`` are the units kept)."""
     from fusedist.fusion.store import FOLDER, Packer, Picked
+    from fusedist.fusion.units import pool_bags
     from fusedist.tracking import random_weights_line
 
     encoders = list(index)
@@ -263,54 +299,70 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: li
     group: list[str] = []
     first: dict[str, Bag] = {}
     keep: list[str] = []
+    members: list[list[str]] = []
+    sizes: dict[str, list[list[int]]] = {e: [] for e in encoders}
     picks: dict[str, list[np.ndarray | None]] = {}
     random = set()
 
-    def exclude(sid: str, reason: str) -> None:
-        exclusions.append({"slide_id": sid, "reason": reason})
+    def exclude(sid: str, reason: str, unit: Unit) -> None:
+        exclusions.append({"slide_id": sid, "patient_id": unit.id, "reason": reason}
+                          if patient else {"slide_id": sid, "reason": reason})
 
     try:
-        for s, bags, why in _read_ahead(index, slides):
-            if bags is None:
-                exclude(s, why)
+        for unit, read in _read_units(index, units):
+            good = []
+            for s, bags, why in read:
+                if bags is None:
+                    exclude(s, why, unit)
+                    continue
+                if packer is None:  # the first usable slide sets dims and the feature group
+                    first = {e: Bag(**{**vars(b), "features": b.features[:0]})
+                             for e, b in bags.items()}
+                    dims = {e: int(b.features.shape[1]) for e, b in bags.items()}
+                    group = feature_group(bags, encoders)
+                    picks = {e: [] for e in group}
+                    cols = {**{e: (d, "float32") for e, d in dims.items()},
+                            **{f"{e}.coords": (2, "int64") for e in encoders},
+                            "_aligned.coords": (2, "int64")}
+                    packer = Packer(cols, storage.join(cfg.output, FOLDER),
+                                    cfg.bags_in_memory_gb * 2**30)
+                    first_slide = s
+                for e in encoders:
+                    if bags[e].features.shape[1] != dims[e]:
+                        raise ConfigError(f"bags: {e}/{s} has {bags[e].features.shape[1]}-d "
+                                          f"features but {e}/{first_slide} has {dims[e]}; "
+                                          "one folder must hold one encoder's bags")
+                good.append((s, bags))
+            if not good:
+                if patient:
+                    exclude("", "no usable slide (each one's reason is listed)", unit)
                 continue
-            if packer is None:  # the first usable slide sets dims and the feature group
-                first = {e: Bag(**{**vars(b), "features": b.features[:0]})
-                         for e, b in bags.items()}
-                dims = {e: int(b.features.shape[1]) for e, b in bags.items()}
-                group = feature_group(bags, encoders)
-                picks = {e: [] for e in group}
-                cols = {**{e: (d, "float32") for e, d in dims.items()},
-                        **{f"{e}.coords": (2, "int64") for e in encoders},
-                        "_aligned.coords": (2, "int64")}
-                packer = Packer(cols, storage.join(cfg.output, FOLDER),
-                                cfg.bags_in_memory_gb * 2**30)
-                first_slide = s
-            for e in encoders:
-                if bags[e].features.shape[1] != dims[e]:
-                    raise ConfigError(f"bags: {e}/{s} has {bags[e].features.shape[1]}-d "
-                                      f"features but {e}/{first_slide} has {dims[e]}; one "
-                                      "folder must hold one encoder's bags")
-            xy, rows = _align_picks([bags[e] for e in group])
-            if len(xy) == 0:
-                exclude(s, f"encoders {group} share no tile coordinates on this slide")
+            pooled = pool_bags([b for _, b in good], group, _align_picks)
+            if len(pooled.aligned_coords) == 0:
+                exclude("" if patient else unit.id,
+                        f"encoders {group} share no tile coordinates on this "
+                        f"{'patient' if patient else 'slide'}", unit)
                 continue
-            keep.append(s)
-            packer.add("_aligned.coords", xy)
+            keep.append(unit.id)
+            members.append([s for s, _ in good])
+            packer.add("_aligned.coords", pooled.aligned_coords)
             for e in encoders:
-                packer.add(e, bags[e].features)
-                packer.add(f"{e}.coords", bags[e].coords)
-            for e, p in zip(group, rows):
+                packer.add(e, pooled.bags[e].features)
+                packer.add(f"{e}.coords", pooled.bags[e].coords)
+                sizes[e].append(pooled.sizes[e])
+            for e, p in zip(group, pooled.picks):
                 picks[e].append(p)
-            random |= {b.encoder for b in bags.values() if b.attrs.get("random_weights") is True}
+            random |= {b.encoder for _, bb in good for b in bb.values()
+                       if b.attrs.get("random_weights") is True}
     except BaseException:
         if packer is not None:
             packer.abort()
         raise
     if not keep:
-        raise ConfigError("no usable slides: every labelled slide was excluded ("
-                          + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in
-                                      exclusions[:3]) + ")")
+        what = "patient" if patient else "slide"
+        raise ConfigError(f"no usable {what}s: every labelled {what} was excluded ("
+                          + "; ".join(f"{x['slide_id'] or x['patient_id']}: {x['reason']}"
+                                      for x in exclusions[:3]) + ")")
     packed = packer.finish()
     feats = {e: packed[e] for e in encoders}
     if packer.packed:
@@ -328,27 +380,73 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], slides: li
         aligned={e: Picked(feats[e], picks[e]) for e in group},
         aligned_coords=packed["_aligned.coords"],
         tile_extent={e: _tile_extent(first[e]) for e in encoders},
-        encoder_info={e: _encoder_info(first[e]) for e in encoders}, notes=notes)
+        encoder_info={e: _encoder_info(first[e]) for e in encoders}, notes=notes,
+        **(dict(members=members, member_sizes=sizes) if patient else {}))
 
 
 def load_cohort(cfg: FuseConfig) -> Cohort:
     """Join labels and bags, exclude bad slides with reasons, check what folds need."""
+    from fusedist.fusion.units import resolve_unit
+
     rows, cols = read_labels(cfg.labels)
+    key = "slide_id" if "slide_id" in cols else "patient_id"
+    unit = resolve_unit(cfg, key)
+    rows = keyed_rows(rows, cols)
     targets, bad_targets, target_names = parse_targets(cfg, rows, cols)
     encoders = discover_encoders(cfg)
     index = bag_index(cfg, encoders)
     exclusions: list[dict[str, str]] = []
-
-    def exclude(sid: str, reason: str) -> None:
-        exclusions.append({"slide_id": sid, "reason": reason})
-
-    labelled = [r["slide_id"] for r in rows]
     with_all = set.intersection(*(set(v) for v in index.values()))
     if not with_all:
         raise ConfigError(f"bags: no slide has a bag for every encoder {encoders} under "
                           f"{cfg.bags}; the encoders' slide ids do not match (e.g. "
                           + ", ".join(f"{e}: {next(iter(index[e]))!r}" for e in encoders)
                           + "); embed the same slides with each encoder, or limit `encoders`")
+    if unit == "patient":
+        from fusedist.fusion.units import patient_units
+
+        def exclude(sid: str, reason: str, patient: str) -> None:
+            exclusions.append({"slide_id": sid, "patient_id": patient, "reason": reason})
+
+        units, targets = patient_units(cfg, rows, key, targets, bad_targets, with_all,
+                                       exclude)
+        pid = {u.id: u.id for u in units}
+    else:
+        units, pid = _slide_units(cfg, rows, index, bad_targets, with_all, exclusions)
+    read = _read_features(cfg, {e: index[e] for e in encoders}, units, exclusions,
+                          patient=unit == "patient")
+    cohort = Cohort(task=cfg.task, patient_ids=[pid[s] for s in read["slide_ids"]],
+                    encoders=list(encoders), exclusions=exclusions, target_names=target_names,
+                    unit=unit, **read)
+    task = get_task(cfg)
+    task.set_targets(cohort, targets)
+    if task.tile:
+        _tile_samples(cohort, cfg)
+    check_folds(cohort, cfg)
+    if exclusions:
+        x = exclusions[0]
+        log.warning("fuse: %d slide(s) excluded (reasons in the manifest), e.g. %s: %s",
+                    len(exclusions), x["slide_id"] or f"patient {x.get('patient_id')}",
+                    x["reason"])
+    return cohort
+
+
+def _slide_units(cfg: FuseConfig, rows, index: dict[str, dict[str, str]],
+                 bad_targets: dict[str, str], with_all: set[str],
+                 exclusions: list[dict[str, str]]) -> tuple[list[Unit], dict[str, str]]:
+    """One unit per labelled slide with a bag for every encoder (today's join), and each
+    slide's patient (the labels' patient_id, else the slide table's, else the slide)."""
+    from fusedist.fusion.units import no_shared_ids, slide_patients
+
+    def exclude(sid: str, reason: str) -> None:
+        exclusions.append({"slide_id": sid, "reason": reason})
+
+    encoders = list(index)
+    labelled = [r["slide_id"] for r in rows]
+    every = set().union(*(set(v) for v in index.values()))
+    if not every & set(labelled):
+        raise ConfigError(no_shared_ids(labelled, sorted(every), "slide_id",
+                                        f"labels {cfg.labels}", f"the bags under {cfg.bags}"))
     slides = []
     for sid in labelled:
         if sid in bad_targets:
@@ -360,25 +458,14 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
             slides.append(sid)
     for sid in sorted(with_all - set(labelled)):
         exclude(sid, f"has bags but no row in {cfg.labels}")
-    partial = sorted(set().union(*(set(v) for v in index.values())) - with_all - set(labelled))
+    partial = sorted(every - with_all - set(labelled))
     for sid in partial:
         exclude(sid, "bags for only some encoders: "
                 + str([e for e in encoders if sid in index[e]]) + ", and no label row")
-
-    read = _read_features(cfg, {e: index[e] for e in encoders}, slides, exclusions)
-    pid = {r["slide_id"]: (r.get("patient_id") or r["slide_id"]) for r in rows}
-    cohort = Cohort(task=cfg.task, patient_ids=[pid[s] for s in read["slide_ids"]],
-                    encoders=list(encoders), exclusions=exclusions, target_names=target_names,
-                    **read)
-    task = get_task(cfg)
-    task.set_targets(cohort, targets)
-    if task.tile:
-        _tile_samples(cohort, cfg)
-    check_folds(cohort, cfg)
-    if exclusions:
-        log.warning("fuse: %d slide(s) excluded (reasons in the manifest), e.g. %s: %s",
-                    len(exclusions), exclusions[0]["slide_id"], exclusions[0]["reason"])
-    return cohort
+    table = slide_patients(cfg, [], "") if cfg.slides else {}
+    pid = {r["slide_id"]: (r.get("patient_id") or table.get(r["slide_id"]) or r["slide_id"])
+           for r in rows}
+    return [Unit(s, pid[s], (s,)) for s in slides], pid
 
 
 def _tile_labels(cfg: FuseConfig) -> dict[tuple[str, int, int], str] | None:
@@ -459,7 +546,9 @@ def restrict_training(c: Cohort, cfg: FuseConfig, train: np.ndarray) -> np.ndarr
         return train
     keep = set(cfg.train_slides)
     slide_of = (np.arange(len(c.slide_ids)) if c.sample_slide is None else c.sample_slide)
-    allowed = np.array([c.slide_ids[i] in keep for i in slide_of], bool)
+    # A patient unit trains when one of its slides (or its id) is listed.
+    unit_ok = [bool(keep & {c.slide_ids[i], *c.unit_slides(i)}) for i in range(len(c.slide_ids))]
+    allowed = np.array([unit_ok[i] for i in slide_of], bool)
     out = train[allowed[train]]
     if len(out) == 0:
         raise ConfigError(f"train_slides: none of its {len(keep)} slide(s) is among this "

@@ -113,8 +113,8 @@ def flat_reason(card: dict) -> str | None:
 
 # Fields of a FuseConfig that say where and how a run executes, not what the model learns;
 # the card's recipe leaves them out (and the data paths, which the card's reader supplies).
-_NOT_RECIPE = {"bags", "labels", "output", "thumbnails", "heatmaps", "overwrite", "ray",
-               "storage", "mlflow", "device", "fold_cpus", "fold_gpus", "train_slides"}
+_NOT_RECIPE = {"bags", "labels", "slides", "output", "thumbnails", "heatmaps", "overwrite",
+               "ray", "storage", "mlflow", "device", "fold_cpus", "fold_gpus", "train_slides"}
 
 
 def recipe_of(cfg: FuseConfig) -> dict:
@@ -138,9 +138,13 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     from fusedist.fusion.data import restrict_training
 
     targets = next(iter(fitted.values())).targets
+    trained = restrict_training(c, cfg, np.arange(c.num_samples))
     keep = None if cfg.train_slides is None else set(cfg.train_slides)
     slides = [s for s in c.slide_ids if keep is None or s in keep]
-    n_samples = len(restrict_training(c, cfg, np.arange(c.num_samples)))
+    units = trained.tolist()  # patient units are samples (no tile task pools patients)
+    if c.unit == "patient":
+        slides = [s for i in units for s in c.unit_slides(i)]
+    n_samples = len(trained)
     used = sorted({e for f in fitted.values() for e in f.encoders()})
     components = {}
     with tempfile.TemporaryDirectory(prefix="fusedist-model-") as tmp:
@@ -151,13 +155,15 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
             components[name] = {"file": path.name, "sha256": _sha256(path), "spec": f.spec()}
         card = {
             "format": "fusedist-fused-model/1", "fusedist_version": _version(),
-            "task": c.task, "targets": targets.card(), "methods": list(fitted),
+            "task": c.task, "unit": c.unit, "targets": targets.card(),
+            "methods": list(fitted),
             "encoders": {e: c.encoder_info.get(e, {}) for e in used},
             "feature_group": c.feature_group, "components": components,
             "fusecpath": cfg.fusecpath.model_dump() if any(
                 f.spec()["kind"] == "fusecpath" for f in fitted.values()) else None,
             "seed": cfg.seed, "cv_metrics": {m: cv[m] for m in fitted if m in cv},
-            "trained_on": {"slides": len(slides), "samples": n_samples},
+            "trained_on": {"slides": len(slides), "samples": n_samples,
+                           **({"patients": len(units)} if c.unit == "patient" else {})},
             # What `fusedist retrain` needs to score this model's recipe against a challenger
             # on the same folds: the slides it was fitted on and the recipe that fitted it.
             "trained_slides": slides, "recipe": recipe_of(cfg)}

@@ -68,6 +68,12 @@ class PredictConfig(StrictModel):
     slide_ids: list[str] | None = None
     """Slide ids to predict; default: every slide with a bag for the model's encoders."""
 
+    patients: str | None = None
+    """Slide table (``slide_id``, ``patient_id``; the one ``fuse`` took as ``slides``) that
+    groups the slides into patients, for a model fused with ``unit: patient`` (its card says
+    so): each patient's slides are pooled and predicted as one, one row per patient.
+    Default: ``slides`` when that is a slide table."""
+
     thumbnails: str | None = None
     """Tile dataset (its ``thumbnails/``) or folder of ``<slide_id>.png`` for the heatmaps."""
 
@@ -145,35 +151,45 @@ def _check_weights(card: dict, todo: dict[str, dict[str, str]]) -> None:
 def slide_inputs(card: dict, bags: dict, slide_id: str, urls: dict[str, str]):
     """One slide's ``Inputs`` for the model: each encoder's bag, the feature group aligned on
     shared tiles, tile matrices (tile tasks), FuseCPath's sub-bag plan."""
-    from fusedist.fusion.data import _align
-    from fusedist.fusion.methods.base import Inputs
+    return unit_inputs(card, [bags], slide_id, [urls])[0]
 
-    for e, b in bags.items():
-        dim = (card["encoders"].get(e) or {}).get("dim")
-        if dim and b.dim != dim:
-            raise SlideError(f"{urls[e]}: {b.dim}-d features, the model's {e!r} takes {dim}; "
-                             "this folder holds another encoder's bags")
-    group = [e for e in card["feature_group"] if e in bags]
+
+def unit_inputs(card: dict, per_slide: list[dict], unit_id: str, urls: list[dict[str, str]]):
+    """One unit's ``Inputs`` (a slide, or a patient: its slides' bags pooled as ``fuse``
+    pools them, fusedist.fusion.units.pool_bags) and the pooled bags."""
+    from fusedist.fusion.data import _align_picks
+    from fusedist.fusion.methods.base import Inputs
+    from fusedist.fusion.units import pool_bags
+
+    for bags, where in zip(per_slide, urls):
+        for e, b in bags.items():
+            dim = (card["encoders"].get(e) or {}).get("dim")
+            if dim and b.dim != dim:
+                raise SlideError(f"{where[e]}: {b.dim}-d features, the model's {e!r} takes "
+                                 f"{dim}; this folder holds another encoder's bags")
+    group = [e for e in card["feature_group"] if e in per_slide[0]]
+    pooled = pool_bags(per_slide, group, _align_picks)
+    bags = pooled.bags
     aligned: dict[str, list[np.ndarray]] = {}
     if group:
-        coords, feats = _align([bags[e] for e in group])
-        if len(coords) == 0:
-            raise SlideError(f"{slide_id}: encoders {group} share no tile coordinates")
-        aligned = {e: [f] for e, f in zip(group, feats)}
+        if len(pooled.aligned_coords) == 0:
+            raise SlideError(f"{unit_id}: encoders {group} share no tile coordinates")
+        aligned = {e: [(bags[e].features if p is None else bags[e].features[p])
+                       .astype(np.float32)] for e, p in zip(group, pooled.picks)}
     plans = None
     if card.get("fusecpath"):
         from fusedist.fusion.config import FuseCPathConfig
         from fusedist.fusion.methods.fusecpath import plan_slide
 
         cfg = SimpleNamespace(fusecpath=FuseCPathConfig(**card["fusecpath"]), seed=card["seed"])
-        plans = [plan_slide([aligned[e][0] for e in group], cfg, slide_id)[0]]
+        plans = [plan_slide([aligned[e][0] for e in group], cfg, unit_id)[0]]
     tile = card["task"] == "tile_classification"
     tiles = {e: aligned[e][0] for e in group} if tile else None
     n = len(next(iter(tiles.values()))) if tile else 1
     return Inputs(idx=np.arange(n), bags={e: [b.features.astype(np.float32)]
                                           for e, b in bags.items()},
                   aligned=aligned, tiles=tiles, plans=plans,
-                  attention_for=() if tile else (0,))
+                  attention_for=() if tile else (0,)), pooled
 
 
 # ---------------------------------------------------------------------------- output
@@ -197,8 +213,7 @@ def _row(card: dict, pred: np.ndarray) -> list[object]:
     return [f"{v:.6g}" for v in pred] + [classes[int(np.argmax(pred))] if ok else ""]
 
 
-def predict_slide(model, card: dict, slide_id: str, urls: dict[str, str], device) -> dict:
-    """Every component's prediction for one slide (JSON-able), and attention for heatmaps."""
+def _read_slide(card: dict, slide_id: str, urls: dict[str, str]) -> dict:
     from fusedist.bags import BagError, read_bag
 
     bags = {}
@@ -208,8 +223,26 @@ def predict_slide(model, card: dict, slide_id: str, urls: dict[str, str], device
         except (BagError, OSError, ValueError) as err:
             raise SlideError(f"{err} (re-run `fusedist embed -e {e}` for this slide)") from None
         _check_digest(card, e, bags[e], url)
-    x = slide_inputs(card, bags, slide_id, urls)
-    out = {"slide_id": slide_id, "methods": {}, "attention": {}}
+    return bags
+
+
+def predict_slide(model, card: dict, slide_id: str, urls: dict[str, str], device) -> dict:
+    """Every component's prediction for one slide (JSON-able), and attention for heatmaps."""
+    return predict_unit(model, card, slide_id, {slide_id: urls}, device)
+
+
+def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, str]], device,
+                 patient: bool = False) -> dict:
+    """Every component's prediction for one unit: a slide, or (``patient``) a patient whose
+    slides (``slides``: slide -> encoder -> bag URL, pooled in slide-id order) are one
+    sample, as in a ``unit: patient`` fuse run."""
+    order = sorted(slides) if patient else list(slides)
+    per_slide = [_read_slide(card, s, slides[s]) for s in order]
+    x, pooled = unit_inputs(card, per_slide, unit_id, [slides[s] for s in order])
+    bags = pooled.bags
+    out = {"slide_id": ";".join(order), "methods": {}, "attention": {}}
+    if patient:
+        out["patient_id"] = unit_id
     for name, o in model.predict(x, device).items():
         pred = o.pred.mean(0) if card["task"] == "tile_classification" else o.pred[0]
         rec = {"pred": np.asarray(pred, np.float64).tolist()}
@@ -223,6 +256,9 @@ def predict_slide(model, card: dict, slide_id: str, urls: dict[str, str], device
                 out["attention"][e] = {"coords": bags[e].coords.tolist(),
                                        "attention": attn[0].tolist(),
                                        "extent": _extent(bags[e])}
+                if patient:  # to draw each slide on its own (coords repeat across slides)
+                    out["attention"][e]["slides"] = [[s, n] for s, n in
+                                                     zip(order, pooled.sizes[e])]
     return out
 
 
@@ -259,13 +295,16 @@ def _predictions_csv(card: dict, results: list[dict]) -> str:
     experts = list(card["components"][lp[0]]["spec"]["experts"]) if lp else []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["slide_id", "method"] + _columns(card) + [f"weight_{e}" for e in experts])
+    patient = card.get("unit") == "patient"  # one row per patient, its slides joined by ;
+    w.writerow((["patient_id"] if patient else []) + ["slide_id", "method"] + _columns(card)
+               + [f"weight_{e}" for e in experts])
     for r in results:
         for name in card["methods"]:
             rec = r["methods"][name]
             weights = [f"{v:.6g}" for v in rec["weights"]] if "weights" in rec else \
                 [""] * len(experts)
-            w.writerow([r["slide_id"], name] + _row(card, np.asarray(rec["pred"])) + weights)
+            w.writerow(([r["patient_id"]] if patient else []) + [r["slide_id"], name]
+                       + _row(card, np.asarray(rec["pred"])) + weights)
     return buf.getvalue()
 
 
@@ -318,6 +357,8 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     results, failed = [], []
     early = None
+    if card.get("unit") == "patient":
+        _patient_table(cfg)  # before any tiling: a patient model needs the patients
     if cfg.slides:
         from fusedist.fusion.predict_slides import embed_slides
 
@@ -331,29 +372,88 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
             log.warning("predict: %s failed: %s", s, r)
     todo = _targets(cfg, card, early)
     _check_weights(card, todo)
+    patient = card.get("unit", "slide") == "patient"
+    units = _units(cfg, todo, failed) if patient else {s: {s: todo[s]} for s in todo}
     state = StageState(cfg.output)
-    finished = state.read_many(todo)
-    for sid in tqdm(sorted(todo), desc="predict", unit="slide", disable=not progress):
-        done = finished.get(sid)
-        if done is not None and done.get("model") == digest:
+    finished = state.read_many(units)
+    what = "patient" if patient else "slide"
+    for uid in tqdm(sorted(units), desc="predict", unit=what, disable=not progress):
+        done = finished.get(uid)
+        if done is not None and done.get("model") == digest and \
+                done.get("slide_id") == ";".join(sorted(units[uid]) if patient else [uid]):
             results.append(done)
             continue
         try:
-            missing = [e for e, u in todo[sid].items() if u is None]
-            if missing:
-                raise SlideError(f"no bag for encoder(s) {missing}; run `fusedist embed` for "
-                                 "this slide with them")
-            r = predict_slide(model, card, sid, todo[sid], device)
+            usable = _usable(units[uid], failed, patient)
+            r = predict_unit(model, card, uid, usable, device, patient)
         except SlideError as err:
-            failed.append({"slide_id": sid, "reason": str(err)})
-            log.warning("predict: %s failed: %s", sid, err)
+            failed.append({"slide_id": ";".join(units[uid]), "reason": str(err),
+                           **({"patient_id": uid} if patient else {})})
+            log.warning("predict: %s failed: %s", uid, err)
             continue
         r["model"] = digest
-        state.write(sid, r)
+        state.write(uid, r)
         results.append(r)
     _write(cfg, card, results, failed, source)
-    return {"predicted": [r["slide_id"] for r in results], "failed": failed,
+    return {"predicted": [r.get("patient_id") or r["slide_id"] for r in results],
+            "failed": failed,
             "output": cfg.output, "model": source}
+
+
+def _usable(slides: dict[str, dict[str, str | None]], failed: list[dict], patient: bool
+            ) -> dict[str, dict[str, str]]:
+    """The unit's slides with a bag for every encoder; a patient's other slides are recorded
+    in ``failed`` and left out of its pool (as ``fuse`` leaves them out)."""
+    ok = {}
+    for s, urls in slides.items():
+        missing = [e for e, u in urls.items() if u is None]
+        if not missing:
+            ok[s] = urls
+            continue
+        why = (f"no bag for encoder(s) {missing}; run `fusedist embed` for this slide with "
+               "them")
+        if not patient:
+            raise SlideError(why)
+        failed.append({"slide_id": s, "reason": why + " (left out of its patient's pool)"})
+    if not ok:
+        raise SlideError("none of the patient's slides has a bag for every encoder")
+    return ok
+
+
+def _patient_table(cfg: PredictConfig) -> str:
+    """The slide table that groups slides into patients (``patients``, else ``slides`` when
+    it is a table); a ConfigError when there is none."""
+    from fusedist.formats.slide_table import is_slide_table
+
+    table = cfg.patients or (cfg.slides if cfg.slides and is_slide_table(cfg.slides) else None)
+    if table is None:
+        raise ConfigError("model: it was fused with unit: patient (its card), so it predicts "
+                          "patients: give `patients:` (--patients) a slide table (slide_id, "
+                          "patient_id) grouping these slides into patients")
+    return table
+
+
+def _units(cfg: PredictConfig, todo: dict[str, dict[str, str]], failed: list[dict]
+           ) -> dict[str, dict[str, dict[str, str]]]:
+    """patient -> slide -> encoder -> bag URL, from the slide table that groups the slides
+    (a patient-unit model predicts patients); slides it does not list are recorded failed."""
+    from fusedist.formats.slide_table import patients, read_slide_table
+
+    table = _patient_table(cfg)
+    of = patients(read_slide_table(table))
+    if todo and not set(todo) & set(of):
+        from fusedist.fusion.units import no_shared_ids
+
+        raise ConfigError(no_shared_ids(sorted(todo), sorted(of), "slide_id", "the bags",
+                                        f"the slide table {table}"))
+    units: dict[str, dict[str, dict[str, str]]] = {}
+    for s in sorted(todo):
+        if s not in of:
+            failed.append({"slide_id": s, "reason": f"not in the slide table {table}, so its "
+                           "patient is unknown; add a row (slide_id, patient_id)"})
+            continue
+        units.setdefault(of[s], {})[s] = todo[s]
+    return units
 
 
 @contextlib.contextmanager
@@ -376,6 +476,19 @@ def _model_folder(cfg: PredictConfig) -> Iterator[tuple[str, str]]:
         yield str(path), r.model_uri
 
 
+def _heatmap_slides(r: dict, a: dict):
+    """(slide, coords, attention) per slide of a result: a patient's pooled attention is
+    split back per slide (``slides``: each slide's tile count, in pooling order)."""
+    xy, attn = np.array(a["coords"]), np.array(a["attention"])
+    if "slides" not in a:
+        yield r["slide_id"], xy, attn
+        return
+    lo = 0
+    for sid, n in a["slides"]:
+        yield sid, xy[lo:lo + n], attn[lo:lo + n]
+        lo += n
+
+
 def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict],
            source: str) -> None:
     import tempfile
@@ -388,19 +501,21 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
         if cfg.heatmaps:
             for r in results:
                 for e, a in r["attention"].items():
-                    thumb, size = rp._thumbnail(cfg, r["slide_id"])
-                    rp.plot_attention_heatmap(np.array(a["coords"]), np.array(a["attention"]),
-                                              a["extent"], out / "heatmaps" /
-                                              f"{e}_{r['slide_id']}.png", thumbnail=thumb,
-                                              slide_size=size,
-                                              title=f"{e} attention, {r['slide_id']}")
+                    for sid, xy, attn in _heatmap_slides(r, a):
+                        thumb, size = rp._thumbnail(cfg, sid)
+                        rp.plot_attention_heatmap(xy, attn, a["extent"], out / "heatmaps" /
+                                                  f"{e}_{sid}.png", thumbnail=thumb,
+                                                  slide_size=size,
+                                                  title=f"{e} attention, {sid}")
         # model_version: what a models:/...@alias meant for this run (the alias can move).
         manifest = {"model": cfg.model, "model_version": source, "bags": cfg.bags,
                     "slides": cfg.slides, "task": card["task"], "methods": card["methods"],
-                    "predicted": [r["slide_id"] for r in results], "failed": failed}
+                    "predicted": [r.get("patient_id") or r["slide_id"] for r in results],
+                    "failed": failed}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
-                 f"{', '.join(card['methods'])}); {len(results)} slide(s) predicted, "
+                 f"{', '.join(card['methods'])}); {len(results)} "
+                 f"{'patient' if card.get('unit') == 'patient' else 'slide'}(s) predicted, "
                  f"{len(failed)} failed.\n"]
         for m, s in (card.get("cv_metrics") or {}).items():
             lines.append(f"- CV {m}: " + ", ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}"

@@ -472,7 +472,7 @@ def _predictions_csv(c, task, fold_ids: np.ndarray, oof: dict[str, np.ndarray]) 
     for m, p in oof.items():
         for i in range(c.num_samples):
             s = int(slide_of[i])
-            rows.append([m, i, c.slide_ids[s], c.patient_ids[s], int(fold_ids[i])]
+            rows.append([m, i, c.unit_label(s), c.patient_ids[s], int(fold_ids[i])]
                         + task.cells(c, i, p[i]))
     return _csv(rows)
 
@@ -513,15 +513,29 @@ def _plots(c, cfg, s, results, out: Path, fold_ids: np.ndarray) -> list[tuple[st
         for m, per_slide in sorted(r.attention.items()):
             e = m[len("expert."):]
             for i, attn in sorted(per_slide.items()):
-                sid = c.slide_ids[i]
-                thumb, size = _thumbnail(cfg, sid)
-                rel = f"plots/attention_{e}_{sid}.png"
-                plot_attention_heatmap(c.coords[e][i], attn, c.tile_extent[e], out / rel,
-                                          thumbnail=thumb, slide_size=size,
-                                          title=f"{e} attention, {sid} (held out, fold "
-                                                f"{r.fold})")
-                plots.append((rel, f"ABMIL attention of expert {e} on {sid}"))
+                for sid, xy, a, of in _per_slide(c, e, i, attn):
+                    thumb, size = _thumbnail(cfg, sid)
+                    rel = f"plots/attention_{e}_{sid}.png"
+                    plot_attention_heatmap(xy, a, c.tile_extent[e], out / rel,
+                                           thumbnail=thumb, slide_size=size,
+                                           title=f"{e} attention, {sid}{of} (held out, "
+                                                 f"fold {r.fold})")
+                    plots.append((rel, f"ABMIL attention of expert {e} on {sid}{of}"))
     return plots
+
+
+def _per_slide(c, e: str, i: int, attn: np.ndarray):
+    """(slide, coords, attention, caption suffix) of each slide of unit ``i``: a patient's
+    pooled attention is split back per slide (coordinates repeat across slides; each slide
+    is drawn on its own thumbnail, with the attention the pooled bag gave its tiles)."""
+    coords = np.asarray(c.coords[e][i])
+    if c.members is None:
+        yield c.slide_ids[i], coords, attn, ""
+        return
+    edges = np.cumsum([0] + list(c.member_sizes[e][i]))
+    for k, sid in enumerate(c.members[i]):
+        lo, hi = edges[k], edges[k + 1]
+        yield sid, coords[lo:hi], np.asarray(attn)[lo:hi], f" (patient {c.slide_ids[i]})"
 
 
 def write_outputs(c, cfg, fold_ids: np.ndarray, results, s, extra_notes: dict[str, str],
@@ -543,11 +557,12 @@ def write_outputs(c, cfg, fold_ids: np.ndarray, results, s, extra_notes: dict[st
                for k, v in d.items()]))
         (out / "folds.csv").write_text(_csv(
             [["sample", "slide_id", "patient_id", "fold"]]
-            + [[i, c.slide_ids[s], c.patient_ids[s], int(fold_ids[i])] for i, s in enumerate(
+            + [[i, c.unit_label(s), c.patient_ids[s], int(fold_ids[i])] for i, s in enumerate(
                 range(c.num_samples) if c.sample_slide is None else c.sample_slide)]))
         manifest = {
             "task": c.task, "encoders": c.encoders, "feature_group": c.feature_group,
-            "classes": c.classes, "targets": c.target_names, "slides": c.slide_ids,
+            "classes": c.classes, "targets": c.target_names,
+            **_units_manifest(c),
             "samples": c.num_samples, "folds": cfg.folds, "inner_folds": cfg.inner_folds,
             "methods": s.methods, "exclusions": c.exclusions, "notes": c.notes + [
                 f"{k}: {v}" for k, v in extra_notes.items()],
@@ -557,7 +572,7 @@ def write_outputs(c, cfg, fold_ids: np.ndarray, results, s, extra_notes: dict[st
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
         best, metric = s.best, s.task.primary_metric
         sections = [
-            ("Results", f"Task **{c.task}**, {len(c.slide_ids)} slides ({c.num_samples} "
+            ("Results", f"Task **{c.task}**, {_units_text(c)} ({c.num_samples} "
                         f"samples), {cfg.folds}-fold cross-validation stratified and grouped "
                         f"by patient (seed {cfg.seed}). Mean ± std over folds; train s is "
                         "the mean per fold of each method's own training.\n\n" + s.table_md
@@ -590,11 +605,35 @@ def _cost_text(costs, ratios, objectives, c) -> str:
 
 
 def _exclusion_text(c, extra: dict[str, str]) -> str:
-    lines = [f"- {x['slide_id']}: {x['reason']}" for x in c.exclusions[:50]]
+    lines = [f"- {_excluded(x)}: {x['reason']}" for x in c.exclusions[:50]]
     if len(c.exclusions) > 50:
         lines.append(f"- ... {len(c.exclusions) - 50} more in manifest.json")
     lines += [f"- {n}" for n in c.notes] + [f"- {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines) or "None: every labelled slide with bags was used."
+
+
+def _excluded(x: dict[str, str]) -> str:
+    """Who an exclusion is about: the slide, with its patient when samples are patients."""
+    if not x.get("patient_id"):
+        return x["slide_id"]
+    return f"{x['slide_id']} (patient {x['patient_id']})" if x["slide_id"] else \
+        f"patient {x['patient_id']}"
+
+
+def _units_manifest(c) -> dict:
+    """The manifest's ``slides`` (the slides used), and with ``unit: patient`` the
+    patients with their slides (``slides`` then lists every pooled slide)."""
+    if c.members is None:
+        return {"slides": c.slide_ids}
+    return {"unit": "patient", "slides": [s for m in c.members for s in m],
+            "patients": dict(zip(c.slide_ids, c.members))}
+
+
+def _units_text(c) -> str:
+    if c.members is None:
+        return f"{len(c.slide_ids)} slides"
+    return (f"{len(c.slide_ids)} patients ({sum(map(len, c.members))} slides, each "
+            "patient's bags pooled: one sample per patient)")
 
 
 def _log_mlflow(run, fold_metrics, summary, costs, objectives, ratios, out: Path) -> None:

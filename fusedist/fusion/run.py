@@ -4,7 +4,8 @@ score, tabulate, plot and log every method.
 Output folder::
 
     manifest.json        config digest, slides used, exclusions and reasons, folds, notes
-    folds.csv            slide_id, patient_id, fold
+    folds.csv            slide_id, patient_id, fold (unit: patient: one row per patient,
+                         slide_id its slides joined by ";")
     predictions.csv      out-of-fold predictions of every method (one row per sample)
     metrics_per_fold.csv method, fold, metric, value
     results.md / .csv    the comparison table (mean ± std over folds, cost)
@@ -44,6 +45,8 @@ def _fingerprint(c: Cohort) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([c.slide_ids, c.patient_ids, c.encoders, c.classes,
                          c.target_names]).encode())
+    if c.members is not None:  # patient units: which slides were pooled, too
+        h.update(json.dumps(c.members).encode())
     for arr in (c.y, c.time, c.event, c.sample_slide, c.sample_index):
         if arr is not None:
             h.update(np.ascontiguousarray(arr).tobytes())

@@ -89,7 +89,11 @@ def cohort_slides(cfg: RetrainConfig, encoders: list[str] | None) -> list[str]:
     from fusedist.bags import encoder_folders, list_bags
     from fusedist.fusion.data import read_labels
 
-    rows, _ = read_labels(cfg.labels)
+    rows, cols = read_labels(cfg.labels)
+    if "slide_id" not in cols:
+        raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; retrain compares "
+                          "models on slide-keyed labels only (one row per slide, with "
+                          "patient_id), for now")
     folders = encoder_folders(cfg.fuse.bags) if storage.exists(cfg.fuse.bags) else {}
     names = encoders or list(folders)
     have = [set(list_bags(folders.get(e) or storage.join(cfg.fuse.bags, e))) for e in names]

@@ -56,11 +56,24 @@ def _slide_embeddings(url: str, name: str, c) -> np.ndarray:
     else:
         rows = list(csv.reader(io.StringIO(storage.read_text(url))))
         table = {r[0]: np.array(r[1:], np.float32) for r in rows[1:]}
-    missing = [s for s in c.slide_ids if s not in table]
+    def unit_row(i: int):
+        # A patient unit: its own row, else the mean of its slides' rows (slide FMs embed
+        # slides; the pooled bag is the patient's).
+        s = c.slide_ids[i]
+        if s in table:
+            return np.asarray(table[s], np.float32)
+        rows = [table[m] for m in c.unit_slides(i) if m in table]
+        if c.members is None or len(rows) < len(c.unit_slides(i)):
+            return None
+        return np.mean(np.asarray(rows, np.float32), 0)
+
+    got = [unit_row(i) for i in range(len(c.slide_ids))]
+    missing = [s for s, g in zip(c.slide_ids, got) if g is None]
     if missing:
         raise ConfigError(f"fusecpath.slide_embeddings.{name}: {url} has no row for "
-                          f"{len(missing)} slide(s), e.g. {missing[:3]}")
-    out = np.stack([np.asarray(table[s], np.float32) for s in c.slide_ids])
+                          f"{len(missing)} {'patient' if c.members else 'slide'}(s), e.g. "
+                          f"{missing[:3]}")
+    out = np.stack(got)
     if not np.isfinite(out).all():
         raise ConfigError(f"fusecpath.slide_embeddings.{name}: {url} contains NaN or inf")
     return out
