@@ -156,3 +156,25 @@ def test_predict_tiles_like_bags_made_before_ink_removal():
     plans = {p.name: p.recipe for p in plan_encoders(PredictConfig(model="m", slides="s"), card)}
     assert TileConfig(input=".", **plans["old"]).tissue.ink.enabled is False
     assert TileConfig(input=".", **plans["new"]).tissue.ink.enabled is True
+
+
+def test_a_stroke_across_a_lumen_keeps_it_filled_a_circle_around_tissue_fills_no_glass():
+    n = 240
+    yy, xx = np.mgrid[0:n, 0:n]
+    r = np.hypot(xx - n / 2, yy - n / 2)
+    thumb = np.full((n, n, 3), 245, np.uint8)
+    rng = np.random.default_rng(0)
+    # A wavy piece: its rim is longer than the circle's, so only "rings no tissue" keeps the
+    # glass between them unfilled.
+    disc = r < 60 + 10 * np.sin(12 * np.arctan2(yy - n / 2, xx - n / 2))
+    thumb[disc] = np.clip(np.array(STAIN["eosin"]) + rng.normal(0, 6, (disc.sum(), 1)), 0, 255)
+    lumen = np.hypot(xx - 100, yy - 120) < 14
+    thumb[lumen] = STAIN["glass"]
+    stroke = np.abs(yy - 120) < 3  # a horizontal stroke through the lumen, out onto the glass
+    ring = (r > 85) & (r < 91)     # a circle drawn around the tissue
+    thumb[stroke | ring] = INK["blue"]
+    mask, ink = detect_tissue(thumb, 8.0, tile_cfg().tissue)
+    assert not (mask & ink).any() and ink[stroke | ring].all()
+    assert mask[lumen & ~ink].all()  # the lumen is still a hole filled
+    assert not mask[(r > 72) & (r < 80)].any()  # the glass inside the circle
+    assert (mask & disc & ~ink).sum() >= 0.97 * (disc & ~ink).sum()

@@ -88,7 +88,7 @@ def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
     if cfg.close_um > 0:
         mask = ndimage.binary_closing(mask, _disk(cfg.close_um / thumb_mpp), border_value=0)
     if cfg.fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = _fill_holes(mask, ink)
     if cfg.open_um > 0:
         mask = ndimage.binary_opening(mask, _disk(cfg.open_um / thumb_mpp))
     if ink.any():
@@ -105,6 +105,33 @@ def detect_tissue(thumb_rgb: np.ndarray, thumb_mpp: float,
         keep = np.concatenate([[False], areas >= cfg.min_area_um2])
         mask = keep[labels] & mask
     return mask, ink
+
+
+def _fill_holes(mask: np.ndarray, ink: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes filled, and the holes that a stroke opens to the glass too.
+
+    Such a hole is a region that tissue and ink enclose together. It is filled if tissue makes
+    at least half of its rim and it rings no tissue: a lumen a stroke crosses is filled, the
+    glass between a circle drawn around a piece and the piece is not.
+    """
+    filled = ndimage.binary_fill_holes(mask)
+    if not ink.any():
+        return filled
+    solid = filled | ink
+    holes = ndimage.binary_fill_holes(solid) & ~solid
+    labels, n = ndimage.label(holes)
+    if n == 0:
+        return filled
+    rim = np.where(holes, 0, ndimage.grey_dilation(labels, size=3))  # the hole beside
+    tissue = np.bincount(rim[filled], minlength=n + 1)
+    inked = np.bincount(rim[ink & ~filled], minlength=n + 1)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if tissue[k] < inked[k]:
+            continue
+        hole = labels[box] == k
+        if not (ndimage.binary_fill_holes(hole) & filled[box]).any():
+            filled[box] |= hole
+    return filled
 
 
 def tile_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarray,
