@@ -36,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from fusedist import storage
 from fusedist.config import ConfigError, RayConfig, StorageConfig, StrictModel
 from fusedist.features.config import EngineConfig
+from fusedist.formats.slide_ids import encode_id
 from fusedist.fusion.predict_slides import SlideEncoder
 from fusedist.state import StageState
 from fusedist.tracking import MlflowConfig
@@ -391,7 +392,8 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
                     thumb, size = rp._thumbnail(cfg, r["slide_id"])
                     rp.plot_attention_heatmap(np.array(a["coords"]), np.array(a["attention"]),
                                               a["extent"], out / "heatmaps" /
-                                              f"{e}_{r['slide_id']}.png", thumbnail=thumb,
+                                              f"{e}_{encode_id(r['slide_id'])}.png",
+                                              thumbnail=thumb,
                                               slide_size=size,
                                               title=f"{e} attention, {r['slide_id']}")
         # model_version: what a models:/...@alias meant for this run (the alias can move).
