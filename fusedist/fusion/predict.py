@@ -60,7 +60,8 @@ class PredictConfig(StrictModel):
     """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
 
     slides: str | None = None
-    """Or: slides (a folder or ``s3://`` prefix) to tile and embed first, as the model's card
+    """Or: slides (a folder or ``s3://`` prefix, or a slide table: ``fusedist tile``'s
+    ``input``) to tile and embed first, as the model's card
     records for each encoder, into ``<output>/tiles/`` and ``<output>/bags/``."""
 
     output: str = "predict-output"

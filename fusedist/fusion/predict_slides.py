@@ -155,6 +155,10 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
     from fusedist.features.config import EncoderRef
     from fusedist.tiling import TileConfig, run_tile
 
+    from fusedist.tiling.job import discover
+
+    # Bad input (a duplicate id, a missing file) fails before any encoder is built.
+    discover(TileConfig(input=cfg.slides, mode="grid", storage=cfg.storage))
     plans = plan_encoders(cfg, card)
     _check_encoders(plans, card)
     groups: dict[str, list[_Plan]] = {}
