@@ -47,12 +47,13 @@ def _grid(input, output, **kw) -> TileConfig:
 
 @pytest.fixture(scope="module")
 def gdc(tmp_path_factory) -> Path:
-    """10 small GDC-shaped slides at 20x (0.5 µm/px) and their labels.csv."""
+    """12 small GDC-shaped slides at 20x (0.5 µm/px) of 9 patients (4 and 5 per class: the
+    fewest 2 x 2 folds take) and their labels.csv."""
     from fusedist.synth import SynthConfig, synthesize
 
     d = tmp_path_factory.mktemp("gdc")
-    synthesize(SynthConfig(output=str(d / "slides"), num_slides=10, size=1344, mpp=0.5,
-                           layout="gdc", paired_fraction=0.5, num_genes=0, seed=4),
+    synthesize(SynthConfig(output=str(d / "slides"), num_slides=12, size=1344, mpp=0.5,
+                           layout="gdc", paired_fraction=0.4, num_genes=0, seed=4),
                progress=False)
     return d
 
@@ -92,7 +93,7 @@ def test_gdc_cohort_tile_cache_embed_fuse_predict_and_odd_ids_round_trip(
 
     labels = {r["slide_id"]: r for r in _rows(gdc / "slides" / "labels.csv")}
     tiles = run_tile(_grid(gdc / "slides", tmp_path / "tiles", dataset="grid"), progress=False)
-    assert tiles.manifest["totals"]["slides_ok"] == 10
+    assert tiles.manifest["totals"]["slides_ok"] == 12
     assert {s["slide_id"] for s in tiles.manifest["slides"]} == set(labels)
     # slides.csv beside the manifest: the id -> path map, a slide table to pass back.
     table = read_slide_table(f"{tiles.dataset_url}/slides.csv")
