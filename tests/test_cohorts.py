@@ -45,6 +45,25 @@ def _grid(input, output, **kw) -> TileConfig:
     return load_config(TileConfig, None, sets, input=str(input), output=str(output))
 
 
+def test_ids_encode_only_where_files_and_keys_cannot_hold_them_and_decode_exactly():
+    from fusedist.formats.slide_ids import check_ids
+
+    tcga = "TCGA-2F-A9KO-01Z-00-DX1.21636369-8B52-9B4A-97B7-50923CEB3FFD"
+    for plain in ("slide-0001", tcga, "ünï cödé 组织", "a.b c"):
+        assert encode_id(plain) == plain
+    assert encode_id("a/b%2F#{1..2}") == "a%2Fb%252F%23%7B1..2%7D"
+    assert encode_id(".x.y") == "%2Ex.y" and encode_id("tab\there") == "tab%09here"
+    for i in [*ODD, tcga, "%", "%%41", "a%2Fb", "..", "\\srv:x*?\"<>|"]:
+        key = encode_id(i)
+        assert decode_id(key) == i and "/" not in key and not key.startswith(".")
+    assert decode_id("slide%41") == "slide%41"  # a foreign name without our escapes is itself
+    check_ids([("a", "line 2"), ("b", "line 3")], "fix")
+    with pytest.raises(ConfigError, match="too long for a file name"):
+        check_ids([("x" * 201, "line 2")], "fix")
+    with pytest.raises(ConfigError, match="Unicode form"):  # NFC vs NFD: one name on macOS
+        check_ids([("caf\u00e9", "line 2"), ("cafe\u0301", "line 3")], "fix")
+
+
 @pytest.fixture(scope="module")
 def gdc(tmp_path_factory) -> Path:
     """12 small GDC-shaped slides at 20x (0.5 µm/px) of 9 patients (4 and 5 per class: the
