@@ -115,7 +115,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     t = time.perf_counter()
     synth = SynthConfig(output=slides, num_slides=cfg.num_slides, size=cfg.size,
                         num_classes=cfg.num_classes, seed=cfg.seed, layout=cfg.layout,
-                        storage=cfg.storage)
+                        # Several slides per case, as in TCGA: folds must keep them together.
+                        paired_fraction=0.4, storage=cfg.storage)
     synthesize(synth, progress=progress)
     heldout = storage.join(root, "heldout")
     if cfg.heldout_slides:
