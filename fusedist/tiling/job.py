@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
 from fusedist.formats.slide_ids import check_ids
-from fusedist.formats.slide_table import (SlideRow, check_paths, is_slide_table,
-                                          read_slide_table, write_slide_table)
+from fusedist.formats.slide_table import (SlideRow, check_paths, format_slide_table,
+                                          is_slide_table, read_slide_table, write_slide_table)
 from fusedist.runtime import Rate, init_ray, local_reason, run_tasks
 from fusedist.shards import delete_shard, listed_shards, shard_name, shard_written
 from fusedist.tiling.config import TileConfig
@@ -169,9 +169,16 @@ def _write_slide_map(dataset_url: str, slides: list[SlideInput]) -> None:
     def where(url: str) -> str:  # absolute, so the table reads back from its own folder
         return url if storage.is_s3(url) else str(storage.local_path(url).resolve())
 
-    write_slide_table(storage.join(dataset_url, SLIDES_CSV),
-                      [SlideRow(s.slide_id, where(s.url), s.patient_id or s.slide_id, s.mpp)
-                       for s in slides])
+    rows = [SlideRow(s.slide_id, where(s.url), s.patient_id or s.slide_id, s.mpp)
+            for s in slides]
+    url = storage.join(dataset_url, SLIDES_CSV)
+    # Written only when it changes: a re-run over the same slides touches nothing.
+    try:
+        same = storage.read_text(url) == format_slide_table(rows)
+    except FileNotFoundError:
+        same = False
+    if not same:
+        write_slide_table(url, rows)
 
 
 def _identity(s: SlideInput) -> str:
