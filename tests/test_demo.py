@@ -1,5 +1,6 @@
 """`fusedist demo` (small): synthetic slides -> tiles (pairs + grid) -> reader -> cache ->
-embed -> distill -> embed with the student -> fuse -> report, on local files and on S3 (moto)."""
+embed -> distill -> embed with the student -> fuse -> report, on local files and on S3 (moto),
+on a GDC-shaped cohort (UUID folders, TCGA ids with dots) with nothing renamed by hand."""
 
 from __future__ import annotations
 
