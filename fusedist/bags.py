@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from fusedist import storage
+from fusedist.formats.slide_ids import decode_id, encode_id
 
 FORMAT_ATTR = "fusedist_bag"
 """Root attribute that marks a file written by :func:`write_bag` (value: format version)."""
@@ -69,12 +70,14 @@ class Bag:
 
 
 def bag_url(root: str, encoder: str, slide_id: str) -> str:
-    """``<root>/<encoder>/<slide_id>.h5``."""
-    for what, name in (("encoder", encoder), ("slide_id", slide_id)):
-        # A '/' would put the bag in a subfolder, where list_bags would never find it.
-        if not name or "/" in name:
-            raise ValueError(f"bag {what} {name!r}: must be non-empty and contain no '/'")
-    return storage.join(root, encoder, f"{slide_id}.h5")
+    """``<root>/<encoder>/<slide_id>.h5``, the id encoded for file names (its true form is
+    the bag's ``slide_id`` attribute; :mod:`fusedist.formats.slide_ids`)."""
+    # A '/' would put the bag in a subfolder, where list_bags would never find it.
+    if not encoder or "/" in encoder:
+        raise ValueError(f"bag encoder {encoder!r}: must be non-empty and contain no '/'")
+    if not slide_id:
+        raise ValueError("bag slide_id: must be non-empty")
+    return storage.join(root, encoder, f"{encode_id(slide_id)}.h5")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -454,7 +457,7 @@ def read_bag(url: str, slide_id: str | None = None) -> Bag:
     FileNotFoundError for a missing file and :class:`BagError` naming the file for anything
     unreadable or malformed (truncated file, missing dataset, N mismatch, NaN/inf row).
     """
-    stem = Path(url.rsplit("/", 1)[-1]).stem
+    stem = decode_id(Path(url.rsplit("/", 1)[-1]).stem)
     pt_features = None
     h5_url = url
     if url.endswith(".pt"):
@@ -496,13 +499,14 @@ def list_bags(folder_url: str) -> dict[str, str]:
     names = storage.listdir(folder_url)
     if "h5_files/" in names:
         h5_dir, pt_dir = storage.join(folder_url, "h5_files"), storage.join(folder_url, "pt_files")
-        out = {n[:-3]: storage.join(pt_dir, n) for n in storage.listdir(pt_dir, ".pt")}
-        out.update({n[:-3]: storage.join(h5_dir, n) for n in storage.listdir(h5_dir, ".h5")})
+        out = {decode_id(n[:-3]): storage.join(pt_dir, n) for n in storage.listdir(pt_dir, ".pt")}
+        out.update({decode_id(n[:-3]): storage.join(h5_dir, n)
+                    for n in storage.listdir(h5_dir, ".h5")})
         return dict(sorted(out.items()))
     if "pt_files/" in names and not any(n.endswith(".h5") for n in names):
         raise BagError(f"{folder_url}: CLAM pt_files/ without h5_files/: the tile coords "
                        "are missing, so these features cannot be read as bags")
-    return {n[:-3]: storage.join(folder_url, n) for n in names if n.endswith(".h5")}
+    return {decode_id(n[:-3]): storage.join(folder_url, n) for n in names if n.endswith(".h5")}
 
 
 def _holds_tile_features(folder_url: str) -> bool:

@@ -113,7 +113,8 @@ def synth(config: Optional[Path] = ConfigOpt,
 @app.command()
 def tile(config: Optional[Path] = ConfigOpt,
          input: Optional[str] = typer.Option(None, "--input", "-i",
-                                             help="Slide file or folder (path or s3://)."),
+                                             help="Slide file, folder, or slide table .csv/.parquet "
+                                                  "(path or s3://)."),
          output: Optional[str] = typer.Option(None, "--output", "-o",
                                               help="Root of tile datasets (path or s3://)."),
          dataset: Optional[str] = typer.Option(None, help="Dataset folder name."),
@@ -161,7 +162,8 @@ def cache(config: Optional[Path] = ConfigOpt,
 @app.command()
 def embed(config: Optional[Path] = ConfigOpt,
           tiles: Optional[str] = typer.Option(None, help="Grid tile dataset folder."),
-          slides: Optional[str] = typer.Option(None, help="Or: slides to tile first."),
+          slides: Optional[str] = typer.Option(None, help="Or: slides to tile first (folder, file or slide "
+                                                       "table .csv/.parquet)."),
           output: Optional[str] = typer.Option(None, "--output", "-o", help="Root of bags."),
           encoder: Optional[List[str]] = typer.Option(
               None, "--encoder", "-e",
@@ -271,7 +273,8 @@ def predict(config: Optional[Path] = ConfigOpt,
                 help="A fuse output's model/ folder, or models:/<name>@<alias>."),
             bags: Optional[str] = typer.Option(None, help="Root of <encoder>/<slide>.h5 bags."),
             slides: Optional[str] = typer.Option(
-                None, help="Or: slides (folder or s3://) to tile and embed first, as the "
+                None, help="Or: slides (folder, slide table .csv/.parquet, or s3://) to tile "
+                           "and embed first, as the "
                            "model's card records (into <output>/tiles and <output>/bags)."),
             patients: Optional[str] = typer.Option(
                 None, help="Slide table (slide_id, patient_id) grouping the slides into "

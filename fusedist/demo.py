@@ -48,6 +48,11 @@ class DemoConfig(StrictModel):
                                                              slide_fraction=0.25))
     """Pen strokes on some synthetic slides (a quarter: blue, green and black ink), which
     ``tile`` takes out of the tissue; ``pen.strokes=0`` for ink-free slides."""
+    layout: Literal["gdc", "flat"] = "gdc"
+    """How the synthetic slides are laid out: ``gdc``, the way the GDC client downloads TCGA
+    (one UUID folder per file, ``TCGA-XX-XXXX-01Z-00-DX1.<UUID>.svs``, two slides for some
+    patients: the cohort a user brings first); ``flat``: ``synth-0000.tiff``, ...
+    (``fusedist synth``'s ``layout``)."""
 
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     """Where Ray runs (default: a private local Ray)."""
@@ -70,9 +75,10 @@ class DemoConfig(StrictModel):
     """Slide-level tasks the fuse step evaluates (labels from the synthetic cues)."""
 
     heldout_slides: int = Field(4, ge=0)
-    """Held-out synthetic slides (seed ``seed + 1``, ids ``heldout-*``, in ``heldout/``, not
-    in the labels ``fuse`` uses) that the classification model predicts from the raw slides
-    (``predict --slides``); 0 skips that stage."""
+    """Held-out synthetic slides (seed ``seed + 1``, in ``heldout/``, laid out as ``layout``
+    says (ids ``heldout-*`` when flat), not in the labels ``fuse`` uses) that the
+    classification model predicts from the raw slides (``predict --slides``); 0 skips that
+    stage."""
 
     distill_workers: int = Field(2, ge=1)
     """Ray Train workers (DeepSpeed ranks, gloo on CPU) for the student."""
@@ -114,6 +120,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     t = time.perf_counter()
     synth = SynthConfig(output=slides, num_slides=cfg.num_slides, size=cfg.size,
                         num_classes=cfg.num_classes, seed=cfg.seed, pen=cfg.pen,
+                        layout=cfg.layout,
+                        # Several slides per case, as in TCGA: folds must keep them together.
+                        paired_fraction=0.4,
                         storage=cfg.storage)
     synthesize(synth, progress=progress)
     heldout = storage.join(root, "heldout")
@@ -195,7 +204,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     fused = []
     for task in cfg.fuse_tasks:
         t = time.perf_counter()
-        res = run_fuse(_fuse_config(cfg, root, slides, tiles, task, mlflow), progress=progress)
+        res = run_fuse(_fuse_config(cfg, root, _labels(slides), tiles, task, mlflow),
+                       progress=progress)
         fused.append(res)
         times.append(StageTime(f"fuse ({task})", time.perf_counter() - t,
                                f"{len(res.methods)} methods x {cfg.fuse_folds} folds; best "
@@ -314,14 +324,21 @@ def _predict_section(cfg: DemoConfig, root: str, result: dict,
     return lines
 
 
-def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
+def _labels(slides: str) -> str:
+    """The labels ``fuse`` reads: written as a user writes them from the slides' file names
+    (``synth``: slide_id = the file stem, patient_id = its first 12 characters under the
+    ``gdc`` layout), one row per slide."""
+    return storage.join(slides, "labels.csv")
+
+
+def _fuse_config(cfg: DemoConfig, root: str, labels: str, tiles: str, task: str,
                  mlflow: MlflowConfig):
     """The fuse step on every bag the demo made (two 20x encoders + the 5x student, which
     joins the logit-level methods), sized for a few dozen tiles per slide."""
     from fusedist.fusion.config import FuseConfig
 
     return FuseConfig(
-        bags=storage.join(root, "bags"), labels=storage.join(slides, "labels.csv"), task=task,
+        bags=storage.join(root, "bags"), labels=labels, task=task,
         target="gene_*" if task == "regression" else "label",
         output=storage.join(root, "fuse", task), folds=cfg.fuse_folds, inner_folds=2,
         seed=cfg.seed, thumbnails=storage.join(tiles, "grid"), heatmaps=1,

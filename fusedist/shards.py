@@ -15,6 +15,7 @@ import tarfile
 from typing import IO, Iterable, Mapping
 
 from fusedist import storage
+from fusedist.formats.slide_ids import decode_id, encode_id
 
 SHARD_PATTERN = "{slide_id}-{part:06d}.tar"
 
@@ -24,10 +25,16 @@ def shard_name(slide_id: str, part: int) -> str:
 
     The name never depends on which other slides exist, failed or were added, so a re-run
     over a changed slide set leaves every still-valid shard (and the feature shards that
-    mirror it by name) untouched. Slide ids hold only ``[A-Za-z0-9_-]`` and the suffix has a
-    fixed form, so a name parses back to one (slide, part) pair.
+    mirror it by name) untouched. The id is encoded for file names
+    (:func:`fusedist.formats.slide_ids.encode_id`: no '/') and the suffix has a fixed form, so
+    a name parses back to one (slide, part) pair (:func:`shard_slide_id`).
     """
-    return SHARD_PATTERN.format(slide_id=slide_id, part=part)
+    return SHARD_PATTERN.format(slide_id=encode_id(slide_id), part=part)
+
+
+def shard_slide_id(name: str) -> str:
+    """The slide id of a tile shard named by :func:`shard_name`."""
+    return decode_id(name.removesuffix(".tar").rsplit("-", 1)[0])
 
 
 class _HashingWriter(io.RawIOBase):

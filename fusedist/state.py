@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 from fusedist import storage
 from fusedist.config import ConfigError
+from fusedist.formats.slide_ids import decode_id, encode_id
 from fusedist.lookups import concurrently, read_state
 
 DIGEST = "digest"
@@ -47,7 +48,8 @@ class StageState:
         self.url = storage.join(root, "_state", *sub)
 
     def entry_url(self, name: str) -> str:
-        return storage.join(self.url, f"{name}.json")
+        # Units are often slides: their ids may hold characters a file name cannot.
+        return storage.join(self.url, f"{encode_id(name)}.json")
 
     def read(self, name: str) -> Any | None:
         """The entry of ``name``, or None when it has none (one request, not exists + read)."""
@@ -65,7 +67,7 @@ class StageState:
         storage.write_json(self.entry_url(name), entry)
 
     def names(self) -> list[str]:
-        return [n[:-len(".json")] for n in storage.listdir(self.url, ".json")]
+        return [decode_id(n[:-len(".json")]) for n in storage.listdir(self.url, ".json")]
 
     def delete(self, name: str) -> None:
         storage.delete(self.entry_url(name))

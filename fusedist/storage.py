@@ -122,8 +122,11 @@ def split_s3(url: str) -> tuple[str, str]:
 def join(base: str, *parts: str) -> str:
     """Join URL parts with '/' (works for paths, file:// and s3://)."""
     out = str(base).rstrip("/")
+    url = out.startswith("file://")
     for p in parts:
         p = str(p).strip("/")
+        if url:  # a file:// URL decodes percent-escapes (local_path): a literal '%' is %25
+            p = p.replace("%", "%25")
         if p:
             out = f"{out}/{p}"
     return out

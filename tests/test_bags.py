@@ -411,8 +411,15 @@ def test_bag_is_current_compares_attrs(tmp_path: Path) -> None:
     assert not bag_is_current(str(tmp_path / "missing.h5"), {})
 
 
-def test_bag_url_rejects_nested_names() -> None:
+def test_bag_url_rejects_nested_names_and_encodes_ids(tmp_path) -> None:
     assert bag_url("s3://b/bags/", "uni2-h", "S1") == "s3://b/bags/uni2-h/S1.h5"
-    for enc, sid in [("uni2-h", "a/b"), ("", "S1"), ("uni2-h", "")]:
+    # A '/' in a slide id is encoded (docs/formats.md), so the bag stays in its folder and
+    # list_bags gives the true id back; dots stay readable.
+    sid = "case 7/a.b%c"
+    url = bag_url(str(tmp_path), "enc", sid)
+    assert url == f"{tmp_path}/enc/case 7%2Fa.b%25c.h5"
+    write_bag(url, Bag(sid, np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64), "enc"))
+    assert list_bags(str(tmp_path / "enc")) == {sid: url} and read_bag(url).slide_id == sid
+    for enc, sid in [("uni2-h/x", "S1"), ("", "S1"), ("uni2-h", "")]:
         with pytest.raises(ValueError):
             bag_url("root", enc, sid)

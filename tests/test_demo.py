@@ -1,5 +1,6 @@
 """`fusedist demo` (small): synthetic slides -> tiles (pairs + grid) -> reader -> cache ->
-embed -> distill -> embed with the student -> fuse -> report, on local files and on S3 (moto)."""
+embed -> distill -> embed with the student -> fuse -> report, on local files and on S3 (moto),
+on a GDC-shaped cohort (UUID folders, TCGA ids with dots) with nothing renamed by hand."""
 
 from __future__ import annotations
 
@@ -32,7 +33,16 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
                   "(RayTrainWorker pid=", "(PlacementGroupCleaner"):
         assert noise not in r.stdout and noise not in r.stderr, noise
     labels = (work / "slides" / "labels.csv").read_text().splitlines()
-    assert labels[0].startswith("slide_id,") and len(labels) == 13
+    assert labels[0].startswith("slide_id,patient_id,") and len(labels) == 13
+    # A GDC-shaped cohort (the demo's default layout): one UUID folder per slide, TCGA ids
+    # with dots, patient = the first 12 characters, two slides for some patients; labels
+    # written from the file names; nothing renamed anywhere below.
+    ids = [ln.split(",")[0] for ln in labels[1:]]
+    assert all(i.startswith("TCGA-") and "-01Z-00-DX" in i and "." in i for i in ids)
+    assert all(ln.split(",")[1] == ln[:12] for ln in labels[1:])
+    assert len({i[:12] for i in ids}) < len(ids)
+    files = sorted((work / "slides").glob("*/*.svs"))
+    assert sorted(f.stem for f in files) == sorted(ids) and len({f.parent for f in files}) == 12
     for mode in ("pairs", "grid"):
         m = json.loads((work / "tiles" / mode / "manifest.json").read_text())
         assert m["mode"] == mode and m["totals"]["slides_ok"] >= 6 and m["totals"]["tiles"] > 0
@@ -47,7 +57,7 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         feats = json.loads((work / "features" / teacher / "pairs" / "manifest.json").read_text())
         assert feats["totals"]["samples"] == pairs["totals"]["tiles"]
     for enc in ("test-vit", "test-convnext"):
-        assert len(list((work / "bags" / enc).glob("*.h5"))) == 12
+        assert sorted(p.stem for p in (work / "bags" / enc).glob("*.h5")) == sorted(ids)
     # MLflow runs with metrics, in the demo's own store.
     from mlflow.tracking import MlflowClient
 
@@ -91,7 +101,7 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         # The bags came from random-weight test encoders: the fuse report says so.
         assert "RANDOM WEIGHTS: " in (work / "fuse" / task / "report.md").read_text()
         assert any(n.startswith("RANDOM WEIGHTS: ") for n in manifest["notes"])
-        assert len(manifest["slides"]) == n_student
+        assert len(manifest["slides"]) == n_student and set(manifest["slides"]) <= set(ids)
         assert all("no bag for encoder(s)" in x["reason"] for x in manifest["exclusions"])
         assert manifest["feature_group"] == ["test-convnext", "test-vit"]
         (fuse,) = [x for x in by_stage["fuse"] if x.data.tags["fusedist.task"] == task]
@@ -100,21 +110,21 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     # predict --slides: the classification model on 4 held-out slides (another seed, not in
     # labels.csv), tiled and embedded as its card records; the table is in the report.
     held = [ln.split(",")[:3] for ln in (work / "heldout" / "labels.csv").read_text().splitlines()]
-    assert [h[0] for h in held[1:]] == [f"heldout-{i:04d}" for i in range(4)]
+    assert len(held) == 5 and all(h[0].startswith("TCGA-") for h in held[1:])
     pred = json.loads((work / "predict" / "manifest.json").read_text())
-    assert pred["predicted"] == [h[0] for h in held[1:]] and not pred["failed"]
+    assert pred["predicted"] == sorted(h[0] for h in held[1:]) and not pred["failed"]
     assert pred["slides"] == str(work / "heldout")
     for enc in ("test-vit", "test-convnext", card["name"]):
-        assert len(list((work / "predict" / "bags" / enc).glob("heldout-*.h5"))) == 4
+        assert len(list((work / "predict" / "bags" / enc).glob("TCGA-*.h5"))) == 4
     rows = [ln.split(",") for ln in (work / "predict" / "predictions.csv").read_text()
             .splitlines()]
     head, body = rows[0], rows[1:]
     primary = pred["methods"][0]
     assert "## Held-out slides: `fusedist predict --slides`" in report
     assert "(predict/heatmaps/)" in report and (work / "predict" / "heatmaps").is_dir()
-    table = [ln for ln in report.splitlines() if ln.startswith("| heldout-")]
+    table = [ln for ln in report.splitlines() if ln.startswith("| TCGA-")]
     assert len(table) == 4
-    for (sid, _, label), line in zip(held[1:], table):
+    for (sid, _, label), line in zip(sorted(held[1:]), table):
         (r,) = [x for x in body if x[0] == sid and x[1] == primary]
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [sid, label, r[head.index("predicted")]]
@@ -122,7 +132,7 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
         assert abs(sum(probs) - 1) < 2e-3
         weights = [float(c) for c in cells[3 + 2:]]
         assert len(weights) == 3 and abs(sum(weights) - 1) < 3e-3
-    assert len(list((work / "predict" / "heatmaps").glob("*heldout-*.png"))) >= 4
+    assert len(list((work / "predict" / "heatmaps").glob("*TCGA-*.png"))) >= 4
     # The held-out slides' scores beside the CV estimate of the same method; the refit's
     # flat-check in the card, and in the report when it fired.
     right = sum(ln.strip("|").split("|")[1].strip() == ln.strip("|").split("|")[2].strip()
@@ -163,5 +173,7 @@ def test_demo_on_s3(ray_cluster, s3_bucket, moto_server, tmp_path):
     assert storage.exists(f"{url}/fuse/classification/plots/roc.png")
     # predict --slides read the held-out slides from the bucket and wrote its table there.
     rows = storage.read_text(f"{url}/predict/predictions.csv").splitlines()
-    assert {r.split(",")[0] for r in rows[1:]} == {f"heldout-{i:04d}" for i in range(4)}
+    held = storage.read_text(f"{url}/heldout/labels.csv").splitlines()[1:]
+    assert {r.split(",")[0] for r in rows[1:]} == {h.split(",")[0] for h in held}
+    assert len(held) == 4 and all(h.startswith("TCGA-") for h in held)
     assert not (tmp_path / "run1").exists() and not any(tmp_path.glob("demo-output*"))

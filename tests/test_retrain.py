@@ -42,8 +42,9 @@ def _alias(db: Path, name: str, alias: str = "champion") -> str:
     return str(_client(db).get_model_version_by_alias(name, alias).version)
 
 
-def _snapshot(root: Path, skip=("manifest.json",)) -> dict[str, tuple[str, int]]:
-    """path -> (sha256, mtime_ns) of every file under ``root`` (but ``skip`` names)."""
+def _snapshot(root: Path, skip=("manifest.json", "slides.csv")) -> dict[str, tuple[str, int]]:
+    """path -> (sha256, mtime_ns) of every file under ``root`` (but ``skip`` names: a tile
+    dataset's indexes, which list the new slides too)."""
     return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
                                              p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}

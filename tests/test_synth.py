@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,28 @@ def test_synthesize_writes_slides_masks_labels_and_resumes(tmp_path):
     assert [sha(r["url"]) for r in fresh] == [b[0] for b in before.values()]
     assert len((tmp_path / "ds2/labels.csv").read_text().splitlines()) == 4
     assert tissue_mask(**fresh[2]["mask_args"]).shape == (32, 32)
+
+
+def test_gdc_layout_is_the_flat_data_set_renamed_and_switches_cleanly(tmp_path):
+    flat = synthesize(_cfg(str(tmp_path / "flat")), progress=False)
+    out = tmp_path / "gdc"
+    gdc = synthesize(_cfg(str(out), layout="gdc"), progress=False)
+    # The same pixels and labels; TCGA-style names in a UUID folder each; patient = 12 chars.
+    assert [r["sha256"] for r in gdc] == [r["sha256"] for r in flat]
+    assert [r["label"] for r in gdc] == [r["label"] for r in flat]
+    ids = [r["slide_id"] for r in gdc]
+    assert [i.split(".")[0][-3:] for i in ids] == ["DX1", "DX2", "DX1"]  # slides 0, 1: one patient
+    assert [r["patient_id"] for r in gdc] == [i[:12] for i in ids] and ids[0][:12] == ids[1][:12]
+    for r in gdc:
+        p = Path(r["url"])
+        assert p.name == f"{r['slide_id']}.svs" and p.parent.parent == out
+        assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", p.parent.name)
+    rows = list(csv.DictReader(io.StringIO((out / "labels.csv").read_text())))
+    assert [(r["slide_id"], r["patient_id"]) for r in rows] == [(i, i[:12]) for i in ids]
+    # Back to flat in the same folder: the GDC files are removed, the flat ones written.
+    synthesize(_cfg(str(out)), progress=False)
+    assert sorted(p.name for p in out.rglob("*.svs")) == []
+    assert sorted(p.name for p in out.glob("*.tiff")) == [f"synth-000{i}.tiff" for i in range(3)]
 
 
 def test_synthesize_to_s3(s3_bucket, tmp_path):  # noqa: F811

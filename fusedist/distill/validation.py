@@ -65,7 +65,9 @@ def shard_slide(entry: Mapping[str, Any]) -> str:
     ``<slide_id>-<part>.tar``, which parses back to one slide: docs/formats.md)."""
     if entry.get("slide_id"):
         return str(entry["slide_id"])
-    return str(entry["name"]).removesuffix(".tar").rsplit("-", 1)[0]
+    from fusedist.shards import shard_slide_id
+
+    return shard_slide_id(str(entry["name"]))
 
 
 def _rank_key(seed: int, slide: str) -> str:

@@ -138,7 +138,8 @@ class EmbedConfig(_EngineStage):
     """A ``grid`` tile dataset folder; or give ``slides`` to tile them first."""
 
     slides: str | None = None
-    """Slides to tile at each encoder's resolution first (into ``<output>/_tiles/``)."""
+    """Slides to tile at each encoder's resolution first (into ``<output>/_tiles/``): a
+    folder, a slide file or a slide table (``fusedist tile``'s ``input``)."""
 
     output: str = "data/bags"
     """Root for bags: ``<output>/<encoder>/<slide_id>.h5``."""

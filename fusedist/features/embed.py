@@ -23,6 +23,7 @@ from fusedist.features.parts import ShardResult
 from fusedist.features.runtime import (EnginePlan, actor_refs, execute, load_encoders,
                                        plan_engine, read_tile_manifest, shard_progress,
                                        shared_export, stage_tracking_uri)
+from fusedist.formats.slide_ids import encode_id
 from fusedist.preflight import check_embed
 from fusedist.state import StageState
 
@@ -173,7 +174,7 @@ def bags_to_do(output: str, weights: dict[str, str], slides: list[dict],
         sizes = storage.file_sizes(storage.join(output, name), ".h5")
         for sid, digest in digests.items():
             want = {"weights_digest": wd, "source_digest": digest}
-            e, size = entries.get(sid), sizes.get(f"{sid}.h5")
+            e, size = entries.get(sid), sizes.get(f"{encode_id(sid)}.h5")
             if size is None:
                 current = False
             elif e is not None:

@@ -36,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from fusedist import storage
 from fusedist.config import ConfigError, RayConfig, StorageConfig, StrictModel
 from fusedist.features.config import EngineConfig
+from fusedist.formats.slide_ids import encode_id
 from fusedist.fusion.predict_slides import SlideEncoder
 from fusedist.state import StageState
 from fusedist.tracking import MlflowConfig
@@ -59,7 +60,8 @@ class PredictConfig(StrictModel):
     """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
 
     slides: str | None = None
-    """Or: slides (a folder or ``s3://`` prefix) to tile and embed first, as the model's card
+    """Or: slides (a folder or ``s3://`` prefix, or a slide table: ``fusedist tile``'s
+    ``input``) to tile and embed first, as the model's card
     records for each encoder, into ``<output>/tiles/`` and ``<output>/bags/``."""
 
     output: str = "predict-output"
@@ -504,7 +506,7 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
                     for sid, xy, attn in _heatmap_slides(r, a):
                         thumb, size = rp._thumbnail(cfg, sid)
                         rp.plot_attention_heatmap(xy, attn, a["extent"], out / "heatmaps" /
-                                                  f"{e}_{sid}.png", thumbnail=thumb,
+                                                  f"{e}_{encode_id(sid)}.png", thumbnail=thumb,
                                                   slide_size=size,
                                                   title=f"{e} attention, {sid}")
         # model_version: what a models:/...@alias meant for this run (the alias can move).

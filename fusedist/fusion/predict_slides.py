@@ -163,7 +163,10 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
     from fusedist.tiling import TileConfig, run_tile
 
     from fusedist.features.runtime import stage_tracking_uri
+    from fusedist.tiling.job import discover
 
+    # Bad input (a duplicate id, a missing file) fails before any encoder is built.
+    discover(TileConfig(input=cfg.slides, mode="grid", storage=cfg.storage))
     plans = plan_encoders(cfg, card)
     built = _check_encoders(plans, card, stage_tracking_uri(cfg.mlflow))
     groups: dict[str, list[_Plan]] = {}

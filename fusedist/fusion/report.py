@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fusedist import storage
+from fusedist.formats.slide_ids import encode_id
 from fusedist.fusion.metrics import (METRICS, PRIMARY_METRIC, kaplan_meier, logrank_p,
                                      per_target_pearson, summarize)
 
@@ -484,7 +485,7 @@ def _thumbnail(cfg, slide_id: str):
     from PIL import Image
 
     for base in (storage.join(cfg.thumbnails, "thumbnails"), cfg.thumbnails):
-        url = storage.join(base, f"{slide_id}.png")
+        url = storage.join(base, f"{encode_id(slide_id)}.png")  # as tile writes it
         if storage.exists(url):
             img = Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")
             size = None
@@ -515,7 +516,7 @@ def _plots(c, cfg, s, results, out: Path, fold_ids: np.ndarray) -> list[tuple[st
             for i, attn in sorted(per_slide.items()):
                 for sid, xy, a, of in _per_slide(c, e, i, attn):
                     thumb, size = _thumbnail(cfg, sid)
-                    rel = f"plots/attention_{e}_{sid}.png"
+                    rel = f"plots/attention_{e}_{encode_id(sid)}.png"
                     plot_attention_heatmap(xy, a, c.tile_extent[e], out / rel,
                                            thumbnail=thumb, slide_size=size,
                                            title=f"{e} attention, {sid}{of} (held out, "

@@ -112,7 +112,8 @@ class RetrainConfig(StrictModel):
     better (``fusedist retrain``)."""
 
     slides: str | None = None
-    """The slide source: a folder (local or ``s3://``) listed every run (needed with
+    """The slide source: a folder (local or ``s3://``), or a slide table (``slide_id``,
+    ``path``, ...; docs/formats.md) that grows with the cohort, read every run (needed with
     ``tile``; a recipe without tile stages works on bags that appear by other means)."""
 
     labels: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from fusedist.config import StorageConfig, StrictModel
@@ -22,7 +24,15 @@ class SynthConfig(StrictModel):
     """Number of slides (ids ``<id_prefix>-0000``, ``<id_prefix>-0001``, ...)."""
 
     id_prefix: str = Field("synth", pattern=r"^[A-Za-z0-9_.]+$")
-    """Slide ids start with this (e.g. ``heldout`` for slides kept apart from a cohort)."""
+    """Slide ids start with this (e.g. ``heldout`` for slides kept apart from a cohort);
+    ``layout: flat`` only."""
+
+    layout: Literal["flat", "gdc"] = "flat"
+    """``flat``: ``<output>/<slide_id>.tiff``, ids ``<id_prefix>-0000``... ``gdc``: the way
+    the GDC client downloads TCGA: one UUID folder per file, ``<uuid>/<slide_id>.svs``, with
+    TCGA-style ids ``TCGA-XX-XXXX-01Z-00-DX1.<UUID>`` (dots included; a patient's second slide
+    is ``DX2``) and ``patient_id`` = the first 12 characters, as users write labels from such
+    names. The pixels, labels and patients are those of ``flat`` with the same seed."""
 
     size: int = Field(8192, ge=256)
     """Level-0 width in pixels (and height, unless ``height`` is set)."""

@@ -9,6 +9,7 @@ with the same config renders nothing and leaves every byte as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,6 +46,8 @@ class SlideSpec:
     height: int
     mpp: float
     options: RenderOptions
+    path: str = ""
+    """Where the slide goes, relative to the output (``<slide_id>.tiff`` when empty)."""
 
     @property
     def slide_id(self) -> str:
@@ -82,18 +85,60 @@ def slide_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _hex(seed: int, *what: object) -> str:
+    return hashlib.sha256(":".join(map(str, ("fusedist.synth.gdc", seed, *what))).encode()
+                          ).hexdigest()
+
+
+def _uuid(h: str) -> str:
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def gdc_names(seed: int, rows: list[SlideLabels]) -> list[tuple[SlideLabels, str]]:
+    """``rows`` renamed the way TCGA slides come from the GDC: slide id
+    ``TCGA-<TSS>-<participant>-01Z-00-DX<n>.<UUID>``, patient id its first 12 characters
+    (``DX2`` is a patient's second slide), each with its path ``<file uuid>/<slide_id>.svs``.
+    Seeded, so a data set's names are the same on every run."""
+    barcodes: dict[str, str] = {}
+    slides: dict[str, int] = {}
+    out = []
+    for i, r in enumerate(rows):
+        if r.patient_id not in barcodes:
+            salt = 0
+            while True:  # distinct patients get distinct barcodes, however unlikely a clash
+                h = int(_hex(seed, r.patient_id, salt), 16)
+                code = "".join(_ALNUM[(h >> (6 * k)) % 36] for k in range(6))
+                barcode = f"TCGA-{code[:2]}-{code[2:]}"
+                if barcode not in barcodes.values():
+                    break
+                salt += 1
+            barcodes[r.patient_id] = barcode
+        slides[r.patient_id] = slides.get(r.patient_id, 0) + 1
+        sid = (f"{barcodes[r.patient_id]}-01Z-00-DX{slides[r.patient_id]}."
+               f"{_uuid(_hex(seed, 'slide', i)).upper()}")
+        folder = _uuid(_hex(seed, "file", i))
+        out.append((dataclasses.replace(r, slide_id=sid, patient_id=sid[:12]),
+                    f"{folder}/{sid}.svs"))
+    return out
+
+
 def slide_specs(cfg: SynthConfig) -> list[SlideSpec]:
     """Labels and render parameters of every slide of ``cfg`` (cheap: no pixels)."""
     rows = make_labels(cfg.seed, cfg.num_slides, cfg.label_params())
+    named = (gdc_names(cfg.seed, rows) if cfg.layout == "gdc"
+             else [(r, f"{r.slide_id}.tiff") for r in rows])
     width, height = cfg.width_height
     out = []
-    for i, row in enumerate(rows):
+    for i, (row, path) in enumerate(named):
         jitter = math.exp(np.random.default_rng([cfg.seed, 0x715, i]).normal(
             0, cfg.tissue_fraction_jitter))
         frac = round(float(np.clip(cfg.tissue_fraction * jitter, 0.1, 0.9)), 4)
         marked = np.random.default_rng([cfg.seed, 0x1A5, i]).random() < cfg.pen.slide_fraction
         out.append(SlideSpec(row, slide_seed(cfg.seed, i), width, height, cfg.mpp,
-                             cfg.render_options(frac, marked)))
+                             cfg.render_options(frac, marked), path))
     return out
 
 
@@ -176,7 +221,7 @@ def synthesize(cfg: SynthConfig, progress: bool = True) -> list[dict]:
     specs = slide_specs(cfg)
     manifest_url = storage.join(out, MANIFEST)
     manifest = _read_manifest(manifest_url)
-    urls = {s.slide_id: _urls(out, s.slide_id) for s in specs}
+    urls = {s.slide_id: _urls(out, s.slide_id, s.path) for s in specs}
     todo = [s for s in specs if not _is_done(s, manifest.get(s.slide_id), *urls[s.slide_id])]
     if len(todo) < len(specs):
         log.info("synth: %d of %d slides already done at %s", len(specs) - len(todo),
@@ -198,7 +243,9 @@ def synthesize(cfg: SynthConfig, progress: bool = True) -> list[dict]:
             _publish(os.path.join(stage, f"{spec.slide_id}.png"), mask_url)
             _publish(os.path.join(stage, f"{spec.slide_id}.tiff"), tiff_url)
             seconds[spec.slide_id] = result.pop("seconds")  # timings would break byte-identity
-            manifest[spec.slide_id] = {"digest": spec.digest(), **result}
+            # path: only where it is not the flat layout's, so those manifests keep their bytes
+            where = {"path": spec.path} if spec.path != f"{spec.slide_id}.tiff" else {}
+            manifest[spec.slide_id] = {"digest": spec.digest(), **where, **result}
             save_manifest()  # after every slide: a killed run resumes from here
             bar.update(1)
 
@@ -225,15 +272,17 @@ def synthesize(cfg: SynthConfig, progress: bool = True) -> list[dict]:
             for s in specs]
 
 
-def _urls(out: str, slide_id: str) -> tuple[str, str]:
-    return storage.join(out, f"{slide_id}.tiff"), storage.join(out, "masks", f"{slide_id}.png")
+def _urls(out: str, slide_id: str, path: str = "") -> tuple[str, str]:
+    """(slide, mask) URLs of a slide: at ``path`` under ``out`` (default the flat layout's)."""
+    return (storage.join(out, path or f"{slide_id}.tiff"),
+            storage.join(out, "masks", f"{slide_id}.png"))
 
 
 def _drop_stale(out: str, manifest: dict[str, dict], keep: set[str]) -> None:
     """Delete slides this output's manifest recorded that the config no longer makes."""
     for slide_id in sorted(set(manifest) - keep):
         log.info("synth: removing %s (not in this config any more)", slide_id)
-        for url in _urls(out, slide_id):
+        for url in _urls(out, slide_id, manifest[slide_id].get("path", "")):
             storage.delete(url)
         del manifest[slide_id]
 

@@ -15,7 +15,9 @@ class TileConfig(StrictModel):
     """Whole-slide images -> WebDataset tile shards (``pairs`` for XMAG, or a ``grid``)."""
 
     input: str
-    """A slide file, or a directory (local path or s3:// prefix) searched recursively."""
+    """A slide file, a directory (local path or s3:// prefix) searched recursively (a slide's
+    id: its file name without the slide extension), or a slide table ``.csv``/``.parquet``
+    (``slide_id``, ``path``, optional ``patient_id``, ``mpp``: docs/formats.md)."""
 
     output: str = "data/tiles"
     """Root for tile datasets; this run writes ``<output>/<dataset>/``."""

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
+from fusedist.formats.slide_ids import check_ids
+from fusedist.formats.slide_table import (SlideRow, check_paths, format_slide_table,
+                                          is_slide_table, read_slide_table, write_slide_table)
 from fusedist.runtime import Rate, init_ray, local_reason, run_tasks
 from fusedist.shards import delete_shard, listed_shards, shard_name, shard_written
 from fusedist.tiling.config import TileConfig
@@ -40,6 +43,9 @@ class SlideInput:
     slide_id: str
     url: str
     siblings: list[str] = field(default_factory=list)  # other files of a multi-file slide
+    patient_id: str | None = None  # from a slide table; None: the slide's own id
+    mpp: float | None = None  # level-0 µm/px from a slide table (over the file's metadata)
+    line: int = 0  # the slide table line it came from (0: found in a folder)
 
 
 @dataclass
@@ -72,42 +78,114 @@ class TileResult:
 # ----------------------------------------------------------------------------- discovery
 
 def discover(cfg: TileConfig) -> list[SlideInput]:
-    """Slides under ``cfg.input`` (a file or a directory, searched recursively), id-sorted."""
+    """Slides of ``cfg.input``, id-sorted: a slide table (CSV/Parquet), one slide file, or a
+    folder searched recursively, where a slide's id is its file name without the slide
+    extension. Two slides with one id, a missing file, a file that is not a slide by its
+    extension, or ids that would share a file name are a ConfigError naming them, before any
+    work."""
     src = cfg.input.rstrip("/")
     exts = tuple(cfg.extensions)
+    if is_slide_table(src):
+        slides = _from_table(src, exts)
+    else:
+        slides = _from_folder(src, exts, cfg.input)
+    fix = ("give the slides other ids in a slide table (slide_id, path columns; "
+           "docs/formats.md) and pass it as the input")
+    check_ids([(s.slide_id, f"line {s.line}" if s.line else s.url) for s in slides], fix)
+    return sorted(slides, key=lambda s: s.slide_id)
+
+
+def _dicom_siblings(url: str, others: list[str]) -> list[str]:
+    """The other .dcm files of a DICOM slide's folder: OpenSlide needs the whole series."""
+    return [o for o in others if o != url and o.lower().endswith(".dcm")]
+
+
+def _from_table(src: str, exts: tuple[str, ...]) -> list[SlideInput]:
+    rows = read_slide_table(src)
+    bad = [r for r in rows if not r.path.lower().endswith(exts)]
+    if bad:
+        shown = "; ".join(f"line {r.line} {r.slide_id!r}: {r.path}" for r in bad[:5])
+        raise ConfigError(f"slide table {src}: {len(bad)} path(s) are not slide files (by "
+                          f"extension; slides end in {', '.join(exts)}): {shown}"
+                          f"{' ...' if len(bad) > 5 else ''}; fix the path column, or set "
+                          "extensions for another format")
+    check_paths(src, rows)
+    folders: dict[str, list[str]] = {}
+    out = []
+    for r in rows:
+        sib = []
+        if r.path.lower().endswith(".dcm"):
+            d = r.path.rsplit("/", 1)[0]
+            if d not in folders:
+                folders[d] = [storage.join(d, n) for n in storage.listdir(d, "")]
+            sib = _dicom_siblings(r.path, folders[d])
+        out.append(SlideInput(r.slide_id, r.path, sib, r.patient_id, r.mpp, r.line))
+    return out
+
+
+def _from_folder(src: str, exts: tuple[str, ...], given: str) -> list[SlideInput]:
     if not storage.exists(src):
-        raise ConfigError(f"input {cfg.input} does not exist; check the --input path (a slide "
-                          "file or a folder, local or s3://)")
-    if src.lower().endswith(exts) and storage.exists(src):
+        raise ConfigError(f"input {given} does not exist; check the --input path (a slide "
+                          "file, a folder, or a slide table .csv/.parquet; local or s3://)")
+    if src.lower().endswith(exts):
         return [SlideInput(slide_id_for(src), src)]
     rels = [r for r in storage.walk_files(src)
             if r.lower().endswith(exts) and not any(p.startswith(".") for p in r.split("/"))]
     if not rels:
-        raise ConfigError(f"no slides found at {cfg.input} (looked for {', '.join(exts)}); "
+        raise ConfigError(f"no slides found at {given} (looked for {', '.join(exts)}); "
                           "check the input path or set extensions")
     # DICOM: every .dcm of a folder is a candidate slide; siblings travel along so OpenSlide
     # sees the whole series, and files of one series are merged after planning.
     by_dir: dict[str, list[str]] = {}
     for r in rels:
-        if r.lower().endswith(".dcm"):
-            by_dir.setdefault(r.rsplit("/", 1)[0] if "/" in r else "", []).append(r)
-    slides, seen = [], set()
+        by_dir.setdefault(r.rsplit("/", 1)[0] if "/" in r else "", []).append(
+            storage.join(src, r))
+    slides, first = [], {}
+    clashes = []
     for r in rels:
-        sid = slide_id_for(r.rsplit(".", 1)[0].replace("/", "_") + "." + r.rsplit(".", 1)[-1])
-        if sid in seen:  # a.svs and a.tiff side by side
-            sid = f"{sid}_{r.rsplit('.', 1)[-1].lower()}"
-        seen.add(sid)
+        url = storage.join(src, r)
+        sid = slide_id_for(r)
+        if sid in first:  # a.svs in two folders, or a.svs and a.tiff side by side
+            clashes.append(f"{first[sid]} and {url}")
+        first.setdefault(sid, url)
         sib = []
         if r.lower().endswith(".dcm"):
-            d = r.rsplit("/", 1)[0] if "/" in r else ""
-            sib = [storage.join(src, o) for o in by_dir[d] if o != r]
-        slides.append(SlideInput(sid, storage.join(src, r), sib))
-    return sorted(slides, key=lambda s: s.slide_id)
+            sib = _dicom_siblings(url, by_dir[r.rsplit("/", 1)[0] if "/" in r else ""])
+        slides.append(SlideInput(sid, url, sib))
+    if clashes:
+        raise ConfigError(f"{len(clashes)} slide file name(s) occur twice under {given}, and a "
+                          f"slide's id is its file name (parent folders are not part of it): "
+                          f"{'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}; "
+                          "list the slides in a slide table with an id for each (slide_id, "
+                          "path columns; docs/formats.md) and pass it as the input")
+    return slides
+
+
+SLIDES_CSV = "slides.csv"
+"""The id -> path map of a tile dataset, beside its manifest: a slide table to edit and reuse."""
+
+
+def _write_slide_map(dataset_url: str, slides: list[SlideInput]) -> None:
+    def where(url: str) -> str:  # absolute, so the table reads back from its own folder
+        return url if storage.is_s3(url) else str(storage.local_path(url).resolve())
+
+    rows = [SlideRow(s.slide_id, where(s.url), s.patient_id or s.slide_id, s.mpp)
+            for s in slides]
+    url = storage.join(dataset_url, SLIDES_CSV)
+    # Written only when it changes: a re-run over the same slides touches nothing.
+    try:
+        same = storage.read_text(url) == format_slide_table(rows)
+    except FileNotFoundError:
+        same = False
+    if not same:
+        write_slide_table(url, rows)
 
 
 def _identity(s: SlideInput) -> str:
-    """What identifies a slide file's content cheaply: its name(s) and size(s)."""
-    return ";".join(f"{storage.basename(u)}:{storage.size(u)}" for u in [s.url, *s.siblings])
+    """What identifies a slide file's content cheaply: its name(s) and size(s), and the mpp
+    a slide table gives it (another mpp is another plan)."""
+    ident = ";".join(f"{storage.basename(u)}:{storage.size(u)}" for u in [s.url, *s.siblings])
+    return ident if s.mpp is None else f"{ident};mpp={s.mpp!r}"
 
 
 # ----------------------------------------------------------------------------- phases
@@ -135,7 +213,7 @@ def _plan_all(cfg, tasks, dataset_url, slides, digest, progress) -> list[dict]:
             continue
         todo.append((s, ident))
     task = tasks.function(plan_slide, describe=lambda a: f"the plan of slide {a[3]}")
-    refs = [task.remote(cfg, dataset_url, s.slide_id, s.url, s.siblings, ident)
+    refs = [task.remote(cfg, dataset_url, s.slide_id, s.url, s.siblings, ident, s.mpp, s.line)
             for s, ident in todo]
     tasks.run(refs, lambda r: records.__setitem__(r["slide_id"], r),
               f"plan {len(todo)} slides", "slide", progress)
@@ -329,6 +407,7 @@ def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
     digest = config_digest(cfg, TileConfig.RUN_ONLY)
     _check_existing(cfg, dataset_url, digest)
     slides = discover(cfg)
+    _write_slide_map(dataset_url, slides)
     _clean_temp_files(dataset_url)
     with _tasks(cfg) as tasks:
         records = _plan_all(cfg, tasks, dataset_url, slides, digest, progress)

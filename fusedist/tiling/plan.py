@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from fusedist import shards, storage
+from fusedist.formats.slide_ids import encode_id
 from fusedist.state import StageState
 from fusedist.tiling.config import TileConfig
-from fusedist.tiling.slide import (Geometry, SlideError, open_slide, plan_geometry, read_thumbnail,
-                                   read_tile, resolve_mpp)
+from fusedist.tiling.slide import (Geometry, Mpp, SlideError, open_slide, plan_geometry,
+                                   read_thumbnail, read_tile, resolve_mpp)
 from fusedist.tiling.tiffread import open_reader
 from fusedist.tiling.tissue import detect_tissue, draw_overview, tile_fractions
 
@@ -85,8 +86,12 @@ def _grid(w0: int, h0: int, geo: Geometry, step0: int) -> tuple[np.ndarray, np.n
 
 
 def plan_slide(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
-               siblings: list[str], identity: str) -> dict:
-    """Open one slide, find its tissue and choose its tiles. Returns the slide's record."""
+               siblings: list[str], identity: str, mpp: float | None = None,
+               line: int = 0) -> dict:
+    """Open one slide, find its tissue and choose its tiles. Returns the slide's record.
+
+    ``mpp``: the slide table's level-0 µm/px for it (used over the file's metadata);
+    ``line``: its slide table line, named in a failure's reason (0: not from a table)."""
     storage.configure(cfg.storage)
     from fusedist.config import config_digest
 
@@ -95,25 +100,30 @@ def plan_slide(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
               "shards": []}
     try:
         # _plan fills the record as it learns (mpp, size...), so a failure keeps what was known.
-        _plan(cfg, dataset_url, slide_id, url, siblings, record)
+        _plan(cfg, dataset_url, slide_id, url, siblings, record, mpp)
         record["status"] = "ok"
     except SlideError as e:
         record.update(status="failed", code=e.code, reason=e.message)
     except FileNotFoundError as e:
         record.update(status="failed", code="missing", reason=f"{url}: {e}")
+    if line:
+        record["table_line"] = line
+        if record["status"] == "failed":
+            record["reason"] = f"slide table line {line}: {record['reason']}"
     slide_state(dataset_url).write(slide_id, record)
     return record
 
 
 def _plan(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
-          siblings: list[str], info: dict) -> None:
+          siblings: list[str], info: dict, table_mpp: float | None = None) -> None:
     path = local_copy(url, siblings)
     slide = open_slide(path, url)
     props = dict(slide.properties)
     w0, h0 = slide.dimensions
     info.update(level0_size=[w0, h0], vendor=props.get("openslide.vendor", ""),
                 dicom_series=props.get("dicom.SeriesInstanceUID"))
-    mpp = resolve_mpp(props, url, cfg.mpp_override, cfg.force_mpp)
+    mpp = (Mpp(table_mpp, "table") if table_mpp
+           else resolve_mpp(props, url, cfg.mpp_override, cfg.force_mpp))
     info.update(mpp0=mpp.value, mpp_source=mpp.source)
     geo = _geometry(slide, cfg, mpp.value, url)
     info["read_level"] = geo.level
@@ -141,9 +151,8 @@ def _plan(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
     if cfg.thumbnails:
         buf = io.BytesIO()
         draw_overview(thumb, mask, scale, xs, ys, geo.size0, ink=ink).save(buf, "PNG")
-        storage.write_bytes(storage.join(dataset_url, "thumbnails", f"{slide_id}.png"),
-                            buf.getvalue())
-        info["thumbnail"] = f"thumbnails/{slide_id}.png"
+        info["thumbnail"] = f"thumbnails/{encode_id(slide_id)}.png"
+        storage.write_bytes(storage.join(dataset_url, info["thumbnail"]), buf.getvalue())
     if len(xs) == 0:
         best = float(tile_fractions(mask, scale, *_grid(w0, h0, geo, step0), geo.size0).max(
             initial=0.0))
@@ -169,7 +178,7 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 def _samples(cfg: TileConfig, record: dict, start: int, stop: int, slide, geo: Geometry,
              fast=None) -> Iterator[tuple[str, dict]]:
-    sid = record["slide_id"]
+    sid, key = record["slide_id"], encode_id(record["slide_id"])
     # Coords are row-major (see _grid), so consecutive tiles reuse the fast reader's tiles.
     for (x, y), frac in zip(record["coords"][start:stop], record["tissue"][start:stop]):
         img = read_tile(slide, x, y, geo, record["url"], cfg.resample, fast)
@@ -180,10 +189,10 @@ def _samples(cfg: TileConfig, record: dict, start: int, stop: int, slide, geo: G
             # lo is made from the decoded-free hi pixels, so both JPEGs see the same region.
             lo = img.resize((cfg.lo_size, cfg.lo_size), Image.Resampling.LANCZOS)
             meta.update(lo_mpp=cfg.lo_mpp, lo_size=cfg.lo_size)
-            yield f"{sid}/{x}_{y}", {"hi.jpg": _jpeg(img, cfg.jpeg_quality),
+            yield f"{key}/{x}_{y}", {"hi.jpg": _jpeg(img, cfg.jpeg_quality),
                                      "lo.jpg": _jpeg(lo, cfg.jpeg_quality), "meta.json": meta}
         else:
-            yield f"{sid}/{x}_{y}", {"img.jpg": _jpeg(img, cfg.jpeg_quality), "meta.json": meta}
+            yield f"{key}/{x}_{y}", {"img.jpg": _jpeg(img, cfg.jpeg_quality), "meta.json": meta}
 
 
 def render_part(cfg: TileConfig, record: dict, start: int, stop: int,

@@ -7,7 +7,6 @@ regions come from the pyramid level closest *above* the target resolution, then 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +31,15 @@ class SlideError(Exception):
 
 
 def slide_id_for(path_or_url: str) -> str:
-    """A slide id from a file name: its stem, with characters that would break keys replaced.
-
-    WebDataset splits a key from its extensions at the first '.', and '/' separates the slide
-    id from the tile coordinates, so neither may appear in an id.
-    """
+    """A slide id from a file name: the name without its slide extension, as a person reads
+    it (dots kept, so a TCGA barcode stays whole; no parent folders). Characters that files
+    and keys cannot hold are encoded where the id is written, not here
+    (:mod:`fusedist.formats.slide_ids`)."""
     stem = str(path_or_url).rstrip("/").rsplit("/", 1)[-1]
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem) or "slide"
+        if stem.lower().endswith(ext) and len(stem) > len(ext):
+            return stem[: -len(ext)]
+    return stem
 
 
 def open_slide(path: str | Path, name: str | None = None):
