@@ -198,11 +198,14 @@ def test_gdc_cohort_tile_cache_embed_fuse_predict_and_odd_ids_round_trip(
         assert {read_bag(u).slide_id for u in listed.values()} == set(ODD)
 
     # The MLflow model, loaded by MLflow alone, names the slides by their true ids.
-    mlflow.set_tracking_uri(db)
-    m = mlflow.pyfunc.load_model(model)
-    names = m.metadata.get_input_schema().input_names()
-    encoders = [n for n in names if n != "slide_id" and not n.endswith(".coords")]
-    frame = m.predict(bags_frame(str(out / "bags"), encoders))
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: scoped, so no later test inherits it.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(db):
+        m = mlflow.pyfunc.load_model(model)
+        names = m.metadata.get_input_schema().input_names()
+        encoders = [n for n in names if n != "slide_id" and not n.endswith(".coords")]
+        frame = m.predict(bags_frame(str(out / "bags"), encoders))
     assert set(frame["slide_id"]) == set(ODD)
 
 

@@ -68,7 +68,9 @@ def test_tile_through_faulty_network_gives_identical_shards(slides_and_reference
                                                             moto_server, fault_proxy, tmp_path):
     src, reference = slides_and_reference
     upload(src, s3_bucket, moto_server)
-    fault_proxy.set_faults(error_rate=0.12, drop_rate=0.08, cut_rate=0.3, seed=3)
+    fault_proxy.set_faults(error_rate=0.12, drop_rate=0.08, cut_rate=0.3, seed=5)
+    # The seed picks which requests fail; it must give every kind of fault on tile's request
+    # sequence (seed 3 gave no cut once tile also wrote slides.csv).
     res = run_tile(s3_cfg(s3_bucket, fault_proxy.endpoint, tmp_path / "cache",
                           **{"storage.max_attempts": 10}), progress=False)
     same_shards(res.manifest, reference)
