@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Paths (globs, relative to the run folder) whose bytes legitimately change run to run.
 VOLATILE = [
-    "demo/mlruns/*", "demo/mlruns", "*/mlruns/*", "demo/runs/*", "*.log", "*/logs/*",
-    "demo/report.md",
+    "*/mlruns/*", "demo/runs/*/checkpoint_*", "*.log", "*/logs/*", "demo/report.md",
 ]
 
 _COHORT = """
