@@ -51,7 +51,7 @@ _FUSE_SETS = [
 def _run(*args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = str(REPO)
-    subprocess.run([sys.executable, *args], check=True, env=env, cwd=REPO)
+    subprocess.run([sys.executable, *args], check=True, env=env, cwd=REPO, stdout=sys.stderr)
 
 
 def produce(out: Path) -> None:
