@@ -9,8 +9,12 @@ process, then writes ``sha256  path`` for every file under the run folder::
     python scripts/output_digests.py OUT2 > after.txt     # on the new code
     python scripts/output_digests.py --compare before.txt after.txt
 
-Files that differ between two runs of the *same* code (wall times, run ids, MLflow stores,
-logs) are listed in ``VOLATILE`` and left out; everything else must match byte for byte.
+Text files are hashed with the run folder's path and wall-clock stamps replaced by
+placeholders, bags by their datasets and attributes (an attribute names the encoder's folder);
+MLflow stores, checkpoints and logs are left out (``VOLATILE``). Run both in the same folder:
+what still differs between two runs of the same code there is wall time (``train_s``, the
+results tables' seconds), which ``--compare`` reports apart when given ``--noise FILE`` (the
+``--compare`` output of two runs of the old code).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import fnmatch
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,21 +71,55 @@ def produce(out: Path) -> None:
          "-q", *sets)
 
 
+_STAMP = re.compile(rb"\d{4}-\d\d-\d\d[T_ ]\d\d[:-]\d\d[:-]\d\d(\.\d+)?(\+00:00|Z)?")
+
+
+def _normalized(data: bytes, out: Path) -> bytes:
+    """Bytes with the run folder's own path and wall-clock stamps taken out: two runs in two
+    folders at two times must hash alike; nothing else is touched."""
+    return _STAMP.sub(b"<time>", data.replace(str(out).encode(), b"<run>"))
+
+
+def _h5_digest(path: Path, out: Path) -> str:
+    # A bag's attributes name its encoder's folder (``encoder_ref``); hash every dataset's
+    # bytes and every attribute, the path normalized, instead of the file's bytes.
+    import h5py
+    import numpy as np
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for k in sorted(f.attrs):
+            h.update(k.encode() + _normalized(repr(f.attrs[k]).encode(), out))
+        for k in sorted(f):
+            h.update(k.encode() + np.ascontiguousarray(f[k][()]).tobytes())
+    return h.hexdigest()
+
+
 def digests(out: Path) -> list[str]:
     lines = []
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
         if not p.is_file() or any(fnmatch.fnmatch(rel, g) for g in VOLATILE):
             continue
-        lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {rel}")
+        if p.suffix == ".h5":
+            d = _h5_digest(p, out)
+        elif p.suffix in (".json", ".csv", ".md", ".txt", ".jsonl", ".yaml"):
+            d = hashlib.sha256(_normalized(p.read_bytes(), out)).hexdigest()
+        else:
+            d = hashlib.sha256(p.read_bytes()).hexdigest()
+        lines.append(f"{d}  {rel}")
     return lines
 
 
-def compare(a: str, b: str) -> int:
+def compare(a: str, b: str, noise: str | None = None) -> int:
     def load(f):
         return dict(reversed(line.split("  ", 1)) for line in Path(f).read_text().splitlines())
     da, db = load(a), load(b)
     bad = sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+    if noise:
+        timing = set(Path(noise).read_text().split())
+        print(f"{len(set(bad) & timing)} differ as two runs of the old code do (wall times)")
+        bad = [k for k in bad if k not in timing]
     for k in bad:
         print(f"{'changed' if k in da and k in db else 'only in ' + (a if k in da else b)}: {k}")
     print(f"{len(da)} files, {len(bad)} differ")
@@ -91,10 +130,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    ap.add_argument("--noise", help="files that differ between two runs of the same code")
     ap.add_argument("--hash-only", action="store_true", help="hash an existing run folder")
     a = ap.parse_args()
     if a.compare:
-        return compare(*a.compare)
+        return compare(*a.compare, noise=a.noise)
     out = Path(a.out).resolve()
     if not a.hash_only:
         produce(out)
