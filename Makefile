@@ -24,7 +24,7 @@ venv: $(STAMP)
 
 # The default tier: CPU only, what CI runs.
 test: venv
-	$(VENV)/bin/python -m pytest -m "not gpu" -q
+	$(VENV)/bin/python -m pytest -m "not gpu" -q --durations=25
 
 # Everything, including GPU tests (run where a GPU is).
 test-all: venv

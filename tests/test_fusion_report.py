@@ -346,3 +346,12 @@ def test_attention_colormap_is_perceptually_ordered():
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     lum = lin @ np.array([0.2126, 0.7152, 0.0722])  # relative luminance, monotone in L*
     assert (np.diff(lum) > 0).all()
+
+
+def test_image_links_survive_ids_with_spaces_and_brackets():
+    # A LIMS slide id like "S 12 (HE)#2" must still give one working Markdown image link.
+    from fusedist.fusion.report import image_md
+
+    md = image_md("plots/attention_enc_S 12 (HE)#2.png", "attention [S 12]")
+    assert md == "![attention \\[S 12\\]](plots/attention_enc_S%2012%20%28HE%29%232.png)"
+    assert image_md("plots/roc.png", "ROC") == "![ROC](plots/roc.png)"  # plain paths unchanged

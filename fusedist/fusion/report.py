@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import numpy as np
 
@@ -454,8 +455,11 @@ def write_markdown_report(path, title: str, sections: list[tuple[str, str]]) -> 
 
 
 def image_md(rel_path: str, alt: str) -> str:
-    """Markdown image link ``![alt](rel_path)``."""
-    return f"![{alt}]({rel_path})"
+    """Markdown image link ``![alt](rel_path)``. The path is percent-encoded (a slide id may
+    hold spaces, parentheses or ``#``, which end or break a Markdown link) and brackets in the
+    alt text are escaped."""
+    alt = alt.replace("[", "\\[").replace("]", "\\]")
+    return f"![{alt}]({quote(rel_path, safe='/')})"
 
 
 # ------------------------------------------------------------------- the fuse output folder
