@@ -4,7 +4,7 @@ For each stage, one tiny input (one small slide; one shard; one slide's grid til
 12-slide synthetic cohort for fuse) is run as ``fusedist <stage> ... -q`` in a fresh process,
 interleaved over ``--reps`` rounds (medians); tile, cache and embed run with their default
 executor (no Ray on a laptop) and again on Ray (``executor=ray``). In the same run, the floors it cannot go below:
-the CLI's imports, a lean local Ray start + stop (``fusedist.runtime.init_ray``) and a plain
+the CLI's imports, a lean local Ray start + stop (``fusedist.execution.rayrun.init_ray``) and a plain
 ``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
 pointed at a missing input (which must fail before Ray starts).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-_RAY_LEAN = ("import ray; from fusedist.runtime import init_ray; init_ray(); "
+_RAY_LEAN = ("import ray; from fusedist.execution.rayrun import init_ray; init_ray(); "
              "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")
 _RAY_DEFAULT = ("import ray; ray.init(address='local'); "
                 "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")

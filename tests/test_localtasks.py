@@ -1,4 +1,4 @@
-"""fusedist.localtasks: the task graph of a one-machine stage on a process pool, no Ray.
+"""fusedist.execution.local: the task graph of a one-machine stage on a process pool, no Ray.
 
 Real worker processes throughout; the crashes are real process deaths (``os._exit``)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedist.localtasks import LocalTasks
+from fusedist.execution.local import LocalTasks
 
 
 def square(x: int) -> tuple[int, int]:
@@ -85,12 +85,13 @@ def test_tile_uses_ray_only_where_a_cluster_is_set_or_ray_already_runs(ray_clust
     import sys
 
     from fusedist.config import RayConfig, load_config
-    from fusedist.localtasks import LocalTasks
+    from fusedist.execution.local import LocalTasks
     from fusedist.tiling.config import TileConfig
-    from fusedist.tiling.job import _RayTasks, _tasks
+    from fusedist.execution.rayrun import RayTasks
+    from fusedist.tiling.job import _tasks
 
-    probe = ("import sys; from fusedist.config import RayConfig; from fusedist.runtime import "
-             "uses_ray; print(uses_ray(RayConfig(address=sys.argv[1] or None)), "
+    probe = ("import sys; from fusedist.config import RayConfig; "
+             "from fusedist.execution.tasks import uses_ray; print(uses_ray(RayConfig(address=sys.argv[1] or None)), "
              "'ray' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
@@ -105,6 +106,6 @@ def test_tile_uses_ray_only_where_a_cluster_is_set_or_ray_already_runs(ray_clust
     assert probe_run("", RAY_ADDRESS="127.0.0.1:6379") == "True False"  # a RayJob's entrypoint
     # This process runs Ray (the session's fixture): auto uses it, local still refuses to.
     cfg = load_config(TileConfig, None, [], input="x", output="y")
-    assert isinstance(_tasks(cfg), _RayTasks)
+    assert isinstance(_tasks(cfg), RayTasks)
     local = _tasks(cfg.model_copy(update={"executor": "local", "ray": RayConfig(num_cpus=3)}))
     assert isinstance(local, LocalTasks) and local.slots == 3

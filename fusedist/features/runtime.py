@@ -13,7 +13,7 @@ from fusedist import storage
 from fusedist.config import ConfigError, RayConfig
 from fusedist.features.config import EncoderRef, EngineConfig
 from fusedist.features.engine import PoolSpec
-from fusedist.runtime import Rate
+from fusedist.execution.progress import Rate
 
 log = logging.getLogger("fusedist.features")
 
@@ -235,14 +235,15 @@ class EnginePlan:
 def plan_engine(cfg: EngineConfig, ray_cfg: RayConfig) -> EnginePlan:
     """``engine.executor`` decided: Ray (started or joined here) or this process; the device,
     and why, is logged either way."""
-    from fusedist.runtime import init_ray, local_reason
+    from fusedist.execution.rayrun import init_ray
+    from fusedist.execution.tasks import local_reason
 
     why = local_reason(cfg.executor, ray_cfg, "engine.executor")
     if why is None:
         init_ray(ray_cfg)
         device, pool, threads = engine_pool(cfg, ray_cfg)
         return EnginePlan(False, device, threads, pool=pool)
-    from fusedist.localtasks import local_cpus
+    from fusedist.execution.local import local_cpus
 
     device = _local_device(cfg)
     cores = local_cpus(ray_cfg.num_cpus)

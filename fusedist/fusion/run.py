@@ -1,5 +1,5 @@
-"""``fusedist fuse``: load the cohort, run the outer folds as Ray tasks (resumable), then
-score, tabulate, plot and log every method.
+"""``fusedist fuse``: load the cohort, run the outer folds as tasks (resumable; Ray tasks on a
+cluster, else local processes: ``executor``), then score, tabulate, plot and log every method.
 
 Output folder::
 
@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
+from fusedist.execution.rayrun import RayTasks
+from fusedist.execution.sharedfs import alive_nodes, is_shared
+from fusedist.execution.tasks import open_tasks
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
@@ -91,36 +95,53 @@ def _decode(d: dict) -> FoldResult:
 
 def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int],
                methods: list, prepared: dict, progress: bool) -> tuple[list[FoldResult], int]:
-    import ray
-
-    from fusedist.runtime import init_ray, run_tasks
-
     state = StageState(cfg.output)
     entries = state.read_many(_fold_name(f) for f in range(cfg.folds))
     done = {f: _decode(entries[_fold_name(f)]) for f in range(cfg.folds)
             if _fold_name(f) in entries}
     todo = [f for f in range(cfg.folds) if f not in done]
     if todo:
-        init_ray(cfg.ray)
-        _check_packed_reachable(c, cfg)
-        remote = ray.remote(run_fold).options(num_cpus=cfg.fold_cpus, num_gpus=cfg.fold_gpus,
-                                              max_retries=1)
-        c_ref = ray.put(c)
-        refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared) for f in todo]
+        # Ray tasks on a cluster or a Ray this process runs; else local processes, one per
+        # fold_cpus cores (one: this process). Every fold sets its torch threads to
+        # fold_cpus (fold_context), so the results do not depend on where it ran.
+        with open_tasks(cfg.executor, cfg.ray, "fuse folds", cpus=cfg.fold_cpus,
+                        gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold",),
+                        most=len(todo)) as tasks, _torch_threads_kept():
+            if isinstance(tasks, RayTasks):
+                _check_packed_reachable(c, cfg)
+            remote = tasks.function(run_fold, max_retries=1,
+                                    describe=lambda args: _fold_name(args[3]))
+            c_ref = tasks.put(c)
+            refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared)
+                    for f in todo]
 
-        def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
-            state.write(_fold_name(r.fold), _encode(r))
-            done[r.fold] = r
+            def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
+                state.write(_fold_name(r.fold), _encode(r))
+                done[r.fold] = r
 
-        run_tasks(refs, save, desc="fuse folds", unit="fold", progress=progress)
+            tasks.run(refs, save, desc="fuse folds", unit="fold", progress=progress)
     return [done[f] for f in range(cfg.folds)], len(done) - len(todo)
+
+
+@contextmanager
+def _torch_threads_kept():
+    """A fold run in this process sets torch's threads to ``fold_cpus``: restore them after
+    the folds, so what runs next (the refit) runs as it does after folds on Ray."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to read its setting
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and threads is not None:
+            torch.set_num_threads(threads)
 
 
 def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
     """Packed features on a node-local disk cannot reach fold tasks on other nodes: fail
     before any fold runs, with the fix."""
-    from fusedist.distill.sharedfs import alive_nodes, is_shared
-
     if not is_packed(c.columns()) or is_shared(cfg.output):
         return
     if (nodes := alive_nodes()) > 1:
