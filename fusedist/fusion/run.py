@@ -30,12 +30,18 @@ from fusedist.execution.rayrun import RayTasks
 from fusedist.execution.sharedfs import alive_nodes, is_shared
 from fusedist.execution.tasks import open_tasks
 from fusedist.fusion.config import FuseConfig
-from fusedist.fusion.data import Cohort, load_cohort, make_folds
+from fusedist.fusion.data import Cohort, encoder_folder, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
 from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
+from fusedist.fusion.methods.base import refit_epochs
 from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
+                                   write_model)
+from fusedist.lineage import bags_ref, labels_ref
+from fusedist.mlmodels import digest_files
 from fusedist.state import StageState
+from fusedist.tracking import start_run
 
 log = logging.getLogger("fusedist")
 
@@ -156,9 +162,6 @@ def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
 def lineage_inputs(cfg: FuseConfig, encoders: list[str]) -> list:
     """What a fuse reads, as MLflow datasets (:mod:`fusedist.lineage`): the labels and the
     bag folder of each encoder."""
-    from fusedist.fusion.data import encoder_folder
-    from fusedist.lineage import bags_ref, labels_ref
-
     return [labels_ref(cfg.labels), *(bags_ref(encoder_folder(cfg, e), e) for e in encoders)]
 
 
@@ -177,9 +180,6 @@ def _final_entry(names: list[str], cv: dict) -> dict:
 def _refit_done(url: str, entry: dict, done: dict | None) -> bool:
     """Whether the model folder ``url`` is the one the recorded refit ``done`` wrote for
     ``entry`` (files read back and digested: a folder changed or damaged since is refitted)."""
-    from fusedist.fusion.model import model_files
-    from fusedist.mlmodels import digest_files
-
     if not done or {k: done.get(k) for k in entry} != entry:
         return False
     try:
@@ -196,11 +196,8 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
     ``final.registered_model``) and record where in ``res`` and the manifest. A refit that
     finished for these rows, epochs and CV results is skipped like a finished fold
     (``_state/final.json``)."""
-    from fusedist.fusion.methods.base import refit_epochs
-    from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
-                                       write_model)
+    # lazy: keeps MLflow out of fuse's start-up (and of a run that writes no model)
     from fusedist.fusion.pyfunc import log_fused_model
-    from fusedist.mlmodels import digest_files
 
     rows = final_methods(cfg, methods, res.best())
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
@@ -236,8 +233,6 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
 
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     """Cross-validate every expert and fusion method on the bags and labels of ``cfg``."""
-    from fusedist.tracking import start_run
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     c = load_cohort(cfg)

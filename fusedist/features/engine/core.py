@@ -213,7 +213,8 @@ class EncoderActor:
         process); ``None`` (a Ray actor): build them here from ``spec``."""
         import torch
 
-        from fusedist.models import build_encoder  # lazy: keeps torch and timm out of the stage's start-up
+        # lazy: keeps torch and timm out of the stage's start-up (a Ray driver builds none)
+        from fusedist.models import build_encoder
 
         self.spec = spec
         self.torch = torch
