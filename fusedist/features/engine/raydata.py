@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import time
 from typing import Callable, Iterator
 
 from fusedist.config import RayConfig
