@@ -115,10 +115,12 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
                         most=len(todo)) as tasks, _torch_threads_kept():
             if isinstance(tasks, RayTasks):
                 _check_packed_reachable(c, cfg)
-            remote = tasks.function(run_fold, max_retries=1,
+            on_ray = isinstance(tasks, RayTasks)
+            remote = tasks.function(run_fold if on_ray else _run_fold_local, max_retries=1,
                                     describe=lambda args: _fold_name(args[3]))
             c_ref = tasks.put(c)
-            refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared)
+            fold_cfg = _fold_config(cfg, on_ray)
+            refs = [remote.remote(c_ref, fold_cfg, fold_ids, f, heat, methods, prepared)
                     for f in todo]
 
             def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
@@ -127,6 +129,26 @@ def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int]
 
             tasks.run(refs, save, desc="fuse folds", unit="fold", progress=progress)
     return [done[f] for f in range(cfg.folds)], len(done) - len(todo)
+
+
+def _run_fold_local(c: Cohort, cfg: FuseConfig, *args) -> FoldResult:
+    """:func:`run_fold` as a local task runs it: with the BLAS/OpenMP threads a Ray task of
+    ``fold_cpus`` CPUs gets (Ray sets ``OMP_NUM_THREADS`` for it; torch's own threads are set
+    by ``fold_context`` either way), so numpy's sums come out the same."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, int(cfg.fold_cpus))):
+        return run_fold(c, cfg, *args)
+
+
+def _fold_config(cfg: FuseConfig, on_ray: bool) -> FuseConfig:
+    """The config a fold runs with. Ray hides the GPUs from a task that asks for none
+    (``CUDA_VISIBLE_DEVICES=""``), so ``device: auto`` with ``fold_gpus: 0`` trains a fold on
+    the CPU there: a local fold does the same, whatever GPU this machine has (``device`` is
+    run-only: no output names it)."""
+    if on_ray or cfg.fold_gpus > 0 or cfg.device != "auto":
+        return cfg
+    return cfg.model_copy(update={"device": "cpu"})
 
 
 @contextmanager
