@@ -110,8 +110,9 @@ def test_open_tasks_runs_one_process_inline_and_more_in_a_pool(monkeypatch):
     assert not two.inline and two.slots == 2
     capped = open_tasks("local", RayConfig(num_cpus=8), "folds", most=2)
     assert not capped.inline and capped.slots == 2
-    # tile's pool (no cap) is never inline, even on one core
+    # tile's pool (no cap) is never inline, even on one core; asked for, it is
     assert not open_tasks("local", RayConfig(num_cpus=1), "tiling").inline
+    assert open_tasks("local", RayConfig(num_cpus=8), "folds", most=3, inline=True).inline
 
 
 def test_tile_uses_ray_only_where_a_cluster_is_set_or_ray_already_runs(ray_cluster):

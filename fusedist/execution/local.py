@@ -45,6 +45,10 @@ def local_cpus(num_cpus: int | None = None) -> int:
         return os.cpu_count() or 1
 
 
+def _started() -> None:
+    """The task :meth:`LocalTasks.warm` starts each worker with."""
+
+
 class _Inline(Executor):
     """An executor that runs each call at once, in this process (a pool of one)."""
 
@@ -113,6 +117,15 @@ class LocalTasks:
     def put(self, value: Any) -> Any:
         """``value`` as a task argument (Ray's ``ray.put``): locally, the value itself."""
         return value
+
+    def warm(self) -> None:
+        """Start the worker processes now (their imports run while this process does other
+        work), rather than on the first task; nothing for inline tasks."""
+        if self.inline:
+            return
+        pool = self._start_pool()
+        for _ in range(self.slots):  # one no-op each: the pool starts a process per call
+            pool.submit(_started)
 
     # -- scheduling
 

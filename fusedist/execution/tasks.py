@@ -70,17 +70,17 @@ def local_reason(executor: str, ray_cfg: RayConfig | None, key: str = "executor"
 
 def open_tasks(executor: str, ray_cfg: RayConfig, what: str, cpus: float = 1.0,
                gpus: float = 0.0, preload: tuple[str, ...] = (),
-               most: int | None = None) -> Tasks:
+               most: int | None = None, inline: bool = False) -> Tasks:
     """Ray tasks (each ``cpus`` CPUs, ``gpus`` GPUs), or local processes, one per ``cpus``
-    cores (at most ``most``; a single one runs the tasks in this process), chosen by
-    :func:`local_reason`; the choice and why is logged, naming ``what`` runs."""
+    cores (at most ``most``; a single one, or ``inline``, runs the tasks in this process),
+    chosen by :func:`local_reason`; the choice and why is logged, naming ``what`` runs."""
     why = local_reason(executor, ray_cfg)
     if why is None:
         return RayTasks(ray_cfg, cpus, gpus)
     workers = max(1, int(local_cpus(ray_cfg.num_cpus) // cpus))
     if most is not None:
         workers = max(1, min(workers, most))
-    if workers == 1 and most is not None:
+    if inline or (workers == 1 and most is not None):
         log.info("%s in this process without Ray (%s)", what, why)
         return LocalTasks(1, inline=True)
     log.info("%s in %d local processes without Ray (%s)", what, workers, why)

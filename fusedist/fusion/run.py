@@ -28,7 +28,8 @@ from fusedist import storage
 from fusedist.config import ConfigError, config_digest
 from fusedist.execution.rayrun import RayTasks
 from fusedist.execution.sharedfs import alive_nodes, is_shared
-from fusedist.execution.tasks import open_tasks
+from fusedist.execution.local import LocalTasks
+from fusedist.execution.tasks import Tasks, local_reason, open_tasks
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, encoder_folder, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
@@ -99,20 +100,45 @@ def _decode(d: dict) -> FoldResult:
 
 # ------------------------------------------------------------------------------- run
 
+# A cohort this small trains its folds in less time than local processes take to start and
+# import torch (seconds): its folds run one after the other in this process.
+INLINE_SAMPLES = 200
+
+
+def _fold_tasks(cfg: FuseConfig, folds: int, samples: int) -> Tasks:
+    """Ray tasks on a cluster or a Ray this process runs; else local processes, one per
+    ``fold_cpus`` cores and at most one per fold, or this process (one core, or a cohort of
+    at most ``INLINE_SAMPLES`` samples). Every fold sets its torch threads to ``fold_cpus``
+    (``fold_context``), so the results do not depend on where it ran."""
+    # torch.optim's first use imports torch._dynamo (seconds): once, in the forkserver.
+    return open_tasks(cfg.executor, cfg.ray, "fuse folds", cpus=cfg.fold_cpus,
+                      gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold", "torch._dynamo"),
+                      most=folds, inline=samples <= INLINE_SAMPLES)
+
+
+def _warm_local_tasks(cfg: FuseConfig, c: Cohort) -> LocalTasks | None:
+    """A local pool for the folds, its processes started (and their imports under way) while
+    this process prepares the methods; None on Ray or in this process."""
+    if local_reason(cfg.executor, cfg.ray) is None:
+        return None
+    tasks = _fold_tasks(cfg, cfg.folds, c.num_samples)
+    if not isinstance(tasks, LocalTasks) or tasks.inline:
+        return None
+    tasks.warm()
+    return tasks
+
+
 def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int],
-               methods: list, prepared: dict, progress: bool) -> tuple[list[FoldResult], int]:
+               methods: list, prepared: dict, progress: bool,
+               warm: LocalTasks | None = None) -> tuple[list[FoldResult], int]:
     state = StageState(cfg.output)
     entries = state.read_many(_fold_name(f) for f in range(cfg.folds))
     done = {f: _decode(entries[_fold_name(f)]) for f in range(cfg.folds)
             if _fold_name(f) in entries}
     todo = [f for f in range(cfg.folds) if f not in done]
     if todo:
-        # Ray tasks on a cluster or a Ray this process runs; else local processes, one per
-        # fold_cpus cores (one: this process). Every fold sets its torch threads to
-        # fold_cpus (fold_context), so the results do not depend on where it ran.
-        with open_tasks(cfg.executor, cfg.ray, "fuse folds", cpus=cfg.fold_cpus,
-                        gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold",),
-                        most=len(todo)) as tasks, _torch_threads_kept():
+        with warm or _fold_tasks(cfg, len(todo), c.num_samples) as tasks, \
+                _torch_threads_kept():
             if isinstance(tasks, RayTasks):
                 _check_packed_reachable(c, cfg)
             on_ray = isinstance(tasks, RayTasks)
@@ -258,6 +284,16 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     c = load_cohort(cfg)
+    warm = _warm_local_tasks(cfg, c)
+    try:
+        return _fuse(c, cfg, progress, t0, warm)
+    finally:
+        if warm is not None:
+            warm.close(kill=True)  # after an error; the folds closed it otherwise
+
+
+def _fuse(c: Cohort, cfg: FuseConfig, progress: bool, t0: float,
+          warm: LocalTasks | None) -> FuseResult:
     methods, skipped = select_methods(cfg, c)
     digest = config_digest(cfg, cfg.RUN_ONLY) + ":" + _fingerprint(c)
     StageState(cfg.output).guard(digest, cfg.overwrite, "folds of a fuse run")
@@ -271,7 +307,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
                    tags={"fusedist.stage": "fuse", "fusedist.task": cfg.task}) as run:
         if run.active:
             run.log_datasets(lineage_inputs(cfg, c.encoders))
-        results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
+        results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress,
+                                      warm)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
             _write_final(c, cfg, methods, prepared, res, results, run)
