@@ -244,9 +244,6 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
     ``final.registered_model``) and record where in ``res`` and the manifest. A refit that
     finished for these rows, epochs and CV results is skipped like a finished fold
     (``_state/final.json``)."""
-    # lazy: keeps MLflow out of fuse's start-up (and of a run that writes no model)
-    from fusedist.fusion.pyfunc import log_fused_model
-
     rows = final_methods(cfg, methods, res.best())
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
     epochs = refit_epochs([r.best_epochs for r in results])
@@ -269,8 +266,13 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
         log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
     for m, why in res.flat.items():
         log.warning("fuse: FLAT REFIT %s: %s", m, why)
-    res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
-                                       cfg.final.alias)
+    res.mlflow_model = None
+    if run.active:  # an inactive run logs nothing: MLflow is not even imported
+        # lazy: keeps MLflow out of a fuse that tracks nothing
+        from fusedist.fusion.pyfunc import log_fused_model
+
+        res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
+                                           cfg.final.alias)
     # The manifest was written with the CV outputs; the model comes after them.
     murl = storage.join(cfg.output, "manifest.json")
     manifest = json.loads(storage.read_text(murl))
