@@ -62,7 +62,7 @@ def main() -> None:
 
     from fusedist.config import load_config
     from fusedist.features import CacheConfig, run_cache
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     from fusedist.synth import make_slide
     from fusedist.tiling import TileConfig, run_tile
 

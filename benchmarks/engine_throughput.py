@@ -220,7 +220,7 @@ def main() -> None:
     from fusedist.config import load_config
     from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
     from fusedist.models import build_encoder
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     from fusedist.synth import make_slide
     from fusedist.tiling import TileConfig, run_tile
 

@@ -78,7 +78,7 @@ def main() -> None:
     import ray
 
     from fusedist.config import load_config
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     from fusedist.synth import make_slide
     from fusedist.tiling import TileConfig, run_tile
 

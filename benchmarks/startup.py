@@ -1,14 +1,18 @@
 """Fixed costs: a one-item run of each stage as a whole process, and where its time goes.
 
 For each stage, one tiny input (one small slide; one shard; one slide's grid tiles; a
-12-slide synthetic cohort for fuse) is run as ``fusedist <stage> ... -q`` in a fresh process,
-interleaved over ``--reps`` rounds (medians); tile, cache and embed run with their default
-executor (no Ray on a laptop) and again on Ray (``executor=ray``). In the same run, the floors it cannot go below:
-the CLI's imports, a lean local Ray start + stop (``fusedist.runtime.init_ray``) and a plain
+12-slide synthetic cohort for fuse: 2 folds, 1 epoch) is run as ``fusedist <stage> ... -q``
+in a fresh process, interleaved over ``--reps`` rounds (medians); tile, cache, embed and fuse
+run with their default executor (no Ray on a laptop) and again on Ray (``executor=ray``).
+For fuse the table's last line is its fixed cost: the whole process's wall time less the
+folds' own work (each fold timed in this process, warm, as ``run_fold``; the folds of a local
+run share its processes' cores). In the same run, the floors it cannot go below:
+the CLI's imports, a lean local Ray start + stop (``fusedist.execution.rayrun.init_ray``) and a plain
 ``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
 pointed at a missing input (which must fail before Ray starts).
 
     python benchmarks/startup.py --reps 3
+    python benchmarks/startup.py --reps 1 --only fuse   # fuse (and the CLI's imports) only
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-_RAY_LEAN = ("import ray; from fusedist.runtime import init_ray; init_ray(); "
+_RAY_LEAN = ("import ray; from fusedist.execution.rayrun import init_ray; init_ray(); "
              "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")
 _RAY_DEFAULT = ("import ray; ray.init(address='local'); "
                 "ray.get(ray.remote(lambda: 1).remote()); ray.shutdown()")
@@ -58,31 +62,71 @@ def _cli(*args: str) -> list[str]:
     return ["-m", "fusedist.cli", *args, "-q"]
 
 
-def _setup(work: Path) -> None:
+def _setup(work: Path, slides: bool = True) -> None:
     """Inputs, made once and untimed: a slide, its pairs and grid tiles, a fuse cohort."""
     from fusedist.fusion.synthetic import synthetic_cohort
     from fusedist.synth import make_slide
 
-    make_slide(work / "slide" / "one.tiff", size=3072, mpp=0.25, seed=0)
-    for mode in ("pairs", "grid"):
-        _run(_cli("tile", "-i", str(work / "slide"), "-o", str(work / "tiles"), "--dataset",
-                  mode, "--mode", mode, "--set", "tile_mpp=0.5", "--set", "tile_size=224"))
+    if slides:
+        make_slide(work / "slide" / "one.tiff", size=3072, mpp=0.25, seed=0)
+        for mode in ("pairs", "grid"):
+            _run(_cli("tile", "-i", str(work / "slide"), "-o", str(work / "tiles"),
+                      "--dataset", mode, "--mode", mode, "--set", "tile_mpp=0.5", "--set",
+                      "tile_size=224"))
     synthetic_cohort(str(work / "cohort"), num_slides=12, tiles=(16, 32))
+
+
+# fuse on 12 slides: 2 folds (2 inner), 1 epoch of every head.
+FUSE_SETS = {"folds": "2", "inner_folds": "2", "experts.epochs": "1",
+             "experts.survival_epochs": "1", "meta.epochs": "1", "fusecpath.epochs": "1",
+             "logitprod.max_epochs": "1", "mlflow.enabled": "false"}
+
+
+def _fold_work(work: Path) -> tuple[list[float], int]:
+    """Each fold of the benchmark's fuse run timed in this process (imports warm, one fold
+    run untimed first), and how many local processes a default run spreads them over."""
+    import numpy as np
+
+    from fusedist.config import load_config
+    from fusedist.execution.local import local_cpus
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.data import load_cohort, make_folds
+    from fusedist.fusion.fold import run_fold
+    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+
+    cfg = load_config(FuseConfig, None, [f"{k}={v}" for k, v in FUSE_SETS.items()],
+                      bags=str(work / "cohort" / "bags"),
+                      labels=str(work / "cohort" / "labels.csv"), output=str(work / "fw"))
+    c = load_cohort(cfg)
+    methods, _ = select_methods(cfg, c)
+    fold_ids = make_folds(c, np.arange(c.num_samples), cfg.folds, cfg.seed)
+    heat = list(range(min(cfg.heatmaps, len(c.slide_ids))))
+    prepared, _ = prepare_methods(methods, c, cfg, False)
+    run_fold(c, cfg, fold_ids, 0, heat, methods, prepared)  # warm-up (lazy imports, caches)
+    times = []
+    for f in range(cfg.folds):
+        t = time.perf_counter()
+        run_fold(c, cfg, fold_ids, f, heat, methods, prepared)
+        times.append(time.perf_counter() - t)
+    workers = max(1, min(cfg.folds, int(local_cpus(cfg.ray.num_cpus) // cfg.fold_cpus)))
+    return times, workers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", choices=["fuse"], default=None,
+                    help="run only these cases (and the CLI's imports)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fusedist-startup-"))
     t = time.perf_counter()
-    _setup(work)
+    _setup(work, slides=args.only is None)
     print(f"inputs made in {time.perf_counter() - t:.0f} s (untimed)", flush=True)
     missing = str(work / "missing")
     off = ["--set", "mlflow.enabled=false"]
-    fuse_sets = ["--set", "folds=3", "--set", "inner_folds=2", "--set", "experts.epochs=2",
-                 "--set", "meta.epochs=1", "--set", "fusecpath.epochs=1",
-                 "--set", "logitprod.max_epochs=5", *off]
+    fuse_sets = [a for k, v in FUSE_SETS.items() for a in ("--set", f"{k}={v}")]
+    fuse = _cli("fuse", "--bags", str(work / "cohort" / "bags"), "--labels",
+                str(work / "cohort" / "labels.csv"), "-o", "{out}", *fuse_sets)
     cases: dict[str, tuple[list[str], int]] = {
         "imports (fusedist --help)": (["-m", "fusedist.cli", "--help"], 0),
         "Ray start+stop, lean (init_ray)": (["-c", _RAY_LEAN], 0),
@@ -105,9 +149,8 @@ def main() -> None:
                                                   str(work / "tiles" / "grid"), "-o", "{out}",
                                                   "-e", "test-vit", *off, "--set",
                                                   "engine.executor=ray"), 0),
-        "fuse: 12 slides, 3 folds": (_cli("fuse", "--bags", str(work / "cohort" / "bags"),
-                                          "--labels", str(work / "cohort" / "labels.csv"),
-                                          "-o", "{out}", *fuse_sets), 0),
+        "fuse: 12 slides, 2 folds": (fuse, 0),
+        "fuse: 12 slides, 2 folds, on Ray": (fuse + ["--set", "executor=ray"], 0),
         "tile: missing input": (_cli("tile", "-i", missing, "-o", "{out}"), 2),
         "cache: missing input": (_cli("cache", "--tiles", missing, "-o", "{out}"), 2),
         "embed: missing input": (_cli("embed", "--tiles", missing, "-o", "{out}", "-e",
@@ -117,6 +160,9 @@ def main() -> None:
         "distill: missing input": (_cli("distill", "--tiles", missing, "--features", missing),
                                    2),
     }
+    if args.only:
+        cases = {k: v for k, v in cases.items()
+                 if k.startswith(args.only) or k.startswith("imports")}
     times: dict[str, list[float]] = {}
     for rep in range(args.reps):
         for name, (cmd, code) in cases.items():
@@ -132,6 +178,16 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
+    folds, workers = _fold_work(work)
+    # The folds' own work in a default (local) run: spread over `workers` processes.
+    span = max(sum(folds[i::workers]) for i in range(workers))
+    wall = statistics.median(times["fuse: 12 slides, 2 folds"])
+    ray_wall = statistics.median(times["fuse: 12 slides, 2 folds, on Ray"])
+    print(f"\nfuse folds' own work: {', '.join(f'{t:.1f}' for t in folds)} s per fold, "
+          f"{span:.1f} s over {workers} process(es)")
+    print(f"| fuse: fixed cost above the folds' own work (default executor) | "
+          f"{wall - span:.1f} | | |")
+    print(f"| fuse: fixed cost above the folds' own work (on Ray) | {ray_wall - span:.1f} | | |")
     shutil.rmtree(work, ignore_errors=True)
 
 

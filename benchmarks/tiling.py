@@ -75,7 +75,7 @@ def main() -> None:
     import ray
 
     from fusedist.config import RayConfig
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     from fusedist.synth import make_slide
 
     work = Path(tempfile.mkdtemp(prefix="fusedist-bench-"))

@@ -61,7 +61,7 @@ def _setup_logging(quiet: bool, verbose: bool = False, stage: str | None = None)
     if stage is not None and not verbose:
         import atexit
 
-        from fusedist.runtime import route_ray_logs
+        from fusedist.execution.rayrun import route_ray_logs
 
         path = ray_log_path(stage)
         route_ray_logs(str(path))

@@ -80,7 +80,7 @@ class RayConfig(StrictModel):
     """CPUs for a local Ray (default: all cores). Ignored when joining a cluster."""
 
     object_store_memory_mb: int | None = None
-    """Object store size for a local Ray (default: 2048 MB, see ``fusedist.runtime``)."""
+    """Object store size for a local Ray (default: 2048 MB, see ``fusedist.execution.rayrun``)."""
 
 
 def _suggest(name: str, options: list[str]) -> str:

@@ -136,7 +136,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                               else "")))
 
     # One Ray for the whole pipeline: every stage below finds it running and reuses it.
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
 
     t = time.perf_counter()
     started = init_ray(cfg.ray)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from fusedist import storage
+from fusedist.secrets import mask_text
+from fusedist.state import StageState
 
 INPUT, OUTPUT = "input", "output"
 DIGEST_CHARS = 32  # of the sha256 hex; MLflow's dataset digest holds at most 36
@@ -54,8 +56,6 @@ def _short(h: Any) -> str:
 
 def source_url(url: str) -> str:
     """``url`` as a dataset source: local paths absolute, no user info (credentials) in it."""
-    from fusedist.secrets import mask_text
-
     if "://" not in url:
         return str(storage.local_path(url).expanduser().resolve())
     return mask_text(_USERINFO_RE.sub(r"\g<scheme>", url))
@@ -90,8 +90,7 @@ def labels_ref(url: str, role: str = INPUT) -> DataRef:
 def bags_ref(folder: str, encoder: str, role: str = INPUT) -> DataRef:
     """A bag folder (``<bags>/<encoder>``): one listing, plus the done-entries of the bags
     fusedist embedded (what made each bag), so re-embedding with other weights changes it."""
-    from fusedist.bags import list_bags
-    from fusedist.state import StageState
+    from fusedist.bags import list_bags  # lazy: keeps h5py out of the CLI's start-up
 
     folder = folder.rstrip("/")
     urls = list_bags(folder)

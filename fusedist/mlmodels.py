@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+from fusedist.tracking import (MlflowConfig, _sqlite_path, check_reachable, mask_text,
+                               resolve_tracking_uri)
 
 log = logging.getLogger("fusedist")
 
@@ -49,8 +51,6 @@ def registry_uri(tracking_uri: str) -> str:
 def default_tracking_uri() -> str:
     """Where ``models:/`` resolves when nothing names a server: ``MLFLOW_TRACKING_URI``, else
     the local store every stage logs to by default (``./mlruns/mlflow.db``)."""
-    from fusedist.tracking import MlflowConfig, resolve_tracking_uri
-
     return resolve_tracking_uri(MlflowConfig())[0]
 
 
@@ -277,8 +277,6 @@ class Resolved:
 
 
 def _error(uri: str, why: str, tracking_uri: str) -> ValueError:
-    from fusedist.tracking import mask_text
-
     return ValueError(f"{uri}: {why} in the MLflow registry at {mask_text(tracking_uri)}; "
                       "register one (fuse with final.registered_model, or distill/export with "
                       "export.registered_model), or point MLFLOW_TRACKING_URI (or the stage's "
@@ -291,7 +289,6 @@ def resolve(uri: str, tracking_uri: str | None = None) -> Resolved:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fusedist.tracking import _sqlite_path, check_reachable
 
     body = uri[len(SCHEME):].strip("/")
     if not body:

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from fusedist.config import StrictModel
 # The one masking helper (shared with storage); re-exported here for its long-time callers.
 from fusedist.secrets import MASK, SECRET_KEY_RE, env_snapshot, mask_text, redact  # noqa: F401
+from fusedist.lineage import dataset_inputs
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,6 @@ class Tracker:
         its credential-free URL as source and its role (``input``/``output``) as context."""
         if not self.active:
             return
-        from fusedist.lineage import dataset_inputs
 
         if inputs := dataset_inputs(refs):
             self._client.log_inputs(self._run_id, datasets=inputs)

@@ -110,7 +110,8 @@ def run_engine_collect(spec, shards, pool=None, finish_pids: set | None = None
                        ) -> tuple[dict, object]:
     """Run the engine with one group per shard; ({shard: features or error}, stats). The
     processes that ran the finish calls are added to ``finish_pids``."""
-    from fusedist.features.engine import Group, PoolSpec, run_engine
+    from fusedist.features.engine.core import Group, PoolSpec
+    from fusedist.features.engine.raydata import run_engine
 
     out: dict = {}
 
@@ -141,7 +142,7 @@ def _exits(pid: int, within_s: float) -> bool:
 
 def test_decoding_runs_in_cpu_tasks_apart_from_the_encoder_actor(datasets, tmp_path):
     """The encoders must never wait on JPEG decode: Ray Data must not fuse the two maps."""
-    from fusedist.features.engine import EngineSpec
+    from fusedist.features.engine.core import EngineSpec
 
     tiles = datasets / "tiles" / "grid"
     m = json.loads((tiles / "manifest.json").read_text())
@@ -170,8 +171,8 @@ def test_local_engine_decodes_in_workers_and_matches_the_ray_engine(datasets, tm
     """``engine.executor: local``: DataLoader workers decode, the driver's own encoders compute
     in this process, a writer thread finishes the groups; the features are exactly the Ray
     engine's."""
-    from fusedist.features.engine import EngineSpec, Group
-    from fusedist.features.local_engine import run_engine_local
+    from fusedist.features.engine.core import EngineSpec, Group
+    from fusedist.features.engine.local import run_engine_local
 
     tiles = datasets / "tiles" / "grid"
     m = json.loads((tiles / "manifest.json").read_text())
@@ -452,16 +453,19 @@ def test_device_comes_from_the_config_not_from_a_startup_snapshot(caplog):
     """An autoscaling cluster has no GPU until something asks: ``cuda`` requests GPU actors
     anyway; ``auto`` on such a cluster runs on CPU but says why and how to ask for GPUs."""
     from fusedist.features.config import EngineConfig
-    from fusedist.features.runtime import choose_device
+    from fusedist.features.engine.core import choose_device
 
-    cuda, auto = EngineConfig(device="cuda"), EngineConfig()
-    assert choose_device(cuda, joined=True, gpus_now=0) == "cuda"
+    assert choose_device("cuda", "joined cluster", 0) == "cuda"
     with pytest.raises(ConfigError, match="local Ray has no GPUs.*engine.device=cpu"):
-        choose_device(cuda, joined=False, gpus_now=0)
+        choose_device("cuda", "local ray", 0)
+    with pytest.raises(ConfigError, match="machine has no CUDA GPU.*engine.device=cpu"):
+        choose_device("cuda", "local", 0)
     with caplog.at_level("INFO", logger="fusedist.features"):
-        assert choose_device(auto, joined=True, gpus_now=0) == "cpu"
-        assert choose_device(auto, joined=True, gpus_now=8) == "cuda"
+        assert choose_device("auto", "joined cluster", 0) == "cpu"
+        assert choose_device("auto", "joined cluster", 8) == "cuda"
+        assert choose_device("auto", "local", 0) == "cpu"
     assert "set engine.device=cuda" in caplog.text and "has 8 GPU(s)" in caplog.text
+    assert choose_device("cuda", "actor") == "cuda"  # an actor computes where it was placed
     with pytest.raises(ValueError, match="max_actors.*below.*min_actors"):
         EngineConfig(min_actors=3, max_actors=2)
 
@@ -474,7 +478,7 @@ def test_decode_tasks_can_never_keep_a_cpu_actor_from_its_node(ray_cluster):
 
     from fusedist.config import RayConfig
     from fusedist.features.config import EngineConfig
-    from fusedist.features.runtime import engine_pool
+    from fusedist.features.engine.raydata import engine_pool
 
     node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     for actors in (1, 2, 3):

@@ -74,7 +74,7 @@ PROBE = textwrap.dedent("""
     import logging, sys, threading
     from fusedist.cli import _setup_logging
     _setup_logging(False, verbose=sys.argv[1] == "1", stage="probe")
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     init_ray()
     import ray
     from ray._private import worker as ray_worker

@@ -535,3 +535,29 @@ def test_fuse_on_packed_features_predicts_what_it_predicts_in_memory(ray_cluster
     assert (read_csv(tmp_path / "packed" / "predictions.csv")
             == read_csv(tmp_path / "mem" / "predictions.csv"))
     assert not (tmp_path / "packed" / "_features").exists()  # removed after the run
+
+
+@pytest.mark.timeout(900)
+def test_fuse_locally_predicts_what_it_predicts_on_ray(ray_cluster, cohort, tmp_path,
+                                                      monkeypatch):
+    """``executor: local`` (folds in this process, and in a pool of local processes) writes
+    the predictions and the fused model that folds as Ray tasks write, byte for byte: every
+    fold trains on ``fold_cpus`` torch (and BLAS) threads wherever it runs."""
+    from fusedist.config import RayConfig
+    from fusedist.fusion import run
+    from fusedist.fusion.model import model_files
+
+    kw = {"methods": ["best_expert", "concat", "logitprod", "fusecpath"],
+          "final": {"enabled": True, "methods": ["logitprod"]}}
+    runs = {"ray": {"executor": "ray"},
+            "inline": {"executor": "local", "ray": RayConfig(num_cpus=2)},  # a small cohort
+            "pool": {"executor": "local", "ray": RayConfig(num_cpus=2)}}
+    for name, how in runs.items():
+        monkeypatch.setattr(run, "INLINE_SAMPLES", 0 if name == "pool" else 200)
+        res = run.run_fuse(cfg_for(cohort, tmp_path / name, **kw, **how), progress=False)
+        assert res.folds_run == 3, name
+    want = (tmp_path / "ray" / "predictions.csv").read_bytes()
+    model = model_files(str(tmp_path / "ray" / "model"))
+    for name in ("inline", "pool"):
+        assert (tmp_path / name / "predictions.csv").read_bytes() == want, name
+        assert model_files(str(tmp_path / name / "model")) == model, name

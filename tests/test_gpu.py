@@ -33,7 +33,7 @@ def test_encoder_embed_on_cuda_matches_cpu_within_bf16():
 
 
 def test_engine_on_cuda_matches_cpu(ray_cluster, tmp_path):
-    from fusedist.features.engine import EngineSpec, PoolSpec
+    from fusedist.features.engine.core import EngineSpec, PoolSpec
     from tests.test_cache import run_engine_collect
     from tests.slides import make_known_slide
     from tests.test_tiling import tile_cfg

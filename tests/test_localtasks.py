@@ -1,4 +1,4 @@
-"""fusedist.localtasks: the task graph of a one-machine stage on a process pool, no Ray.
+"""fusedist.execution.local: the task graph of a one-machine stage on a process pool, no Ray.
 
 Real worker processes throughout; the crashes are real process deaths (``os._exit``)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedist.localtasks import LocalTasks
+from fusedist.execution.local import LocalTasks
 
 
 def square(x: int) -> tuple[int, int]:
@@ -80,17 +80,53 @@ def test_a_task_exception_propagates_and_stops_the_pool():
     assert tasks._pool is None  # workers are gone, nothing left running
 
 
+def test_inline_tasks_run_the_same_graph_in_this_process_and_raise_as_a_pool_does():
+    """``LocalTasks(1, inline=True)`` (fuse with room for one process): the same graph, run
+    here in dependency order, nothing pickled; a task's exception propagates the same way."""
+    got = []
+    with LocalTasks(1, inline=True) as tasks:
+        sq, tot = tasks.function(square), tasks.function(total)
+        c = tasks.put({"big": "value"})
+        assert c == {"big": "value"}  # put: the value itself, locally
+        sums = [tot.remote(*[sq.remote(i) for i in range(k, k + 3)]) for k in (0, 10)]
+        tasks.run(sums, got.append, "sums", progress=False)
+    assert sorted(v for _, v in got) == [0 + 1 + 4, 100 + 121 + 144]
+    assert {pid for pid, _ in got} == {os.getpid()}
+    tasks = LocalTasks(1, inline=True)
+    fn = tasks.function(raises)
+    with pytest.raises(ValueError, match="bad slide 3"):
+        tasks.run([fn.remote(3)], lambda r: None, "raises", progress=False)
+    assert tasks._pool is None
+
+
+def test_open_tasks_runs_one_process_inline_and_more_in_a_pool(monkeypatch):
+    from fusedist.config import RayConfig
+    from fusedist.execution.tasks import open_tasks
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    one = open_tasks("local", RayConfig(num_cpus=1), "folds", most=3)
+    assert one.inline and one.slots == 1
+    two = open_tasks("local", RayConfig(num_cpus=4), "folds", cpus=2, most=3)
+    assert not two.inline and two.slots == 2
+    capped = open_tasks("local", RayConfig(num_cpus=8), "folds", most=2)
+    assert not capped.inline and capped.slots == 2
+    # tile's pool (no cap) is never inline, even on one core; asked for, it is
+    assert not open_tasks("local", RayConfig(num_cpus=1), "tiling").inline
+    assert open_tasks("local", RayConfig(num_cpus=8), "folds", most=3, inline=True).inline
+
+
 def test_tile_uses_ray_only_where_a_cluster_is_set_or_ray_already_runs(ray_cluster):
     import subprocess
     import sys
 
     from fusedist.config import RayConfig, load_config
-    from fusedist.localtasks import LocalTasks
+    from fusedist.execution.local import LocalTasks
     from fusedist.tiling.config import TileConfig
-    from fusedist.tiling.job import _RayTasks, _tasks
+    from fusedist.execution.rayrun import RayTasks
+    from fusedist.tiling.job import _tasks
 
-    probe = ("import sys; from fusedist.config import RayConfig; from fusedist.runtime import "
-             "uses_ray; print(uses_ray(RayConfig(address=sys.argv[1] or None)), "
+    probe = ("import sys; from fusedist.config import RayConfig; "
+             "from fusedist.execution.tasks import uses_ray; print(uses_ray(RayConfig(address=sys.argv[1] or None)), "
              "'ray' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
@@ -105,6 +141,6 @@ def test_tile_uses_ray_only_where_a_cluster_is_set_or_ray_already_runs(ray_clust
     assert probe_run("", RAY_ADDRESS="127.0.0.1:6379") == "True False"  # a RayJob's entrypoint
     # This process runs Ray (the session's fixture): auto uses it, local still refuses to.
     cfg = load_config(TileConfig, None, [], input="x", output="y")
-    assert isinstance(_tasks(cfg), _RayTasks)
+    assert isinstance(_tasks(cfg), RayTasks)
     local = _tasks(cfg.model_copy(update={"executor": "local", "ray": RayConfig(num_cpus=3)}))
     assert isinstance(local, LocalTasks) and local.slots == 3

@@ -69,7 +69,7 @@ def test_stages_in_one_process_share_one_lean_ray(tmp_path):
     assert r["tiles"] > 0 and r["bags"] == 2 and r["after_tile"] is False
     assert r["starts"] == 1 and r["same_node"], r
     assert r["engines"] and "local" not in r["engines"], r  # the second embed ran on Ray
-    from fusedist.runtime import LOCAL_OBJECT_STORE_MB
+    from fusedist.execution.rayrun import LOCAL_OBJECT_STORE_MB
 
     # The lean default, not Ray's 30% of RAM.
     assert abs(r["store"] - LOCAL_OBJECT_STORE_MB * 2**20) < 2**20, r

@@ -1,11 +1,11 @@
-"""fusedist.distill.sharedfs: which storage paths every node of a cluster can reach."""
+"""fusedist.execution.sharedfs: which storage paths every node of a cluster can reach."""
 
 from __future__ import annotations
 
 import pytest
 
 from fusedist.config import ConfigError
-from fusedist.distill.sharedfs import check_storage_reachable, is_shared, mount_fstype
+from fusedist.execution.sharedfs import check_storage_reachable, is_shared, mount_fstype
 
 MOUNTS = """overlay / overlay rw 0 0
 /dev/vda1 /data ext4 rw 0 0

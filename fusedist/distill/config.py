@@ -264,7 +264,7 @@ class DistillConfig(StrictModel):
     storage_shared: bool = False
     """``storage_path`` is a local path on a filesystem every node mounts (NFS, Lustre, EFS,
     ...). Known network filesystems are detected; set this for others. A multi-node run on a
-    node-local folder is refused before any work (``fusedist.distill.sharedfs``)."""
+    node-local folder is refused before any work (``fusedist.execution.sharedfs``)."""
 
     run_name: str = "xmag"
     """Run name. Running again with the same name resumes that run from its last checkpoint."""

@@ -338,7 +338,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
     from fusedist.distill.progress import distill_bar
     from fusedist.lineage import features_ref, tiles_ref
-    from fusedist.runtime import init_ray
+    from fusedist.execution.rayrun import init_ray
     from fusedist.tracking import start_run, warn_random_weights
 
     t0 = time.perf_counter()
@@ -370,7 +370,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     if split.get("slides"):
         meta["validation"] = {k: split[k] for k in ("slides", "fraction", "seed")}
     init_ray(cfg.ray)
-    from fusedist.distill.sharedfs import alive_nodes, check_storage_reachable
+    from fusedist.execution.sharedfs import alive_nodes, check_storage_reachable
 
     check_storage_reachable(cfg.storage_path, cfg.storage_shared, alive_nodes())
     _guard_run(cfg, meta)

@@ -17,10 +17,11 @@ import numpy as np
 
 from fusedist import shards, storage
 from fusedist.features.config import CacheConfig
-from fusedist.features.engine import EngineSpec, EngineStats, Group
+from fusedist.features.engine.core import EngineSpec, EngineStats, Group
+from fusedist.features.engine.plan import execute, plan_engine, shard_progress
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (actor_refs, execute, load_encoders, plan_engine,
-                                       read_tile_manifest, shard_progress, stage_tracking_uri)
+from fusedist.features.runtime import (actor_refs, load_encoders, read_tile_manifest,
+                                       stage_tracking_uri)
 from fusedist.state import StageState, mismatch_error
 
 log = logging.getLogger("fusedist.cache")

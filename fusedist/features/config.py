@@ -73,7 +73,7 @@ class EngineConfig(StrictModel):
     """``ray``: Ray Data (decode tasks, an autoscaling pool of encoder actors; a private local
     Ray is started when none is running or configured). ``local``: no Ray, the loop a user
     would write: DataLoader workers decode, the encoders run in this process on every core or
-    its GPU (``fusedist.features.local_engine``), saving Ray's start and the actor's own
+    its GPU (``fusedist.features.engine.local``), saving Ray's start and the actor's own
     imports and encoder build (~10-30 s on a laptop). ``auto``: Ray when ``ray.address`` or
     ``RAY_ADDRESS`` is set (a cluster, a RayJob) or this process already runs Ray
     (``fusedist demo``), else local. Outputs are byte-identical either way."""

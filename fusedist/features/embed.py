@@ -18,10 +18,10 @@ from fusedist import storage
 from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.config import ConfigError
 from fusedist.features.config import EmbedConfig
-from fusedist.features.engine import EngineSpec, EngineStats, Group
+from fusedist.features.engine.core import EngineSpec, EngineStats, Group
+from fusedist.features.engine.plan import EnginePlan, execute, plan_engine, shard_progress
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (EnginePlan, actor_refs, execute, load_encoders,
-                                       plan_engine, read_tile_manifest, shard_progress,
+from fusedist.features.runtime import (actor_refs, load_encoders, read_tile_manifest,
                                        shared_export, stage_tracking_uri)
 from fusedist.formats.slide_ids import encode_id
 from fusedist.preflight import check_embed

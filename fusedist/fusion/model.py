@@ -114,7 +114,8 @@ def flat_reason(card: dict) -> str | None:
 # Fields of a FuseConfig that say where and how a run executes, not what the model learns;
 # the card's recipe leaves them out (and the data paths, which the card's reader supplies).
 _NOT_RECIPE = {"bags", "labels", "slides", "output", "thumbnails", "heatmaps", "overwrite",
-               "ray", "storage", "mlflow", "device", "fold_cpus", "fold_gpus", "train_slides"}
+               "ray", "storage", "mlflow", "device", "fold_cpus", "fold_gpus", "train_slides",
+               "executor"}
 
 
 def recipe_of(cfg: FuseConfig) -> dict:

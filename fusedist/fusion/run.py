@@ -1,5 +1,5 @@
-"""``fusedist fuse``: load the cohort, run the outer folds as Ray tasks (resumable), then
-score, tabulate, plot and log every method.
+"""``fusedist fuse``: load the cohort, run the outer folds as tasks (resumable; Ray tasks on a
+cluster, else local processes: ``executor``), then score, tabulate, plot and log every method.
 
 Output folder::
 
@@ -20,18 +20,29 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
+from fusedist.execution.rayrun import RayTasks
+from fusedist.execution.sharedfs import alive_nodes, is_shared
+from fusedist.execution.local import LocalTasks
+from fusedist.execution.tasks import Tasks, local_reason, open_tasks
 from fusedist.fusion.config import FuseConfig
-from fusedist.fusion.data import Cohort, load_cohort, make_folds
+from fusedist.fusion.data import Cohort, encoder_folder, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
 from fusedist.fusion.evaluate import FuseResult, evaluate
 from fusedist.fusion.fold import FoldResult, run_fold
+from fusedist.fusion.methods.base import refit_epochs
 from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
+                                   write_model)
+from fusedist.lineage import bags_ref, labels_ref
+from fusedist.mlmodels import digest_files
 from fusedist.state import StageState
+from fusedist.tracking import start_run
 
 log = logging.getLogger("fusedist")
 
@@ -89,38 +100,102 @@ def _decode(d: dict) -> FoldResult:
 
 # ------------------------------------------------------------------------------- run
 
+# A cohort this small trains its folds in less time than local processes take to start and
+# import torch (seconds): its folds run one after the other in this process.
+INLINE_SAMPLES = 200
+
+
+def _fold_tasks(cfg: FuseConfig, folds: int, samples: int) -> Tasks:
+    """Ray tasks on a cluster or a Ray this process runs; else local processes, one per
+    ``fold_cpus`` cores and at most one per fold, or this process (one core, or a cohort of
+    at most ``INLINE_SAMPLES`` samples). Every fold sets its torch threads to ``fold_cpus``
+    (``fold_context``), so the results do not depend on where it ran."""
+    # torch.optim's first use imports torch._dynamo (seconds): once, in the forkserver.
+    return open_tasks(cfg.executor, cfg.ray, "fuse folds", cpus=cfg.fold_cpus,
+                      gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold", "torch._dynamo"),
+                      most=folds, inline=samples <= INLINE_SAMPLES)
+
+
+def _warm_local_tasks(cfg: FuseConfig, c: Cohort) -> LocalTasks | None:
+    """A local pool for the folds, its processes started (and their imports under way) while
+    this process prepares the methods; None on Ray or in this process."""
+    if local_reason(cfg.executor, cfg.ray) is None:
+        return None
+    tasks = _fold_tasks(cfg, cfg.folds, c.num_samples)
+    if not isinstance(tasks, LocalTasks) or tasks.inline:
+        return None
+    tasks.warm()
+    return tasks
+
+
 def _run_folds(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, heat: list[int],
-               methods: list, prepared: dict, progress: bool) -> tuple[list[FoldResult], int]:
-    import ray
-
-    from fusedist.runtime import init_ray, run_tasks
-
+               methods: list, prepared: dict, progress: bool,
+               warm: LocalTasks | None = None) -> tuple[list[FoldResult], int]:
     state = StageState(cfg.output)
     entries = state.read_many(_fold_name(f) for f in range(cfg.folds))
     done = {f: _decode(entries[_fold_name(f)]) for f in range(cfg.folds)
             if _fold_name(f) in entries}
     todo = [f for f in range(cfg.folds) if f not in done]
     if todo:
-        init_ray(cfg.ray)
-        _check_packed_reachable(c, cfg)
-        remote = ray.remote(run_fold).options(num_cpus=cfg.fold_cpus, num_gpus=cfg.fold_gpus,
-                                              max_retries=1)
-        c_ref = ray.put(c)
-        refs = [remote.remote(c_ref, cfg, fold_ids, f, heat, methods, prepared) for f in todo]
+        with warm or _fold_tasks(cfg, len(todo), c.num_samples) as tasks, \
+                _torch_threads_kept():
+            if isinstance(tasks, RayTasks):
+                _check_packed_reachable(c, cfg)
+            on_ray = isinstance(tasks, RayTasks)
+            remote = tasks.function(run_fold if on_ray else _run_fold_local, max_retries=1,
+                                    describe=lambda args: _fold_name(args[3]))
+            c_ref = tasks.put(c)
+            fold_cfg = _fold_config(cfg, on_ray)
+            refs = [remote.remote(c_ref, fold_cfg, fold_ids, f, heat, methods, prepared)
+                    for f in todo]
 
-        def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
-            state.write(_fold_name(r.fold), _encode(r))
-            done[r.fold] = r
+            def save(r: FoldResult) -> None:  # each fold lands atomically as it finishes
+                state.write(_fold_name(r.fold), _encode(r))
+                done[r.fold] = r
 
-        run_tasks(refs, save, desc="fuse folds", unit="fold", progress=progress)
+            tasks.run(refs, save, desc="fuse folds", unit="fold", progress=progress)
     return [done[f] for f in range(cfg.folds)], len(done) - len(todo)
+
+
+def _run_fold_local(c: Cohort, cfg: FuseConfig, *args) -> FoldResult:
+    """:func:`run_fold` as a local task runs it: with the BLAS/OpenMP threads a Ray task of
+    ``fold_cpus`` CPUs gets (Ray sets ``OMP_NUM_THREADS`` for it; torch's own threads are set
+    by ``fold_context`` either way), so numpy's sums come out the same."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, int(cfg.fold_cpus))):
+        return run_fold(c, cfg, *args)
+
+
+def _fold_config(cfg: FuseConfig, on_ray: bool) -> FuseConfig:
+    """The config a fold runs with. Ray hides the GPUs from a task that asks for none
+    (``CUDA_VISIBLE_DEVICES=""``), so ``device: auto`` with ``fold_gpus: 0`` trains a fold on
+    the CPU there: a local fold does the same, whatever GPU this machine has (``device`` is
+    run-only: no output names it)."""
+    if on_ray or cfg.fold_gpus > 0 or cfg.device != "auto":
+        return cfg
+    return cfg.model_copy(update={"device": "cpu"})
+
+
+@contextmanager
+def _torch_threads_kept():
+    """A fold run in this process sets torch's threads to ``fold_cpus``: restore them after
+    the folds, so what runs next (the refit) runs as it does after folds on Ray."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to read its setting
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and threads is not None:
+            torch.set_num_threads(threads)
 
 
 def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
     """Packed features on a node-local disk cannot reach fold tasks on other nodes: fail
     before any fold runs, with the fix."""
-    from fusedist.distill.sharedfs import alive_nodes, is_shared
-
     if not is_packed(c.columns()) or is_shared(cfg.output):
         return
     if (nodes := alive_nodes()) > 1:
@@ -135,9 +210,6 @@ def _check_packed_reachable(c: Cohort, cfg: FuseConfig) -> None:
 def lineage_inputs(cfg: FuseConfig, encoders: list[str]) -> list:
     """What a fuse reads, as MLflow datasets (:mod:`fusedist.lineage`): the labels and the
     bag folder of each encoder."""
-    from fusedist.fusion.data import encoder_folder
-    from fusedist.lineage import bags_ref, labels_ref
-
     return [labels_ref(cfg.labels), *(bags_ref(encoder_folder(cfg, e), e) for e in encoders)]
 
 
@@ -156,9 +228,6 @@ def _final_entry(names: list[str], cv: dict) -> dict:
 def _refit_done(url: str, entry: dict, done: dict | None) -> bool:
     """Whether the model folder ``url`` is the one the recorded refit ``done`` wrote for
     ``entry`` (files read back and digested: a folder changed or damaged since is refitted)."""
-    from fusedist.fusion.model import model_files
-    from fusedist.mlmodels import digest_files
-
     if not done or {k: done.get(k) for k in entry} != entry:
         return False
     try:
@@ -175,12 +244,6 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
     ``final.registered_model``) and record where in ``res`` and the manifest. A refit that
     finished for these rows, epochs and CV results is skipped like a finished fold
     (``_state/final.json``)."""
-    from fusedist.fusion.methods.base import refit_epochs
-    from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
-                                       write_model)
-    from fusedist.fusion.pyfunc import log_fused_model
-    from fusedist.mlmodels import digest_files
-
     rows = final_methods(cfg, methods, res.best())
     cv = {m: {k: list(v) for k, v in s.items()} for m, s in res.summary.items()}
     epochs = refit_epochs([r.best_epochs for r in results])
@@ -203,8 +266,13 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
         log.info("fuse: fused model (%s) in %s", ", ".join(fitted), res.model)
     for m, why in res.flat.items():
         log.warning("fuse: FLAT REFIT %s: %s", m, why)
-    res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
-                                       cfg.final.alias)
+    res.mlflow_model = None
+    if run.active:  # an inactive run logs nothing: MLflow is not even imported
+        # lazy: keeps MLflow out of a fuse that tracks nothing
+        from fusedist.fusion.pyfunc import log_fused_model
+
+        res.mlflow_model = log_fused_model(run, res.model, cfg.final.registered_model,
+                                           cfg.final.alias)
     # The manifest was written with the CV outputs; the model comes after them.
     murl = storage.join(cfg.output, "manifest.json")
     manifest = json.loads(storage.read_text(murl))
@@ -215,11 +283,19 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
 
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
     """Cross-validate every expert and fusion method on the bags and labels of ``cfg``."""
-    from fusedist.tracking import start_run
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     c = load_cohort(cfg)
+    warm = _warm_local_tasks(cfg, c)
+    try:
+        return _fuse(c, cfg, progress, t0, warm)
+    finally:
+        if warm is not None:
+            warm.close(kill=True)  # after an error; the folds closed it otherwise
+
+
+def _fuse(c: Cohort, cfg: FuseConfig, progress: bool, t0: float,
+          warm: LocalTasks | None) -> FuseResult:
     methods, skipped = select_methods(cfg, c)
     digest = config_digest(cfg, cfg.RUN_ONLY) + ":" + _fingerprint(c)
     StageState(cfg.output).guard(digest, cfg.overwrite, "folds of a fuse run")
@@ -233,7 +309,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> FuseResult:
                    tags={"fusedist.stage": "fuse", "fusedist.task": cfg.task}) as run:
         if run.active:
             run.log_datasets(lineage_inputs(cfg, c.encoders))
-        results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress)
+        results, resumed = _run_folds(c, cfg, fold_ids, heat, methods, prepared, progress,
+                                      warm)
         res = evaluate(c, cfg, fold_ids, results, extra_notes, run, methods)
         if cfg.final.enabled:
             _write_final(c, cfg, methods, prepared, res, results, run)

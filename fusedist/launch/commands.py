@@ -18,6 +18,13 @@ import typer
 from typer.core import TyperGroup
 
 from fusedist.config import ConfigError, load_config
+from fusedist.launch import k8s
+from fusedist.launch.config import LaunchConfig
+from fusedist.launch.doctor import DoctorOptions, exit_status, format_table, run_checks
+from fusedist.launch.render import RenderError, load_stage_recipe, render as do_render, to_yaml
+from fusedist.launch.submit import LaunchError, project_root, submit_stage
+from fusedist.launch.validate import CRD_FILES, default_crd_dir, validate_docs, validate_file
+from fusedist.recipes import load_recipe
 
 SetOpt = typer.Option(None, "--set", "-s", help="Override a stage config key: key=value.")
 RecipeOpt = typer.Option(None, "--config", "-c", help="Stage recipe (configs/<stage>/*.yaml).")
@@ -66,9 +73,6 @@ def submit(ctx: typer.Context,
 
     Arguments after the options (e.g. `-- --workers 4`) go to the stage command as they are.
     """
-    from fusedist.launch.render import load_stage_recipe
-    from fusedist.launch.submit import LaunchError, submit_stage
-
     if config is not None:
         try:  # fail here, in seconds, rather than on the cluster after the upload
             load_stage_recipe(stage, config, set_)
@@ -84,8 +88,6 @@ def submit(ctx: typer.Context,
 
 
 def _load_launch(path: Optional[Path], sets: Optional[List[str]]):
-    from fusedist.launch.config import LaunchConfig
-
     try:
         return load_config(LaunchConfig, path, sets)
     except ConfigError as e:
@@ -105,8 +107,6 @@ def _kubectl_apply(text: str) -> int:
 
 
 def _validate(docs: list, crds: Optional[Path], wanted: Optional[bool]) -> None:
-    from fusedist.launch.validate import CRD_FILES, default_crd_dir, validate_docs
-
     crd_dir = crds or default_crd_dir()
     have = all((crd_dir / f).is_file() for f in CRD_FILES.values())
     if wanted is False or (wanted is None and not have):
@@ -138,9 +138,6 @@ def render(stage: Optional[str] = typer.Argument(
                help="Check against the CRDs and Kubernetes schemas (default: if CRDs found)."),
            crds: Optional[Path] = CrdsOpt) -> None:
     """Render Kubernetes manifests (KubeRay RayJob/RayCronJob, CronJob) for a stage."""
-    from fusedist.launch.render import RenderError, load_stage_recipe, render as do_render
-    from fusedist.launch.render import to_yaml
-
     lc = _load_launch(launch, launch_set)
     stage = stage or lc.stage
     recipe_path = config or (Path(lc.recipe) if lc.recipe else None)
@@ -173,8 +170,6 @@ def render(stage: Optional[str] = typer.Argument(
 def validate_cmd(files: List[Path] = typer.Argument(..., help="YAML files or folders."),
                  crds: Optional[Path] = CrdsOpt) -> None:
     """Validate manifests offline: KubeRay CRDs, built-in kinds, no literal secrets."""
-    from fusedist.launch.validate import validate_file
-
     paths = [p for f in files for p in (sorted(f.rglob("*.yaml")) if f.is_dir() else [f])]
     errs = [e for p in paths for e in validate_file(p, crds)]
     for e in errs:
@@ -190,9 +185,6 @@ def k8s_cmd(check: bool = typer.Option(False, "--check",
             out: Optional[Path] = typer.Option(None, help="Folder (default <project>/k8s).")
             ) -> None:
     """Regenerate the committed k8s/ manifests from configs/ (or check they are current)."""
-    from fusedist.launch import k8s
-    from fusedist.launch.submit import project_root
-
     root = project_root()
     if check:
         problems = k8s.stale(root, out)
@@ -215,8 +207,6 @@ def doctor(config: Optional[Path] = typer.Option(
            min_free_gb: float = typer.Option(20.0, help="WARN below this much free disk.")
            ) -> None:
     """Check torch/CUDA, DeepSpeed, OpenSlide, Ray, S3, MLflow and disk; say how to fix."""
-    from fusedist.launch.doctor import DoctorOptions, exit_status, format_table, run_checks
-
     opts = DoctorOptions(address, s3, s3_endpoint, mlflow_uri, min_free_gb)
     if config is not None:
         _from_recipe(opts, config)
@@ -228,8 +218,6 @@ def doctor(config: Optional[Path] = typer.Option(
 def _from_recipe(opts, path: Path) -> None:
     """Fill unset doctor options from a recipe: ray.address, storage.endpoint_url,
     mlflow.tracking_uri and the first s3:// URL it names."""
-    from fusedist.recipes import load_recipe
-
     try:
         cfg = load_recipe(path)
     except (ConfigError, KeyError) as e:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from fusedist import storage
 from fusedist.secrets import mask_text
+from fusedist.tracking import TrackingError, check_reachable, default_tracking_uri
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -131,8 +133,6 @@ def credential_source() -> str | None:
 
 
 def check_s3(opts: DoctorOptions) -> Check:
-    from fusedist import storage
-
     endpoint = opts.s3_endpoint or storage.endpoint_url()
     source = credential_source()
     where = endpoint or "AWS default endpoint"
@@ -179,8 +179,6 @@ def _probe_s3(opts: DoctorOptions, endpoint: str | None, where: str, source: str
 
 
 def check_mlflow(opts: DoctorOptions) -> Check:
-    from fusedist.tracking import TrackingError, check_reachable, default_tracking_uri
-
     uri = opts.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     source = "--mlflow-uri" if opts.mlflow_uri else "env MLFLOW_TRACKING_URI"
     auth = [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN") if os.environ.get(k)]
@@ -212,8 +210,6 @@ def _free(path: Path) -> tuple[Path, float]:
 
 
 def check_disk(opts: DoctorOptions) -> Check:
-    from fusedist import storage
-
     places = [storage.cache_dir(), Path(tempfile.gettempdir())]
     free = [_free(p) for p in places]
     detail = "; ".join(f"{p}: {gb:.1f} GB free" for p, gb in free)

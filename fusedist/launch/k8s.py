@@ -25,6 +25,7 @@ from pathlib import Path
 from fusedist.config import load_config
 from fusedist.launch import render as R
 from fusedist.launch.config import LaunchConfig
+from fusedist.launch.kustomize import _image_name
 
 SECRETS_HELP = f"""\
 Credentials live in Kubernetes Secrets that you create; manifests only reference them:
@@ -129,8 +130,6 @@ KUSTOMIZATIONS = {
 
 
 def _image_parts(image: str) -> dict[str, str]:
-    from fusedist.launch.kustomize import _image_name
-
     name = _image_name(image)
     rest = image[len(name):]
     out = {"name": name.rsplit("/", 1)[-1], "newName": name}

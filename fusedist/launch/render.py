@@ -20,6 +20,7 @@ import yaml
 
 from fusedist.config import ConfigError, apply_overrides, load_config
 from fusedist.launch.config import LaunchConfig
+from fusedist.recipes import RECIPE_MODELS
 
 Doc = dict[str, Any]
 CONFIG_MOUNT = "/etc/fusedist"
@@ -50,7 +51,6 @@ def stage_model(stage: str) -> Any:
     """The config class of ``stage`` (None for a stage with no registered model yet)."""
     import importlib
 
-    from fusedist.recipes import RECIPE_MODELS
 
     if stage not in RECIPE_MODELS:
         return None

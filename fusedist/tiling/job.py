@@ -23,7 +23,8 @@ from fusedist.config import ConfigError, config_digest
 from fusedist.formats.slide_ids import check_ids
 from fusedist.formats.slide_table import (SlideRow, check_paths, format_slide_table,
                                           is_slide_table, read_slide_table, write_slide_table)
-from fusedist.runtime import Rate, init_ray, local_reason, run_tasks
+from fusedist.execution.progress import Rate
+from fusedist.execution.tasks import Tasks, open_tasks
 from fusedist.shards import delete_shard, listed_shards, shard_name, shard_written
 from fusedist.tiling.config import TileConfig
 from fusedist.lookups import concurrently
@@ -362,41 +363,10 @@ def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> di
             "config_digest": digest, "shards": shard_rows, "slides": slides, "totals": totals}
 
 
-class _RayTasks:
-    """The tile tasks on Ray: the interface of :class:`fusedist.localtasks.LocalTasks`."""
-
-    def __init__(self, cfg: TileConfig):
-        import ray
-
-        init_ray(cfg.ray)
-        self._cpus = cfg.task_cpus
-        self.slots = int(ray.cluster_resources().get("CPU", 1) // cfg.task_cpus)
-
-    def __enter__(self) -> "_RayTasks":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def function(self, fn, max_retries: int = 2, describe=None):
-        import ray
-
-        return ray.remote(fn).options(num_cpus=self._cpus, max_retries=max_retries)
-
-    def run(self, refs, on_done, desc, unit, progress, rate=None) -> None:
-        run_tasks(refs, on_done, desc, unit, progress, rate=rate)
-
-
-def _tasks(cfg: TileConfig):
-    """Ray tasks, or local processes (``executor``; ``auto`` decides by ``uses_ray``)."""
-    why = local_reason(cfg.executor, cfg.ray)
-    if why is None:
-        return _RayTasks(cfg)
-    from fusedist.localtasks import LocalTasks, local_cpus
-
-    workers = max(1, int(local_cpus(cfg.ray.num_cpus) // cfg.task_cpus))
-    log.info("tiling in %d local processes without Ray (%s)", workers, why)
-    return LocalTasks(workers, preload=("fusedist.tiling.plan",))
+def _tasks(cfg: TileConfig) -> Tasks:
+    """Ray tasks, or local processes (``executor``; ``auto`` decides by ``local_reason``)."""
+    return open_tasks(cfg.executor, cfg.ray, "tiling", cpus=cfg.task_cpus,
+                      preload=("fusedist.tiling.plan",))
 
 
 def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:

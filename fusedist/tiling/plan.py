@@ -26,6 +26,7 @@ from fusedist.tiling.slide import (Geometry, Mpp, SlideError, open_slide, plan_g
                                    read_thumbnail, read_tile, resolve_mpp)
 from fusedist.tiling.tiffread import open_reader
 from fusedist.tiling.tissue import detect_tissue, draw_overview, tile_fractions
+from fusedist.config import config_digest
 
 
 def slide_state(dataset_url: str) -> StageState:
@@ -93,7 +94,6 @@ def plan_slide(cfg: TileConfig, dataset_url: str, slide_id: str, url: str,
     ``mpp``: the slide table's level-0 µm/px for it (used over the file's metadata);
     ``line``: its slide table line, named in a failure's reason (0: not from a table)."""
     storage.configure(cfg.storage)
-    from fusedist.config import config_digest
 
     record = {"slide_id": slide_id, "url": url, "identity": identity,
               "config_digest": config_digest(cfg, TileConfig.RUN_ONLY), "tiles": 0,

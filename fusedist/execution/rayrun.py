@@ -1,4 +1,5 @@
-"""Ray start-up and a progress loop shared by the Ray-task stages."""
+"""Ray start-up (``init_ray``, once per process), Ray's log routing, and the task interface of
+:mod:`fusedist.execution.tasks` on Ray: :class:`RayTasks` and its wait loop ``run_tasks``."""
 
 from __future__ import annotations
 
@@ -98,28 +99,6 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
     return True
 
 
-def uses_ray(cfg: RayConfig | None = None) -> bool:
-    """Whether a stage that can also run without Ray should use it: a cluster is configured
-    (``ray.address``, ``RAY_ADDRESS``, which Ray sets for a job's entrypoint) or this process
-    already runs Ray (``fusedist demo``, a notebook that called ``ray.init``)."""
-    if (cfg and cfg.address) or os.environ.get("RAY_ADDRESS"):
-        return True
-    import sys
-
-    ray = sys.modules.get("ray")  # never import Ray just to find it is not running
-    return bool(ray is not None and ray.is_initialized())
-
-
-def local_reason(executor: str, ray_cfg: RayConfig | None, key: str = "executor") -> str | None:
-    """Why a stage with setting ``key`` = ``executor`` (auto|ray|local) runs without Ray, for
-    its log line; ``None`` when it runs on Ray (``auto`` decides by :func:`uses_ray`)."""
-    if executor == "ray" or (executor == "auto" and uses_ray(ray_cfg)):
-        return None
-    if executor == "local":
-        return f"{key}=local"
-    return f"{key}=auto, and no ray.address, no RAY_ADDRESS and no Ray in this process"
-
-
 def run_tasks(refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",
               progress: bool = True, rate: Callable[[], str] | None = None) -> None:
     """Wait for Ray ``refs`` as they finish, calling ``on_done(result)`` for each, with a
@@ -156,20 +135,38 @@ def _stop(refs: list, timeout: float = 60.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 
-class Rate:
-    """Counts items since construction and formats items/s."""
+class RayTasks:
+    """The task interface on Ray (:class:`fusedist.execution.tasks.Tasks`): joins or starts
+    Ray (``init_ray``); each task reserves ``cpus`` CPUs and ``gpus`` GPUs."""
 
-    def __init__(self, unit: str):
-        self.unit = unit
-        self.count = 0
-        self.start = time.perf_counter()
+    def __init__(self, cfg: RayConfig | None, cpus: float = 1.0, gpus: float = 0.0):
+        import ray
 
-    def add(self, n: int) -> None:
-        self.count += n
+        init_ray(cfg)
+        self._cpus, self._gpus = cpus, gpus
+        self.slots = int(ray.cluster_resources().get("CPU", 1) // cpus)
 
-    @property
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
+    def __enter__(self) -> "RayTasks":
+        return self
 
-    def __str__(self) -> str:
-        return f"{self.count} {self.unit}, {self.count / self.elapsed:.1f} {self.unit}/s"
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def function(self, fn: Callable, max_retries: int = 2,
+                 describe: Callable[[tuple], str] | None = None) -> Any:
+        import ray
+
+        opts: dict[str, Any] = {"num_cpus": self._cpus, "max_retries": max_retries}
+        if self._gpus:
+            opts["num_gpus"] = self._gpus
+        return ray.remote(fn).options(**opts)
+
+    def put(self, value: Any) -> Any:
+        """``value`` in the object store, once for every task that takes it."""
+        import ray
+
+        return ray.put(value)
+
+    def run(self, refs: list, on_done: Callable[[Any], None], desc: str, unit: str = "task",
+            progress: bool = True, rate: Callable[[], str] | None = None) -> None:
+        run_tasks(refs, on_done, desc, unit, progress, rate=rate)

@@ -22,10 +22,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fusedist.features.engine import (EncoderActor, EngineSpec, EngineStats, Group, _Rows,
-                                      clear_staging, decode_shard)
+from fusedist.features.engine.core import (EncoderActor, EngineSpec, EngineStats, Group, Rows,
+                                           clear_staging, decode_shard)
 from fusedist.features.parts import Finish, run_finish
 
 log = logging.getLogger("fusedist.features")
@@ -57,17 +57,15 @@ def _as_numpy(row: dict) -> dict:
 def run_engine_local(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
                      finish: Finish, on_group: Callable[[str, dict | None, str], None],
                      encoders: list, decode_workers: int = 1) -> EngineStats:
-    """:func:`fusedist.features.engine.run_engine`'s contract, in this process: ``encoders``
+    """:func:`fusedist.features.engine.raydata.run_engine`'s contract, in this process: ``encoders``
     are the built encoders of ``spec.encoders`` (the driver's), ``decode_workers`` the
     DataLoader workers that decode."""
-    from torch.utils.data import DataLoader
-
     stats = EngineStats()
     if not shards:
         return stats
     t0 = time.perf_counter()
     actor = EncoderActor(spec, encoders)
-    rows = _Rows(spec, groups, finish, on_group, stats, t0)
+    rows = Rows(spec, groups, finish, on_group, stats, t0)
     # batch_size=None: each item is one decode_shard row (arrays of one element), the batch
     # of one row Ray Data hands an actor; prefetch_factor bounds the decoded chunks in flight.
     loader = DataLoader(ShardRows(spec, shards), batch_size=None,

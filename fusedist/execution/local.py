@@ -1,5 +1,5 @@
-"""A stage's task graph on this machine's cores without Ray: the executor of ``tile`` when no
-Ray is running or asked for.
+"""A stage's task graph on this machine's cores without Ray: the executor of ``tile`` and of
+``fuse``'s folds when no Ray is running or asked for (:mod:`fusedist.execution.tasks`).
 
 Ray's local start and stop cost ~4-10 s on a laptop, longer than tiling a few slides takes
 (issue 16), and a one-machine CPU stage needs none of what Ray adds (other nodes, GPUs, the
@@ -10,6 +10,9 @@ object store). This module offers the two Ray calls the tile stage makes, on a p
   top-level arguments);
 - ``tasks.run(refs, on_done, desc, ...)``: run until every ref in ``refs`` is done, calling
   ``on_done`` with each result in completion order, with a progress bar (``run_tasks``'s).
+
+``LocalTasks(1, inline=True)`` runs each task in this process instead, one after the other,
+in the order they become ready (no worker start, nothing pickled).
 
 Failure semantics follow Ray's: an exception raised by a task propagates (after the pool is
 stopped); a worker *process* that dies (a segfault in a slide library, the OOM killer) breaks
@@ -25,7 +28,7 @@ import logging
 import multiprocessing as mp
 import os
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
@@ -40,6 +43,22 @@ def local_cpus(num_cpus: int | None = None) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def _started() -> None:
+    """The task :meth:`LocalTasks.warm` starts each worker with."""
+
+
+class _Inline(Executor):
+    """An executor that runs each call at once, in this process (a pool of one)."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as e:  # a task's error is its result, as in a pool (Ctrl-C is not)
+            fut.set_exception(e)
+        return fut
 
 
 class LocalRef:
@@ -74,10 +93,11 @@ class LocalFunction:
 class LocalTasks:
     """A process pool that runs :class:`LocalRef` graphs; close it (or use ``with``)."""
 
-    def __init__(self, workers: int, preload: tuple[str, ...] = ()):
-        self.slots = max(1, workers)
+    def __init__(self, workers: int, preload: tuple[str, ...] = (), inline: bool = False):
+        self.slots = 1 if inline else max(1, workers)
+        self.inline = inline
         self._preload = list(preload)
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Executor | None = None
         self._ready: deque[LocalRef] = deque()
         self._running: dict[Future, LocalRef] = {}
         self._suspects: deque[LocalRef] = deque()  # were running when a worker died
@@ -94,13 +114,28 @@ class LocalTasks:
         """``fn`` as a task; ``describe(args)`` names one call in errors (e.g. its slide)."""
         return LocalFunction(self, fn, max_retries, describe)
 
+    def put(self, value: Any) -> Any:
+        """``value`` as a task argument (Ray's ``ray.put``): locally, the value itself."""
+        return value
+
+    def warm(self) -> None:
+        """Start the worker processes now (their imports run while this process does other
+        work), rather than on the first task; nothing for inline tasks."""
+        if self.inline:
+            return
+        pool = self._start_pool()
+        for _ in range(self.slots):  # one no-op each: the pool starts a process per call
+            pool.submit(_started)
+
     # -- scheduling
 
     def _added(self, ref: LocalRef) -> None:
         if not ref.deps:
             self._ready.append(ref)
 
-    def _start_pool(self) -> ProcessPoolExecutor:
+    def _start_pool(self) -> Executor:
+        if self._pool is None and self.inline:
+            self._pool = _Inline()
         if self._pool is None:
             # forkserver: workers fork from a clean server that imported the task modules
             # once (no inherited threads or locks of this process, unlike fork; no per-worker
@@ -165,7 +200,7 @@ class LocalTasks:
             unit: str = "task", progress: bool = True,
             rate: Callable[[], str] | None = None) -> None:
         """Run until every ref in ``refs`` is done; ``on_done(result)`` for each, in
-        completion order (``fusedist.runtime.run_tasks`` for local processes)."""
+        completion order (``fusedist.execution.rayrun.run_tasks`` for local processes)."""
         from tqdm import tqdm
 
         wanted = {id(r) for r in refs}

@@ -1,14 +1,13 @@
-"""The batch-inference engine behind ``fusedist cache`` and ``fusedist embed``.
+"""The engine core shared by its two drivers (Ray Data, :mod:`.raydata`; this process,
+:mod:`.local`): what the decode and encoder steps need (:class:`EngineSpec`), reading and
+JPEG-decoding a shard into chunks (:func:`decode_shard`), the embedder that runs every encoder
+on a chunk and writes its part (:class:`EncoderActor`), the driver's bookkeeping of chunk rows
+(:class:`Rows`) and what it saw (:class:`EngineStats`), and the one device chooser
+(:func:`choose_device`).
 
-Ray Data pipeline: shard names -> (CPU tasks) read + JPEG-decode each shard into chunks of
-uint8 images -> (an autoscaling actor pool, GPUs per actor as configured) every encoder on the
-same decoded chunk, whose features the actor writes as a part -> the driver, which receives
-only small rows, and for each finished group of shards hands a finish call to a long-lived
-finisher actor on the node of the actor that wrote its last part; that writes the stage's
-outputs (fusedist/features/parts.py). No feature array passes through the driver. Chunks
-are cut at fixed sample offsets inside a shard (the last one holds only the real remainder:
-nothing padded runs through a model) and each forward sees exactly one chunk, so a re-run
-computes every feature from the same batch and writes the same bytes.
+Chunks are cut at fixed sample offsets inside a shard (the last one holds only the real
+remainder: nothing padded runs through a model) and each forward sees exactly one chunk, so a
+re-run, on either driver, computes every feature from the same batch and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import shutil
 import time
 import warnings
@@ -26,9 +24,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fusedist import storage
-from fusedist.features.parts import FinishTask, Finish, Group, run_finish
+from fusedist.config import ConfigError
+from fusedist.features.parts import FinishTask, Finish, Group, write_part
+from fusedist.features.runtime import resolve_ref
 
-__all__ = ["EngineSpec", "PoolSpec", "EngineStats", "run_engine", "Group"]
+__all__ = ["EngineSpec", "PoolSpec", "EngineStats", "Group", "Rows", "choose_device",
+           "decode_shard", "EncoderActor", "clear_staging"]
 
 log = logging.getLogger("fusedist.features")
 
@@ -59,7 +60,7 @@ class EngineSpec:
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """Ray resources of the two pools (features/runtime.py ``engine_pool`` decides them)."""
+    """Ray resources of the two pools (``raydata.engine_pool`` decides them)."""
 
     min_actors: int
     max_actors: int
@@ -114,6 +115,7 @@ def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
     so the last chunk of a shard whose bytes changed never leaves: an error row takes its
     place, and the last row carries the hash actually read.
     """
+    # lazy: keeps torch (imported by fusedist.data) out of the stage's start-up
     from fusedist.data.reader import ShardError, iter_tar_samples
 
     storage.configure(storage.StorageConfig(**spec.storage_cfg))
@@ -151,11 +153,55 @@ def decode_shard(batch: dict, spec: EngineSpec) -> Iterator[dict]:
             yield _row(shard, index, n_chunks, [], _empty(spec), error=msg)
 
 
-def actor_device(spec: EngineSpec) -> str:
-    """The torch device an actor computes on. ``FUSEDIST_DEVICE_OVERRIDE=cpu`` (tests only)
-    computes on CPU while the actor's Ray request (its GPUs) stays what ``spec`` says: the
-    multi-node test clusters declare GPUs that do not exist (tests/cluster.py)."""
-    return os.environ.get("FUSEDIST_DEVICE_OVERRIDE") or spec.device
+def choose_device(requested: str, where: str, gpus: float = 0.0) -> str:
+    """The torch device of the engine's encoders (``engine.device`` = ``requested``:
+    auto|cpu|cuda), decided where it is decided, with why logged:
+
+    - ``where="local"``: the local engine, this process (``gpus``: CUDA GPUs of this machine);
+    - ``where="local ray"`` / ``"joined cluster"``: the Ray driver, for the encoder actors'
+      requests (``gpus``: the cluster's GPUs up at start, which only decide ``auto``; a joined
+      cluster may autoscale, so none up now is never taken to mean none will come);
+    - ``where="actor"``: an encoder computing, ``requested`` the device decided above;
+      ``FUSEDIST_DEVICE_OVERRIDE=cpu`` (tests only) computes on CPU while the actor's Ray
+      request (its GPUs) stays what was decided: the multi-node test clusters declare GPUs
+      that do not exist (tests/cluster.py).
+    """
+    if where == "actor":
+        return os.environ.get("FUSEDIST_DEVICE_OVERRIDE") or requested
+    local, joined = where == "local", where == "joined cluster"
+    if requested == "cuda":
+        if gpus <= 0 and local:
+            raise ConfigError("engine.device=cuda but this machine has no CUDA GPU (the engine "
+                              "runs locally, without Ray); use engine.device=cpu (or auto), or "
+                              "join a GPU cluster with --set ray.address=...")
+        if gpus <= 0 and not joined:
+            raise ConfigError("engine.device=cuda but this local Ray has no GPUs; use "
+                              "engine.device=cpu (or auto), or join a GPU cluster with "
+                              "--set ray.address=...")
+        if local:
+            log.info("engine.device=cuda (from the config)")
+        else:
+            log.info("engine.device=cuda (from the config): each encoder actor requests GPUs%s",
+                     "" if gpus > 0 else "; no GPU node is up yet, so the actors wait for the "
+                     "autoscaler to add one")
+        return "cuda"
+    if requested == "cpu":
+        log.info("engine.device=cpu (from the config)")
+        return "cpu"
+    if local:
+        log.info("engine.device=auto -> %s: this machine has %s", "cuda" if gpus > 0 else "cpu",
+                 "a CUDA GPU" if gpus > 0 else "no CUDA GPU")
+        return "cuda" if gpus > 0 else "cpu"
+    if gpus > 0:
+        log.info("engine.device=auto -> cuda: the Ray cluster has %g GPU(s)", gpus)
+        return "cuda"
+    if joined:
+        log.warning("engine.device=auto -> cpu: the joined Ray cluster has no GPU right now. "
+                    "An autoscaling cluster starts GPU nodes only when something requests "
+                    "them: set engine.device=cuda to request GPU actors (the GPU recipes do)")
+    else:
+        log.info("engine.device=auto -> cpu: this local Ray has no GPUs")
+    return "cpu"
 
 
 class EncoderActor:
@@ -167,14 +213,14 @@ class EncoderActor:
         process); ``None`` (a Ray actor): build them here from ``spec``."""
         import torch
 
-        from fusedist.features.runtime import resolve_ref
+        # lazy: keeps torch and timm out of the stage's start-up (a Ray driver builds none)
         from fusedist.models import build_encoder
 
         self.spec = spec
         self.torch = torch
         # Use every CPU this actor holds: Ray sets no thread count of its own that fits.
         torch.set_num_threads(spec.threads)
-        device = actor_device(spec)
+        device = choose_device(spec.device, "actor")
         self.device = torch.device(device)
         if encoders is not None:
             self.node = "local"
@@ -220,8 +266,6 @@ class EncoderActor:
         return ""
 
     def __call__(self, batch: dict) -> dict:
-        from fusedist.features.parts import write_part
-
         out = {k: batch[k] for k in ("shard", "chunk", "n_chunks", "n", "error", "sha256",
                                      "decode_pid")}
         rows = len(out["shard"])
@@ -281,84 +325,7 @@ def decode_memory(spec: EngineSpec) -> int:
     return 640 * 2**20 + 3 * chunk
 
 
-class Finisher:
-    """A long-lived writer: finish calls reuse its warm process. A Ray task per group paid a
-    worker start and the stage's imports each time (~1.4 CPU-s per group, measured on the
-    cores the encoder actor computes on); one of these per node costs that once."""
-
-    def warm(self, finish: Finish) -> None:
-        """Nothing to do: receiving ``finish`` imports the stage's module here, ahead of work."""
-
-    def run(self, task: FinishTask) -> dict:
-        return run_finish(task)
-
-
-class _Finishers:
-    """One ``Finisher`` per node that runs encoder actors, started on that node's first group;
-    a group whose finisher died with its node is finished by a plain retried task instead.
-
-    num_cpus=0: a short write must not wait for the CPUs the actors hold until the end. It is
-    placed on the node of the actor that wrote the group's last part (soft: any node if that one
-    is gone)."""
-
-    def __init__(self, finish: Finish):
-        import ray
-
-        self.ray = ray
-        self.actor_cls = ray.remote(num_cpus=0, max_concurrency=4)(Finisher)
-        self.task_fn = ray.remote(num_cpus=0, max_retries=3)(run_finish)
-        self.by_node: dict[str, object] = {}
-        self.running: dict = {}  # ref -> (group id, task, node or None for a plain task)
-        # A local run (the driver's node computes): start its finisher now, so its start and
-        # imports overlap the encoder actors' own start rather than the first groups' writes.
-        # A cluster's driver sits on a head that computes nothing (num-cpus: 0): no finisher.
-        here = ray.get_runtime_context().get_node_id()
-        if any(n["NodeID"] == here and n["Resources"].get("CPU", 0) > 0 for n in ray.nodes()):
-            self._start(here).warm.remote(finish)
-
-    def _start(self, node: str):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        if node not in self.by_node:
-            self.by_node[node] = self.actor_cls.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
-        return self.by_node[node]
-
-    def submit(self, gid: str, task: FinishTask, node: str | None) -> None:
-        if node is None:  # the fallback: a retried task, anywhere
-            self.running[self.task_fn.remote(task)] = (gid, task, None)
-            return
-        self.running[self._start(node).run.remote(task)] = (gid, task, node)
-
-    def collect(self, timeout: float | None) -> Iterator[tuple[str, dict, int]]:
-        """(group id, done-entry, its pickled size) of finished calls; all of them when
-        ``timeout`` is None (waits), else those ready now."""
-        ray = self.ray
-        while self.running:
-            refs = list(self.running)
-            # Waiting: stream entries as they come (progress); polling: take all that are ready.
-            ready, _ = ray.wait(refs, num_returns=1 if timeout is None else len(refs),
-                                timeout=timeout)
-            for ref in ready:
-                gid, task, node = self.running.pop(ref)
-                try:
-                    entry = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    log.warning("the finisher on node %s died (node lost?); finishing group "
-                                "%s in a task elsewhere", node, gid)
-                    self.by_node.pop(node, None)
-                    self.submit(gid, task, None)
-                    continue
-                yield gid, entry, len(pickle.dumps(entry))
-            if timeout is not None:
-                return
-
-    def close(self) -> None:
-        for actor in self.by_node.values():
-            self.ray.kill(actor)
-
-
-class _Rows:
+class Rows:
     """The driver's bookkeeping of chunk rows, shared by the Ray and the local engine: stats,
     failed groups (reported at once), and the finish task of each group whose shards are all
     done."""
@@ -408,59 +375,6 @@ class _Rows:
         return gid, FinishTask(spec.staging, spec.storage_cfg, self.finish, gid, group,
                                {s: self.n_chunks[s] for s in group.shards},
                                {s: self.sha_read.get(s, "") for s in group.shards})
-
-
-def run_engine(spec: EngineSpec, shards: list[tuple], groups: dict[str, Group],
-               finish: Finish, on_group: Callable[[str, dict | None, str], None],
-               pool: PoolSpec) -> EngineStats:
-    """Embed ``shards`` [(name, sample count[, manifest sha256])]; for each group of shards,
-    once all its parts are written, run ``finish`` on a worker and call
-    ``on_group(id, entry, error)`` with its done-entry (or the first shard error of the group,
-    entry None). A shard whose bytes do not hash to its given sha256 fails; ``finish`` sees
-    the hash actually read as ``ShardResult.sha256``."""
-    import ray
-
-    stats = EngineStats()
-    if not shards:
-        return stats
-    t0 = time.perf_counter()
-    ds = ray.data.from_items([{"shard": s[0], "samples": s[1],
-                               "sha256": (s[2] if len(s) > 2 else None) or ""} for s in shards],
-                             override_num_blocks=len(shards))
-    # Decode must stay a separate pool of CPU tasks. Ray Data fuses consecutive maps whose
-    # resource requests match (on CPU-only clusters they do), which would move JPEG decoding
-    # into the encoder actor, in series with the model. Decode tasks reserve the memory their
-    # decoded chunks need and the actors do not, so the requests differ and they never fuse
-    # (tests/test_cache.py checks decoding runs in other processes than the encoders).
-    ds = ds.map_batches(decode_shard, fn_kwargs={"spec": spec}, batch_size=1,
-                        compute=ray.data.TaskPoolStrategy(size=pool.decode_tasks),
-                        num_cpus=pool.decode_cpus, memory=decode_memory(spec))
-    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(
-                            min_size=pool.min_actors, max_size=pool.max_actors,
-                            max_tasks_in_flight_per_actor=2),
-                        num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor)
-    rows = _Rows(spec, groups, finish, on_group, stats, t0)
-    finishers = _Finishers(finish)
-
-    def collect(timeout: float | None) -> None:
-        for gid, entry, size in finishers.collect(timeout):
-            stats.bytes_received += size
-            on_group(gid, entry, "")
-
-    try:
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
-            stats.bytes_received += sum(v.nbytes for v in batch.values())
-            row = {k: v[0] for k, v in batch.items()}
-            done = rows.add(row)
-            if done is not None:
-                finishers.submit(done[0], done[1], str(row["actor_node"]))
-            collect(timeout=0)
-        collect(timeout=None)
-    finally:
-        finishers.close()
-    clear_staging(spec.staging)
-    return stats
 
 
 def clear_staging(staging: str) -> None:
