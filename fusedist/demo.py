@@ -22,6 +22,8 @@ from pydantic import Field
 
 from fusedist import storage
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.distill.split import split_by_slide
+from fusedist.formats import tile_manifest
 from fusedist.synth.ink import PenConfig
 from fusedist.tracking import MlflowConfig
 
@@ -362,10 +364,9 @@ def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig
     from fusedist.distill.config import (BatchConfig, CheckpointSection, DistillConfig,
                                          OptimConfig, ScalingSection, StudentConfig,
                                          ValidationSection)
-    from fusedist.distill.validation import split_by_slide
 
     val = ValidationSection()
-    manifest = storage.read_json(storage.join(tiles, "pairs", "manifest.json"))
+    manifest = tile_manifest.read_manifest(storage.join(tiles, "pairs"))
     n_pairs = split_by_slide(manifest, val.fraction, val.seed).train_tiles
     teacher = cfg.teachers[0]
     micro = max(1, min(4, n_pairs // cfg.distill_workers))

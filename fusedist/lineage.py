@@ -90,7 +90,7 @@ def labels_ref(url: str, role: str = INPUT) -> DataRef:
 def bags_ref(folder: str, encoder: str, role: str = INPUT) -> DataRef:
     """A bag folder (``<bags>/<encoder>``): one listing, plus the done-entries of the bags
     fusedist embedded (what made each bag), so re-embedding with other weights changes it."""
-    from fusedist.bags import list_bags
+    from fusedist.formats.bags import list_bags
     from fusedist.state import StageState
 
     folder = folder.rstrip("/")

@@ -19,13 +19,13 @@ from fusedist import shards, storage
 from fusedist.features.config import CacheConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (actor_refs, execute, load_encoders, plan_engine,
-                                       read_tile_manifest, shard_progress, stage_tracking_uri)
+from fusedist.features.runtime import execute, plan_engine, shard_progress
+from fusedist.formats import feature_manifest
+from fusedist.formats.tile_manifest import read_tile_manifest
+from fusedist.models.refs import actor_refs, load_encoders, stage_tracking_uri
 from fusedist.state import StageState, mismatch_error
 
 log = logging.getLogger("fusedist.cache")
-
-FORMAT = "fusedist.features/1"
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -123,7 +123,7 @@ def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: lis
     keys = ("name", "samples", "bytes", "sha256", "index_sha256", "source_sha256")
     rows = [{k: e[k] for k in keys if k in e}  # no index_sha256: written before indexes
             for s in tile_manifest["shards"] if (e := done.get(s["name"])) is not None]
-    return {"format": FORMAT, "teacher": t.name, "weights_digest": t.digest,
+    return {"format": feature_manifest.FORMAT, "teacher": t.name, "weights_digest": t.digest,
             "random_weights": t.random_weights, "dim": t.dim, "dtype": "float16",
             "sample_shape": [*per_sample, t.dim], "mode": tile_manifest["mode"],
             "dataset": tile_manifest["dataset"], "source": cfg.tiles.rstrip("/"),
@@ -193,7 +193,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         per_sample = [16] if tm["mode"] == "pairs" else []
         for t in teachers:
             m = _manifest(t, cfg, tm, result.failed, per_sample, done[t.name])
-            storage.write_json(storage.join(t.url, "manifest.json"), m)
+            feature_manifest.write(t.url, m)
             result.manifests[t.name] = m
             run.log_dict(m, f"manifests/{t.name}.json")
         if run.active:

@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusedist import storage
-from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
+from fusedist import mlmodels, storage
 from fusedist.config import ConfigError
+from fusedist.features.check import check_embed, grid_manifest
 from fusedist.features.config import EmbedConfig
 from fusedist.features.engine import EngineSpec, EngineStats, Group
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (EnginePlan, actor_refs, execute, load_encoders,
-                                       plan_engine, read_tile_manifest, shard_progress,
-                                       shared_export, stage_tracking_uri)
+from fusedist.features.runtime import EnginePlan, execute, plan_engine, shard_progress
+from fusedist.formats.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.formats.slide_ids import encode_id
-from fusedist.preflight import check_embed
+from fusedist.formats.tile_manifest import read_tile_manifest
+from fusedist.models.refs import (actor_refs, load_encoders, resolve_ref, shared_export,
+                                  stage_tracking_uri)
 from fusedist.state import StageState
 
 log = logging.getLogger("fusedist.embed")
@@ -66,15 +67,6 @@ def _groups(encoders: list) -> dict[tuple[float, int], list]:
     for e in encoders:
         out.setdefault((float(e.spec.mpp), int(e.spec.input_size)), []).append(e)
     return out
-
-
-def grid_manifest(url: str) -> dict:
-    """The manifest of a grid tile dataset (a pairs dataset cannot be embedded)."""
-    tm = read_tile_manifest(url)
-    if tm["mode"] != "grid":
-        raise ConfigError(f"{url} holds '{tm['mode']}' tiles; embed needs a grid "
-                          "dataset (fusedist tile --mode grid)")
-    return tm
 
 
 def _tiles_for(cfg: EmbedConfig, mpp: float, size: int, names: list[str]) -> str:
@@ -205,9 +197,6 @@ def _recorded_refs(cfg: EmbedConfig) -> dict[str, tuple[str, str | None]]:
     exported model's folder as an absolute path or URL (for a ``models:/`` model, its copy
     under the output), so a later process (``predict --slides`` on the fused model's card)
     can build the same encoder."""
-    from fusedist import mlmodels
-    from fusedist.features.runtime import resolve_ref
-
     uri = _tracking_uri(cfg)
     out = {}
     for r in cfg.encoders:

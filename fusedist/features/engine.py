@@ -167,8 +167,8 @@ class EncoderActor:
         process); ``None`` (a Ray actor): build them here from ``spec``."""
         import torch
 
-        from fusedist.features.runtime import resolve_ref
         from fusedist.models import build_encoder
+        from fusedist.models.refs import resolve_ref
 
         self.spec = spec
         self.torch = torch

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from fusedist import storage
+from fusedist.formats import tile_manifest
 from fusedist.features.config import EmbedConfig, EncoderRef
 from fusedist.retrain.config import RetrainConfig
 from fusedist.tracking import MlflowConfig
@@ -47,18 +48,11 @@ def source_slides(cfg: RetrainConfig) -> list[str]:
     return [s.slide_id for s in discover(tcfg)]
 
 
-def tiled_slides(dataset_url: str) -> set[str]:
-    """Slides a tile dataset's manifest lists (ok, failed or skipped: all were seen)."""
-    url = storage.join(dataset_url, "manifest.json")
-    if not storage.exists(url):
-        return set()
-    return {s["slide_id"] for s in storage.read_json(url)["slides"]}
-
-
 def new_slides(cfg: RetrainConfig) -> list[str]:
     """Source slides that some tile dataset of the recipe does not list yet."""
     src = source_slides(cfg)
-    seen = [tiled_slides(storage.join(t.output, t.dataset)) for t in cfg.tile.values()]
+    seen = [tile_manifest.tiled_slides(storage.join(t.output, t.dataset))
+            for t in cfg.tile.values()]
     return [s for s in src if any(s not in d for d in seen)]
 
 

@@ -86,7 +86,7 @@ def challenger_encoders(cfg: RetrainConfig, student: str | None) -> list[str] | 
 
 def cohort_slides(cfg: RetrainConfig, encoders: list[str] | None) -> list[str]:
     """Labelled slides with a bag for every encoder (a listing, no bag is opened)."""
-    from fusedist.bags import encoder_folders, list_bags
+    from fusedist.formats.bags import encoder_folders, list_bags
     from fusedist.fusion.data import read_labels
 
     rows, cols = read_labels(cfg.labels)

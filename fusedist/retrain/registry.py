@@ -24,7 +24,7 @@ from fusedist.tracking import MlflowConfig, TrackingError, mask_text, resolve_tr
 log = logging.getLogger("fusedist.retrain")
 
 FUSED_ARTIFACT = "model"  # fusedist.fusion.pyfunc.ARTIFACT
-STUDENT_ARTIFACT = "export"  # fusedist.distill.pyfunc.ARTIFACT
+STUDENT_ARTIFACT = "export"  # fusedist.formats.export_card.ARTIFACT
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ import numpy as np
 from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.distill.config import DistillConfig
+from fusedist.distill.split import shard_slide
+from fusedist.formats import tile_manifest
+from fusedist.formats.feature_manifest import read_feature_manifest
 
 log = logging.getLogger("fusedist.retrain")
 
@@ -63,9 +66,7 @@ def evaluation_slides(champion_card: dict, challenger_card: dict) -> tuple[list[
 
 def validation_shards(tiles: str, slides: list[str]) -> list[str]:
     """Pairs shards of ``slides``."""
-    from fusedist.distill.validation import shard_slide
-
-    m = storage.read_json(storage.join(tiles, "manifest.json"))
+    m = tile_manifest.read_manifest(tiles)
     keep = set(slides)
     return [s["name"] for s in m["shards"] if shard_slide(s) in keep]
 
@@ -128,8 +129,7 @@ def score_students(distill: DistillConfig, exports: dict[str, str], limit: int) 
                     for r, c in cards.items()}}
     if not slides:
         return out
-    teacher = distill.teacher or storage.read_json(
-        storage.join(distill.features, "manifest.json"))["teacher"]
+    teacher = distill.teacher or read_feature_manifest(distill.features)["teacher"]
     shards = validation_shards(distill.tiles, slides)
     images, targets, keys = read_pairs(distill.tiles, distill.features, teacher, shards, limit)
     if len(keys) < MIN_PAIRS:  # CKA of one or two centred samples says nothing
