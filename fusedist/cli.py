@@ -101,7 +101,7 @@ def synth(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Make synthetic H&E-like slides (pyramidal TIFF) and their labels CSV."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.synth import SynthConfig, synthesize
 
     _setup_logging(quiet, verbose, "synth")
@@ -125,7 +125,7 @@ def tile(config: Optional[Path] = ConfigOpt,
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Tile slides into WebDataset shards (pairs for XMAG, or a grid)."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.tiling import TileConfig, run_tile
 
     _setup_logging(quiet, verbose, "tile")
@@ -149,7 +149,7 @@ def cache(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run teachers once over tile shards and cache their features (mirrored shards)."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.features import CacheConfig, run_cache
 
     _setup_logging(quiet, verbose, "cache")
@@ -174,7 +174,7 @@ def embed(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Embed slides into HDF5 feature bags (one per slide per encoder)."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.features import EmbedConfig, run_embed
 
     _setup_logging(quiet, verbose, "embed")
@@ -224,7 +224,7 @@ def export(checkpoint: str = typer.Argument(
            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
            verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Export a distill checkpoint's EMA student as an encoder (and register it in MLflow)."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.distill.config import ExportConfig
     from fusedist.distill.train import run_export
 
@@ -294,7 +294,7 @@ def predict(config: Optional[Path] = ConfigOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Apply a fused model to new slides (their bags, or the slides themselves): predictions.csv,
     heatmaps, summary."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.fusion.predict import PredictConfig, run_predict
 
     _setup_logging(quiet, verbose, "predict")
@@ -325,7 +325,7 @@ def retrain(config: Optional[Path] = ConfigOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Ingest new slides, refit, evaluate the challenger against the champion, and move the
     champion alias only if it is better (the scheduled job)."""
-    # lazy: the retrain package's config pulls in every stage's config
+    # lazy: retrain imports every stage (scipy, PIL), which CLI start-up must not
     from fusedist.retrain.config import RetrainConfig
 
     _setup_logging(quiet, verbose, "retrain")
@@ -334,7 +334,7 @@ def retrain(config: Optional[Path] = ConfigOpt,
     if run_id is not None and (not run_id or "/" in run_id or run_id.startswith(".")):
         _fail(2, f"--run-id {run_id!r}: give a plain folder name (no '/', not hidden)")
     cfg = _load(RetrainConfig, config, set_, print_config)
-    # lazy: imports every stage (torch, Ray, MLflow)
+    # lazy: as above
     from fusedist.retrain.job import run_retrain
 
     result = _run_stage(lambda c, progress=True: run_retrain(
@@ -404,7 +404,7 @@ def demo(workdir: Optional[str] = typer.Option(
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run the pipeline end to end on embedded defaults (local Ray, local files)."""
-    # lazy: the stage imports torch/Ray/openslide; `fusedist --help` and the checks must not
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.demo import DemoConfig, run_demo
 
     _setup_logging(quiet, verbose, "demo")

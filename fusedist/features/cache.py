@@ -22,8 +22,10 @@ from fusedist.features.parts import ShardResult
 from fusedist.features.runtime import execute, plan_engine, shard_progress
 from fusedist.formats import feature_manifest
 from fusedist.formats.tile_manifest import read_tile_manifest
+from fusedist.lineage import OUTPUT, features_ref, tiles_ref
 from fusedist.models.refs import actor_refs, load_encoders, stage_tracking_uri
 from fusedist.state import StageState, mismatch_error
+from fusedist.tracking import random_weights_line, start_run, warn_random_weights
 
 log = logging.getLogger("fusedist.cache")
 
@@ -62,8 +64,6 @@ class CacheResult:
                  f"this run: {self.written} shard(s) embedded, {self.tiles} tiles in "
                  f"{self.elapsed:.1f} s ({rate:.1f} tiles/s)"]
         lines += [f"  FAILED {f['name']}: {f['reason']}" for f in self.failed]
-        from fusedist.tracking import random_weights_line
-
         lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
@@ -135,9 +135,6 @@ def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: lis
 
 def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     """Cache every teacher's features for the tile dataset ``cfg.tiles``."""
-    from fusedist.lineage import OUTPUT, features_ref, tiles_ref
-    from fusedist.tracking import start_run, warn_random_weights
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     tm = read_tile_manifest(cfg.tiles)

@@ -35,7 +35,7 @@ def check_embed(cfg: Any) -> None:
     if cfg.tiles:
         grid_manifest(cfg.tiles)
     elif cfg.slides:
-        # lazy: tiling's job module is only needed when embed tiles the slides itself
+        # lazy: tiling imports scipy and PIL, which checking a tile dataset does not need
         from fusedist.tiling import TileConfig
         from fusedist.tiling.check import check as check_tile
 

@@ -23,7 +23,9 @@ from fusedist.config import ConfigError
 from fusedist.distill.config import DistillConfig
 from fusedist.distill.split import shard_slide
 from fusedist.formats import tile_manifest
+from fusedist.features.config import EncoderRef
 from fusedist.formats.feature_manifest import read_feature_manifest
+from fusedist.models.refs import load_encoders
 
 log = logging.getLogger("fusedist.retrain")
 
@@ -76,6 +78,7 @@ def read_pairs(tiles: str, features: str, teacher: str, shards: list[str], limit
     """uint8 (N, 3, H, W) ``lo.jpg`` images, (N, D) mean teacher tile features, keys."""
     from PIL import Image
 
+    # lazy: the shard reader imports torch, which the retrain job's other steps do not need
     from fusedist.data.reader import iter_tar_samples
 
     imgs, targets, keys = [], [], []
@@ -109,9 +112,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 def embed_pairs(export_dir: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """The exported student's embedding of 5x images (as ``fusedist embed`` computes it)."""
     import torch
-
-    from fusedist.features.config import EncoderRef
-    from fusedist.features.runtime import load_encoders
 
     (enc,) = load_encoders([EncoderRef(name=export_dir)])
     out = [enc.embed(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
