@@ -29,7 +29,7 @@ from fusedist.distill.checkpoint import (Checkpointer, TrainState, find_checkpoi
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import DataInfo, DistillData, dataset_info, steps_per_epoch
 from fusedist.distill.ema import EMA, step_with_ema
-from fusedist.distill.export import CARD, export_student, register_in_mlflow
+from fusedist.distill.export import export_student, register_in_mlflow
 from fusedist.distill.losses import XmagObjective
 from fusedist.distill.metrics import StepLogger, system_monitor, worker_tracker
 from fusedist.distill.progress import StepReporter, distill_bar
@@ -37,6 +37,7 @@ from fusedist.distill.schedule import lr_at
 from fusedist.distill.sharedfs import alive_nodes, check_storage_reachable
 from fusedist.distill.stop import DistillStopped, last_committed, prune_unregistered, stoppable
 from fusedist.distill.validation import Validator
+from fusedist.formats.export_card import CARD
 from fusedist.lineage import features_ref, tiles_ref
 from fusedist.models import get_spec
 from fusedist.models.student import XmagStudent
