@@ -3,7 +3,8 @@
 The slides of the tile manifest (each shard names its ``slide_id``) are ranked by
 ``sha256(seed, slide_id)`` and the first ``round(fraction * n)`` are held out (at least one
 when ``fraction > 0`` and there are two or more slides, never all); every shard of a held-out
-slide goes to validation (:mod:`fusedist.distill.validation` scores the student on them).
+slide goes to validation (:mod:`fusedist.distill.validation` scores the student on them). A
+slide's side depends only on its id, the seed and the count, not on the order of the manifest.
 """
 
 from __future__ import annotations

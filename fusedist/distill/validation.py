@@ -1,13 +1,10 @@
 """Slide-level validation of the EMA student (``DistillConfig.validation``).
 
-**Split** (:mod:`fusedist.distill.split`). The slides of the tile manifest (each shard names its ``slide_id``) are ranked by
-``sha256(seed, slide_id)`` and the first ``round(fraction * n)`` are held out (at least one
-when ``fraction > 0`` and there are two or more slides, never all). Every shard of a held-out
-slide goes to validation, so no tile of a validation slide is trained on, and the training
-reader (its cursor, its sample log) never sees them. A slide's side depends only on its id,
-the seed and the count, not on the order of the manifest. The split is written to
-``<run>/validation.json``, logged to MLflow (``validation/split.json``), guarded on resume
-(a re-run with other validation slides is refused) and copied into the export card.
+**Split** (:mod:`fusedist.distill.split`): every shard of a held-out slide goes to
+validation, so no tile of a validation slide is trained on, and the training reader (its
+cursor, its sample log) never sees them. The split is written to ``<run>/validation.json``,
+logged to MLflow (``validation/split.json``), guarded on resume (a re-run with other
+validation slides is refused) and copied into the export card.
 
 **Metrics.** On every validation tile, unaugmented, with ``t_j`` the teacher's cached
 embedding of sub-tile ``j`` (methods.md §1, the two terms of ``XmagObjective``):

@@ -8,7 +8,8 @@ from typing import Any
 
 from fusedist import storage
 from fusedist.formats.slide_table import read_slide_table
-from fusedist.fusion.data import bag_index, discover_encoders, keyed_rows, parse_targets, read_labels
+from fusedist.fusion.data import (bag_index, discover_encoders, keyed_rows, parse_targets,
+                                  read_labels)
 from fusedist.fusion.units import join_patients, label_key, resolve_unit
 
 

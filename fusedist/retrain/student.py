@@ -22,8 +22,8 @@ from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.distill.config import DistillConfig
 from fusedist.distill.split import shard_slide
-from fusedist.formats import tile_manifest
 from fusedist.features.config import EncoderRef
+from fusedist.formats import tile_manifest
 from fusedist.formats.feature_manifest import read_feature_manifest
 from fusedist.models.refs import load_encoders
 
