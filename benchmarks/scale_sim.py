@@ -205,7 +205,8 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     from fusedist.features.cache import _manifest as feature_manifest
     from fusedist.features.embed import _slide_digest, bag_state
     from fusedist.tiling.config import TileConfig
-    from fusedist.tiling.job import MANIFEST, _assign_shards, _identity, discover
+    from fusedist.formats.tile_manifest import MANIFEST
+    from fusedist.tiling.job import _assign_shards, _identity, discover
     from fusedist.tiling.job import _manifest as tile_manifest
     from fusedist.tiling.plan import shard_state, slide_state
 
@@ -357,7 +358,8 @@ def tasks_as_results(world: World, new_records: dict[str, dict]):
 def bench_tiling(w: World, out: dict[str, Point], memory: bool) -> None:
     from fusedist import storage
     from fusedist.formats.tile_manifest import read_tile_manifest
-    from fusedist.tiling.job import MANIFEST, _assign_shards, _manifest, run_tile
+    from fusedist.formats.tile_manifest import MANIFEST
+    from fusedist.tiling.job import _assign_shards, _manifest, run_tile
 
     out["tile: shard plan (_assign_shards)"], specs = measure(
         lambda: _assign_shards(w.cfg, w.records), memory)
