@@ -39,7 +39,7 @@ def _status_mb(field: str) -> float:
 
 
 def write_cohort(root: Path, n: int, tiles: int) -> tuple[str, str]:
-    from fusedist.bags import Bag, bag_url, write_bag
+    from fusedist.formats.bags import Bag, bag_url, write_bag
 
     rng = np.random.default_rng(0)
     side = int(np.ceil(np.sqrt(tiles)))

@@ -199,13 +199,14 @@ def synthesise(root: Path, frac: float, seed: int = 0, files: bool = True) -> Wo
     """The metadata of a cohort at ``frac`` of the paper's scale; ``files=False``: only the two
     manifests (what the reader and the sample log need), no per-slide/per-shard files."""
     from fusedist import storage
-    from fusedist.bags import Bag, bag_url, write_bag
+    from fusedist.formats.bags import Bag, bag_url, write_bag
     from fusedist.config import config_digest
     from fusedist.features.cache import TeacherInfo, _state
     from fusedist.features.cache import _manifest as feature_manifest
     from fusedist.features.embed import _slide_digest, bag_state
     from fusedist.tiling.config import TileConfig
-    from fusedist.tiling.job import MANIFEST, _assign_shards, _identity, discover
+    from fusedist.formats.tile_manifest import MANIFEST
+    from fusedist.tiling.job import _assign_shards, _identity, discover
     from fusedist.tiling.job import _manifest as tile_manifest
     from fusedist.tiling.plan import shard_state, slide_state
 
@@ -356,8 +357,9 @@ def tasks_as_results(world: World, new_records: dict[str, dict]):
 
 def bench_tiling(w: World, out: dict[str, Point], memory: bool) -> None:
     from fusedist import storage
-    from fusedist.features.runtime import read_tile_manifest
-    from fusedist.tiling.job import MANIFEST, _assign_shards, _manifest, run_tile
+    from fusedist.formats.tile_manifest import read_tile_manifest
+    from fusedist.formats.tile_manifest import MANIFEST
+    from fusedist.tiling.job import _assign_shards, _manifest, run_tile
 
     out["tile: shard plan (_assign_shards)"], specs = measure(
         lambda: _assign_shards(w.cfg, w.records), memory)
@@ -411,11 +413,11 @@ def bench_new_slides(w: World, out: dict[str, Point]) -> None:
 
 def bench_cache_embed(w: World, out: dict[str, Point], memory: bool) -> None:
     from fusedist import storage
-    from fusedist.bags import bag_is_current, bag_url
+    from fusedist.formats.bags import bag_is_current, bag_url
     from fusedist.features.cache import _done_entries, _manifest
     from fusedist.features.config import CacheConfig
     from fusedist.features.embed import _slide_digest, bags_to_do
-    from fusedist.features.runtime import read_tile_manifest
+    from fusedist.formats.tile_manifest import read_tile_manifest
 
     tm = read_tile_manifest(w.dataset_url)
     t = w.teacher

@@ -19,7 +19,12 @@ from typing import List, Optional
 
 import typer
 
-from fusedist.config import ConfigError, load_config
+from fusedist.config import ConfigError, dump_yaml, load_config
+from fusedist.distill.stop import DistillStopped
+from fusedist.execution.rayrun import route_ray_logs
+from fusedist.secrets import mask_text
+from fusedist.storage import StorageError, local_write_error
+from fusedist.tracking import TrackingError
 
 # Tracebacks never print local variables: they could hold credentials.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -61,8 +66,6 @@ def _setup_logging(quiet: bool, verbose: bool = False, stage: str | None = None)
     if stage is not None and not verbose:
         import atexit
 
-        from fusedist.execution.rayrun import route_ray_logs
-
         path = ray_log_path(stage)
         route_ray_logs(str(path))
 
@@ -84,9 +87,6 @@ def _load(model, config: Optional[Path], overrides: Optional[List[str]],
     except ConfigError as e:
         _fail(2, str(e))
     if print_config:
-        from fusedist.config import dump_yaml
-        from fusedist.secrets import mask_text
-
         typer.echo(mask_text(dump_yaml(cfg)).rstrip("\n"))
         raise typer.Exit(0)
     return cfg
@@ -101,6 +101,7 @@ def synth(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Make synthetic H&E-like slides (pyramidal TIFF) and their labels CSV."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.synth import SynthConfig, synthesize
 
     _setup_logging(quiet, verbose, "synth")
@@ -124,6 +125,7 @@ def tile(config: Optional[Path] = ConfigOpt,
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Tile slides into WebDataset shards (pairs for XMAG, or a grid)."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.tiling import TileConfig, run_tile
 
     _setup_logging(quiet, verbose, "tile")
@@ -147,6 +149,7 @@ def cache(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run teachers once over tile shards and cache their features (mirrored shards)."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.features import CacheConfig, run_cache
 
     _setup_logging(quiet, verbose, "cache")
@@ -171,6 +174,7 @@ def embed(config: Optional[Path] = ConfigOpt,
           set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
           verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Embed slides into HDF5 feature bags (one per slide per encoder)."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.features import EmbedConfig, run_embed
 
     _setup_logging(quiet, verbose, "embed")
@@ -195,14 +199,16 @@ def distill(config: Optional[Path] = ConfigOpt,
             set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Distil a 5x XMAG student from cached teacher features (Ray Train + DeepSpeed)."""
+    # lazy: distill's config and check are light, its training (below) imports torch and Ray
+    from fusedist.distill.check import check as check_distill
     from fusedist.distill.config import DistillConfig
-    from fusedist.preflight import check_distill
 
     _setup_logging(quiet, verbose, "distill")
     sets = [*(set_ or []), *([f"scaling.num_workers={workers}"] if workers is not None else [])]
     cfg = _load(DistillConfig, config, sets, print_config, tiles=tiles, features=features,
                 run_name=run_name, storage_path=storage_path)
     _run_stage(check_distill, cfg)  # before torch and Ray: bad inputs fail in a second
+    # lazy: imports torch, Ray Train and DeepSpeed, after the input check
     from fusedist.distill.train import run_distill
 
     result = _run_stage(run_distill, cfg, quiet)
@@ -218,6 +224,7 @@ def export(checkpoint: str = typer.Argument(
            set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
            verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Export a distill checkpoint's EMA student as an encoder (and register it in MLflow)."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.distill.config import ExportConfig
     from fusedist.distill.train import run_export
 
@@ -253,13 +260,15 @@ def fuse(config: Optional[Path] = ConfigOpt,
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Cross-validate experts, LogitProd, Meta-Encoder, FuseCPath and baselines on slide bags."""
+    # lazy: fuse's config and check are light, its run (below) imports torch and Ray
+    from fusedist.fusion.check import check as check_fuse
     from fusedist.fusion.config import FuseConfig
-    from fusedist.preflight import check_fuse
 
     _setup_logging(quiet, verbose, "fuse")
     cfg = _load(FuseConfig, config, set_, print_config, bags=bags, labels=labels, task=task,
                 output=output, slides=slides, unit=unit)
     _run_stage(check_fuse, cfg)  # before torch and Ray: bad inputs fail in a second
+    # lazy: imports torch and Ray, after the input check
     from fusedist.fusion.run import run_fuse
 
     result = _run_stage(run_fuse, cfg, quiet)
@@ -285,6 +294,7 @@ def predict(config: Optional[Path] = ConfigOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Apply a fused model to new slides (their bags, or the slides themselves): predictions.csv,
     heatmaps, summary."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.fusion.predict import PredictConfig, run_predict
 
     _setup_logging(quiet, verbose, "predict")
@@ -315,6 +325,7 @@ def retrain(config: Optional[Path] = ConfigOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Ingest new slides, refit, evaluate the challenger against the champion, and move the
     champion alias only if it is better (the scheduled job)."""
+    # lazy: retrain imports every stage (scipy, PIL), which CLI start-up must not
     from fusedist.retrain.config import RetrainConfig
 
     _setup_logging(quiet, verbose, "retrain")
@@ -323,6 +334,7 @@ def retrain(config: Optional[Path] = ConfigOpt,
     if run_id is not None and (not run_id or "/" in run_id or run_id.startswith(".")):
         _fail(2, f"--run-id {run_id!r}: give a plain folder name (no '/', not hidden)")
     cfg = _load(RetrainConfig, config, set_, print_config)
+    # lazy: as above
     from fusedist.retrain.job import run_retrain
 
     result = _run_stage(lambda c, progress=True: run_retrain(
@@ -350,11 +362,6 @@ def classify_error(e: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for an expected failure, else None (a bug: traceback).
 
     2: bad configuration or input. 3: storage (local or S3) or tracking (MLflow) failure."""
-    from fusedist.storage import StorageError, local_write_error
-    from fusedist.tracking import TrackingError
-
-    from fusedist.distill.stop import DistillStopped
-
     for c in _causes(e):
         if isinstance(c, DistillStopped):
             return c.exit_code, str(c)
@@ -397,12 +404,14 @@ def demo(workdir: Optional[str] = typer.Option(
          set_: Optional[List[str]] = SetOpt, quiet: bool = QuietOpt,
          verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Run the pipeline end to end on embedded defaults (local Ray, local files)."""
+    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
     from fusedist.demo import DemoConfig, run_demo
 
     _setup_logging(quiet, verbose, "demo")
     cfg = _load(DemoConfig, None, set_, print_config, workdir=workdir, num_slides=num_slides,
                 size=size)
     report = _run_stage(run_demo, cfg, quiet)
+    # lazy: as above (the demo module)
     from fusedist.demo import tracking_uri
 
     typer.echo(f"\ndemo finished. Report: {report}\n"

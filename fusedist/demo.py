@@ -22,7 +22,20 @@ from pydantic import Field
 
 from fusedist import storage
 from fusedist.config import RayConfig, StorageConfig, StrictModel
+from fusedist.distill.config import (BatchConfig, CheckpointSection, DistillConfig, OptimConfig,
+                                     ScalingSection, StudentConfig, ValidationSection)
+from fusedist.distill.split import split_by_slide
+from fusedist.features import CacheConfig, EmbedConfig, EngineConfig, run_cache, run_embed
+from fusedist.features.slides import tile_grid
+from fusedist.formats import tile_manifest
+from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.metrics import classification_metrics
+from fusedist.fusion.predict import PredictConfig, run_predict
+from fusedist.fusion.run import run_fuse
+from fusedist.execution.rayrun import init_ray
+from fusedist.synth import SynthConfig, synthesize
 from fusedist.synth.ink import PenConfig
+from fusedist.tiling import TileConfig, run_tile
 from fusedist.tracking import MlflowConfig
 
 
@@ -99,6 +112,7 @@ class StageTime:
 
 def _read_back(dataset_url: str) -> int:
     """Stream every sample of a dataset once through the training reader."""
+    # lazy: the shard reader imports torch, which loading the demo's config must not
     from fusedist.data import ShardReader
 
     return sum(1 for _ in ShardReader(dataset_url, shuffle=False))
@@ -106,11 +120,8 @@ def _read_back(dataset_url: str) -> int:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     """Run the demo; returns the URL of its report."""
+    # lazy: imports torch, Ray Train and DeepSpeed, which the demo's config must not
     from fusedist.distill.train import run_distill
-    from fusedist.fusion.run import run_fuse
-    from fusedist.features import CacheConfig, EmbedConfig, EngineConfig, run_cache, run_embed
-    from fusedist.synth import SynthConfig, synthesize
-    from fusedist.tiling import TileConfig, run_tile
 
     storage.configure(cfg.storage)
     root = cfg.workdir.rstrip("/")
@@ -136,8 +147,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                               else "")))
 
     # One Ray for the whole pipeline: every stage below finds it running and reuses it.
-    from fusedist.execution.rayrun import init_ray
-
     t = time.perf_counter()
     started = init_ray(cfg.ray)
     times.append(StageTime("ray start", time.perf_counter() - t,
@@ -146,9 +155,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     summaries = []
     for mode, extra in (("pairs", {}), ("grid", {"tile_mpp": 0.5, "tile_size": 224})):
         t = time.perf_counter()
-        tcfg = TileConfig(input=slides, output=tiles, dataset=mode, mode=mode,
-                          samples_per_shard=256, ray=cfg.ray, storage=cfg.storage, **extra)
-        res = run_tile(tcfg, progress=progress)
+        if mode == "grid":  # the grid the encoders take (as `embed --slides` tiles it)
+            res = tile_grid(slides, tiles, mode, extra, samples_per_shard=256, ray=cfg.ray,
+                            storage=cfg.storage, progress=progress)
+        else:
+            res = run_tile(TileConfig(input=slides, output=tiles, dataset=mode, mode=mode,
+                                      samples_per_shard=256, ray=cfg.ray, storage=cfg.storage),
+                           progress=progress)
         summaries.append(res.summary())
         tot = res.manifest["totals"]
         inked = sum(r.get("ink_fraction", 0) > 0 for r in res.manifest["slides"])
@@ -229,9 +242,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
 def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
                      mlflow: MlflowConfig, progress: bool) -> dict:
     """``fusedist predict --slides``: the classification model on the held-out slides."""
-    from fusedist.features import EngineConfig
-    from fusedist.fusion.predict import PredictConfig, run_predict
-
     pcfg = PredictConfig(model=model, slides=heldout, output=storage.join(root, "predict"),
                          engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
                          mlflow=mlflow)
@@ -244,8 +254,6 @@ def _heldout_vs_cv(rows: list[dict], truth: dict[str, str], method: str, probs: 
     cross-validated estimate of the same method (``cv``: its summary, metric -> (mean, std)):
     how far the CV number carries to slides no fold ever saw."""
     import numpy as np
-
-    from fusedist.fusion.metrics import classification_metrics
 
     classes = [c[5:] for c in probs]
     mine = [r for r in rows if r["method"] == method and r["slide_id"] in truth
@@ -335,8 +343,6 @@ def _fuse_config(cfg: DemoConfig, root: str, labels: str, tiles: str, task: str,
                  mlflow: MlflowConfig):
     """The fuse step on every bag the demo made (two 20x encoders + the 5x student, which
     joins the logit-level methods), sized for a few dozen tiles per slide."""
-    from fusedist.fusion.config import FuseConfig
-
     return FuseConfig(
         bags=storage.join(root, "bags"), labels=labels, task=task,
         target="gene_*" if task == "regression" else "label",
@@ -359,13 +365,8 @@ def _distill_config(cfg: DemoConfig, root: str, tiles: str, mlflow: MlflowConfig
 
     The micro-batch shrinks with the training pairs so even a very small demo fills a step on
     every worker (Ray Train ranks must take the same number of steps)."""
-    from fusedist.distill.config import (BatchConfig, CheckpointSection, DistillConfig,
-                                         OptimConfig, ScalingSection, StudentConfig,
-                                         ValidationSection)
-    from fusedist.distill.validation import split_by_slide
-
     val = ValidationSection()
-    manifest = storage.read_json(storage.join(tiles, "pairs", "manifest.json"))
+    manifest = tile_manifest.read_manifest(storage.join(tiles, "pairs"))
     n_pairs = split_by_slide(manifest, val.fraction, val.seed).train_tiles
     teacher = cfg.teachers[0]
     micro = max(1, min(4, n_pairs // cfg.distill_workers))

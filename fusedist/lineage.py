@@ -90,7 +90,7 @@ def labels_ref(url: str, role: str = INPUT) -> DataRef:
 def bags_ref(folder: str, encoder: str, role: str = INPUT) -> DataRef:
     """A bag folder (``<bags>/<encoder>``): one listing, plus the done-entries of the bags
     fusedist embedded (what made each bag), so re-embedding with other weights changes it."""
-    from fusedist.bags import list_bags  # lazy: keeps h5py out of the CLI's start-up
+    from fusedist.formats.bags import list_bags  # lazy: keeps h5py out of the CLI's start-up
 
     folder = folder.rstrip("/")
     urls = list_bags(folder)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fusedist import bags, storage
-from fusedist.bags import Bag, BagError, bag_is_current, bag_url, list_bags, load_bags, read_bag
-from fusedist.bags import write_bag
+from fusedist import storage
+from fusedist.formats import bags
+from fusedist.formats.bags import (Bag, BagError, bag_is_current, bag_url, list_bags, load_bags,
+                                   read_bag, write_bag)
 from tests import trident
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 

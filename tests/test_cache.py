@@ -370,7 +370,7 @@ def test_killed_cache_run_resumes_to_identical_output(datasets, tmp_path, ray_cl
 
 
 def test_embed_bags_from_grid_tiles_and_from_slides(datasets, tmp_path):
-    from fusedist.bags import read_bag
+    from fusedist.formats.bags import read_bag
 
     tiles = datasets / "tiles" / "grid"
     cfg = load_config(EmbedConfig, None, ["engine.batch_size=32", "mlflow.enabled=false"],
@@ -436,7 +436,7 @@ def test_embed_refuses_tiles_at_the_wrong_resolution(datasets, tmp_path, ray_clu
 def test_embed_checks_an_export_cards_dim_against_its_weights(tmp_path):
     from fusedist.distill.export import export_student
     from fusedist.features.config import EncoderRef
-    from fusedist.features.runtime import load_encoders
+    from fusedist.models.refs import load_encoders
     from fusedist.models.student import XmagStudent
 
     out = tmp_path / "export"

@@ -102,7 +102,7 @@ def test_gdc_cohort_tile_cache_embed_fuse_predict_and_odd_ids_round_trip(
     import mlflow
     import webdataset as wds
 
-    from fusedist.bags import list_bags, read_bag
+    from fusedist.formats.bags import list_bags, read_bag
     from fusedist.data import ShardReader
     from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
     from fusedist.fusion.config import FuseConfig

@@ -23,7 +23,7 @@ from fusedist.distill.checkpoint import (COMMITTED, SampleLog, find_checkpoint,
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import steps_per_epoch
 from fusedist.distill.train import ds_config, param_groups, run_distill, run_export
-from fusedist.distill.validation import held_out_count, split_by_slide
+from fusedist.distill.split import held_out_count, split_by_slide
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 from tests.slides import known_slides
 from tests.test_tiling import tile_cfg
@@ -371,8 +371,8 @@ def test_worker_killed_mid_epoch_resumes_from_s3_and_logs_to_a_real_mlflow_serve
 
 
 def test_exported_student_embeds_a_slide_at_5x(trained, data, tmp_path):
-    from fusedist.bags import read_bag
-    from fusedist.distill.export import register_exported
+    from fusedist.formats.bags import read_bag
+    from fusedist.models.refs import register_exported
     from fusedist.features import EmbedConfig, run_embed
     from fusedist.models import build_encoder
     from fusedist.tiling import run_tile

@@ -2,7 +2,7 @@
 the report and MLflow, and the LogitProd guarantee on the synthetic suite.
 
 Bags come from ``fusedist.fusion.synthetic`` (three encoders that see different cues) and are
-real HDF5 files read through ``fusedist.bags``; folds run as tasks on the session's real
+real HDF5 files read through ``fusedist.formats.bags``; folds run as tasks on the session's real
 local Ray; MLflow is a real SQLite store.
 """
 
@@ -176,7 +176,7 @@ def test_encoders_on_other_tiles_only_join_logit_fusion(cohort, tmp_path):
     feature fusion keeps to the encoders that share tiles."""
     import shutil
 
-    from fusedist.bags import Bag, read_bag, write_bag
+    from fusedist.formats.bags import Bag, read_bag, write_bag
 
     bags = tmp_path / "bags"
     shutil.copytree(cohort.bags, bags)
@@ -401,7 +401,7 @@ def test_logitprod_never_worse_than_best_expert_on_its_objective(ray_cluster, tm
 def test_multiclass_with_slide_fm_teachers(ray_cluster, tmp_path):
     """3 classes; FuseCPath distils from a precomputed slide-level FM (an .npz of slide
     embeddings, as GigaPath's slide encoder or TITAN would give) instead of pooled bags."""
-    from fusedist.bags import load_bags
+    from fusedist.formats.bags import load_bags
     from fusedist.fusion.run import run_fuse
 
     c = synthetic_cohort(str(tmp_path / "c"), num_slides=36, num_classes=3, tiles=(12, 24),
@@ -455,7 +455,7 @@ def test_a_packed_cohort_is_the_same_cohort_in_bounded_memory(tmp_path):
     import pickle
     import tracemalloc
 
-    from fusedist.bags import read_bag, write_bag
+    from fusedist.formats.bags import read_bag, write_bag
     from fusedist.fusion.run import _fingerprint
     from fusedist.fusion.store import Picked, Rows
 

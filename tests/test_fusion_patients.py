@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusedist.bags import Bag, read_bag, write_bag
+from fusedist.formats.bags import Bag, read_bag, write_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort, make_folds

@@ -295,8 +295,9 @@ def test_student_registered_embeds_like_fusedist_embed(server, student_export, r
     import torch
     from mlflow import MlflowClient
 
-    from fusedist.bags import read_bag
-    from fusedist.distill.export import register_in_mlflow, resolve_encoder
+    from fusedist.formats.bags import read_bag
+    from fusedist.distill.export import register_in_mlflow
+    from fusedist.models.refs import resolve_encoder
     from fusedist.features import EmbedConfig, run_embed
     from fusedist.models import build_encoder
     from fusedist.tiling import run_tile

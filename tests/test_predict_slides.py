@@ -103,7 +103,7 @@ def test_predict_slides_equals_predict_bags_and_a_broken_slide_fails_alone(fused
     assert reasons["broken"].startswith("tiling failed [unopenable]: ")
     assert reasons["broken"].count("tiling failed") == 1  # one slide, said once
     # The training bags again, written under the output; heatmaps over its tiling.
-    from fusedist.bags import read_bag
+    from fusedist.formats.bags import read_bag
 
     for enc in ("test-vit", STUDENT):
         a = read_bag(str(out / "bags" / enc / "s3.h5"))

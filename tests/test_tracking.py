@@ -326,7 +326,7 @@ def test_lineage_datasets_on_a_real_server(mlflow_server: tuple[LocalServer, Pat
 
     import numpy as np
 
-    from fusedist.bags import Bag, write_bag
+    from fusedist.formats.bags import Bag, write_bag
     from fusedist.lineage import (OUTPUT, bags_ref, features_ref, labels_ref, source_url,
                                   tiles_ref)
     from fusedist.state import StageState

@@ -17,11 +17,11 @@ from torch import nn
 
 from fusedist.distill.augment import PairAugment, flip_grid
 from fusedist.distill.ema import EMA
-from fusedist.distill.export import (export_student, exported_weights, register_exported,
-                                     register_in_mlflow, resolve_encoder)
+from fusedist.distill.export import export_student, register_in_mlflow
 from fusedist.distill.losses import XmagObjective, negcos, xmag_loss
 from fusedist.distill.schedule import lr_at
 from fusedist.models import EncoderSpec, build_encoder, get_spec
+from fusedist.models.refs import exported_weights, register_exported, resolve_encoder
 from fusedist.models.student import ProjectionHead, XmagStudent, block_mean_tokens
 from fusedist.tracking import MlflowConfig, Tracker, start_run
 from tests.s3util import moto_server, s3_bucket  # noqa: F401  (fixtures)
@@ -32,7 +32,7 @@ TEACHER_DIM = 32
 @pytest.fixture(autouse=True)
 def _restore_registry():
     """Exports registered here must not leak into other tests' view of the registry."""
-    from fusedist.distill import export
+    from fusedist.models import refs as export
     from fusedist.models.registry import _REGISTRY
 
     before, exported = dict(_REGISTRY), dict(export._EXPORTED)

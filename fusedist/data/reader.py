@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fusedist import shards, storage
+from fusedist.formats import tile_manifest
 
 Sample = dict[str, Any]
 META_KEYS = ("__key__", "__shard__", "__epoch__", "__slot__", "__index__")
@@ -78,9 +79,9 @@ class ShardInfo:
 
 
 def _manifest_shards(url: str) -> list[ShardInfo]:
-    murl = storage.join(url, "manifest.json")
+    murl = tile_manifest.manifest_url(url)
     try:
-        manifest = storage.read_json(murl)
+        manifest = tile_manifest.read_manifest(url)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{murl}: no manifest; a dataset folder lists its shards in "
                                 "manifest.json (see docs/formats.md)") from e

@@ -45,6 +45,11 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from fusedist import storage
+from fusedist.data import Cursor
+from fusedist.models import state_dict_digest
+from fusedist.models.arch import create_model
+from fusedist.models.registry import get_spec
+from fusedist.models.student import XmagStudent
 
 log = logging.getLogger("fusedist.distill")
 
@@ -155,8 +160,6 @@ def read_sample_log(run_url: str) -> dict[int, list[str]]:
 # ----------------------------------------------------------------------------- checkpoints
 
 def _digest(module: torch.nn.Module) -> str:
-    from fusedist.models import state_dict_digest
-
     return state_dict_digest(module.state_dict())
 
 
@@ -220,8 +223,6 @@ class Checkpointer:
         import torch.distributed as dist
         from ray.train import Checkpoint
 
-        from fusedist.data import Cursor
-
         # Each rank knows only its own slots' progress: merge so any rank can resume all.
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, cursor)
@@ -278,10 +279,6 @@ def read_state(checkpoint_url: str) -> TrainState:
 
 def load_ema_student(checkpoint_url: str):
     """The EMA student of a checkpoint (local or s3://) as an fp32 XmagStudent, and its state."""
-    from fusedist.models.arch import create_model
-    from fusedist.models.registry import get_spec
-    from fusedist.models.student import XmagStudent
-
     state = read_state(checkpoint_url)
     m = state.meta
     spec = get_spec(m["student"])

@@ -25,7 +25,9 @@ from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.data import Cursor, ShardReader
 from fusedist.data.reader import DatasetMismatchError, slot_block
+from fusedist.distill.check import pair_manifests
 from fusedist.distill.config import DistillConfig
+from fusedist.distill.split import split_by_slide
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,6 @@ class DataInfo:
 def dataset_info(cfg: DistillConfig) -> DataInfo:
     """Check that ``tiles`` is a pairs dataset mirrored by a teacher feature dataset, and
     split its slides into training and validation (``samples``: the training samples)."""
-    from fusedist.distill.validation import split_by_slide
-    from fusedist.preflight import pair_manifests
-
     tiles, feats = cfg.tiles.rstrip("/"), cfg.features.rstrip("/")
     tm, fm = pair_manifests(cfg)
     if tm.get("mode") != "pairs" or fm.get("mode") != "pairs":

@@ -12,11 +12,11 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from fusedist.tracking import Tracker
+
 
 def worker_tracker(mlflow: Mapping[str, Any] | None, rank: int):
     """A tracker on the driver's run for rank 0; a no-op one elsewhere or when disabled."""
-    from fusedist.tracking import Tracker
-
     if rank != 0 or not mlflow or not mlflow.get("run_id"):
         return Tracker.noop(rank)
     from mlflow import MlflowClient
@@ -33,8 +33,6 @@ def system_monitor(mlflow: Mapping[str, Any] | None, rank: int, local_rank: int,
     run and every other stage use), other nodes' as ``system/node<k>/...``, and only when the
     run is on a tracking server (a SQLite file on node 0 is not reachable from the others).
     The step metrics stay rank 0's alone."""
-    from fusedist.tracking import Tracker
-
     sm = (mlflow or {}).get("system_metrics")
     if not sm or not mlflow.get("run_id") or local_rank != 0:
         return None

@@ -23,26 +23,28 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-ARTIFACT = "export"
+from fusedist import mlmodels
+from fusedist.formats.export_card import ARTIFACT, CARD, WEIGHTS, verify_sha
+from fusedist.models.refs import spec_data
+from fusedist.models.spec import spec_from_dict
 
 
 class StudentPyfunc(mlflow.pyfunc.PythonModel):
     """uint8 tiles (N, 3, S, S) -> float32 embeddings (N, D); state lives in the artifact."""
 
     def load_context(self, context) -> None:
-        from fusedist.distill.export import CARD, WEIGHTS, _spec_data, _verify_sha
-        from fusedist.models import build_encoder
-        from fusedist.models.spec import spec_from_dict
+        # lazy: the registry imports torch, which logging the model does not need
+        from fusedist.models.registry import build_encoder
 
         folder = Path(context.artifacts[ARTIFACT])
         card = json.loads((folder / CARD).read_text())
         weights = folder / str(card.get("weights_file", WEIGHTS))
-        _verify_sha(weights, card, str(folder / CARD))
+        verify_sha(weights, card, str(folder / CARD))
         cfg = dict(context.model_config or {})
         self.batch_size = int(cfg.get("batch_size", 64))
         # Built from the card's spec, not registered: loading a model must not change which
         # encoder a registry name means in the caller's process.
-        self.encoder = build_encoder(spec_from_dict(_spec_data(card, weights)), weights=weights,
+        self.encoder = build_encoder(spec_from_dict(spec_data(card, weights)), weights=weights,
                                      device=str(cfg.get("device", "cpu")))
 
     # np.ndarray: a hint MLflow 3 infers no schema from, so the logged signature is the one
@@ -72,8 +74,6 @@ def signature(card: dict[str, Any]):
 
 def log_student(tracker: Any, folder: Path, card: dict[str, Any], name: str) -> Any:
     """Log the local export ``folder`` as a pyfunc model of ``tracker``'s run."""
-    from fusedist import mlmodels
-
     return mlmodels.log_pyfunc(tracker, name, StudentPyfunc(), {ARTIFACT: str(folder)},
                                signature(card), metadata={"fusedist_card": card},
                                tags={"fusedist.kind": "xmag-student",

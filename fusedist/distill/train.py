@@ -23,11 +23,27 @@ import torch
 
 from fusedist import storage
 from fusedist.config import ConfigError
+from fusedist.distill.augment import PairAugment
 from fusedist.distill.checkpoint import (Checkpointer, TrainState, find_checkpoint,
                                          load_ema_student, sample_log_fraction)
 from fusedist.distill.config import DistillConfig, ExportConfig
 from fusedist.distill.data import DataInfo, DistillData, dataset_info, steps_per_epoch
+from fusedist.distill.ema import EMA, step_with_ema
+from fusedist.distill.export import export_student, register_in_mlflow
+from fusedist.distill.losses import XmagObjective
+from fusedist.distill.metrics import StepLogger, system_monitor, worker_tracker
+from fusedist.distill.progress import StepReporter, distill_bar
+from fusedist.distill.schedule import lr_at
+from fusedist.execution.sharedfs import alive_nodes, check_storage_reachable
 from fusedist.distill.stop import DistillStopped, last_committed, prune_unregistered, stoppable
+from fusedist.distill.validation import Validator
+from fusedist.formats.export_card import CARD
+from fusedist.lineage import features_ref, tiles_ref
+from fusedist.models import get_spec
+from fusedist.models.student import XmagStudent
+from fusedist.execution.rayrun import init_ray
+from fusedist.state import StageState
+from fusedist.tracking import random_weights_line, start_run, warn_random_weights
 
 log = logging.getLogger("fusedist.distill")
 
@@ -67,9 +83,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_engine(cfg: DistillConfig, teacher_dim: int) -> tuple[Any, Any]:
     """``deepspeed.initialize`` on a fresh student, and its EMA (inside a Ray Train worker)."""
     import deepspeed
-
-    from fusedist.distill.ema import EMA
-    from fusedist.models.student import XmagStudent
 
     torch.manual_seed(cfg.batch.seed)  # same head init on every rank (DeepSpeed also broadcasts)
     weights = cfg.student.weights
@@ -120,14 +133,6 @@ def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: one rank of the XMAG run (Ray Train V2)."""
     import ray.train
     import ray.train.torch
-
-    from fusedist.distill.augment import PairAugment
-    from fusedist.distill.ema import step_with_ema
-    from fusedist.distill.losses import XmagObjective
-    from fusedist.distill.metrics import StepLogger, system_monitor, worker_tracker
-    from fusedist.distill.progress import StepReporter
-    from fusedist.distill.schedule import lr_at
-    from fusedist.distill.validation import Validator
 
     cfg = DistillConfig.model_validate(config["cfg"])
     info = DataInfo(**config["data"])
@@ -223,8 +228,6 @@ class DistillResult:
             lines.append(f"  exported EMA student '{self.encoder}' to {self.export_dir}"
                          + (f" (MLflow version {self.model_version})" if self.model_version
                             else ""))
-        from fusedist.tracking import random_weights_line
-
         lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
@@ -320,8 +323,6 @@ def _guard_run(cfg: DistillConfig, meta: dict) -> None:
     import hashlib
     import json
 
-    from fusedist.state import StageState
-
     keys = ("student", "teacher", "teacher_dim", "grid", "teacher_weights_digest",
             "data_digest", "init_weights")
     guarded = {k: meta.get(k) for k in keys}
@@ -336,11 +337,6 @@ def _guard_run(cfg: DistillConfig, meta: dict) -> None:
 
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     """Train (or resume) the run ``cfg.run_name`` and export its EMA student."""
-    from fusedist.distill.progress import distill_bar
-    from fusedist.lineage import features_ref, tiles_ref
-    from fusedist.execution.rayrun import init_ray
-    from fusedist.tracking import start_run, warn_random_weights
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     cfg = _absolute(cfg)
@@ -358,8 +354,6 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         log.warning("validation.fraction=%g but the data has %d slide(s): nothing is held out "
                     "and the run is not validated", cfg.validation.fraction,
                     split.get("train_slides", 0))
-    from fusedist.models import get_spec
-
     student_spec = get_spec(cfg.student.name)
     student_random = cfg.student.weights in (None, "random")
     meta = {"student": cfg.student.name, "teacher": info.teacher, "teacher_dim": info.dim,
@@ -370,8 +364,6 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     if split.get("slides"):
         meta["validation"] = {k: split[k] for k in ("slides", "fraction", "seed")}
     init_ray(cfg.ray)
-    from fusedist.execution.sharedfs import alive_nodes, check_storage_reachable
-
     check_storage_reachable(cfg.storage_path, cfg.storage_shared, alive_nodes())
     _guard_run(cfg, meta)
     storage.write_json(storage.join(cfg.run_url(), "validation.json"), split)
@@ -444,8 +436,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, name: str | None, tracker: 
 
     A folder that already holds this checkpoint's export is kept as it is (a re-export would
     only change its ``created`` time), so the registration finds its version unchanged."""
-    from fusedist.distill.export import CARD, export_student, register_in_mlflow
-
     if _exported(out_dir, checkpoint, name):
         encoder = storage.read_json(storage.join(out_dir, CARD))["name"]
         return out_dir, encoder, register_in_mlflow(tracker, out_dir, registered_model, alias)
@@ -466,8 +456,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, name: str | None, tracker: 
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> tuple[str, str, str | None]:
     """``fusedist export``: a checkpoint (or a run's newest) -> encoder folder + MLflow."""
-    from fusedist.tracking import start_run, warn_random_weights
-
     storage.configure(cfg.storage)
     ckpt = find_checkpoint(cfg.checkpoint)
     out_dir = cfg.output or storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], "export")

@@ -1,13 +1,10 @@
 """Slide-level validation of the EMA student (``DistillConfig.validation``).
 
-**Split.** The slides of the tile manifest (each shard names its ``slide_id``) are ranked by
-``sha256(seed, slide_id)`` and the first ``round(fraction * n)`` are held out (at least one
-when ``fraction > 0`` and there are two or more slides, never all). Every shard of a held-out
-slide goes to validation, so no tile of a validation slide is trained on, and the training
-reader (its cursor, its sample log) never sees them. A slide's side depends only on its id,
-the seed and the count, not on the order of the manifest. The split is written to
-``<run>/validation.json``, logged to MLflow (``validation/split.json``), guarded on resume
-(a re-run with other validation slides is refused) and copied into the export card.
+**Split** (:mod:`fusedist.distill.split`): every shard of a held-out slide goes to
+validation, so no tile of a validation slide is trained on, and the training reader (its
+cursor, its sample log) never sees them. The split is written to ``<run>/validation.json``,
+logged to MLflow (``validation/split.json``), guarded on resume (a re-run with other
+validation slides is refused) and copied into the export card.
 
 **Metrics.** On every validation tile, unaugmented, with ``t_j`` the teacher's cached
 embedding of sub-tile ``j`` (methods.md §1, the two terms of ``XmagObjective``):
@@ -29,74 +26,18 @@ resumed run trains exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from torch.utils.data import DataLoader
+
+from fusedist.data import ShardReader
+from fusedist.distill.data import PairDecoder
+from fusedist.distill.losses import _cos
 
 # Model-version tags set from a card's ``validation`` (registered-model search filters on them).
 TAG_KEYS = ("global_cos", "local_cos", "step", "tiles")
-
-
-@dataclass(frozen=True)
-class Split:
-    """Which slides (and so which shards) train and which validate."""
-
-    fraction: float
-    seed: int
-    val_slides: tuple[str, ...]
-    val_shards: tuple[str, ...]
-    train_shards: tuple[str, ...]
-    val_tiles: int
-    train_tiles: int
-    train_slides: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"fraction": self.fraction, "seed": self.seed, "slides": list(self.val_slides),
-                "shards": list(self.val_shards), "tiles": self.val_tiles,
-                "train_slides": self.train_slides, "train_tiles": self.train_tiles}
-
-
-def shard_slide(entry: Mapping[str, Any]) -> str:
-    """The slide a tile-manifest shard entry belongs to (``slide_id``, else its name
-    ``<slide_id>-<part>.tar``, which parses back to one slide: docs/formats.md)."""
-    if entry.get("slide_id"):
-        return str(entry["slide_id"])
-    from fusedist.shards import shard_slide_id
-
-    return shard_slide_id(str(entry["name"]))
-
-
-def _rank_key(seed: int, slide: str) -> str:
-    return hashlib.sha256(f"fusedist.validation:{seed}:{slide}".encode()).hexdigest()
-
-
-def held_out_count(n_slides: int, fraction: float) -> int:
-    """Slides held out of ``n_slides``: ``fraction`` rounded half up, at least one when
-    ``fraction > 0`` and two or more slides exist, always leaving one to train on."""
-    if fraction <= 0 or n_slides < 2:
-        return 0
-    return min(n_slides - 1, max(1, math.floor(fraction * n_slides + 0.5)))
-
-
-def split_by_slide(manifest: Mapping[str, Any], fraction: float, seed: int) -> Split:
-    """The deterministic train/validation split of a tile manifest's shards, by slide."""
-    by_slide: dict[str, list[Mapping[str, Any]]] = {}
-    for s in manifest["shards"]:
-        by_slide.setdefault(shard_slide(s), []).append(s)
-    ranked = sorted(by_slide, key=lambda sid: (_rank_key(seed, sid), sid))
-    val = set(ranked[:held_out_count(len(ranked), fraction)])
-    val_shards = [s for s in manifest["shards"] if shard_slide(s) in val]
-    train_shards = [s for s in manifest["shards"] if shard_slide(s) not in val]
-    return Split(fraction=fraction, seed=seed, val_slides=tuple(sorted(val)),
-                 val_shards=tuple(str(s["name"]) for s in val_shards),
-                 train_shards=tuple(str(s["name"]) for s in train_shards),
-                 val_tiles=sum(int(s["samples"]) for s in val_shards),
-                 train_tiles=sum(int(s["samples"]) for s in train_shards),
-                 train_slides=len(by_slide) - len(val))
 
 
 def validation_tags(card: Mapping[str, Any]) -> dict[str, str]:
@@ -127,11 +68,6 @@ class Validator:
         return self.enabled and (step % self.cfg.validation.every_steps == 0 or step == total)
 
     def _loader(self) -> Any:
-        from torch.utils.data import DataLoader
-
-        from fusedist.data import ShardReader
-        from fusedist.distill.data import PairDecoder
-
         reader = ShardReader([self.cfg.tiles, self.cfg.features], shuffle=False, equal=False,
                              rank=self.rank, world_size=self.world,
                              shards=self.info.val_shards, decode=PairDecoder(self.info.teacher))
@@ -145,8 +81,6 @@ class Validator:
     @torch.no_grad()
     def sums(self, module: torch.nn.Module) -> torch.Tensor:
         """(sum of global cosines, sum of local cosines, tiles, local pairs) on this rank."""
-        from fusedist.distill.losses import _cos
-
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
         was_training = module.training
         module.eval()

@@ -20,13 +20,14 @@ from fusedist.features.config import CacheConfig
 from fusedist.features.engine.core import EngineSpec, EngineStats, Group
 from fusedist.features.engine.plan import execute, plan_engine, shard_progress
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (actor_refs, load_encoders, read_tile_manifest,
-                                       stage_tracking_uri)
+from fusedist.formats import feature_manifest
+from fusedist.formats.tile_manifest import read_tile_manifest
+from fusedist.lineage import OUTPUT, features_ref, tiles_ref
+from fusedist.models.refs import actor_refs, load_encoders, stage_tracking_uri
 from fusedist.state import StageState, mismatch_error
+from fusedist.tracking import random_weights_line, start_run, warn_random_weights
 
 log = logging.getLogger("fusedist.cache")
-
-FORMAT = "fusedist.features/1"
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -63,8 +64,6 @@ class CacheResult:
                  f"this run: {self.written} shard(s) embedded, {self.tiles} tiles in "
                  f"{self.elapsed:.1f} s ({rate:.1f} tiles/s)"]
         lines += [f"  FAILED {f['name']}: {f['reason']}" for f in self.failed]
-        from fusedist.tracking import random_weights_line
-
         lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
@@ -124,7 +123,7 @@ def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: lis
     keys = ("name", "samples", "bytes", "sha256", "index_sha256", "source_sha256")
     rows = [{k: e[k] for k in keys if k in e}  # no index_sha256: written before indexes
             for s in tile_manifest["shards"] if (e := done.get(s["name"])) is not None]
-    return {"format": FORMAT, "teacher": t.name, "weights_digest": t.digest,
+    return {"format": feature_manifest.FORMAT, "teacher": t.name, "weights_digest": t.digest,
             "random_weights": t.random_weights, "dim": t.dim, "dtype": "float16",
             "sample_shape": [*per_sample, t.dim], "mode": tile_manifest["mode"],
             "dataset": tile_manifest["dataset"], "source": cfg.tiles.rstrip("/"),
@@ -136,9 +135,6 @@ def _manifest(t: TeacherInfo, cfg: CacheConfig, tile_manifest: dict, failed: lis
 
 def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
     """Cache every teacher's features for the tile dataset ``cfg.tiles``."""
-    from fusedist.lineage import OUTPUT, features_ref, tiles_ref
-    from fusedist.tracking import start_run, warn_random_weights
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     tm = read_tile_manifest(cfg.tiles)
@@ -194,7 +190,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> CacheResult:
         per_sample = [16] if tm["mode"] == "pairs" else []
         for t in teachers:
             m = _manifest(t, cfg, tm, result.failed, per_sample, done[t.name])
-            storage.write_json(storage.join(t.url, "manifest.json"), m)
+            feature_manifest.write(t.url, m)
             result.manifests[t.name] = m
             run.log_dict(m, f"manifests/{t.name}.json")
         if run.active:

@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusedist import storage
-from fusedist.bags import Bag, bag_is_current, bag_url, write_bag
+from fusedist import mlmodels, storage
 from fusedist.config import ConfigError
+from fusedist.features.check import check_embed, grid_manifest
 from fusedist.features.config import EmbedConfig
 from fusedist.features.engine.core import EngineSpec, EngineStats, Group
 from fusedist.features.engine.plan import EnginePlan, execute, plan_engine, shard_progress
 from fusedist.features.parts import ShardResult
-from fusedist.features.runtime import (actor_refs, load_encoders, read_tile_manifest,
-                                       shared_export, stage_tracking_uri)
+from fusedist.formats.bags import Bag, bag_is_current, bag_url, write_bag
 from fusedist.formats.slide_ids import encode_id
-from fusedist.preflight import check_embed
+from fusedist.formats.tile_manifest import read_tile_manifest
+from fusedist.lineage import OUTPUT, bags_ref, tiles_ref
+from fusedist.models.refs import (actor_refs, load_encoders, resolve_ref, shared_export,
+                                  stage_tracking_uri)
 from fusedist.state import StageState
+from fusedist.tracking import random_weights_line, start_run, warn_random_weights
 
 log = logging.getLogger("fusedist.embed")
 
@@ -48,8 +51,6 @@ class EmbedResult:
                  f"already current; {self.tiles} tiles in {self.elapsed:.1f} s "
                  f"({rate:.1f} tiles/s)"]
         lines += [f"  FAILED {f['slide_id']}: {f['reason']}" for f in self.failed]
-        from fusedist.tracking import random_weights_line
-
         lines += [x for x in [random_weights_line(self.random_weights)] if x]
         return "\n".join(lines)
 
@@ -68,15 +69,6 @@ def _groups(encoders: list) -> dict[tuple[float, int], list]:
     return out
 
 
-def grid_manifest(url: str) -> dict:
-    """The manifest of a grid tile dataset (a pairs dataset cannot be embedded)."""
-    tm = read_tile_manifest(url)
-    if tm["mode"] != "grid":
-        raise ConfigError(f"{url} holds '{tm['mode']}' tiles; embed needs a grid "
-                          "dataset (fusedist tile --mode grid)")
-    return tm
-
-
 def _tiles_for(cfg: EmbedConfig, mpp: float, size: int, names: list[str]) -> str:
     """The grid tile dataset this group embeds: the given one (checked), or slides tiled now."""
     if cfg.tiles:
@@ -87,14 +79,12 @@ def _tiles_for(cfg: EmbedConfig, mpp: float, size: int, names: list[str]) -> str
                               f"has {tsize} px at {tmpp:g} µm/px; tile with --set tile_size="
                               f"{size} --set tile_mpp={mpp:g} (or allow_mpp_mismatch=true)")
         return cfg.tiles.rstrip("/")
-    from fusedist.tiling import TileConfig, run_tile
+    # lazy: tiling imports scipy and PIL, which embedding a given tile dataset does not need
+    from fusedist.features.slides import tile_grid
 
-    dataset = f"grid_{size}px_{mpp:g}um"
-    tcfg = TileConfig(input=cfg.slides, output=storage.join(cfg.output, "_tiles"),
-                      dataset=dataset, mode="grid", tile_size=size, tile_mpp=mpp,
-                      min_tissue=cfg.min_tissue, ray=cfg.ray, storage=cfg.storage)
-    res = run_tile(tcfg, progress=False)
-    log.info("%s", res.summary())
+    res = tile_grid(cfg.slides, storage.join(cfg.output, "_tiles"), f"grid_{size}px_{mpp:g}um",
+                    {"tile_size": size, "tile_mpp": mpp, "min_tissue": cfg.min_tissue},
+                    ray=cfg.ray, storage=cfg.storage, progress=False)
     return res.dataset_url
 
 
@@ -195,6 +185,7 @@ def _tracking_uri(cfg: EmbedConfig) -> str:
 def _recipe(tile_config: dict) -> dict:
     """The tiling settings a bag records (``TileConfig.SLIDE_RECIPE``): what ``predict
     --slides`` needs to tile a new slide as this one was."""
+    # lazy: tiling imports scipy and PIL (see _tiles_for)
     from fusedist.tiling import TileConfig
 
     return {k: tile_config[k] for k in TileConfig.SLIDE_RECIPE if k in tile_config}
@@ -205,9 +196,6 @@ def _recorded_refs(cfg: EmbedConfig) -> dict[str, tuple[str, str | None]]:
     exported model's folder as an absolute path or URL (for a ``models:/`` model, its copy
     under the output), so a later process (``predict --slides`` on the fused model's card)
     can build the same encoder."""
-    from fusedist import mlmodels
-    from fusedist.features.runtime import resolve_ref
-
     uri = _tracking_uri(cfg)
     out = {}
     for r in cfg.encoders:
@@ -272,9 +260,6 @@ def run_embed(cfg: EmbedConfig, progress: bool = True, built: list | None = None
     """Embed every slide of the tile dataset (or slide folder) with every encoder.
     ``built``: the encoders of ``cfg.encoders``, already built (and checked) by the caller
     (``predict --slides``), so they are not built a second time here."""
-    from fusedist.lineage import OUTPUT, bags_ref, tiles_ref
-    from fusedist.tracking import start_run, warn_random_weights
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     check_embed(cfg)  # missing tiles/slides fail here, before encoders load and Ray starts

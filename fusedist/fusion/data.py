@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fusedist import storage
-from fusedist.bags import Bag, BagError, encoder_folders, list_bags, read_bag
+from fusedist.formats.bags import Bag, BagError, encoder_folders, list_bags, read_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.tasks import TASKS, Task, class_order, get_task, need_columns

@@ -135,7 +135,7 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     :func:`spread_checks`, ``flat`` components). Returns ``url``."""
     from safetensors.torch import save_file
 
-    from fusedist.bags import _version
+    from fusedist.formats.bags import _version
     from fusedist.fusion.data import restrict_training
 
     targets = next(iter(fitted.values())).targets

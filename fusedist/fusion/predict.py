@@ -136,7 +136,7 @@ def _check_digest(card: dict, enc: str, bag, url: str) -> None:
 def _check_weights(card: dict, todo: dict[str, dict[str, str]]) -> None:
     """Refuse the run (ConfigError) when an encoder's bags come from other weights than the
     model's: checked on each encoder's first bag, before any slide is predicted."""
-    from fusedist.bags import BagError, read_bag
+    from fusedist.formats.bags import BagError, read_bag
 
     for e in card["encoders"]:
         url = next((u[e] for u in todo.values() if u.get(e)), None)
@@ -216,7 +216,7 @@ def _row(card: dict, pred: np.ndarray) -> list[object]:
 
 
 def _read_slide(card: dict, slide_id: str, urls: dict[str, str]) -> dict:
-    from fusedist.bags import BagError, read_bag
+    from fusedist.formats.bags import BagError, read_bag
 
     bags = {}
     for e, url in urls.items():
@@ -320,7 +320,7 @@ def _targets(cfg: PredictConfig, card: dict, failed: dict[str, str] | None = Non
              ) -> dict[str, dict[str, str]]:
     """slide_id -> encoder -> bag URL, for the slides to predict (minus ``failed``: slides
     ``--slides`` could not tile or embed)."""
-    from fusedist.bags import list_bags
+    from fusedist.formats.bags import list_bags
 
     index = {}
     for e in card["encoders"]:

@@ -121,7 +121,7 @@ def _check_encoders(plans: list[_Plan], card: dict, tracking_uri: str) -> dict:
     """Build each encoder once: it must be the card's (name, weights digest, input size).
     Returns them by name, for ``embed`` to use as they are (no second build)."""
     from fusedist.features.config import EncoderRef
-    from fusedist.features.runtime import load_encoders
+    from fusedist.models.refs import load_encoders
 
     built = {}
     for p in plans:
@@ -162,7 +162,7 @@ def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> Sli
     from fusedist.features.config import EncoderRef
     from fusedist.tiling import TileConfig, run_tile
 
-    from fusedist.features.runtime import stage_tracking_uri
+    from fusedist.models.refs import stage_tracking_uri
     from fusedist.tiling.job import discover
 
     # Bad input (a duplicate id, a missing file) fails before any encoder is built.

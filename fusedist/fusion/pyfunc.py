@@ -81,7 +81,7 @@ def _missing(v: Any) -> bool:
 
 def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
     """One input row -> (slide id, encoder -> Bag), with checks that name the column."""
-    from fusedist.bags import Bag
+    from fusedist.formats.bags import Bag
 
     sid = str(row["slide_id"])
     feats, coords = {}, {}
@@ -175,7 +175,7 @@ def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = Non
     """The model input for slides' bags under ``<bags>/<encoder>/``: one row per slide with
     every encoder's features and coords (default: the slides every encoder has a bag for)."""
     from fusedist import storage
-    from fusedist.bags import list_bags, read_bag
+    from fusedist.formats.bags import list_bags, read_bag
 
     index = {e: list_bags(storage.join(bags, e)) for e in encoders}
     if slide_ids is None:

@@ -15,7 +15,7 @@ slide's cue values (plus per-tile jitter) and a tumour indicator; the rest are b
 
 Layout written under ``output`` (what ``fusedist fuse`` reads)::
 
-    <output>/bags/<encoder>/<slide_id>.h5   fusedist bags (fusedist.bags.write_bag)
+    <output>/bags/<encoder>/<slide_id>.h5   fusedist bags (fusedist.formats.bags.write_bag)
     <output>/labels.csv                     slide_id, patient_id, label, time, event,
                                             gene_*, cue_* (as fusedist synth writes it)
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusedist import storage
-from fusedist.bags import LEVEL0_MPP, TILE_SIZE_LEVEL0, Bag, bag_url, write_bag
+from fusedist.formats.bags import LEVEL0_MPP, TILE_SIZE_LEVEL0, Bag, bag_url, write_bag
 from fusedist.synth.cues import (CUES, DEFAULT_RISK_WEIGHTS, LabelParams, SlideLabels,
                                  labels_csv, make_labels)
 

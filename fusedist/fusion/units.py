@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusedist.bags import Bag
+from fusedist.formats.bags import Bag
 from fusedist.config import ConfigError
 
 log = logging.getLogger("fusedist")

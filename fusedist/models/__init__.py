@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 # Names are imported on first use (PEP 562): the registry imports torch (~3 s), which a command
-# that only checks an encoder name (fusedist.preflight) must not pay.
+# that only checks an encoder name (fusedist.models.refs.check_encoder_refs) must not pay.
 _WHERE = {
     "MissingDependencyError": "arch", "create_model": "arch", "Encoder": "encoder",
     "build_encoder": "registry", "build_meta": "registry", "check_weights": "registry",

@@ -21,6 +21,7 @@ from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.metrics import METRICS
+from fusedist.fusion.model import recipe_of
 from fusedist.retrain.config import PromotionConfig
 
 
@@ -43,8 +44,6 @@ def families(components: list[str]) -> tuple[list[str], list[str]]:
 def champion_config(card: dict, base: FuseConfig, output: str, rows: list[str]) -> FuseConfig:
     """The champion's recipe (its card's, else ``base``'s), on today's bags and labels and
     the challenger's folds, trained only on the champion's slides, without a refit."""
-    from fusedist.fusion.model import recipe_of
-
     if not card.get("trained_slides"):
         raise ConfigError("the champion's card.json lists no trained_slides (it was written by "
                           "an older fusedist); re-run `fusedist fuse` to write it again, or "

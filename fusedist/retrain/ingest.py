@@ -13,8 +13,11 @@ import logging
 from dataclasses import dataclass, field
 
 from fusedist import storage
+from fusedist.features import run_cache, run_embed
 from fusedist.features.config import EmbedConfig, EncoderRef
+from fusedist.formats import tile_manifest
 from fusedist.retrain.config import RetrainConfig
+from fusedist.tiling import discover, run_tile
 from fusedist.tracking import MlflowConfig
 
 log = logging.getLogger("fusedist.retrain")
@@ -39,35 +42,23 @@ class IngestResult:
 
 def source_slides(cfg: RetrainConfig) -> list[str]:
     """Slide ids of the source (as the tile stage names them)."""
-    from fusedist.tiling.job import discover
-
     tcfg = next(iter(cfg.tile.values()), None)
     if tcfg is None:
         return []
     return [s.slide_id for s in discover(tcfg)]
 
 
-def tiled_slides(dataset_url: str) -> set[str]:
-    """Slides a tile dataset's manifest lists (ok, failed or skipped: all were seen)."""
-    url = storage.join(dataset_url, "manifest.json")
-    if not storage.exists(url):
-        return set()
-    return {s["slide_id"] for s in storage.read_json(url)["slides"]}
-
-
 def new_slides(cfg: RetrainConfig) -> list[str]:
     """Source slides that some tile dataset of the recipe does not list yet."""
     src = source_slides(cfg)
-    seen = [tiled_slides(storage.join(t.output, t.dataset)) for t in cfg.tile.values()]
+    seen = [tile_manifest.tiled_slides(storage.join(t.output, t.dataset))
+            for t in cfg.tile.values()]
     return [s for s in src if any(s not in d for d in seen)]
 
 
 def run_ingest(cfg: RetrainConfig, new: list[str], stage_mlflow: MlflowConfig,
                progress: bool = True) -> IngestResult:
     """Tile, cache and embed what is new (the stages skip everything that is done)."""
-    from fusedist.features import run_cache, run_embed
-    from fusedist.tiling import run_tile
-
     res = IngestResult(new_slides=list(new))
     for name, tcfg in cfg.tile.items():
         t = run_tile(tcfg, progress=progress)
@@ -91,8 +82,6 @@ def embed_student(cfg: RetrainConfig, export_dir: str, stage_mlflow: MlflowConfi
                   label: str, res: IngestResult, progress: bool = True) -> str:
     """Bags of every slide with the student exported at ``export_dir`` (current bags are
     skipped, so for the champion student only new slides are embedded). Returns its name."""
-    from fusedist.features import run_embed
-
     assert cfg.student is not None
     ecfg: EmbedConfig = cfg.student.embed.model_copy(update={
         "encoders": [EncoderRef(name=export_dir)],

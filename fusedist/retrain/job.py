@@ -26,14 +26,20 @@ from dataclasses import dataclass, field
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
+from fusedist.formats.bags import encoder_folders, list_bags
 from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.data import read_labels
+from fusedist.fusion.model import flat_reason, recipe_of
+from fusedist.fusion.run import lineage_inputs, run_fuse
+from fusedist.models.refs import resolve_ref
 from fusedist.retrain import ingest as ing
 from fusedist.retrain.config import RetrainConfig
 from fusedist.retrain.evaluate import (Decision, Score, champion_config, check_metric,
                                        check_same_folds, decide, score_of)
-from fusedist.fusion.model import flat_reason
 from fusedist.retrain.registry import FUSED_ARTIFACT, STUDENT_ARTIFACT, Registry, Version
+from fusedist.retrain.student import score_students, warm_start
 from fusedist.state import StageState
+from fusedist.tracking import start_run
 
 log = logging.getLogger("fusedist.retrain")
 
@@ -77,8 +83,6 @@ def challenger_encoders(cfg: RetrainConfig, student: str | None) -> list[str] | 
     student; None (every bag folder) for a recipe with neither."""
     if cfg.fuse.encoders:
         return list(cfg.fuse.encoders)
-    from fusedist.features.runtime import resolve_ref
-
     names = [resolve_ref(r.name) for e in cfg.embed.values() for r in e.encoders]
     names += [student] if student else []
     return list(dict.fromkeys(names)) or None
@@ -86,9 +90,6 @@ def challenger_encoders(cfg: RetrainConfig, student: str | None) -> list[str] | 
 
 def cohort_slides(cfg: RetrainConfig, encoders: list[str] | None) -> list[str]:
     """Labelled slides with a bag for every encoder (a listing, no bag is opened)."""
-    from fusedist.bags import encoder_folders, list_bags
-    from fusedist.fusion.data import read_labels
-
     rows, cols = read_labels(cfg.labels)
     if "slide_id" not in cols:
         raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; retrain compares "
@@ -102,8 +103,6 @@ def cohort_slides(cfg: RetrainConfig, encoders: list[str] | None) -> list[str]:
 
 def inputs_digest(cfg: RetrainConfig, encoders: list[str] | None) -> str:
     """What a retrain's result depends on: labels, cohort, encoders, the recipes."""
-    from fusedist.fusion.model import recipe_of
-
     student = None
     if cfg.student is not None and cfg.student.retrain and cfg.student.distill is not None:
         student = [cfg.student.warm_start, config_digest(cfg.student.distill, {
@@ -138,8 +137,6 @@ def _fresh_id(cfg: RetrainConfig, run_id: str) -> str:
 def run_retrain(cfg: RetrainConfig, progress: bool = True, force_promote: bool = False,
                 run_id: str | None = None) -> RetrainResult:
     """One scheduled retraining run; see the module docstring."""
-    from fusedist.tracking import start_run
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     reg = Registry(cfg.mlflow)
@@ -217,8 +214,6 @@ class _Job:
                                 final={**cfg.fuse.final.model_dump(mode="json"),
                                        "enabled": True},
                                 mlflow=self._mlflow(cfg.fuse.mlflow).model_dump())
-        from fusedist.fusion.run import lineage_inputs, run_fuse
-
         chal = run_fuse(chal_cfg, progress=self.progress)
         chal_card = storage.read_json(storage.join(chal.model, "card.json"))
         if self.tracker.active:  # the data this retrain fitted on (its fuse run lists it too)
@@ -299,8 +294,8 @@ class _Job:
 
     def _distill(self, champion_dir: str | None, res: ing.IngestResult):
         """Distil the challenger student, embed every slide with it; (folder, name, version)."""
+        # lazy: imports torch, Ray Train and DeepSpeed (a recipe without a student never does)
         from fusedist.distill.train import run_distill
-        from fusedist.retrain.student import warm_start
 
         st = self.cfg.student
         d = warm_start(st.distill, st.warm_start, champion_dir)
@@ -321,8 +316,6 @@ class _Job:
         return out.export_dir, name, version
 
     def _score_champion(self, champion: Version, chal, metric: str) -> tuple[Score, dict]:
-        from fusedist.fusion.run import run_fuse
-
         folder = self._download(champion, "champion-model", FUSED_ARTIFACT)
         card = storage.read_json(storage.join(folder, "card.json"))
         row = self.cfg.promotion.method or card["methods"][0]
@@ -335,8 +328,6 @@ class _Job:
         return score, card
 
     def _score_students(self, champion_dir: str, challenger_dir: str) -> dict:
-        from fusedist.retrain.student import score_students
-
         st = self.cfg.student
         return score_students(st.distill, {"champion": champion_dir,
                                            "challenger": challenger_dir}, st.validation_pairs)

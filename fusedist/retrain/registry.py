@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusedist import storage
-from fusedist.tracking import MlflowConfig, TrackingError, mask_text, resolve_tracking_uri
+from fusedist import mlmodels, storage
+from fusedist.tracking import (MlflowConfig, TrackingError, check_reachable, mask_text,
+                               resolve_tracking_uri)
 
 log = logging.getLogger("fusedist.retrain")
 
 FUSED_ARTIFACT = "model"  # fusedist.fusion.pyfunc.ARTIFACT
-STUDENT_ARTIFACT = "export"  # fusedist.distill.pyfunc.ARTIFACT
+STUDENT_ARTIFACT = "export"  # fusedist.formats.export_card.ARTIFACT
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,6 @@ class Registry:
 
     def __init__(self, cfg: MlflowConfig):
         from mlflow import MlflowClient
-
-        from fusedist.tracking import check_reachable
 
         if not cfg.enabled:
             raise TrackingError("retrain needs the MLflow registry (it finds the champion by "
@@ -111,8 +110,6 @@ class Registry:
     def download(self, v: Version, dest: str, artifact: str) -> str:
         """The model folder of ``v`` (its pyfunc artifact ``artifact``: ``model`` for a fused
         model, ``export`` for a student) copied to ``dest`` (folder or s3://)."""
-        from fusedist import mlmodels
-
         # MLflow draws a progress bar per download unless told not to.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory(prefix="fusedist-registry-") as tmp:
@@ -131,6 +128,7 @@ class Registry:
         """Log the fused model ``folder`` (local or s3://) as a pyfunc model of ``tracker``'s
         run and register it as a new version of ``name``, with ``alias`` (None: none; the
         promotion moves one separately)."""
+        # lazy: the fused model's pyfunc imports mlflow and torch, only to register
         from fusedist.fusion.pyfunc import log_fused_model
 
         if not getattr(tracker, "active", False):

@@ -21,6 +21,11 @@ import numpy as np
 from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.distill.config import DistillConfig
+from fusedist.distill.split import shard_slide
+from fusedist.features.config import EncoderRef
+from fusedist.formats import tile_manifest
+from fusedist.formats.feature_manifest import read_feature_manifest
+from fusedist.models.refs import load_encoders
 
 log = logging.getLogger("fusedist.retrain")
 
@@ -63,9 +68,7 @@ def evaluation_slides(champion_card: dict, challenger_card: dict) -> tuple[list[
 
 def validation_shards(tiles: str, slides: list[str]) -> list[str]:
     """Pairs shards of ``slides``."""
-    from fusedist.distill.validation import shard_slide
-
-    m = storage.read_json(storage.join(tiles, "manifest.json"))
+    m = tile_manifest.read_manifest(tiles)
     keep = set(slides)
     return [s["name"] for s in m["shards"] if shard_slide(s) in keep]
 
@@ -75,6 +78,7 @@ def read_pairs(tiles: str, features: str, teacher: str, shards: list[str], limit
     """uint8 (N, 3, H, W) ``lo.jpg`` images, (N, D) mean teacher tile features, keys."""
     from PIL import Image
 
+    # lazy: the shard reader imports torch, which the retrain job's other steps do not need
     from fusedist.data.reader import iter_tar_samples
 
     imgs, targets, keys = [], [], []
@@ -109,9 +113,6 @@ def embed_pairs(export_dir: str, images: np.ndarray, batch: int = 64) -> np.ndar
     """The exported student's embedding of 5x images (as ``fusedist embed`` computes it)."""
     import torch
 
-    from fusedist.features.config import EncoderRef
-    from fusedist.features.runtime import load_encoders
-
     (enc,) = load_encoders([EncoderRef(name=export_dir)])
     out = [enc.embed(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
            for i in range(0, len(images), batch)]
@@ -128,8 +129,7 @@ def score_students(distill: DistillConfig, exports: dict[str, str], limit: int) 
                     for r, c in cards.items()}}
     if not slides:
         return out
-    teacher = distill.teacher or storage.read_json(
-        storage.join(distill.features, "manifest.json"))["teacher"]
+    teacher = distill.teacher or read_feature_manifest(distill.features)["teacher"]
     shards = validation_shards(distill.tiles, slides)
     images, targets, keys = read_pairs(distill.tiles, distill.features, teacher, shards, limit)
     if len(keys) < MIN_PAIRS:  # CKA of one or two centred samples says nothing

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from fusedist import storage
 from fusedist.config import ConfigError, config_digest
+from fusedist.formats import tile_manifest
 from fusedist.formats.slide_ids import check_ids
 from fusedist.formats.slide_table import (SlideRow, check_paths, format_slide_table,
                                           is_slide_table, read_slide_table, write_slide_table)
@@ -35,8 +36,6 @@ from fusedist.tiling.slide import slide_id_for
 
 log = logging.getLogger("fusedist.tile")
 
-MANIFEST = "manifest.json"
-FORMAT = "fusedist.tiles/1"
 
 
 @dataclass
@@ -192,10 +191,9 @@ def _identity(s: SlideInput) -> str:
 # ----------------------------------------------------------------------------- phases
 
 def _check_existing(cfg: TileConfig, dataset_url: str, digest: str) -> None:
-    url = storage.join(dataset_url, MANIFEST)
-    if not storage.exists(url) or cfg.overwrite:
+    if not tile_manifest.exists(dataset_url) or cfg.overwrite:
         return
-    old = storage.read_json(url)
+    old = tile_manifest.read_manifest(dataset_url)
     if old.get("config_digest") != digest:
         raise mismatch_error(dataset_url, "tiles", "tiling config")
 
@@ -358,7 +356,7 @@ def _manifest(cfg, dataset_url, digest, records, specs, entries, failures) -> di
               "slides_skipped": sum(r["status"] == "skipped" for r in records),
               "tiles": sum(s["samples"] for s in shard_rows), "shards": len(shard_rows),
               "bytes": sum(s["bytes"] for s in shard_rows)}
-    return {"format": FORMAT, "dataset": cfg.dataset, "mode": cfg.mode,
+    return {"format": tile_manifest.FORMAT, "dataset": cfg.dataset, "mode": cfg.mode,
             "config": cfg.model_dump(mode="json", exclude=TileConfig.RUN_ONLY),
             "config_digest": digest, "shards": shard_rows, "slides": slides, "totals": totals}
 
@@ -388,7 +386,7 @@ def run_tile(cfg: TileConfig, progress: bool = True) -> TileResult:
         entries, failures, stats = _write_all(cfg, tasks, dataset_url, specs,
                                              {s.slide_id: s for s in slides}, progress)
     manifest = _manifest(cfg, dataset_url, digest, records, specs, entries, failures)
-    storage.write_json(storage.join(dataset_url, MANIFEST), manifest)
+    tile_manifest.write(dataset_url, manifest)
     return TileResult(manifest, dataset_url, written_shards=stats.shards,
                       written_tiles=stats.rate.count, written_bytes=stats.bytes,
                       elapsed=time.perf_counter() - t0)

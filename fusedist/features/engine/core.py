@@ -26,7 +26,7 @@ import numpy as np
 from fusedist import storage
 from fusedist.config import ConfigError
 from fusedist.features.parts import FinishTask, Finish, Group, write_part
-from fusedist.features.runtime import resolve_ref
+from fusedist.models.refs import resolve_ref
 
 __all__ = ["EngineSpec", "PoolSpec", "EngineStats", "Group", "Rows", "choose_device",
            "decode_shard", "EncoderActor", "clear_staging"]
@@ -215,6 +215,7 @@ class EncoderActor:
 
         # lazy: keeps torch and timm out of the stage's start-up (a Ray driver builds none)
         from fusedist.models import build_encoder
+        from fusedist.models.refs import resolve_ref
 
         self.spec = spec
         self.torch = torch
