@@ -29,8 +29,7 @@ from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
 from fusedist.fusion.evaluate import FuseResult, evaluate
-from fusedist.fusion.fold import FoldResult, run_fold
-from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.fusion.fold import FoldResult, prepare_methods, run_fold, select_methods
 from fusedist.state import StageState
 
 log = logging.getLogger("fusedist")
@@ -175,7 +174,7 @@ def _write_final(c: Cohort, cfg: FuseConfig, methods: list, prepared: dict,
     ``final.registered_model``) and record where in ``res`` and the manifest. A refit that
     finished for these rows, epochs and CV results is skipped like a finished fold
     (``_state/final.json``)."""
-    from fusedist.fusion.methods.base import refit_epochs
+    from fusedist.fusion.fold import refit_epochs
     from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
                                        write_model)
     from fusedist.fusion.pyfunc import log_fused_model
