@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fusedist.fusion.cohort import Cohort
 from fusedist.fusion.config import FuseConfig
-from fusedist.fusion.data import Cohort, make_folds, restrict_training
+from fusedist.fusion.data import make_folds, restrict_training
 from fusedist.fusion.methods import registry
 from fusedist.fusion.methods.base import FitInfo, Inputs, Method, Skipped
 from fusedist.fusion.tasks import Task, get_task

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from fusedist.fusion.config import FuseConfig
-    from fusedist.fusion.data import Cohort
+    from fusedist.fusion.cohort import Cohort
     from fusedist.fusion.tasks import Targets, Task
 
 
