@@ -22,6 +22,8 @@ RRT-MIL variant).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ from torch import Tensor, nn
 from fusedist.fusion.methods.base import FitInfo, Fitted, Inputs, Method, Outputs
 from fusedist.fusion.methods.registry import head_builder, register, register_fitted, register_head
 from fusedist.fusion.training import ViewsBag, ViewsTile, predict_bags, predict_tiles
+
+if TYPE_CHECKING:
+    from fusedist.fusion.tasks import Targets
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
@@ -215,21 +220,6 @@ class HeadFitted(Fitted):
         model.eval()
         return cls(targets, model, spec["arch"], spec["kw"], spec["encoders"], spec["view"],
                    spec["tile"])
-
-
-def holdout_split(n: int, strat: np.ndarray, val_fraction: float, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (train, validation) of an ``n``-sample set, stratified by ``strat`` when
-    every stratum allows it; both sorted."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(n)
-    try:
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed,
-                                  stratify=strat)
-    except ValueError:  # a stratum with a single member
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
-    return np.sort(tr), np.sort(va)
 
 
 @register
