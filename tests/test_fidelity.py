@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusedist.fusion.fusecpath import (FuseCPathModel, SparseAttention, cluster_subbags,
-                                       topk_keep_mask)
+from fusedist.fusion.methods.fusecpath import (FuseCPathModel, SparseAttention,
+                                               cluster_subbags, topk_keep_mask)
 
 
 # --------------------------------------------------------------------- FuseCPath top-k
@@ -157,7 +157,7 @@ def _one_sample_survival_weights():
 
 
 def test_survival_penalty_released_is_that_of_the_bin_mean_weight():
-    from fusedist.fusion.logitprod import survival_penalty
+    from fusedist.fusion.methods.logitprod import survival_penalty
 
     w, R = _one_sample_survival_weights()
     # Released: w̄ = (0.5, 0.5), w̄ᵀRw̄ = 2 * 0.5 * 0.5 * 1 = 0.5. Per bin: one-hot, 0 each.
@@ -174,7 +174,7 @@ def test_survival_penalty_released_is_that_of_the_bin_mean_weight():
 
 def test_survival_loss_terms_take_the_configured_penalty():
     from fusedist.fusion.config import LogitProdConfig
-    from fusedist.fusion.logitprod import logitprod_survival_loss_terms
+    from fusedist.fusion.methods.logitprod import logitprod_survival_loss_terms
 
     w, R = _one_sample_survival_weights()
     out = {"hazard_logits": torch.zeros(1, 1), "hazards": torch.full((1, 1), 0.5),
@@ -199,7 +199,7 @@ def _constant_risk_case():
 
 def test_survival_gate_released_settings_and_c_index_stopping():
     from fusedist.fusion.config import LogitProdConfig
-    from fusedist.fusion.logitprod import LogitProdSurvival, fit_logitprod, gate_settings
+    from fusedist.fusion.methods.logitprod import LogitProdSurvival, fit_logitprod, gate_settings
 
     cfg = LogitProdConfig(max_epochs=300)
     model = LogitProdSurvival(1, num_bins=4)
@@ -223,8 +223,8 @@ def test_survival_gate_released_settings_and_c_index_stopping():
 
 def test_survival_gate_released_no_gradient_switch():
     from fusedist.fusion.config import LogitProdConfig
-    from fusedist.fusion.logitprod import (LogitProdSurvival, fit_logitprod,
-                                           logitprod_survival_loss_terms, survival_penalty)
+    from fusedist.fusion.methods.logitprod import (LogitProdSurvival, fit_logitprod,
+                                                   logitprod_survival_loss_terms, survival_penalty)
 
     torch.manual_seed(0)
     z = torch.randn(6, 2, 4) * 2
@@ -261,7 +261,7 @@ def test_survival_gate_released_no_gradient_switch():
 
 def test_classification_gate_drop_last_and_patience():
     from fusedist.fusion.config import LogitProdConfig
-    from fusedist.fusion.logitprod import LogitProd, batch_starts, fit_logitprod
+    from fusedist.fusion.methods.logitprod import LogitProd, batch_starts, fit_logitprod
 
     assert list(batch_starts(35, 16, True)) == [0, 16]             # 32 used, 3 dropped
     assert list(batch_starts(35, 16, False)) == [0, 16, 32]
@@ -290,7 +290,7 @@ def test_classification_gate_drop_last_and_patience():
 def test_clamped_logs_match_exact_ones_at_normal_scales():
     """The released logs (tests/test_fidelity_logs.py pins each site on saturated inputs)
     differ from the exact ones only where probabilities approach their eps."""
-    from fusedist.fusion.logitprod import LogitProd, LogitProdSurvival
+    from fusedist.fusion.methods.logitprod import LogitProd, LogitProdSurvival
 
     torch.manual_seed(0)
     z = torch.randn(5, 3, 4)
@@ -317,7 +317,7 @@ def test_logitprod_card_records_the_log_mode():
 # ------------------------------------------------------------------------ expert ABMIL
 
 def test_released_expert_abmil_has_no_attention_bias_and_xavier_init():
-    from fusedist.fusion.heads import GatedABMIL
+    from fusedist.fusion.methods.experts import GatedABMIL
 
     torch.manual_seed(0)
     rel = GatedABMIL(512, 2, attention_bias=False, init="xavier_normal")
@@ -339,7 +339,7 @@ def test_released_expert_abmil_has_no_attention_bias_and_xavier_init():
 
 def test_expert_spec_rebuilds_the_same_head_and_old_cards_still_load():
     from fusedist.fusion.config import ExpertConfig
-    from fusedist.fusion.methods.base import HeadFitted, build_head
+    from fusedist.fusion.methods.experts import HeadFitted, build_head
 
     ex = ExpertConfig()
     assert (ex.attention_bias, ex.init, ex.schedule, ex.select_best) == (
@@ -360,7 +360,7 @@ def test_expert_spec_rebuilds_the_same_head_and_old_cards_still_load():
 
 
 def test_expert_warm_restarts_hand_values():
-    from fusedist.fusion.train import expert_scheduler
+    from fusedist.fusion.training import expert_scheduler
 
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
     sched = expert_scheduler(opt, "warm_restarts")
@@ -382,9 +382,9 @@ def test_expert_keeps_its_best_validation_epoch():
     """Training with a validation set ends on the weights of the epoch whose validation loss
     is the lowest: the same run stopped after each epoch (same seeds, no validation) gives
     each epoch's weights to compare."""
-    from fusedist.fusion.heads import GatedABMIL
+    from fusedist.fusion.methods.experts import GatedABMIL
     from fusedist.fusion.tasks import ClassTargets
-    from fusedist.fusion.train import ViewsBag, predict_bags, train_bags
+    from fusedist.fusion.training import ViewsBag, predict_bags, train_bags
 
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 6)
@@ -532,8 +532,7 @@ def test_a_released_fused_model_saves_and_loads_the_same_predictions(tmp_path, t
     gate); the saved model rebuilds every component."""
     from fusedist.fusion.config import FuseConfig
     from fusedist.fusion.data import load_cohort
-    from fusedist.fusion.fold import fold_context
-    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+    from fusedist.fusion.fold import fold_context, prepare_methods, select_methods
     from fusedist.fusion.model import load_model, refit, write_model
     from fusedist.fusion.synthetic import synthetic_cohort
 

@@ -27,7 +27,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------ 1, 5: classification product
 
 def test_released_product_takes_exact_log_softmax_and_returns_s():
-    from fusedist.fusion.logitprod import LogitProd, logitprod_loss_terms
+    from fusedist.fusion.methods.logitprod import LogitProd, logitprod_loss_terms
     from fusedist.fusion.logs import class_log_probs
 
     # Expert 0 puts p_1 = e^-20 / (1 + e^-20) ~ 2.1e-9 on class 1, below the old 1e-7 clamp.
@@ -78,7 +78,7 @@ def test_released_survival_outcome_law_clamps_at_1e12():
 
 
 def test_released_fused_hazards_come_back_through_one_minus_cumsum():
-    from fusedist.fusion.logitprod import LogitProdSurvival
+    from fusedist.fusion.methods.logitprod import LogitProdSurvival
     from fusedist.fusion.logs import released_hazards
 
     # One expert (weight 1): the fused law is softmax(log(P + 1e-12)) = (2e-12, 1, 2e-12,
@@ -118,7 +118,7 @@ def _np_released_fused_hazards(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_released_fused_hazards_match_the_released_formula_at_saturating_scales():
-    from fusedist.fusion.logitprod import LogitProdSurvival
+    from fusedist.fusion.methods.logitprod import LogitProdSurvival
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(256, 2, 4, generator=g) * 6.0     # a share of bins saturate
@@ -156,7 +156,7 @@ def test_released_nll_survival_clamps_h_in_float32():
     per64 = nll_survival_loss(h.double(), tb, ev, from_logits=False, reduction="none")
     assert per64[0].item() == pytest.approx(-math.log(1e-7) + math.log(2), rel=1e-9)
     # The fused survival loss of ``logs: clamped`` reads the hazards through it.
-    from fusedist.fusion.logitprod import logitprod_survival_loss_terms
+    from fusedist.fusion.methods.logitprod import logitprod_survival_loss_terms
 
     out = {"hazards": h[:1], "weights": torch.full((1, 3, 1), 1.0)}
     nll = logitprod_survival_loss_terms(out, tb[:1], ev[:1], None, from_logits=False)["nll"]
@@ -172,7 +172,7 @@ def _hand_R01(errors: np.ndarray, shrink: float = 0.1) -> float:
 
 
 def test_released_classification_R_clamps_p_y_at_1e8_in_float32():
-    from fusedist.fusion.logitprod import error_correlation, expert_errors
+    from fusedist.fusion.methods.logitprod import error_correlation, expert_errors
 
     # Expert 0 is saturated and wrong on samples 0 and 1 (p_y = e^-30, e^-25), expert 1 not.
     d = np.array([[-30.0, -3.0], [-25.0, -2.0], [0.0, 1.0], [2.0, 3.0]])
@@ -206,7 +206,7 @@ def _np_released_nll(h: np.ndarray, tb: np.ndarray, ev: np.ndarray,
 
 
 def test_released_survival_R_takes_the_released_nll_of_sigmoid():
-    from fusedist.fusion.logitprod import survival_error_correlation, survival_expert_errors
+    from fusedist.fusion.methods.logitprod import survival_error_correlation, survival_expert_errors
 
     # Expert 0 saturates (hazard logits +-20), expert 1 does not; both go wrong on the first
     # three slides (an event after a near-certain bin-0 hazard, an event at a near-0 hazard,

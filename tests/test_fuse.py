@@ -226,7 +226,8 @@ def test_every_task_runs_every_applicable_method(ray_cluster, cohort, tmp_path, 
 
 # A method defined here, registered here, and nowhere else: the fold loop, the table, the
 # predictions and the plots pick it up with no other change.
-from fusedist.fusion.methods.base import Fitted, FoldContext, Method, Outputs
+from fusedist.fusion.fold import FoldContext
+from fusedist.fusion.methods.base import Fitted, Method, Outputs
 from fusedist.fusion.methods.registry import register
 
 

@@ -14,20 +14,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedist.fusion.cluster import multiview_kmeans, multiview_spectral, plan_subbags
 from fusedist.fusion.config import LogitProdConfig
-from fusedist.fusion.fusecpath import (CrossRegionAttention, EmptyClusterError, FuseCPathModel,
-                                       SparseAttention, cluster_subbags, collaborative_kd_loss,
-                                       collaborative_kd_terms, slide_probabilities, topk_keep_mask)
-from fusedist.fusion.heads import GatedABMIL, TileMLP, mean_probability_ensemble
-from fusedist.fusion.logitprod import (LogitProd, LogitProdSurvival, correlation_steps,
-                                       error_correlation, expert_errors, fit_logitprod,
-                                       harrell_c_index, hazard_logits_to_outcome_log_probs,
-                                       hazards_to_outcome_probs, logit_features, logitprod_loss,
-                                       logitprod_loss_terms, logitprod_survival_loss_terms,
-                                       nll_survival_loss, outcome_log_probs_to_hazards,
-                                       survival_error_correlation, survival_risk)
-from fusedist.fusion.meta_encoder import STRATEGIES, MetaEncoder
+from fusedist.fusion.methods.experts import GatedABMIL, TileMLP, mean_probability_ensemble
+from fusedist.fusion.methods.fusecpath import (CrossRegionAttention, EmptyClusterError,
+                                               FuseCPathModel, SparseAttention, cluster_subbags,
+                                               collaborative_kd_loss, collaborative_kd_terms,
+                                               multiview_kmeans, multiview_spectral,
+                                               plan_subbags, slide_probabilities,
+                                               topk_keep_mask)
+from fusedist.fusion.methods.logitprod import (LogitProd, LogitProdSurvival, correlation_steps,
+                                               error_correlation, expert_errors, fit_logitprod,
+                                               harrell_c_index,
+                                               hazard_logits_to_outcome_log_probs,
+                                               hazards_to_outcome_probs, logit_features,
+                                               logitprod_loss, logitprod_loss_terms,
+                                               logitprod_survival_loss_terms, nll_survival_loss,
+                                               outcome_log_probs_to_hazards,
+                                               survival_error_correlation, survival_risk)
+from fusedist.fusion.methods.meta import STRATEGIES, MetaEncoder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -573,7 +577,7 @@ def test_expert_fallback_switches_only_when_an_expert_is_better():
     """One expert is right and confident, the other confidently wrong: the uniform gate is
     worse than the good expert alone, so the fallback selects it; a gate that already
     beats every expert is left as it is."""
-    from fusedist.fusion.logitprod import expert_fallback, select_expert, training_objective
+    from fusedist.fusion.methods.logitprod import expert_fallback, select_expert, training_objective
 
     y = torch.tensor([0, 1, 0, 1])
     good = F.one_hot(y, 2).float() * 4.0
@@ -597,7 +601,7 @@ def test_expert_fallback_switches_only_when_an_expert_is_better():
 
 
 def test_meta_encoder_mil_fuses_per_tile_then_pools():
-    from fusedist.fusion.meta_encoder import MetaEncoderMIL, MetaEncoderTile
+    from fusedist.fusion.methods.meta import MetaEncoderMIL, MetaEncoderTile
 
     torch.manual_seed(0)
     xs = [torch.randn(7, 5), torch.randn(7, 3)]

@@ -11,7 +11,7 @@ import pytest
 
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort
-from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.fusion.fold import prepare_methods, select_methods
 from fusedist.fusion.model import load_model, refit, write_model
 from fusedist.fusion.synthetic import synthetic_cohort
 

@@ -189,9 +189,8 @@ def _per_fold(rows: list[dict[str, str]], method: str) -> dict[int, list[dict[st
 def test_fuse_and_predict_per_patient(ray_cluster, cohort, tmp_path):
     """Every method on pooled bags; predictions, folds, AUC and the card per patient; the
     fused model predicts a new patient from its slides pooled the same way."""
-    from fusedist.fusion.fold import fold_context
+    from fusedist.fusion.fold import fold_context, prepare_methods, select_methods
     from fusedist.fusion.metrics import classification_metrics
-    from fusedist.fusion.methods.registry import prepare_methods, select_methods
     from fusedist.fusion.model import load_model
     from fusedist.fusion.run import run_fuse
 

@@ -100,7 +100,7 @@ def fused(tmp_path_factory):
     """A classification model (LogitProd over the experts, FuseCPath, a Meta-Encoder)."""
     from fusedist.fusion.config import FuseConfig
     from fusedist.fusion.data import load_cohort
-    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+    from fusedist.fusion.fold import prepare_methods, select_methods
     from fusedist.fusion.model import refit, write_model
     from fusedist.fusion.synthetic import synthetic_cohort
 

@@ -35,7 +35,7 @@ def fused(tmp_path_factory, ray_cluster):
     from fusedist.features import EmbedConfig, run_embed
     from fusedist.fusion.config import FuseConfig
     from fusedist.fusion.data import load_cohort
-    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+    from fusedist.fusion.fold import prepare_methods, select_methods
     from fusedist.fusion.model import refit, write_model
     from fusedist.models.student import XmagStudent
     from fusedist.tiling import TileConfig, run_tile

@@ -1,22 +1,23 @@
 """Fusion of several pathology FMs (methods.md §2–5) and the ``fusedist fuse`` stage.
 
-Methods (model code, no training loops):
-- ``heads``: expert heads trained on one frozen FM each (gated ABMIL, tile MLP).
-- ``logitprod``: LogitProd gate over the experts' out-of-fold logits (+ survival variant).
-- ``meta_encoder``: Meta-Encoder feature fusion strategies (+ per-tile MIL / tile heads).
-- ``fusecpath``: FuseCPath sub-bags, RRT-MIL student, collaborative distillation.
-- ``cluster``: multi-view clustering of a slide's tiles for FuseCPath (imports faiss lazily).
+It reads one way: config -> cohort and tasks -> methods -> fold -> evaluate / report -> run.
 
-The stage:
-- ``config``: ``FuseConfig`` and its sections; ``data``: the checked cohort and the folds;
-  ``tasks``: the four tasks as objects (targets, per-fold prep, loss, columns, metrics,
-  strata, plots); ``survival``: NLL-survival, risk, c-index;
-  ``methods/``: the registered methods (``fit(FoldContext) -> Fitted``);
-  ``train``: the head training loops; ``fold``: the loop over methods on one outer fold (a
-  Ray task); ``evaluate``: metrics and tables; ``report``: files, plots, Markdown, MLflow;
-  ``model``: the fused model (refit, safetensors + card, load); ``predict``: ``fusedist
+- ``config``: ``FuseConfig`` and its sections.
+- ``cohort``: the ``Cohort`` every fold reads; ``data``: loading and checking it, the folds;
+  ``units``: slide or patient units; ``store``: bags packed on disk past memory.
+- ``tasks``: the four tasks as objects (targets, per-fold prep, loss, columns, metrics,
+  strata, plots); ``survival``: NLL-survival, risk, c-index; ``metrics``: per-task scores
+  and fold summaries; ``logs``: LogitProd's log modes (exact or as released).
+- ``methods/``: one module per method family, each with its nn modules, its training loop
+  and its ``Method`` / ``Fitted`` (``experts``, ``baselines``, ``logitprod``, ``meta``,
+  ``fusecpath``), on the protocol (``methods.base``) and the registry (``methods.registry``).
+- ``training``: what the methods' training shares (seeds, device, the heads' bag and tile
+  loops).
+- ``fold``: the fold engine: which methods run, ``FoldContext`` (the fold's targets, seeds,
+  experts trained once, inner CV) and the loop over the methods on one outer fold.
+- ``evaluate``: metrics and tables; ``report``: files, plots, Markdown, MLflow.
+- ``model``: the fused model (refit, safetensors + card, load); ``predict``: ``fusedist
   predict``; ``run``: ``run_fuse``.
-- ``metrics``: per-task scores and fold summaries.
 - ``synthetic``: a feature-level cohort whose encoders see different cues (tests, benchmark).
 
 Kept import-light: importing the package imports no submodule; import the one you need.

@@ -13,9 +13,8 @@ import csv
 import io
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,89 +22,15 @@ import numpy as np
 from fusedist import storage
 from fusedist.formats.bags import Bag, BagError, encoder_folders, list_bags, read_bag
 from fusedist.config import ConfigError
+from fusedist.fusion.cohort import Cohort
 from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.store import FOLDER, Packer, Picked
 from fusedist.fusion.tasks import TASKS, Task, class_order, get_task, need_columns
-from fusedist.fusion.units import Unit
+from fusedist.fusion.units import (Unit, label_key, no_shared_ids, patient_units, pool_bags,
+                                   resolve_unit, slide_patients)
+from fusedist.tracking import random_weights_line
 
 log = logging.getLogger("fusedist")
-
-
-@dataclass
-class Cohort:
-    """Everything a fold needs, as plain arrays (it travels to Ray tasks).
-
-    Slide-level tasks have one sample per slide; ``tile_classification`` has one sample per
-    sampled tile (``sample_slide`` maps a sample to its slide). With ``unit: patient`` each
-    "slide" below is a patient: ``slide_ids`` are patient ids and each per-slide array is
-    the patient's slides pooled (fusedist.fusion.units); ``members`` lists those slides.
-    """
-
-    task: str
-    slide_ids: list[str]
-    """The id of each unit: slide ids, or patient ids with ``unit: patient``."""
-    patient_ids: list[str]
-    encoders: list[str]
-    """Encoders with an expert (all, or for tile tasks the feature group)."""
-    dims: dict[str, int]
-    bags: dict[str, Sequence[np.ndarray]]
-    """encoder -> per-slide features (N_i, D) float32, each encoder's own tiles (a list, or
-    packed on disk past ``bags_in_memory_gb``: fusedist.fusion.store)."""
-    coords: dict[str, Sequence[np.ndarray]]
-    feature_group: list[str]
-    """Encoders that share tiles, so per-tile feature fusion (concat, Meta-Encoder,
-    FuseCPath) can combine them."""
-    aligned: dict[str, Sequence[np.ndarray]]
-    """feature_group encoder -> per-slide features on the tiles all of them share (views of
-    ``bags``: fusedist.fusion.store.Picked)."""
-    aligned_coords: Sequence[np.ndarray]
-    y: np.ndarray | None = None
-    """Class ids (S,) int64, or regression targets (S, G) float32."""
-    time: np.ndarray | None = None
-    event: np.ndarray | None = None
-    classes: list[str] = field(default_factory=list)
-    target_names: list[str] = field(default_factory=list)
-    tile_extent: dict[str, float] = field(default_factory=dict)
-    """encoder -> tile side in level-0 px (for heatmaps)."""
-    encoder_info: dict[str, dict] = field(default_factory=dict)
-    """encoder -> what a fused model's card records: dim, mpp, tile size, weights digest."""
-    exclusions: list[dict[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    sample_slide: np.ndarray | None = None
-    """Tile tasks: slide index of each sample."""
-    sample_index: np.ndarray | None = None
-    """Tile tasks: row of each sample in its slide's aligned features."""
-    unit: str = "slide"
-    """``slide`` or ``patient`` (FuseConfig.unit, decided)."""
-    members: list[list[str]] | None = None
-    """Patient unit: the slides pooled into each unit, in pooling (slide-id) order."""
-    member_sizes: dict[str, list[list[int]]] | None = None
-    """Patient unit: encoder -> per unit, the tiles each member slide contributes."""
-
-    def unit_slides(self, i: int) -> list[str]:
-        """The slides of unit ``i`` (itself, for slide units)."""
-        return [self.slide_ids[i]] if self.members is None else self.members[i]
-
-    def unit_label(self, i: int) -> str:
-        """What predictions.csv and folds.csv write as unit ``i``'s slide_id: the slide, or
-        the patient's slides joined by ``;``."""
-        from fusedist.fusion.units import SEP
-
-        return SEP.join(self.unit_slides(i))
-
-    def columns(self) -> list[Sequence[np.ndarray]]:
-        """The per-slide sequences that may be packed on disk (fusedist.fusion.store)."""
-        return [*self.bags.values(), *self.coords.values(), self.aligned_coords]
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.slide_ids) if self.sample_slide is None else len(self.sample_slide)
-
-    @property
-    def sample_groups(self) -> list[str]:
-        """Patient of each sample (folds never split a patient)."""
-        if self.sample_slide is None:
-            return self.patient_ids
-        return [self.patient_ids[i] for i in self.sample_slide]
 
 
 # ------------------------------------------------------------------------------- labels
@@ -114,8 +39,6 @@ def read_labels(url: str) -> tuple[list[dict[str, str]], list[str]]:
     """Rows and columns of a labels CSV keyed by ``slide_id`` (or, with no such column, by
     ``patient_id``: a clinical table); a missing file, key column or a repeated key is a
     ConfigError."""
-    from fusedist.fusion.units import label_key
-
     try:
         text = storage.read_text(url)
     except FileNotFoundError:
@@ -289,10 +212,6 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: lis
     past it (fusedist.fusion.store), so memory never holds the whole cohort's bags at once.
 
     Returns the :class:`Cohort` fields the bags decide (``slide_ids`` are the units kept)."""
-    from fusedist.fusion.store import FOLDER, Packer, Picked
-    from fusedist.fusion.units import pool_bags
-    from fusedist.tracking import random_weights_line
-
     encoders = list(index)
     packer: Packer | None = None
     dims: dict[str, int] = {}
@@ -386,8 +305,6 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: lis
 
 def load_cohort(cfg: FuseConfig) -> Cohort:
     """Join labels and bags, exclude bad slides with reasons, check what folds need."""
-    from fusedist.fusion.units import resolve_unit
-
     rows, cols = read_labels(cfg.labels)
     key = "slide_id" if "slide_id" in cols else "patient_id"
     unit = resolve_unit(cfg, key)
@@ -403,8 +320,6 @@ def load_cohort(cfg: FuseConfig) -> Cohort:
                           + ", ".join(f"{e}: {next(iter(index[e]))!r}" for e in encoders)
                           + "); embed the same slides with each encoder, or limit `encoders`")
     if unit == "patient":
-        from fusedist.fusion.units import patient_units
-
         def exclude(sid: str, reason: str, patient: str) -> None:
             exclusions.append({"slide_id": sid, "patient_id": patient, "reason": reason})
 
@@ -436,8 +351,6 @@ def _slide_units(cfg: FuseConfig, rows, index: dict[str, dict[str, str]],
                  exclusions: list[dict[str, str]]) -> tuple[list[Unit], dict[str, str]]:
     """One unit per labelled slide with a bag for every encoder (today's join), and each
     slide's patient (the labels' patient_id, else the slide table's, else the slide)."""
-    from fusedist.fusion.units import no_shared_ids, slide_patients
-
     def exclude(sid: str, reason: str) -> None:
         exclusions.append({"slide_id": sid, "reason": reason})
 

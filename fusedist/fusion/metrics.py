@@ -85,7 +85,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
 
 def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> dict[str, float]:
     """``{"c_index": Harrell's c}``; higher ``risk`` means an earlier expected event."""
-    from fusedist.fusion.survival import harrell_c_index  # imports torch: only when used
+    from fusedist.fusion.survival import harrell_c_index  # lazy: survival imports torch
 
     r, t, e = (np.asarray(a, dtype=float).ravel() for a in (risk, time, event))
     keep = np.isfinite(r) & np.isfinite(t) & np.isfinite(e)

@@ -61,7 +61,7 @@ def _refit_context(c: Cohort, cfg: FuseConfig, prepared: dict,
 def refit(c: Cohort, cfg: FuseConfig, rows: list[Method], prepared: dict,
           epochs: dict[str, int] | None = None) -> dict[str, Fitted]:
     """Fit ``rows`` on every sample with the fold's recipe. ``epochs`` (head name -> epochs,
-    ``methods.base.refit_epochs`` of the folds' choices) replaces the validation split of
+    ``fold.refit_epochs`` of the folds' choices) replaces the validation split of
     ``select_best`` heads: those train that many epochs on every sample."""
     ctx = _refit_context(c, cfg, prepared, epochs)
     return {m.name: m.fit(ctx) for m in rows}

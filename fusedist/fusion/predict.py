@@ -267,7 +267,7 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
 def _experts(model) -> dict:
     """Encoder -> the single-encoder bag heads inside the model's components (their
     attention is what the heatmaps show)."""
-    from fusedist.fusion.methods.base import HeadFitted
+    from fusedist.fusion.methods.experts import HeadFitted
 
     found = {}
 
@@ -343,7 +343,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from fusedist.fusion.model import CARD, load_model
-    from fusedist.fusion.train import pick_device
+    from fusedist.fusion.training import pick_device
 
     storage.configure(cfg.storage)
     with _model_folder(cfg) as (folder, source):

@@ -157,7 +157,7 @@ class FusedPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from fusedist.fusion.model import load_model
-        from fusedist.fusion.train import pick_device
+        from fusedist.fusion.training import pick_device
 
         self.model = load_model(str(context.artifacts[ARTIFACT]))  # checks every digest
         self.device = pick_device(str((context.model_config or {}).get("device", "cpu")))

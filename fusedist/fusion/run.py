@@ -34,9 +34,7 @@ from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, encoder_folder, load_cohort, make_folds
 from fusedist.fusion.store import Rows, feature_sums, is_packed, remove_packed
 from fusedist.fusion.evaluate import FuseResult, evaluate
-from fusedist.fusion.fold import FoldResult, run_fold
-from fusedist.fusion.methods.base import refit_epochs
-from fusedist.fusion.methods.registry import prepare_methods, select_methods
+from fusedist.fusion.fold import FoldResult, prepare_methods, refit_epochs, run_fold, select_methods
 from fusedist.fusion.model import (CARD, final_methods, model_files, refit, spread_checks,
                                    write_model)
 from fusedist.lineage import bags_ref, labels_ref

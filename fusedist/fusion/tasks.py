@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from fusedist.config import ConfigError
+from fusedist.fusion import report as rp
 from fusedist.fusion.metrics import METRICS, PRIMARY_METRIC, task_metrics
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from fusedist.fusion.config import FuseConfig
-    from fusedist.fusion.data import Cohort
+    from fusedist.fusion.cohort import Cohort
 
 
 def _float(v: str) -> float | None:
@@ -126,6 +127,7 @@ class SurvivalTargets(Targets):
                 torch.as_tensor(self.event[idx], device=device))
 
     def loss(self, out, tgt):
+        # lazy: survival imports torch; the tasks load with the cohort, before torch
         from fusedist.fusion.survival import nll_survival_loss
 
         return nll_survival_loss(out, tgt[0], tgt[1], alpha=self.alpha)
@@ -133,6 +135,7 @@ class SurvivalTargets(Targets):
     def predict(self, out):
         import torch
 
+        # lazy: survival imports torch; the tasks load with the cohort, before torch
         from fusedist.fusion.survival import survival_risk
 
         return survival_risk(torch.as_tensor(out, dtype=torch.float32)).numpy()
@@ -280,8 +283,6 @@ class ClassificationTask(Task):
         return [c.classes[int(c.y[i])]] + [f"{v:.6g}" for v in pred]
 
     def plot(self, c, named, fold_ids, pdir):
-        from fusedist.fusion import report as rp
-
         rp.plot_roc(c.y, named, pdir / "roc.png")
         return "plots/roc.png", ("ROC curves of the pooled out-of-fold predictions "
                                  "(their AUC; the table's is the mean over folds)")
@@ -344,8 +345,6 @@ class SurvivalTask(Task):
         return [c.time[i], int(c.event[i]), float(pred)]
 
     def plot(self, c, named, fold_ids, pdir):
-        from fusedist.fusion import report as rp
-
         ranked = {k: rank_within_folds(v, fold_ids) for k, v in named.items()}
         rp.plot_km(c.time, c.event, ranked, pdir / "km.png", max_panels=12,
                    time_label=f"time (labels column '{self.cfg.time_column}')")
@@ -403,8 +402,6 @@ class RegressionTask(Task):
         return [f"{v:.6g}" for v in c.y[i]] + [f"{v:.6g}" for v in pred]
 
     def plot(self, c, named, fold_ids, pdir):
-        from fusedist.fusion import report as rp
-
         rp.plot_regression(c.y, named, pdir / "regression.png")
         return "plots/regression.png", "Pearson r per target (out-of-fold)"
 

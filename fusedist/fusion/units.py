@@ -21,6 +21,7 @@ import numpy as np
 
 from fusedist.formats.bags import Bag
 from fusedist.config import ConfigError
+from fusedist.formats.slide_table import patients, read_slide_table
 
 log = logging.getLogger("fusedist")
 
@@ -62,8 +63,6 @@ def slide_patients(cfg, rows: list[dict[str, str]], key: str) -> dict[str, str] 
     without a slide table)."""
     table = {}
     if cfg.slides:
-        from fusedist.formats.slide_table import patients, read_slide_table
-
         table = patients(read_slide_table(cfg.slides))
     if key != "slide_id":
         return table or None

@@ -215,7 +215,6 @@ class EncoderActor:
 
         # lazy: keeps torch and timm out of the stage's start-up (a Ray driver builds none)
         from fusedist.models import build_encoder
-        from fusedist.models.refs import resolve_ref
 
         self.spec = spec
         self.torch = torch

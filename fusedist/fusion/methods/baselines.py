@@ -3,11 +3,16 @@ out-of-fold scores, never on the held-out fold) and the mean-probability ensembl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fusedist.fusion.methods.base import (FitInfo, Fitted, FoldContext, HeadFitted, Method, Outputs,
-                                          load_fitted, sub_state)
+from fusedist.fusion.methods.base import FitInfo, Fitted, Method, Outputs, load_fitted, sub_state
+from fusedist.fusion.methods.experts import HeadFitted
 from fusedist.fusion.methods.registry import register, register_fitted
+
+if TYPE_CHECKING:
+    from fusedist.fusion.fold import FoldContext
 
 
 @register_fitted

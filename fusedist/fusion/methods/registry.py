@@ -1,18 +1,17 @@
 """Which fusion methods exist, by the name ``FuseConfig.methods`` uses.
 
-Import-light on purpose (no torch): the config validates names here. Built-in families are
-imported on first use; ``register`` adds one from anywhere (a plugin, a test file).
+A leaf (it imports no fusedist module and no torch): the config validates names here.
+Built-in families are imported on first use; ``register`` adds one from anywhere (a plugin,
+a test file). Head architectures (``register_head``) are looked up the same way, so a saved
+head of any family rebuilds without its loader importing every family. Which methods a fold
+runs (``select_methods``) and their once-per-cohort work (``prepare_methods``) are the fold
+engine's, in ``fusion/fold.py``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fusedist.fusion.config import FuseConfig
-    from fusedist.fusion.data import Cohort
-    from fusedist.fusion.methods.base import Fitted, Method
+from collections.abc import Callable
 
 # name in `methods` -> module that registers it. "experts" always runs.
 BUILTIN: dict[str, str] = {
@@ -26,20 +25,47 @@ BUILTIN: dict[str, str] = {
 }
 DEFAULT = ("best_expert", "mean_ensemble", "concat", "logitprod", "meta", "fusecpath")
 
-_METHODS: dict[str, type[Method]] = {}
-_FITTED: dict[str, type[Fitted]] = {}
+_METHODS: dict[str, type] = {}
+"""key -> ``Method`` subclass."""
+_FITTED: dict[str, type] = {}
+"""kind -> ``Fitted`` subclass."""
+_HEADS: dict[str, Callable] = {}
+"""head architecture -> ``build(kw) -> nn.Module``."""
 
 
-def register(cls: type[Method]) -> type[Method]:
+def load_builtins() -> None:
+    """Import every built-in family (each registers what it defines)."""
+    for mod in dict.fromkeys(BUILTIN.values()):
+        importlib.import_module(mod)
+
+
+def register(cls: type) -> type:
     """Class decorator: make a ``Method`` family selectable as ``methods: [<cls.key>]``."""
     _METHODS[cls.key] = cls
     return cls
 
 
-def register_fitted(cls: type[Fitted]) -> type[Fitted]:
+def register_fitted(cls: type) -> type:
     """Class decorator: let ``load_fitted`` rebuild a saved ``Fitted`` of ``cls.kind``."""
     _FITTED[cls.kind] = cls
     return cls
+
+
+def register_head(arch: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``build(kw) -> nn.Module`` rebuilds a head of architecture ``arch`` from
+    its JSON description (what ``HeadFitted.spec`` records)."""
+    def deco(build: Callable) -> Callable:
+        _HEADS[arch] = build
+        return build
+    return deco
+
+
+def head_builder(arch: str) -> Callable:
+    if arch not in _HEADS:
+        load_builtins()
+    if arch not in _HEADS:
+        raise KeyError(f"unknown head architecture {arch!r}")
+    return _HEADS[arch]
 
 
 def names() -> list[str]:
@@ -47,7 +73,7 @@ def names() -> list[str]:
     return [n for n in BUILTIN if n != "experts"] + [n for n in _METHODS if n not in BUILTIN]
 
 
-def get(name: str) -> type[Method]:
+def get(name: str) -> type:
     if name not in _METHODS and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
     if name not in _METHODS:
@@ -55,37 +81,9 @@ def get(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def fitted_kind(kind: str) -> type[Fitted]:
+def fitted_kind(kind: str) -> type:
     if kind not in _FITTED:
-        for mod in set(BUILTIN.values()):
-            importlib.import_module(mod)
+        load_builtins()
     if kind not in _FITTED:
         raise KeyError(f"no Fitted of kind {kind!r} is registered (known: {sorted(_FITTED)})")
     return _FITTED[kind]
-
-
-def select_methods(cfg: FuseConfig, c: Cohort) -> tuple[list[Method], dict[str, str]]:
-    """The rows to run, in table order (the experts, then ``cfg.methods`` that apply to the
-    task), and {method: why it is skipped} for the others."""
-    families, skipped = [get("experts")], {}
-    for name in dict.fromkeys(cfg.methods):
-        fam = get(name)
-        if cfg.task in fam.tasks:
-            families.append(fam)
-        else:
-            skipped[name] = f"not defined for {cfg.task} (methods.md)"
-    rows = [m for fam in families for m in fam.expand(cfg, c)]
-    return sorted(rows, key=lambda m: (m.order, m.name)), skipped
-
-
-def prepare_methods(methods: list[Method], c: Cohort, cfg: FuseConfig, progress: bool
-                    ) -> tuple[dict[str, object], dict[str, str]]:
-    """Each family's once-per-cohort work (``Method.prepare``): (key -> result, notes)."""
-    prepared, notes = {}, {}
-    for m in methods:
-        if m.key in prepared:
-            continue
-        obj, n = type(m).prepare(c, cfg, progress)
-        prepared[m.key] = obj
-        notes.update(n)
-    return prepared, notes

@@ -1,5 +1,8 @@
-"""Training loops of the fusion heads, one per input shape: bags (one slide per step, as
-CLAM/ABMIL train), tiles (mini-batches), and FuseCPath sub-bags (mini-batches + teachers).
+"""What the fusion methods' training shares: stable seeds, the device, parameter counts, a
+stratified hold-out split, and the generic head loops the experts, concat and the
+Meta-Encoder train with: bags (one slide per step, as CLAM/ABMIL train) and tiles
+(mini-batches). A method with a loop of its own (the LogitProd gate, FuseCPath's sub-bags)
+keeps it in its module under ``fusion/methods/``.
 
 What a task changes (the loss, the targets, how outputs become predictions) lives in the
 fold's ``tasks.Targets``; the loops never look at the task name.
@@ -33,6 +36,21 @@ def pick_device(pref: str) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def holdout_split(n: int, strat: np.ndarray, val_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (train, validation) of an ``n``-sample set, stratified by ``strat`` when
+    every stratum allows it; both sorted."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    try:
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed,
+                                  stratify=strat)
+    except ValueError:  # a stratum with a single member
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
+    return np.sort(tr), np.sort(va)
 
 
 def _aux(model: nn.Module, like: Tensor) -> Tensor:
@@ -174,52 +192,3 @@ class ViewsBag(nn.Module):
 
     def forward(self, xs: Sequence[Tensor]) -> dict[str, Tensor]:
         return self.head(xs[0])
-
-
-# ----------------------------------------------------------------------------- FuseCPath
-
-def _gather(feats: Sequence[Tensor], plans: Sequence[Tensor], items: Tensor) -> Tensor:
-    """Stack sub-bags ``items`` (rows of (slide, bag)) into (B, L, sum d), gathered lazily so
-    only one batch of sub-bags is ever materialised."""
-    return torch.stack([feats[s][plans[s][j]] for s, j in items.tolist()])
-
-
-def train_fusecpath(model: nn.Module, feats: Sequence[Tensor], plans: Sequence[Tensor],
-                    labels: Tensor, teachers: Sequence[Tensor], epochs: int, lr: float,
-                    batch_size: int, alpha: float, temperature: float, seed: int,
-                    device: torch.device) -> float:
-    """SGD + cosine (methods.md §4). Slide s has tile features ``feats[s]`` (N_s, sum d),
-    sub-bag indices ``plans[s]`` (n_bags, L), label ``labels[s]`` and teacher embeddings
-    ``teachers[i][s]``; every sub-bag is a sample with its slide's label and teachers."""
-    from fusedist.fusion.fusecpath import collaborative_kd_loss, fusecpath_optimizer
-
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model.to(device).train()
-    opt, sched = fusecpath_optimizer(model, epochs=epochs, lr=lr)
-    items = torch.tensor([(s, j) for s, p in enumerate(plans) for j in range(p.shape[0])])
-    for _ in range(epochs):
-        order = items[torch.randperm(len(items), generator=gen)]
-        for s in range(0, len(order), batch_size):
-            b = order[s:s + batch_size]
-            slides = b[:, 0]
-            logits = model(_gather(feats, plans, b).to(device))
-            t_logits = model.teacher_logits([t[slides].to(device) for t in teachers])
-            loss = collaborative_kd_loss(logits, t_logits, labels[slides].to(device), alpha,
-                                         temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def predict_fusecpath(model: nn.Module, feats: Tensor, plan: Tensor,
-                      device: torch.device) -> np.ndarray:
-    """A slide's probabilities: the mean over its sub-bags' probabilities."""
-    from fusedist.fusion.fusecpath import slide_probabilities
-
-    model.to(device).eval()
-    return slide_probabilities(model(feats[plan].to(device)).float().cpu()).numpy()
