@@ -60,7 +60,7 @@ def _cli(*args: str) -> list[str]:
 
 def _setup(work: Path) -> None:
     """Inputs, made once and untimed: a slide, its pairs and grid tiles, a fuse cohort."""
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
     from fusedist.synth import make_slide
 
     make_slide(work / "slide" / "one.tiff", size=3072, mpp=0.25, seed=0)

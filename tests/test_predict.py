@@ -20,7 +20,7 @@ from fusedist.fusion.data import load_cohort
 from fusedist.fusion.fold import fold_context
 from fusedist.fusion.methods.registry import prepare_methods, select_methods
 from fusedist.fusion.model import load_model, refit, write_model
-from fusedist.fusion.synthetic import synthetic_cohort
+from fusedist.synth.cohort import synthetic_cohort
 
 from .test_fuse import TINY
 

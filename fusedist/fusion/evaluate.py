@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fusedist import storage
+from fusedist.fusion import report as rp
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort
 from fusedist.fusion.fold import FoldResult
@@ -89,8 +91,6 @@ class Scores:
 def score(c: Cohort, cfg: FuseConfig, results: list[FoldResult], methods: list[Method]
           ) -> Scores:
     """Metrics per fold and method, costs, notes, objectives, ratios and the table."""
-    from fusedist.fusion import report as rp
-
     task = get_task(cfg)
     ran = {m for r in results for m in r.preds}
     rows = [m for m in methods if m.name in ran]
@@ -186,9 +186,6 @@ class FuseResult:
 def evaluate(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, results: list[FoldResult],
              extra_notes: dict[str, str], run, methods: list[Method]) -> FuseResult:
     """Score the folds, write every output (``report.write_outputs``), return the result."""
-    from fusedist import storage
-    from fusedist.fusion import report as rp
-
     s = score(c, cfg, results, methods)
     rp.write_outputs(c, cfg, fold_ids, results, s, extra_notes, run)
     return FuseResult(

@@ -21,6 +21,7 @@ import numpy as np
 
 from fusedist.bags import Bag
 from fusedist.config import ConfigError
+from fusedist.formats.slide_table import patients, read_slide_table
 
 log = logging.getLogger("fusedist")
 
@@ -62,8 +63,6 @@ def slide_patients(cfg, rows: list[dict[str, str]], key: str) -> dict[str, str] 
     without a slide table)."""
     table = {}
     if cfg.slides:
-        from fusedist.formats.slide_table import patients, read_slide_table
-
         table = patients(read_slide_table(cfg.slides))
     if key != "slide_id":
         return table or None
@@ -218,7 +217,7 @@ def pool_bags(per_slide: list[dict[str, Bag]], group: list[str], align) -> Poole
     align the feature group slide by slide (tile coordinates repeat across slides, so they
     are matched within each slide, then offset). One slide passes through unchanged.
 
-    ``align(bags) -> (coords, picks)`` is fusedist.fusion.data._align_picks."""
+    ``align(bags) -> (coords, picks)`` is fusedist.fusion.data.align_picks."""
     encoders = list(per_slide[0])
     sizes = {e: [len(b[e].features) for b in per_slide] for e in encoders}
     parts = [align([b[e] for e in group]) for b in per_slide]

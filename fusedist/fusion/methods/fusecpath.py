@@ -5,6 +5,7 @@ slide-level teachers; a slide's prediction is the mean over its sub-bags."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 
@@ -12,18 +13,23 @@ import numpy as np
 
 from fusedist import storage
 from fusedist.config import ConfigError
+from fusedist.fusion.config import FuseCPathConfig
 from fusedist.fusion.methods.base import FitInfo, Fitted, FoldContext, Method, Outputs, Skipped
 from fusedist.fusion.methods.registry import register, register_fitted
 
 
 def plan_slide(feats: list[np.ndarray], cfg, slide_id: str):
     """Sub-bag plan of one slide (``None`` when it has too few clusters) and why not."""
+    return plan_unit(feats, cfg.fusecpath, cfg.seed, slide_id)
+
+
+def plan_unit(feats: list[np.ndarray], fc: FuseCPathConfig, seed: int, unit_id: str):
+    """``plan_slide`` from the ``fusecpath`` settings and the run's seed."""
     from fusedist.fusion.cluster import plan_subbags
     from fusedist.fusion.train import seed_for
 
-    fc = cfg.fusecpath
     p = plan_subbags(feats, fc.n_clusters, fc.n_bags, fc.per_cluster, fc.clustering,
-                     seed_for(cfg.seed, slide_id), rule=fc.subbag_rule)
+                     seed_for(seed, unit_id), rule=fc.subbag_rule)
     return (p.indices if p.ok else None), p.reason
 
 
@@ -95,6 +101,13 @@ class FuseCPathFitted(Fitted):
 
     def encoders(self):
         return self.group
+
+    def prepare_unit(self, x, unit_id, card):
+        """The new slide's sub-bag plan, clustered as ``FuseCPath.prepare`` clusters the
+        cohort's slides (the card's ``fusecpath`` settings and seed)."""
+        fc = FuseCPathConfig(**card["fusecpath"])
+        plan = plan_unit([x.aligned[e][0] for e in self.group], fc, card["seed"], unit_id)[0]
+        return dataclasses.replace(x, plans=[plan])
 
     def predict(self, x, device=None):
         import torch
