@@ -1,6 +1,6 @@
 """Fusion on a synthetic cohort whose encoders each see different latent cues.
 
-Builds ``fusedist.fusion.synthetic.synthetic_cohort`` (three encoders, each a random nonlinear
+Builds ``fusedist.synth.cohort.synthetic_cohort`` (three encoders, each a random nonlinear
 view of 2 of the 4 cues, so none sees everything), runs the ``fusedist fuse`` pipeline for
 each task, and prints one table (rows = methods, columns = each task's primary metric, mean ±
 std over the outer folds) plus, per task: the best single expert, LogitProd, their difference,
@@ -263,7 +263,7 @@ def write_report(args: argparse.Namespace, cohort: Any, results: dict[str, Any],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
 
     args = parse_args(argv)
     num_genes = 8

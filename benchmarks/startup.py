@@ -64,7 +64,7 @@ def _cli(*args: str) -> list[str]:
 
 def _setup(work: Path, slides: bool = True) -> None:
     """Inputs, made once and untimed: a slide, its pairs and grid tiles, a fuse cohort."""
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
     from fusedist.synth import make_slide
 
     if slides:
@@ -92,7 +92,7 @@ def _fold_work(work: Path) -> tuple[list[float], int]:
     from fusedist.fusion.config import FuseConfig
     from fusedist.fusion.data import load_cohort, make_folds
     from fusedist.fusion.fold import run_fold
-    from fusedist.fusion.methods.registry import prepare_methods, select_methods
+    from fusedist.fusion.fold import prepare_methods, select_methods
 
     cfg = load_config(FuseConfig, None, [f"{k}={v}" for k, v in FUSE_SETS.items()],
                       bags=str(work / "cohort" / "bags"),

@@ -294,8 +294,8 @@ def predict(config: Optional[Path] = ConfigOpt,
             verbose: bool = VerboseOpt, print_config: bool = PrintConfigOpt) -> None:
     """Apply a fused model to new slides (their bags, or the slides themselves): predictions.csv,
     heatmaps, summary."""
-    # lazy: keeps the stage's imports (scipy, PIL; torch, Ray for some) out of CLI start-up
-    from fusedist.fusion.predict import PredictConfig, run_predict
+    # lazy: the stage (scipy, the fused model's modules) stays out of the CLI's start-up
+    from fusedist.predict import PredictConfig, check, run_predict
 
     _setup_logging(quiet, verbose, "predict")
     # `model` is also _load's first parameter: pass it as an override.
@@ -304,6 +304,7 @@ def predict(config: Optional[Path] = ConfigOpt,
         sets.insert(0, "bags=null")  # --slides replaces a config file's `bags`
     cfg = _load(PredictConfig, config, sets, print_config, bags=bags, slides=slides,
                 output=output, patients=patients)
+    _run_stage(check, cfg)  # before torch and Ray: a missing model or slide table fails fast
     result = _run_stage(run_predict, cfg, quiet)
     typer.echo(f"{len(result['predicted'])} slide(s) predicted, {len(result['failed'])} "
                f"failed; predictions: {result['output']}/predictions.csv")

@@ -30,7 +30,7 @@ from fusedist.features.slides import tile_grid
 from fusedist.formats import tile_manifest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.metrics import classification_metrics
-from fusedist.fusion.predict import PredictConfig, run_predict
+from fusedist.predict import PredictConfig, run_predict
 from fusedist.fusion.run import run_fuse
 from fusedist.execution.rayrun import init_ray
 from fusedist.synth import SynthConfig, synthesize
@@ -242,6 +242,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
 def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
                      mlflow: MlflowConfig, progress: bool) -> dict:
     """``fusedist predict --slides``: the classification model on the held-out slides."""
+    from fusedist.features import EngineConfig
+    from fusedist.predict import PredictConfig, run_predict
+
     pcfg = PredictConfig(model=model, slides=heldout, output=storage.join(root, "predict"),
                          engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
                          mlflow=mlflow)

@@ -18,7 +18,7 @@ RECIPE_MODELS: dict[str, str] = {
     "launch": "fusedist.launch.config:LaunchConfig",
     "embed": "fusedist.features:EmbedConfig",
     "fuse": "fusedist.fusion.config:FuseConfig",
-    "predict": "fusedist.fusion.predict:PredictConfig",
+    "predict": "fusedist.predict.config:PredictConfig",
     "retrain": "fusedist.retrain.config:RetrainConfig",
     "synth": "fusedist.synth:SynthConfig",
     "tile": "fusedist.tiling:TileConfig",

@@ -106,8 +106,8 @@ def test_gdc_cohort_tile_cache_embed_fuse_predict_and_odd_ids_round_trip(
     from fusedist.data import ShardReader
     from fusedist.features import CacheConfig, EmbedConfig, run_cache, run_embed
     from fusedist.fusion.config import FuseConfig
-    from fusedist.fusion.predict import PredictConfig, run_predict
     from fusedist.fusion.pyfunc import bags_frame
+    from fusedist.predict import PredictConfig, run_predict
     from fusedist.fusion.run import run_fuse
 
     labels = {r["slide_id"]: r for r in _rows(gdc / "slides" / "labels.csv")}

@@ -534,7 +534,7 @@ def test_a_released_fused_model_saves_and_loads_the_same_predictions(tmp_path, t
     from fusedist.fusion.data import load_cohort
     from fusedist.fusion.fold import fold_context, prepare_methods, select_methods
     from fusedist.fusion.model import load_model, refit, write_model
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
 
     from .test_fuse import TINY
 

@@ -1,7 +1,7 @@
 """`fusedist fuse` end to end: cohort checks, folds, every method on every task, resumption,
 the report and MLflow, and the LogitProd guarantee on the synthetic suite.
 
-Bags come from ``fusedist.fusion.synthetic`` (three encoders that see different cues) and are
+Bags come from ``fusedist.synth.cohort`` (three encoders that see different cues) and are
 real HDF5 files read through ``fusedist.formats.bags``; folds run as tasks on the session's real
 local Ray; MLflow is a real SQLite store.
 """
@@ -22,7 +22,7 @@ import pytest
 from fusedist.config import ConfigError, load_config
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort, make_folds
-from fusedist.fusion.synthetic import synthetic_cohort
+from fusedist.synth.cohort import synthetic_cohort
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

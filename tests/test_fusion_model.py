@@ -13,7 +13,7 @@ from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort
 from fusedist.fusion.fold import prepare_methods, select_methods
 from fusedist.fusion.model import load_model, refit, write_model
-from fusedist.fusion.synthetic import synthetic_cohort
+from fusedist.synth.cohort import synthetic_cohort
 
 from .test_fuse import TINY
 

@@ -23,7 +23,7 @@ from fusedist.formats.bags import Bag, read_bag, write_bag
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import load_cohort, make_folds
-from fusedist.fusion.synthetic import synthetic_cohort
+from fusedist.synth.cohort import synthetic_cohort
 
 from .test_fuse import TINY, read_csv
 

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fusedist.formats.bags import load_bags, read_bag
-from fusedist.fusion.synthetic import (DEFAULT_ENCODERS, SyntheticEncoder, synthetic_cohort,
+from fusedist.synth.cohort import (DEFAULT_ENCODERS, SyntheticEncoder, synthetic_cohort,
                                        tumour_mask)
 from fusedist.synth.cues import CUES, LabelParams, labels_csv, make_labels
 

@@ -62,7 +62,7 @@ def test_fuse_heads_train_on_cuda_like_cpu(tmp_path):
     from fusedist.fusion.data import load_cohort, make_folds
     from fusedist.fusion.fold import run_fold
     from fusedist.fusion.metrics import classification_metrics
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
 
     c = synthetic_cohort(str(tmp_path / "c"), num_slides=36, tiles=(24, 48), seed=5)
     out = {}

@@ -145,8 +145,8 @@ def test_pen_settings_only_touch_marked_slides():
 
 
 def test_predict_tiles_like_bags_made_before_ink_removal():
-    from fusedist.fusion.predict import PredictConfig
-    from fusedist.fusion.predict_slides import plan_encoders
+    from fusedist.predict import PredictConfig
+    from fusedist.predict.slides import plan_encoders
 
     old = {k: v for k, v in TileConfig(input=".", mode="grid").tissue.model_dump().items()
            if k != "ink"}

@@ -102,7 +102,7 @@ def fused(tmp_path_factory):
     from fusedist.fusion.data import load_cohort
     from fusedist.fusion.fold import prepare_methods, select_methods
     from fusedist.fusion.model import refit, write_model
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
 
     tmp = tmp_path_factory.mktemp("fused")
     co = synthetic_cohort(str(tmp / "cohort"), num_slides=12, tiles=(10, 20), seed=8)
@@ -127,7 +127,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 def test_fused_model_registered_loads_anywhere_and_predicts_as_fusedist(server, fused):
     from mlflow import MlflowClient
 
-    from fusedist.fusion.predict import PredictConfig, run_predict
+    from fusedist.predict import PredictConfig, run_predict
     from fusedist.fusion.pyfunc import bags_frame, log_fused_model
 
     co, c, url, tmp = fused

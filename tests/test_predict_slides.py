@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fusedist.cli import app
 from fusedist.config import ConfigError, load_config
-from fusedist.fusion.predict import PredictConfig, run_predict
+from fusedist.predict import PredictConfig, run_predict
 from tests.slides import known_slides, make_known_slide
 
 from .test_fuse import TINY
@@ -149,6 +149,6 @@ def test_a_card_without_what_re_embedding_needs_is_refused_naming_the_fix(fused,
         _predict(model=str(model), slides=str(d / "slides"), output=str(tmp_path / "p2"))
     cfg = PredictConfig(model=str(model), slides=str(d / "slides"),
                         encoders={STUDENT: str(d / "export")})
-    from fusedist.fusion.predict_slides import plan_encoders
+    from fusedist.predict.slides import plan_encoders
 
     assert {p.name: p.ref for p in plan_encoders(cfg, card)}[STUDENT] == str(d / "export")

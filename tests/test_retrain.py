@@ -132,7 +132,7 @@ def _bags_only(root: str, db: Path, epochs: int) -> RetrainConfig:
 
 def test_a_worse_challenger_is_kept_out_a_better_one_promoted(ray_cluster, s3_bucket,
                                                                tmp_path):
-    from fusedist.fusion.synthetic import synthetic_cohort
+    from fusedist.synth.cohort import synthetic_cohort
     from fusedist.retrain.job import NOTHING, run_retrain
 
     co = synthetic_cohort(str(tmp_path / "cohort"), num_slides=36, tiles=(10, 20), seed=6)

@@ -157,7 +157,7 @@ def _read_units(index: dict[str, dict[str, str]], units: list[Unit]
         yield u, [next(flat) for _ in u.slides]
 
 
-def _tile_extent(bag: Bag) -> float:
+def tile_extent(bag: Bag) -> float:
     v = bag.attrs.get("patch_size_level0")
     if v:
         return float(v)
@@ -188,7 +188,7 @@ def feature_group(bags: dict[str, Bag], encoders: list[str]) -> list[str]:
     return max(keys.values(), key=len)
 
 
-def _align_picks(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+def align_picks(bags: list[Bag]) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """The tiles every bag has (in the first bag's order) and, per bag, the rows of them
     (None: all of its rows, in order, which is the usual case)."""
     keys = [{(int(x), int(y)): i for i, (x, y) in enumerate(b.coords)} for b in bags]
@@ -256,7 +256,7 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: lis
                 if patient:
                     exclude("", "no usable slide (each one's reason is listed)", unit)
                 continue
-            pooled = pool_bags([b for _, b in good], group, _align_picks)
+            pooled = pool_bags([b for _, b in good], group, align_picks)
             if len(pooled.aligned_coords) == 0:
                 exclude("" if patient else unit.id,
                         f"encoders {group} share no tile coordinates on this "
@@ -298,7 +298,7 @@ def _read_features(cfg: FuseConfig, index: dict[str, dict[str, str]], units: lis
         coords={e: packed[f"{e}.coords"] for e in encoders},
         aligned={e: Picked(feats[e], picks[e]) for e in group},
         aligned_coords=packed["_aligned.coords"],
-        tile_extent={e: _tile_extent(first[e]) for e in encoders},
+        tile_extent={e: tile_extent(first[e]) for e in encoders},
         encoder_info={e: _encoder_info(first[e]) for e in encoders}, notes=notes,
         **(dict(members=members, member_sizes=sizes) if patient else {}))
 

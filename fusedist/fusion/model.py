@@ -8,7 +8,10 @@ every labelled sample with the fold's recipe and saved as ``<output>/model/``:
                             predictions and which components are ``flat``)
     <method>.safetensors    one per component (tensors only; rebuilt from the card's spec)
 
-``load_model`` rebuilds it; ``FusedModel.predict(inputs)`` gives each component's outputs.
+``load_model`` rebuilds it; ``FusedModel.unit_inputs`` turns a new slide's (or patient's)
+bags into the components' ``Inputs`` and ``FusedModel.predict(inputs)`` gives each component's
+outputs; ``prediction_columns`` are the columns of ``predictions.csv`` and of the pyfunc's
+table. ``fusedist predict`` and the pyfunc model (:mod:`fusedist.fusion.pyfunc`) share them.
 ``fuse`` also logs the folder as an ``mlflow.pyfunc`` model (:mod:`fusedist.fusion.pyfunc`)
 and, with ``final.registered_model``, registers it under ``final.alias``.
 """
@@ -24,10 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from fusedist import storage
+from fusedist.formats.bags import Bag, _version
+from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
-from fusedist.fusion.data import Cohort
+from fusedist.fusion.data import Cohort, align_picks, restrict_training
+from fusedist.fusion.fold import fold_context
 from fusedist.fusion.methods.base import Fitted, Inputs, Method, Outputs, load_fitted
-from fusedist.fusion.tasks import Targets, targets_from_card
+from fusedist.fusion.tasks import (ClassTargets, RegressionTargets, SurvivalTargets, Targets,
+                                   targets_from_card)
+from fusedist.fusion.units import Pooled, pool_bags
 
 CARD = "card.json"
 
@@ -40,8 +48,6 @@ def final_methods(cfg: FuseConfig, methods: list[Method], best: str) -> list[Met
     by_name = {m.name: m for m in methods}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        from fusedist.config import ConfigError
-
         raise ConfigError(f"final.methods: {unknown} did not run in this fuse (ran: "
                           f"{sorted(by_name)}); pick from those")
     return [by_name[n] for n in dict.fromkeys(n for n in names if n)]
@@ -50,9 +56,6 @@ def final_methods(cfg: FuseConfig, methods: list[Method], best: str) -> list[Met
 def _refit_context(c: Cohort, cfg: FuseConfig, prepared: dict,
                    epochs: dict[str, int] | None = None):
     """A fold context whose training samples are every labelled one and whose test is none."""
-    from fusedist.fusion.data import restrict_training
-    from fusedist.fusion.fold import fold_context
-
     everything = np.arange(c.num_samples)
     return fold_context(c, cfg, restrict_training(c, cfg, everything), everything[:0], -1,
                         prepared, epochs)
@@ -73,8 +76,6 @@ def spread_checks(c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     slides it was refitted on (``final.min_spread``). A refit that gives every training slide
     about the same output learnt nothing it can apply to a new slide, whatever the folds
     scored."""
-    from fusedist.fusion.tasks import ClassTargets, RegressionTargets, SurvivalTargets
-
     ctx = _refit_context(c, cfg, prepared)
     x = ctx.inputs(ctx.train)
     out = {}
@@ -135,9 +136,6 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
     :func:`spread_checks`, ``flat`` components). Returns ``url``."""
     from safetensors.torch import save_file
 
-    from fusedist.formats.bags import _version
-    from fusedist.fusion.data import restrict_training
-
     targets = next(iter(fitted.values())).targets
     trained = restrict_training(c, cfg, np.arange(c.num_samples))
     keep = None if cfg.train_slides is None else set(cfg.train_slides)
@@ -186,6 +184,76 @@ class FusedModel:
 
     def predict(self, x: Inputs, device=None) -> dict[str, Outputs]:
         return {name: f.predict(x, device) for name, f in self.components.items()}
+
+    def slide_inputs(self, bags: dict[str, Bag], slide_id: str, urls: dict[str, str]
+                     ) -> Inputs:
+        """One slide's ``Inputs``: each encoder's bag, the feature group aligned on shared
+        tiles, tile matrices (tile tasks), and what each component prepares for a slide
+        (``Fitted.prepare_unit``: FuseCPath's sub-bag plan). ``urls``: where each bag came
+        from, for the messages."""
+        return self.unit_inputs([bags], slide_id, [urls])[0]
+
+    def unit_inputs(self, per_slide: list[dict[str, Bag]], unit_id: str,
+                    urls: list[dict[str, str]]) -> tuple[Inputs, Pooled]:
+        """One unit's ``Inputs`` (a slide, or a patient: its slides' bags pooled as ``fuse``
+        pools them, :func:`fusedist.fusion.units.pool_bags`) and the pooled bags. A bag the
+        model cannot take is a :class:`SlideError`."""
+        card = self.card
+        for bags, where in zip(per_slide, urls):
+            for e, b in bags.items():
+                dim = (card["encoders"].get(e) or {}).get("dim")
+                if dim and b.dim != dim:
+                    raise SlideError(f"{where[e]}: {b.dim}-d features, the model's {e!r} takes "
+                                     f"{dim}; this folder holds another encoder's bags")
+        group = [e for e in card["feature_group"] if e in per_slide[0]]
+        pooled = pool_bags(per_slide, group, align_picks)
+        bags = pooled.bags
+        aligned: dict[str, list[np.ndarray]] = {}
+        if group:
+            if len(pooled.aligned_coords) == 0:
+                raise SlideError(f"{unit_id}: encoders {group} share no tile coordinates")
+            aligned = {e: [(bags[e].features if p is None else bags[e].features[p])
+                           .astype(np.float32)] for e, p in zip(group, pooled.picks)}
+        tile = card["task"] == "tile_classification"
+        tiles = {e: aligned[e][0] for e in group} if tile else None
+        n = len(next(iter(tiles.values()))) if tile else 1
+        x = Inputs(idx=np.arange(n), bags={e: [b.features.astype(np.float32)]
+                                           for e, b in bags.items()},
+                   aligned=aligned, tiles=tiles, attention_for=() if tile else (0,))
+        for f in self.components.values():
+            x = f.prepare_unit(x, unit_id, card)
+        return x, pooled
+
+
+class SlideError(Exception):
+    """One slide (or patient) cannot be predicted; the message says why and how to fix it."""
+
+
+# ------------------------------------------------------------------- prediction table
+
+def task_columns(card: dict) -> list[str]:
+    """The task's prediction columns: ``risk`` (survival), ``pred_<target>`` (regression),
+    else ``prob_<class>`` and ``predicted``."""
+    t = card["targets"]
+    if card["task"] == "survival":
+        return ["risk"]
+    if card["task"] == "regression":
+        return [f"pred_{n}" for n in t["targets"]]
+    return [f"prob_{k}" for k in t["classes"]] + ["predicted"]
+
+
+def weight_experts(card: dict) -> list[str]:
+    """LogitProd's experts (its ``weight_<encoder>`` columns), in its order; none without
+    LogitProd."""
+    lp = [c for c in card["components"].values() if c["spec"]["kind"] == "logitprod"]
+    return list(lp[0]["spec"]["experts"]) if lp else []
+
+
+def prediction_columns(card: dict) -> list[str]:
+    """``slide_id``, ``method``, the task's columns, LogitProd's weights: one row per slide
+    (or patient) per method, in ``predictions.csv`` and the pyfunc model's output."""
+    return (["slide_id", "method"] + task_columns(card)
+            + [f"weight_{e}" for e in weight_experts(card)])
 
 
 def model_files(url: str) -> dict[str, bytes]:

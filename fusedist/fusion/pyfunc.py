@@ -29,6 +29,7 @@ The model's one artifact, ``model``, is the ``<output>/model/`` folder ``fuse`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -39,24 +40,17 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from fusedist import mlmodels, storage
+from fusedist.formats.bags import Bag, list_bags, read_bag
+from fusedist.fusion.model import (CARD, SlideError, flat_reason, load_model, model_files,
+                                   prediction_columns, weight_experts)
+
 ARTIFACT = "model"
 MODEL_NAME = "fused_model"  # the LoggedModel's name on the fuse run
 COORDS = ".coords"
 
 
 # ----------------------------------------------------------------------------- schema
-
-def _prediction_columns(card: dict) -> list[str]:
-    from fusedist.fusion.predict import _columns
-
-    return ["slide_id", "method"] + _columns(card) + [f"weight_{e}" for e in _experts(card)]
-
-
-def _experts(card: dict) -> list[str]:
-    """LogitProd's experts (its weight columns), in its order; none without LogitProd."""
-    lp = [c for c in card["components"].values() if c["spec"]["kind"] == "logitprod"]
-    return list(lp[0]["spec"]["experts"]) if lp else []
-
 
 def signature(card: dict):
     from mlflow.models import ModelSignature
@@ -69,7 +63,7 @@ def signature(card: dict):
         inputs += [ColSpec(Array(Array(DataType.double)), e),
                    ColSpec(Array(Array(DataType.long)), e + COORDS, required=False)]
     outputs = [ColSpec(DataType.string if c in ("slide_id", "method", "predicted")
-                       else DataType.double, c) for c in _prediction_columns(card)]
+                       else DataType.double, c) for c in prediction_columns(card)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
@@ -81,8 +75,6 @@ def _missing(v: Any) -> bool:
 
 def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
     """One input row -> (slide id, encoder -> Bag), with checks that name the column."""
-    from fusedist.formats.bags import Bag
-
     sid = str(row["slide_id"])
     feats, coords = {}, {}
     for e in card["encoders"]:
@@ -115,15 +107,13 @@ def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
 
 def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame:
     """The prediction table of ``frame`` (see the module docstring), as numbers."""
-    from fusedist.fusion.predict import SlideError, slide_inputs
-
-    experts = _experts(card)
+    experts = weight_experts(card)
     tile = card["task"] == "tile_classification"
     rows = []
     for rec in frame.to_dict("records"):
         sid, bags = _row_bags(card, rec)
         try:
-            x = slide_inputs(card, bags, sid, {e: f"column {e!r}" for e in bags})
+            x = model.slide_inputs(bags, sid, {e: f"column {e!r}" for e in bags})
         except SlideError as err:
             raise ValueError(f"slide {sid}: {err}") from None
         outs = model.predict(x, device)
@@ -137,7 +127,7 @@ def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame
             w = (np.asarray(o.weights, np.float64).mean(0).tolist() if o.weights is not None
                  else [math.nan] * len(experts))
             rows.append([sid, name] + vals + w)
-    return strict_numbers(pd.DataFrame(rows, columns=_prediction_columns(card)))
+    return strict_numbers(pd.DataFrame(rows, columns=prediction_columns(card)))
 
 
 def strict_numbers(frame: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +146,7 @@ class FusedPyfunc(mlflow.pyfunc.PythonModel):
     """Bags per slide (DataFrame) -> the prediction table; state lives in the artifact."""
 
     def load_context(self, context) -> None:
-        from fusedist.fusion.model import load_model
+        # lazy: fusion.train imports torch
         from fusedist.fusion.training import pick_device
 
         self.model = load_model(str(context.artifacts[ARTIFACT]))  # checks every digest
@@ -174,9 +164,6 @@ def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = Non
                ) -> pd.DataFrame:
     """The model input for slides' bags under ``<bags>/<encoder>/``: one row per slide with
     every encoder's features and coords (default: the slides every encoder has a bag for)."""
-    from fusedist import storage
-    from fusedist.formats.bags import list_bags, read_bag
-
     index = {e: list_bags(storage.join(bags, e)) for e in encoders}
     if slide_ids is None:
         slide_ids = sorted(set.intersection(*(set(v) for v in index.values())))
@@ -202,8 +189,6 @@ def flat_tags(card: dict) -> dict[str, str]:
     """``fusedist.flat_refit``: ``true`` when a component's refit barely varies over its
     training slides (``card["refit"]["flat"]``), with the components and why in
     ``fusedist.flat_refit.reason``; ``false`` otherwise. Cards written before the check: none."""
-    from fusedist.fusion.model import flat_reason
-
     if card.get("refit") is None:
         return {}
     why = flat_reason(card)
@@ -220,11 +205,6 @@ def log_fused_model(run, model_url: str, registered_model: str | None,
     ``reused``), ``None`` for an inactive run."""
     if not getattr(run, "active", False):
         return None
-    import hashlib
-
-    from fusedist import mlmodels
-    from fusedist.fusion.model import CARD, model_files
-
     files = model_files(model_url)
     card = json.loads(files[CARD])
     tags = {"fusedist.task": card["task"], "methods": ",".join(card["methods"]),

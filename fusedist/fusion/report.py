@@ -482,7 +482,7 @@ def _predictions_csv(c, task, fold_ids: np.ndarray, oof: dict[str, np.ndarray]) 
     return _csv(rows)
 
 
-def _thumbnail(cfg, slide_id: str):
+def slide_thumbnail(cfg, slide_id: str):
     """(PIL image, level-0 size) from a tile dataset folder, or (None, None)."""
     if not cfg.thumbnails:
         return None, None
@@ -519,7 +519,7 @@ def _plots(c, cfg, s, results, out: Path, fold_ids: np.ndarray) -> list[tuple[st
             e = m[len("expert."):]
             for i, attn in sorted(per_slide.items()):
                 for sid, xy, a, of in _per_slide(c, e, i, attn):
-                    thumb, size = _thumbnail(cfg, sid)
+                    thumb, size = slide_thumbnail(cfg, sid)
                     rel = f"plots/attention_{e}_{encode_id(sid)}.png"
                     plot_attention_heatmap(xy, a, c.tile_extent[e], out / rel,
                                            thumbnail=thumb, slide_size=size,

@@ -217,7 +217,7 @@ def pool_bags(per_slide: list[dict[str, Bag]], group: list[str], align) -> Poole
     align the feature group slide by slide (tile coordinates repeat across slides, so they
     are matched within each slide, then offset). One slide passes through unchanged.
 
-    ``align(bags) -> (coords, picks)`` is fusedist.fusion.data._align_picks."""
+    ``align(bags) -> (coords, picks)`` is fusedist.fusion.data.align_picks."""
     encoders = list(per_slide[0])
     sizes = {e: [len(b[e].features) for b in per_slide] for e in encoders}
     parts = [align([b[e] for e in group]) for b in per_slide]

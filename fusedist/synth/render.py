@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from fusedist.synth import fields as F
+import fusedist.synth.fields as F
 from fusedist.synth.cues import Morphology, morphology
 from fusedist.synth.ink import Stroke, ink_od
 

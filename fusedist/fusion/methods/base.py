@@ -104,6 +104,12 @@ class Fitted:
         """Encoders whose bags ``predict`` reads."""
         raise NotImplementedError
 
+    def prepare_unit(self, x: Inputs, unit_id: str, card: dict) -> Inputs:
+        """A new slide's (or patient's) ``Inputs`` with what this method needs besides the
+        bags, built as the cohort's were before the folds (``Method.prepare``); ``card``: the
+        fused model's card. Default: nothing extra."""
+        return x
+
 
 def load_fitted(spec: dict, state: dict[str, Tensor], targets: Targets) -> Fitted:
     return fitted_kind(spec["kind"]).from_spec(spec, state, targets)

@@ -35,6 +35,7 @@ build the sub-bags — or return the reason the slide is skipped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from fusedist import storage
 from fusedist.config import ConfigError
+from fusedist.fusion.config import FuseCPathConfig
 from fusedist.fusion.methods.base import FitInfo, Fitted, Method, Outputs, Skipped
 from fusedist.fusion.methods.experts import AttentionPool
 from fusedist.fusion.methods.registry import register, register_fitted
@@ -571,9 +573,13 @@ def predict_fusecpath(model: nn.Module, feats: Tensor, plan: Tensor,
 
 def plan_slide(feats: list[np.ndarray], cfg, slide_id: str):
     """Sub-bag plan of one slide (``None`` when it has too few clusters) and why not."""
-    fc = cfg.fusecpath
+    return plan_unit(feats, cfg.fusecpath, cfg.seed, slide_id)
+
+
+def plan_unit(feats: list[np.ndarray], fc: FuseCPathConfig, seed: int, unit_id: str):
+    """``plan_slide`` from the ``fusecpath`` settings and the run's seed."""
     p = plan_subbags(feats, fc.n_clusters, fc.n_bags, fc.per_cluster, fc.clustering,
-                     seed_for(cfg.seed, slide_id), rule=fc.subbag_rule)
+                     seed_for(seed, unit_id), rule=fc.subbag_rule)
     return (p.indices if p.ok else None), p.reason
 
 
@@ -643,6 +649,13 @@ class FuseCPathFitted(Fitted):
 
     def encoders(self):
         return self.group
+
+    def prepare_unit(self, x, unit_id, card):
+        """The new slide's sub-bag plan, clustered as ``FuseCPath.prepare`` clusters the
+        cohort's slides (the card's ``fusecpath`` settings and seed)."""
+        fc = FuseCPathConfig(**card["fusecpath"])
+        plan = plan_unit([x.aligned[e][0] for e in self.group], fc, card["seed"], unit_id)[0]
+        return dataclasses.replace(x, plans=[plan])
 
     def predict(self, x, device=None):
         device = device or torch.device("cpu")

@@ -20,37 +20,17 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from pydantic import Field
 
 from fusedist import storage
-from fusedist.config import ConfigError, StrictModel
-
-if TYPE_CHECKING:
-    from fusedist.fusion.predict import PredictConfig
+from fusedist.config import ConfigError
+from fusedist.features import EmbedConfig, run_embed
+from fusedist.features.config import EncoderRef
+from fusedist.models.refs import load_encoders, stage_tracking_uri
+from fusedist.predict.config import PredictConfig, SlideEncoder
+from fusedist.tiling import TileConfig, run_tile
+from fusedist.tiling.job import discover
 
 log = logging.getLogger("fusedist")
-
-
-class SlideEncoder(StrictModel):
-    """How ``predict --slides`` builds and feeds one encoder the model's card names, where the
-    card's record does not serve (a moved export folder, bags from TRIDENT/CLAM)."""
-
-    ref: str | None = None
-    """Registry name or exported model folder (local or ``s3://``); default: the card's."""
-
-    weights: str | None = None
-    """Weights file or ``hf-hub:`` id; default: the card's, else the registry entry's own."""
-
-    mpp: float | None = Field(None, gt=0)
-    """Tile µm/px; default: the card's (the training bags')."""
-
-    tile_size: int | None = Field(None, gt=0)
-    """Tile side in pixels; default: the card's."""
-
-    min_tissue: float | None = Field(None, ge=0, le=1)
-    """Minimum tissue fraction of a tile; default: the card's tiling recipe, else 0.5."""
 
 
 @dataclass
@@ -77,11 +57,9 @@ def _fix(e: str, what: str) -> str:
             f"(`fusedist embed -e <encoder>`) and predict with `--bags`")
 
 
-def plan_encoders(cfg: "PredictConfig", card: dict) -> list[_Plan]:
+def plan_encoders(cfg: PredictConfig, card: dict) -> list[_Plan]:
     """Resolve every encoder the card names; a ConfigError names what is missing and the fix
     before any slide is touched."""
-    from fusedist.tiling import TileConfig
-
     unknown = sorted(set(cfg.encoders) - set(card["encoders"]))
     if unknown:
         raise ConfigError(f"encoders: {unknown} are not in the model's card (it names "
@@ -120,9 +98,6 @@ def plan_encoders(cfg: "PredictConfig", card: dict) -> list[_Plan]:
 def _check_encoders(plans: list[_Plan], card: dict, tracking_uri: str) -> dict:
     """Build each encoder once: it must be the card's (name, weights digest, input size).
     Returns them by name, for ``embed`` to use as they are (no second build)."""
-    from fusedist.features.config import EncoderRef
-    from fusedist.models.refs import load_encoders
-
     built = {}
     for p in plans:
         try:
@@ -155,16 +130,11 @@ def _dataset_name(recipe: dict) -> str:
     return f"grid_{recipe['tile_size']}px_{recipe['tile_mpp']:g}um_{digest}"
 
 
-def embed_slides(cfg: "PredictConfig", card: dict, progress: bool = True) -> SlidesResult:
+# Tile, then embed (issue #27): to use the helper in fusedist/features/slides.py that embed,
+# retrain and the demo share.
+def embed_slides(cfg: PredictConfig, card: dict, progress: bool = True) -> SlidesResult:
     """Tile ``cfg.slides`` once per tiling recipe and embed them with the card's encoders into
     ``<output>/bags``; returns where the bags are and the slides that failed, with why."""
-    from fusedist.features import EmbedConfig, run_embed
-    from fusedist.features.config import EncoderRef
-    from fusedist.tiling import TileConfig, run_tile
-
-    from fusedist.models.refs import stage_tracking_uri
-    from fusedist.tiling.job import discover
-
     # Bad input (a duplicate id, a missing file) fails before any encoder is built.
     discover(TileConfig(input=cfg.slides, mode="grid", storage=cfg.storage))
     plans = plan_encoders(cfg, card)

@@ -246,6 +246,7 @@ def synthetic_cohort(output: str, num_slides: int = 60, num_classes: int = 2,
         for enc in encoders:
             bag = Bag(slide_id=row.slide_id, features=_embed(seed, i, enc, maps[enc.name], t),
                       coords=t.coords, encoder=enc.name, mpp=MPP, tile_size=TILE_SIZE,
+                      # "source" is written into every bag: the module's old path, kept.
                       attrs={LEVEL0_MPP: MPP, TILE_SIZE_LEVEL0: TILE_SIZE,
                              "source": "fusedist.fusion.synthetic", "seed": seed,
                              # What the encoder's "weights" are: its seeded random map.

@@ -1,7 +1,7 @@
 """``fusedist predict``: apply a fused model (``fuse``'s ``<output>/model/``) to new slides.
 
 From ``--bags`` (fusedist, TRIDENT or CLAM layout, one folder per encoder the card names), or
-from ``--slides``: tiled and embedded first as the card records (``predict_slides``), into
+from ``--slides``: tiled and embedded first as the card records (:mod:`.slides`), into
 ``<output>/tiles/`` and ``<output>/bags/``, then predicted exactly as ``--bags``.
 Every slide is one unit: its result lands in ``<output>/_state/<slide>.json`` as soon as it
 is predicted, so a re-run skips finished slides and gives the same ``predictions.csv``. A slide
@@ -26,99 +26,28 @@ import hashlib
 import io
 import json
 import logging
+import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
 
-from fusedist import storage
-from fusedist.config import ConfigError, RayConfig, StorageConfig, StrictModel
-from fusedist.features.config import EngineConfig
+from fusedist import mlmodels, storage
+from fusedist.formats.bags import BagError, list_bags, read_bag
+from fusedist.config import ConfigError
 from fusedist.formats.slide_ids import encode_id
-from fusedist.fusion.predict_slides import SlideEncoder
+from fusedist.formats.slide_table import is_slide_table, patients, read_slide_table
+from fusedist.fusion import report as rp
+from fusedist.fusion.data import tile_extent
+from fusedist.fusion.methods.experts import HeadFitted
+from fusedist.fusion.model import (CARD, SlideError, load_model, task_columns,
+                                   weight_experts)
+from fusedist.fusion.units import no_shared_ids
+from fusedist.predict.config import PredictConfig
+from fusedist.predict.slides import embed_slides
 from fusedist.state import StageState
-from fusedist.tracking import MlflowConfig
 
 log = logging.getLogger("fusedist")
-
-
-class PredictConfig(StrictModel):
-    """Apply a fused model to new slides' bags."""
-
-    model: str
-    """The fused model: a ``fuse`` output's ``model/`` folder (local or ``s3://``), or a
-    registered one, ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (``fuse``
-    with ``final.registered_model``)."""
-
-    tracking_uri: str | None = None
-    """MLflow server (or store URI) whose registry resolves ``models:/`` models; default:
-    ``MLFLOW_TRACKING_URI``, else the local ``./mlruns/mlflow.db`` every stage logs to."""
-
-    bags: str | None = None
-    """Root of ``<encoder>/<slide_id>.h5`` bags for every encoder the model's card names."""
-
-    slides: str | None = None
-    """Or: slides (a folder or ``s3://`` prefix, or a slide table: ``fusedist tile``'s
-    ``input``) to tile and embed first, as the model's card
-    records for each encoder, into ``<output>/tiles/`` and ``<output>/bags/``."""
-
-    output: str = "predict-output"
-    """Where predictions.csv, heatmaps/, summary.md and manifest.json go."""
-
-    slide_ids: list[str] | None = None
-    """Slide ids to predict; default: every slide with a bag for the model's encoders."""
-
-    patients: str | None = None
-    """Slide table (``slide_id``, ``patient_id``; the one ``fuse`` took as ``slides``) that
-    groups the slides into patients, for a model fused with ``unit: patient`` (its card says
-    so): each patient's slides are pooled and predicted as one, one row per patient.
-    Default: ``slides`` when that is a slide table."""
-
-    thumbnails: str | None = None
-    """Tile dataset (its ``thumbnails/``) or folder of ``<slide_id>.png`` for the heatmaps."""
-
-    heatmaps: bool = True
-    """Draw each expert component's attention over every slide."""
-
-    device: str = Field("cpu", pattern="^(cpu|cuda|auto)$")
-    """Where the heads run."""
-
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    """S3 endpoint and retries."""
-
-    encoders: dict[str, SlideEncoder] = {}
-    """With ``slides``: per card encoder, what to use instead of the card's record (e.g.
-    ``{xmag-student: {ref: /models/export}}`` for a moved export folder)."""
-
-    mpp_override: float | None = Field(None, gt=0)
-    """With ``slides``: level-0 µm/px for slides whose metadata has none (else they fail)."""
-
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    """With ``slides``: how the encoders run (batch size, actors, device)."""
-
-    ray: RayConfig = Field(default_factory=RayConfig)
-    """With ``slides``: where Ray runs the tiling and embedding."""
-
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    """With ``slides``: tracking of the tile and embed runs."""
-
-    @field_validator("encoders", mode="before")
-    @classmethod
-    def _encoder_refs(cls, v):
-        return {k: {"ref": x} if isinstance(x, str) else x for k, x in (v or {}).items()}
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "PredictConfig":
-        if (self.bags is None) == (self.slides is None):
-            raise ValueError("give exactly one of 'bags' (embedded slides) or 'slides' (slides "
-                             "to tile and embed first)")
-        return self
-
-
-class SlideError(Exception):
-    """One slide cannot be predicted; the message says why and how to fix it."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -136,8 +65,6 @@ def _check_digest(card: dict, enc: str, bag, url: str) -> None:
 def _check_weights(card: dict, todo: dict[str, dict[str, str]]) -> None:
     """Refuse the run (ConfigError) when an encoder's bags come from other weights than the
     model's: checked on each encoder's first bag, before any slide is predicted."""
-    from fusedist.formats.bags import BagError, read_bag
-
     for e in card["encoders"]:
         url = next((u[e] for u in todo.values() if u.get(e)), None)
         if url is None:
@@ -150,60 +77,7 @@ def _check_weights(card: dict, todo: dict[str, dict[str, str]]) -> None:
             continue  # that slide fails on its own below; the others may be fine
 
 
-def slide_inputs(card: dict, bags: dict, slide_id: str, urls: dict[str, str]):
-    """One slide's ``Inputs`` for the model: each encoder's bag, the feature group aligned on
-    shared tiles, tile matrices (tile tasks), FuseCPath's sub-bag plan."""
-    return unit_inputs(card, [bags], slide_id, [urls])[0]
-
-
-def unit_inputs(card: dict, per_slide: list[dict], unit_id: str, urls: list[dict[str, str]]):
-    """One unit's ``Inputs`` (a slide, or a patient: its slides' bags pooled as ``fuse``
-    pools them, fusedist.fusion.units.pool_bags) and the pooled bags."""
-    from fusedist.fusion.data import _align_picks
-    from fusedist.fusion.methods.base import Inputs
-    from fusedist.fusion.units import pool_bags
-
-    for bags, where in zip(per_slide, urls):
-        for e, b in bags.items():
-            dim = (card["encoders"].get(e) or {}).get("dim")
-            if dim and b.dim != dim:
-                raise SlideError(f"{where[e]}: {b.dim}-d features, the model's {e!r} takes "
-                                 f"{dim}; this folder holds another encoder's bags")
-    group = [e for e in card["feature_group"] if e in per_slide[0]]
-    pooled = pool_bags(per_slide, group, _align_picks)
-    bags = pooled.bags
-    aligned: dict[str, list[np.ndarray]] = {}
-    if group:
-        if len(pooled.aligned_coords) == 0:
-            raise SlideError(f"{unit_id}: encoders {group} share no tile coordinates")
-        aligned = {e: [(bags[e].features if p is None else bags[e].features[p])
-                       .astype(np.float32)] for e, p in zip(group, pooled.picks)}
-    plans = None
-    if card.get("fusecpath"):
-        from fusedist.fusion.config import FuseCPathConfig
-        from fusedist.fusion.methods.fusecpath import plan_slide
-
-        cfg = SimpleNamespace(fusecpath=FuseCPathConfig(**card["fusecpath"]), seed=card["seed"])
-        plans = [plan_slide([aligned[e][0] for e in group], cfg, unit_id)[0]]
-    tile = card["task"] == "tile_classification"
-    tiles = {e: aligned[e][0] for e in group} if tile else None
-    n = len(next(iter(tiles.values()))) if tile else 1
-    return Inputs(idx=np.arange(n), bags={e: [b.features.astype(np.float32)]
-                                          for e, b in bags.items()},
-                  aligned=aligned, tiles=tiles, plans=plans,
-                  attention_for=() if tile else (0,)), pooled
-
-
 # ---------------------------------------------------------------------------- output
-
-def _columns(card: dict) -> list[str]:
-    t = card["targets"]
-    if card["task"] == "survival":
-        return ["risk"]
-    if card["task"] == "regression":
-        return [f"pred_{n}" for n in t["targets"]]
-    return [f"prob_{k}" for k in t["classes"]] + ["predicted"]
-
 
 def _row(card: dict, pred: np.ndarray) -> list[object]:
     if card["task"] == "survival":
@@ -216,8 +90,6 @@ def _row(card: dict, pred: np.ndarray) -> list[object]:
 
 
 def _read_slide(card: dict, slide_id: str, urls: dict[str, str]) -> dict:
-    from fusedist.formats.bags import BagError, read_bag
-
     bags = {}
     for e, url in urls.items():
         try:
@@ -240,7 +112,7 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
     sample, as in a ``unit: patient`` fuse run."""
     order = sorted(slides) if patient else list(slides)
     per_slide = [_read_slide(card, s, slides[s]) for s in order]
-    x, pooled = unit_inputs(card, per_slide, unit_id, [slides[s] for s in order])
+    x, pooled = model.unit_inputs(per_slide, unit_id, [slides[s] for s in order])
     bags = pooled.bags
     out = {"slide_id": ";".join(order), "methods": {}, "attention": {}}
     if patient:
@@ -257,7 +129,7 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
             if attn:
                 out["attention"][e] = {"coords": bags[e].coords.tolist(),
                                        "attention": attn[0].tolist(),
-                                       "extent": _extent(bags[e])}
+                                       "extent": tile_extent(bags[e])}
                 if patient:  # to draw each slide on its own (coords repeat across slides)
                     out["attention"][e]["slides"] = [[s, n] for s, n in
                                                      zip(order, pooled.sizes[e])]
@@ -267,8 +139,6 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
 def _experts(model) -> dict:
     """Encoder -> the single-encoder bag heads inside the model's components (their
     attention is what the heatmaps show)."""
-    from fusedist.fusion.methods.experts import HeadFitted
-
     found = {}
 
     def visit(f) -> None:
@@ -286,19 +156,12 @@ def _experts(model) -> dict:
     return found
 
 
-def _extent(bag) -> float:
-    from fusedist.fusion.data import _tile_extent
-
-    return _tile_extent(bag)
-
-
 def _predictions_csv(card: dict, results: list[dict]) -> str:
-    lp = [name for name, c in card["components"].items() if c["spec"]["kind"] == "logitprod"]
-    experts = list(card["components"][lp[0]]["spec"]["experts"]) if lp else []
+    experts = weight_experts(card)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     patient = card.get("unit") == "patient"  # one row per patient, its slides joined by ;
-    w.writerow((["patient_id"] if patient else []) + ["slide_id", "method"] + _columns(card)
+    w.writerow((["patient_id"] if patient else []) + ["slide_id", "method"] + task_columns(card)
                + [f"weight_{e}" for e in experts])
     for r in results:
         for name in card["methods"]:
@@ -312,6 +175,28 @@ def _predictions_csv(card: dict, results: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------- run
 
+def _card_url(folder: str) -> str:
+    """The model's card, a ConfigError naming the fix when there is none."""
+    card_url = storage.join(folder, CARD)
+    if not storage.exists(card_url):
+        raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
+                          "output's model/ folder (written when final.enabled is true) "
+                          "or at a registered one, models:/<name>@<alias>")
+    return card_url
+
+
+def check(cfg: PredictConfig) -> None:
+    """The inputs ``run_predict`` would refuse first, checked before torch and Ray load: a
+    model folder without a card, a patient-unit model without the slide table that groups the
+    slides (a registered model is checked when it is downloaded)."""
+    storage.configure(cfg.storage)
+    if mlmodels.is_registry_uri(cfg.model):
+        return
+    card = json.loads(storage.read_text(_card_url(cfg.model)))
+    if card.get("unit") == "patient":
+        _patient_table(cfg)
+
+
 def _model_digest(card_text: str) -> str:
     return hashlib.sha256(card_text.encode()).hexdigest()
 
@@ -320,8 +205,6 @@ def _targets(cfg: PredictConfig, card: dict, failed: dict[str, str] | None = Non
              ) -> dict[str, dict[str, str]]:
     """slide_id -> encoder -> bag URL, for the slides to predict (minus ``failed``: slides
     ``--slides`` could not tile or embed)."""
-    from fusedist.formats.bags import list_bags
-
     index = {}
     for e in card["encoders"]:
         folder = storage.join(cfg.bags, e)
@@ -342,16 +225,12 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     """Predict every slide; returns the manifest (``failed`` lists the slides that failed)."""
     from tqdm import tqdm
 
-    from fusedist.fusion.model import CARD, load_model
+    # lazy: fusion.train imports torch
     from fusedist.fusion.training import pick_device
 
     storage.configure(cfg.storage)
     with _model_folder(cfg) as (folder, source):
-        card_url = storage.join(folder, CARD)
-        if not storage.exists(card_url):
-            raise ConfigError(f"model: {card_url} does not exist; point `--model` at a fuse "
-                              "output's model/ folder (written when final.enabled is true) "
-                              "or at a registered one, models:/<name>@<alias>")
+        card_url = _card_url(folder)
         card_text = storage.read_text(card_url)
         model = load_model(folder)
     card = model.card
@@ -362,8 +241,6 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     if card.get("unit") == "patient":
         _patient_table(cfg)  # before any tiling: a patient model needs the patients
     if cfg.slides:
-        from fusedist.fusion.predict_slides import embed_slides
-
         made = embed_slides(cfg, card, progress)
         # Only the slides of this folder: <output>/bags may hold others from an earlier run.
         cfg = cfg.model_copy(update={"bags": made.bags, "thumbnails": made.thumbnails,
@@ -425,8 +302,6 @@ def _usable(slides: dict[str, dict[str, str | None]], failed: list[dict], patien
 def _patient_table(cfg: PredictConfig) -> str:
     """The slide table that groups slides into patients (``patients``, else ``slides`` when
     it is a table); a ConfigError when there is none."""
-    from fusedist.formats.slide_table import is_slide_table
-
     table = cfg.patients or (cfg.slides if cfg.slides and is_slide_table(cfg.slides) else None)
     if table is None:
         raise ConfigError("model: it was fused with unit: patient (its card), so it predicts "
@@ -439,13 +314,9 @@ def _units(cfg: PredictConfig, todo: dict[str, dict[str, str]], failed: list[dic
            ) -> dict[str, dict[str, dict[str, str]]]:
     """patient -> slide -> encoder -> bag URL, from the slide table that groups the slides
     (a patient-unit model predicts patients); slides it does not list are recorded failed."""
-    from fusedist.formats.slide_table import patients, read_slide_table
-
     table = _patient_table(cfg)
     of = patients(read_slide_table(table))
     if todo and not set(todo) & set(of):
-        from fusedist.fusion.units import no_shared_ids
-
         raise ConfigError(no_shared_ids(sorted(todo), sorted(of), "slide_id", "the bags",
                                         f"the slide table {table}"))
     units: dict[str, dict[str, dict[str, str]]] = {}
@@ -462,10 +333,6 @@ def _units(cfg: PredictConfig, todo: dict[str, dict[str, str]], failed: list[dic
 def _model_folder(cfg: PredictConfig) -> Iterator[tuple[str, str]]:
     """(folder holding card.json + components, what it is): the folder itself, or a
     ``models:/`` model downloaded from the registry (removed after loading)."""
-    import tempfile
-
-    from fusedist import mlmodels
-
     if not mlmodels.is_registry_uri(cfg.model):
         yield cfg.model, cfg.model
         return
@@ -493,10 +360,6 @@ def _heatmap_slides(r: dict, a: dict):
 
 def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dict],
            source: str) -> None:
-    import tempfile
-
-    from fusedist.fusion import report as rp
-
     with tempfile.TemporaryDirectory(prefix="fusedist-predict-") as tmp:
         out = Path(tmp)
         (out / "predictions.csv").write_text(_predictions_csv(card, results))
@@ -504,7 +367,7 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
             for r in results:
                 for e, a in r["attention"].items():
                     for sid, xy, attn in _heatmap_slides(r, a):
-                        thumb, size = rp._thumbnail(cfg, sid)
+                        thumb, size = rp.slide_thumbnail(cfg, sid)
                         rp.plot_attention_heatmap(xy, attn, a["extent"], out / "heatmaps" /
                                                   f"{e}_{encode_id(sid)}.png", thumbnail=thumb,
                                                   slide_size=size,
