@@ -242,9 +242,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
 def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
                      mlflow: MlflowConfig, progress: bool) -> dict:
     """``fusedist predict --slides``: the classification model on the held-out slides."""
-    from fusedist.features import EngineConfig
-    from fusedist.predict import PredictConfig, run_predict
-
     pcfg = PredictConfig(model=model, slides=heldout, output=storage.join(root, "predict"),
                          engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
                          mlflow=mlflow)
