@@ -37,7 +37,7 @@ def _assert_same(got: Bag, want: Bag) -> None:
     assert got.coords.dtype == np.int64
     np.testing.assert_array_equal(got.coords, want.coords)
     assert (got.mpp, got.tile_size) == (want.mpp, want.tile_size)
-    assert got.attrs == {**want.attrs, "fusedist_version": bags._version()}
+    assert got.attrs == {**want.attrs, "fusedist_version": bags.fusedist_version()}
 
 
 @pytest.fixture(autouse=True)

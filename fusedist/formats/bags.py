@@ -248,7 +248,7 @@ def write_bag(url: str, bag: Bag, *, compression: str | None = None) -> None:
     features = _features_array(bag.features, where)
     coords = _coords_array(bag.coords, features.shape[0], where)
     _check_finite(features, where)
-    attrs = {"fusedist_version": _version(), **bag.attrs}
+    attrs = {"fusedist_version": fusedist_version(), **bag.attrs}
     extra, as_json = _encode_attrs(attrs, where)
     n = features.shape[0]
     with _atomic_local_path(url) as path, h5py.File(path, "w") as f:
@@ -268,7 +268,7 @@ def write_bag(url: str, bag: Bag, *, compression: str | None = None) -> None:
         f.create_dataset("coords", data=coords).attrs.update(_trident_coords_attrs(bag))
 
 
-def _version() -> str:
+def fusedist_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

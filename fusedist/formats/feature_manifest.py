@@ -9,14 +9,10 @@ dataset (docs/formats.md). ``fusedist distill`` reads it with :func:`read_featur
 from __future__ import annotations
 
 from fusedist import storage
+from fusedist.formats.tile_manifest import manifest_url
 
 MANIFEST = "manifest.json"
 FORMAT = "fusedist.features/1"
-
-
-def manifest_url(dataset_url: str) -> str:
-    """``<dataset_url>/manifest.json``."""
-    return storage.join(dataset_url.rstrip("/"), MANIFEST)
 
 
 def read_feature_manifest(dataset_url: str) -> dict:

@@ -383,7 +383,8 @@ class FuseConfig(StrictModel):
     """Where heads train; ``auto`` uses a GPU when the fold task got one."""
 
     fold_cpus: float = Field(1.0, gt=0)
-    """CPUs per fold task (torch threads); folds run in parallel as Ray tasks."""
+    """CPUs per fold task (its torch threads): on Ray the folds run in parallel as Ray tasks,
+    locally on a pool of processes, one per ``fold_cpus`` cores (``executor``)."""
 
     fold_gpus: float = Field(0.0, ge=0)
     """GPUs per fold task (heads are small: fractions such as 0.25 share a GPU)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fusedist import storage
-from fusedist.formats.bags import Bag, _version
+from fusedist.formats.bags import Bag, fusedist_version
 from fusedist.config import ConfigError
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import Cohort, align_picks, restrict_training
@@ -153,7 +153,7 @@ def write_model(url: str, c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],
             save_file({k: v.contiguous() for k, v in f.state_dict().items()}, str(path))
             components[name] = {"file": path.name, "sha256": _sha256(path), "spec": f.spec()}
         card = {
-            "format": "fusedist-fused-model/1", "fusedist_version": _version(),
+            "format": "fusedist-fused-model/1", "fusedist_version": fusedist_version(),
             "task": c.task, "unit": c.unit, "targets": targets.card(),
             "methods": list(fitted),
             "encoders": {e: c.encoder_info.get(e, {}) for e in used},

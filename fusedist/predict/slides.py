@@ -27,7 +27,8 @@ from fusedist.features import EmbedConfig, run_embed
 from fusedist.features.config import EncoderRef
 from fusedist.models.refs import load_encoders, stage_tracking_uri
 from fusedist.predict.config import PredictConfig, SlideEncoder
-from fusedist.tiling import TileConfig, run_tile
+from fusedist.features.slides import tile_grid
+from fusedist.tiling import TileConfig
 from fusedist.tiling.job import discover
 
 log = logging.getLogger("fusedist")
@@ -130,8 +131,6 @@ def _dataset_name(recipe: dict) -> str:
     return f"grid_{recipe['tile_size']}px_{recipe['tile_mpp']:g}um_{digest}"
 
 
-# Tile, then embed (issue #27): to use the helper in fusedist/features/slides.py that embed,
-# retrain and the demo share.
 def embed_slides(cfg: PredictConfig, card: dict, progress: bool = True) -> SlidesResult:
     """Tile ``cfg.slides`` once per tiling recipe and embed them with the card's encoders into
     ``<output>/bags``; returns where the bags are and the slides that failed, with why."""
@@ -151,11 +150,9 @@ def embed_slides(cfg: PredictConfig, card: dict, progress: bool = True) -> Slide
     for key, group in groups.items():
         recipe = json.loads(key)
         names = [p.name for p in group]
-        tcfg = TileConfig(input=cfg.slides, output=storage.join(cfg.output, "tiles"),
-                          dataset=_dataset_name(recipe), mode="grid", **recipe,
-                          mpp_override=cfg.mpp_override, ray=cfg.ray, storage=cfg.storage)
-        tiled = run_tile(tcfg, progress=progress)
-        log.info("%s", tiled.summary())
+        tiled = tile_grid(cfg.slides, storage.join(cfg.output, "tiles"), _dataset_name(recipe),
+                          recipe, mpp_override=cfg.mpp_override, ray=cfg.ray,
+                          storage=cfg.storage, progress=progress)
         if lead in names and result.thumbnails is None:
             result.thumbnails = tiled.dataset_url
         at = f"{recipe['tile_mpp']:g} µm/px, {recipe['tile_size']} px (for {', '.join(names)})"

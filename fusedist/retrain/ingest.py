@@ -16,6 +16,7 @@ from fusedist import storage
 from fusedist.features import run_cache, run_embed
 from fusedist.features.config import EmbedConfig, EncoderRef
 from fusedist.formats import tile_manifest
+from fusedist.formats.export_card import read_card
 from fusedist.retrain.config import RetrainConfig
 from fusedist.tiling import discover, run_tile
 from fusedist.tracking import MlflowConfig
@@ -90,7 +91,7 @@ def embed_student(cfg: RetrainConfig, export_dir: str, stage_mlflow: MlflowConfi
     res.bags_written[label] = res.bags_written.get(label, 0) + e.written
     res.failed += [{"stage": label, **f} for f in e.failed]
     res.summaries.append(e.summary())
-    return str(storage.read_json(storage.join(export_dir, "card.json"))["name"])
+    return str(read_card(export_dir)[1]["name"])
 
 
 def nested_mlflow(parent: MlflowConfig, own: MlflowConfig) -> MlflowConfig:

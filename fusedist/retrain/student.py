@@ -24,6 +24,7 @@ from fusedist.distill.config import DistillConfig
 from fusedist.distill.split import shard_slide
 from fusedist.features.config import EncoderRef
 from fusedist.formats import tile_manifest
+from fusedist.formats.export_card import read_card
 from fusedist.formats.feature_manifest import read_feature_manifest
 from fusedist.models.refs import load_encoders
 
@@ -38,7 +39,7 @@ def warm_start(distill: DistillConfig, mode: str, champion_dir: str | None) -> D
     left as the recipe's own (``base``, or no champion yet)."""
     if mode != "champion" or champion_dir is None:
         return distill
-    card = storage.read_json(storage.join(champion_dir, "card.json"))
+    card = read_card(champion_dir)[1]
     if card.get("backbone") != distill.student.name:
         raise ConfigError(f"student.warm_start=champion: the champion student is a "
                           f"{card.get('backbone')!r} backbone but student.distill.student.name "
@@ -122,7 +123,7 @@ def embed_pairs(export_dir: str, images: np.ndarray, batch: int = 64) -> np.ndar
 def score_students(distill: DistillConfig, exports: dict[str, str], limit: int) -> dict:
     """{role: {cka, pairs, card_validation}} for each export (champion, challenger), on the
     same pairs (``evaluation_slides``), plus ``slides``, ``note`` and ``delta``."""
-    cards = {r: storage.read_json(storage.join(f, "card.json")) for r, f in exports.items()}
+    cards = {r: read_card(f)[1] for r, f in exports.items()}
     slides, note = evaluation_slides(cards["champion"], cards["challenger"])
     out: dict = {"slides": slides, "note": note, "delta": None,
                  **{r: {"cka": None, "card_validation": c.get("validation")}
