@@ -103,7 +103,8 @@ def score(c: Cohort, cfg: FuseConfig, results: list[FoldResult], methods: list[M
     costs = {m: _costs(results, m, oof[m]) for m in names}
     notes = _notes(results, names, c)
     objectives = {k: float(np.mean([r.objectives[k] for r in results if k in r.objectives]))
-                  for k in {k for r in results for k in r.objectives}}
+                  # first-seen order, not a set's: manifest.json is the same bytes run to run
+                  for k in dict.fromkeys(k for r in results for k in r.objectives)}
     ratios = {}
     ff = [costs[m]["train_s"] for m in names if m == "concat" or m.startswith("meta.")]
     if ff and costs.get("logitprod", {}).get("train_s"):
