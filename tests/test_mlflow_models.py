@@ -263,6 +263,9 @@ def test_fused_pyfunc_input_checks_name_the_column(fused):
     names = signature(model.card).inputs.input_names()
     assert names[0] == "slide_id" and set(c.encoders) < set(names)
     full = predict_rows(model, model.card, frame, "cpu")
+    # A slide model ignores patient_id (its signature has none): the same table.
+    assert predict_rows(model, model.card, frame.assign(patient_id="p"), "cpu").equals(full)
+    assert "patient_id" not in names + signature(model.card).outputs.input_names()
     # Without coordinates the group's bags are matched row by row: same tiles, same answer.
     plain = frame[["slide_id", *c.encoders]]
     assert predict_rows(model, model.card, plain, "cpu").equals(full)
@@ -275,6 +278,97 @@ def test_fused_pyfunc_input_checks_name_the_column(fused):
     with pytest.raises(ValueError, match=f"column '{e}' must hold"):
         predict_rows(model, model.card, pd.DataFrame([{**plain.iloc[0], e: np.zeros(3)}]),
                      "cpu")
+
+
+@pytest.fixture(scope="module")
+def fused_patients(fused):
+    """A ``unit: patient`` model on the same bags: a clinical table (one label per patient)
+    and a slide table pairing the first four slides into two patients (the rest: one slide
+    each), 10 patients; LogitProd and FuseCPath (which seeds with the unit id) refitted."""
+    from fusedist.fusion.config import FuseConfig
+    from fusedist.fusion.data import load_cohort
+    from fusedist.fusion.fold import prepare_methods, select_methods
+    from fusedist.fusion.model import refit, write_model
+
+    co, _, _, tmp = fused
+    rows = _csv_rows(Path(co.labels))
+    pid = {r["slide_id"]: f"P{(i // 2 if i < 4 else i - 2):02d}" for i, r in enumerate(rows)}
+    table = tmp / "patients.csv"
+    table.write_text("slide_id,path,patient_id\n" + "".join(
+        f"{s},{s}.svs,{p}\n" for s, p in pid.items()))
+    first = {}
+    for r in rows:
+        first.setdefault(pid[r["slide_id"]], r["label"])
+    clinical = tmp / "clinical.csv"
+    clinical.write_text("patient_id,label\n" + "".join(f"{p},{y}\n" for p, y in first.items()))
+    tiny = {**TINY, "experts": {**TINY["experts"], "epochs": 1},
+            "logitprod": {**TINY["logitprod"], "max_epochs": 10},
+            "fusecpath": {**TINY["fusecpath"], "epochs": 1}, "fold_cpus": 1}
+    cfg = FuseConfig(bags=co.bags, labels=str(clinical), slides=str(table),
+                     output=str(tmp / "fuse-patients"), **tiny)
+    c = load_cohort(cfg)
+    assert c.unit == "patient" and c.num_samples == 10
+    methods, _ = select_methods(cfg, c)
+    methods = [m for m in methods if m.name in ("logitprod", "fusecpath")]
+    prepared, _ = prepare_methods(methods, c, cfg, progress=False)
+    url = write_model(str(tmp / "model-patients"), c, cfg, refit(c, cfg, methods, prepared), {})
+    return co, c, url, str(table), [s for s, p in pid.items() if p == "P00"], tmp
+
+
+def test_patient_model_pools_a_patients_slides_as_predict_does(server, fused_patients):
+    """Logged to MLflow and loaded with mlflow.pyfunc.load_model, a patient-unit model
+    predicts a patient's slides (rows grouped by patient_id) as one row per method: the
+    columns and numbers of `fusedist predict`'s predictions.csv for that patient."""
+    import mlflow
+    import pandas as pd
+
+    from fusedist import mlmodels
+    from fusedist.fusion.pyfunc import bags_frame, log_fused_model, signature
+    from fusedist.predict import PredictConfig, run_predict
+
+    co, c, url, table, two, tmp = fused_patients
+    with start_run(MlflowConfig(tracking_uri=server), run_name="fuse") as run:
+        info = log_fused_model(run, url, None, None)
+    with mlmodels.using_tracking_uri(server):
+        m = mlflow.pyfunc.load_model(info["model_uri"])
+    schema = m.metadata.get_input_schema()
+    assert schema.input_names()[:2] == ["slide_id", "patient_id"]
+    assert not schema.inputs[1].required  # optional: a slide model ignores it
+    assert signature(json.loads((Path(url) / "card.json").read_text())).outputs         .input_names()[:2] == ["patient_id", "slide_id"]
+
+    pred = tmp / "pred-patients"
+    run_predict(PredictConfig(model=url, bags=co.bags, patients=table, output=str(pred),
+                              heatmaps=False), progress=False)
+    csv_rows = _csv_rows(pred / "predictions.csv")
+    want = {(r["patient_id"], r["method"]): r for r in csv_rows}
+    assert len(want) == 10 * 2
+
+    def same(got) -> None:
+        assert list(got.columns) == list(csv_rows[0])  # patient_id first, as predictions.csv
+        for r in got.to_dict("records"):
+            w = want[(r["patient_id"], r["method"])]
+            assert (r["slide_id"], r["predicted"]) == (w["slide_id"], w["predicted"])
+            for col in [k for k in w if k.startswith(("prob_", "weight_"))]:
+                if w[col] == "":
+                    assert pd.isna(r[col]), col
+                else:
+                    np.testing.assert_allclose(float(r[col]), float(w[col]), rtol=1e-5,
+                                               atol=1e-6, err_msg=f"{r['patient_id']} {col}")
+
+    # The two-slide patient, its rows given in reverse order: one row per method, the
+    # slides pooled in slide-id order and joined by ';'.
+    frame = bags_frame(co.bags, c.encoders, two[::-1], patients=table)
+    assert frame["patient_id"].tolist() == ["P00", "P00"]
+    got = m.predict(frame)
+    assert got["patient_id"].tolist() == ["P00"] * 2
+    assert got["slide_id"].tolist() == [";".join(sorted(two))] * 2
+    same(got)
+    whole = m.predict(bags_frame(co.bags, c.encoders, patients=table))  # every patient
+    assert len(whole) == len(want)
+    same(whole)
+    # Without patient_id the model cannot know who is who: an error that names the fix.
+    with pytest.raises(Exception, match=r"unit: patient.*'patient_id' column.*patients="):
+        m.predict(frame.drop(columns=["patient_id"]))
 
 
 # --------------------------------------------------------------------------- student

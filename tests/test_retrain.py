@@ -377,6 +377,59 @@ def test_lineage_leads_from_the_registered_model_to_its_tiles(ingested):
                                                 str(feats / "manifest.json"), "output")
 
 
+def test_patient_keyed_labels_are_retrained_on_patient_folds(ingested, tmp_path):
+    """A clinical table keyed by patient_id with ``fuse.slides`` a slide table: the cohort is
+    the labelled patients' slides with bags, one sample per patient; the champion and the
+    challenger are scored on the same patient folds; a grown slide table is a new input.
+    Reuses the ingested bags (12 slides, 2 encoders): first 8 patients of one slide each,
+    then the 4 newer slides join patients 0-3."""
+    from fusedist.retrain.job import NOTHING, run_retrain
+
+    work = ingested["work"]
+    rows = list(csv.DictReader(open(work / "slides" / "labels.csv", newline="")))
+    ids = [r["slide_id"] for r in rows]
+    assert len(ids) == 12
+    clinical, table = tmp_path / "clinical.csv", tmp_path / "slides.csv"
+    clinical.write_text("patient_id,label\n" + "".join(
+        f"case-{i:02d},{rows[i]['label']}\n" for i in range(8)))
+
+    def slide_table(n: int) -> None:
+        table.write_text("slide_id,path,patient_id\n" + "".join(
+            f"{ids[i]},{ids[i]}.svs,case-{i % 8:02d}\n" for i in range(n)))
+
+    recipe = _pipeline(work, tmp_path / "mlflow.db")
+    recipe = {"labels": str(clinical), "output": str(tmp_path / "retrain"),
+              "fuse": {**recipe["fuse"], "slides": str(table)},
+              "registry": {"fused_model": "fused-patients"}, "mlflow": recipe["mlflow"]}
+    cfg = RetrainConfig.model_validate(recipe)
+    no_table = RetrainConfig.model_validate({**recipe, "fuse": {**recipe["fuse"],
+                                                                "slides": None}})
+    with pytest.raises(ConfigError, match="keyed by patient_id; set fuse.slides"):
+        run_retrain(no_table, progress=False)
+    assert not (tmp_path / "retrain").exists()  # refused before any work
+
+    slide_table(8)
+    first = run_retrain(cfg, progress=False)
+    assert first.status == "promoted", first.message
+    assert first.promotion["challenger"]["trained_patients"] == 8
+
+    slide_table(12)  # only the slide table changed: a run is due
+    second = run_retrain(cfg, progress=False)
+    p = second.promotion
+    assert second.status in ("promoted", "kept") and p["decision"] == second.status, p
+    assert (p["challenger"]["trained_slides"], p["challenger"]["trained_patients"]) == (12, 8)
+    assert (p["champion"]["trained_slides"], p["champion"]["trained_patients"]) == (8, 8)
+    assert len(p["challenger"]["folds"]) == len(p["champion"]["folds"]) == 2
+    folds = {run: list(csv.DictReader(open(Path(second.run_url) / run / "folds.csv")))
+             for run in ("challenger", "champion")}
+    assert folds["challenger"] == folds["champion"] and len(folds["champion"]) == 8
+    pooled = {r["patient_id"]: r["slide_id"] for r in folds["champion"]}
+    assert pooled["case-00"] == ";".join(sorted([ids[0], ids[8]]))
+    assert "(8 patients)" in (Path(second.run_url) / "summary.md").read_text()
+    third = run_retrain(cfg, progress=False)  # nothing changed since
+    assert (third.status, third.message) == ("nothing", NOTHING)
+
+
 # ------------------------------------------------------------------------- student
 
 def test_student_warm_start_and_validation_score(ingested, tmp_path):

@@ -10,8 +10,10 @@ every labelled sample with the fold's recipe and saved as ``<output>/model/``:
 
 ``load_model`` rebuilds it; ``FusedModel.unit_inputs`` turns a new slide's (or patient's)
 bags into the components' ``Inputs`` and ``FusedModel.predict(inputs)`` gives each component's
-outputs; ``prediction_columns`` are the columns of ``predictions.csv`` and of the pyfunc's
-table. ``fusedist predict`` and the pyfunc model (:mod:`fusedist.fusion.pyfunc`) share them.
+outputs; ``FusedModel.predict_unit`` does both for one unit (a patient's slides pooled in
+slide-id order); ``prediction_columns`` are the columns of ``predictions.csv`` and of the
+pyfunc's table. ``fusedist predict`` and the pyfunc model (:mod:`fusedist.fusion.pyfunc`)
+share them, so a slide or a patient gets the same numbers from either.
 ``fuse`` also logs the folder as an ``mlflow.pyfunc`` model (:mod:`fusedist.fusion.pyfunc`)
 and, with ``final.registered_model``, registers it under ``final.alias``.
 """
@@ -223,6 +225,36 @@ class FusedModel:
         for f in self.components.values():
             x = f.prepare_unit(x, unit_id, card)
         return x, pooled
+
+    def predict_unit(self, per_slide: dict[str, dict[str, Bag]], unit_id: str,
+                     urls: dict[str, dict[str, str]], device=None, patient: bool = False
+                     ) -> "UnitPrediction":
+        """Every component's prediction for one unit: a slide, or (``patient``) a patient
+        whose slides (``per_slide``: slide -> encoder -> Bag) are pooled in slide-id order,
+        as ``fuse`` pools them. ``fusedist predict`` and the pyfunc model both call this, so
+        a patient gets the same numbers from either."""
+        order = sorted(per_slide) if patient else list(per_slide)
+        x, pooled = self.unit_inputs([per_slide[s] for s in order], unit_id,
+                                     [urls[s] for s in order])
+        tile = self.card["task"] == "tile_classification"
+        methods = {}
+        for name, o in self.predict(x, device).items():
+            pred = np.asarray(o.pred.mean(0) if tile else o.pred[0], np.float64)
+            weights = None if o.weights is None else np.asarray(o.weights, np.float64).mean(0)
+            methods[name] = (pred, weights)
+        return UnitPrediction(order, methods, x, pooled)
+
+
+@dataclass
+class UnitPrediction:
+    """One unit's predictions: its slides (pooling order), component -> (prediction,
+    LogitProd's mean per-expert weights or None), and the inputs and pooled bags (for the
+    attention heatmaps)."""
+
+    slides: list[str]
+    methods: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    inputs: Inputs
+    pooled: Pooled
 
 
 class SlideError(Exception):

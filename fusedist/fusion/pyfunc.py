@@ -3,6 +3,9 @@
 Input: a pandas DataFrame, one row per slide (a dict is one slide), with columns
 
     slide_id           string; FuseCPath seeds its sub-bag plan with it, as in training
+    patient_id         the slide's patient: needed by a model fused with ``unit: patient``
+                       (its card), which predicts patients; a slide model's signature has no
+                       such column (MLflow drops it, predict_rows ignores it)
     <encoder>          that encoder's bag features, an (N, D) array (or list of rows), one
                        column per encoder the card names
     <encoder>.coords   optional (N, 2) level-0 tile coordinates. The feature group's
@@ -12,12 +15,21 @@ Input: a pandas DataFrame, one row per slide (a dict is one slide), with columns
 
 A column of 2-D arrays, not a tensor input: bags of different slides (and encoders) have
 different tile counts, which MLflow tensors (one fixed shape per call) cannot hold.
-:func:`bags_frame` builds the frame from a folder of bags (fusedist, TRIDENT or CLAM).
+:func:`bags_frame` builds the frame from a folder of bags (fusedist, TRIDENT or CLAM), with
+``patient_id`` from a slide table when given one.
 
-Output: a DataFrame with the columns of ``fusedist predict``'s predictions.csv: ``slide_id``,
+A patient model groups the rows by ``patient_id`` and pools each patient's slides as ``fuse``
+and ``fusedist predict`` do (``FusedModel.predict_unit``: tiles concatenated per encoder in
+slide-id order; FuseCPath seeds with the patient id), so a patient needs all its slides in
+one call. A slide model predicts each row on its own and ignores ``patient_id``: its output is
+what it was before the column existed.
+
+Output: a DataFrame with the columns of ``fusedist predict``'s predictions.csv: (patient
+models) ``patient_id``, then ``slide_id`` (a patient's slide ids sorted and joined by ``;``),
 ``method``, then ``prob_<class>`` + ``predicted`` (classification), ``risk`` (survival) or
 ``pred_<target>`` (regression), then LogitProd's ``weight_<encoder>`` (missing on other
-methods' rows); one row per slide per method, in the card's method order. Values are the same
+methods' rows); one row per slide (patient) per method, slides (patients) in the order they
+first appear in the input, methods in the card's order. Values are the same
 numbers, unrounded (the CSV writes 6 significant digits); numeric columns are pandas'
 nullable ``Float64``, so a missing value is ``<NA>`` and ``null`` in the scoring server's
 JSON (``mlflow models serve``), never ``NaN``.
@@ -42,12 +54,15 @@ import pandas as pd
 
 from fusedist import mlmodels, storage
 from fusedist.formats.bags import Bag, list_bags, read_bag
+from fusedist.formats.slide_table import patients as patient_of, read_slide_table
 from fusedist.fusion.model import (CARD, SlideError, flat_reason, load_model, model_files,
                                    prediction_columns, weight_experts)
+from fusedist.fusion.units import SEP
 
 ARTIFACT = "model"
 MODEL_NAME = "fused_model"  # the LoggedModel's name on the fuse run
 COORDS = ".coords"
+PATIENT = "patient_id"
 
 
 # ----------------------------------------------------------------------------- schema
@@ -58,19 +73,33 @@ def signature(card: dict):
 
     # double, not float: MLflow upcasts float16/float32 bags to it losslessly but would refuse
     # float64 input for a float column; predict casts back to float32 as training did.
+    # patient_id only for a patient model, so a slide model's signature stays as it was (a
+    # patient_id sent to it is dropped by MLflow's schema check, with a warning). Optional
+    # even there: its absence gets predict_rows' error, which names the fix.
     inputs = [ColSpec(DataType.string, "slide_id")]
+    if is_patient_model(card):
+        inputs.append(ColSpec(DataType.string, PATIENT, required=False))
     for e in card["encoders"]:
         inputs += [ColSpec(Array(Array(DataType.double)), e),
                    ColSpec(Array(Array(DataType.long)), e + COORDS, required=False)]
-    outputs = [ColSpec(DataType.string if c in ("slide_id", "method", "predicted")
-                       else DataType.double, c) for c in prediction_columns(card)]
+    outputs = [ColSpec(DataType.string if c in (PATIENT, "slide_id", "method", "predicted")
+                       else DataType.double, c) for c in output_columns(card)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def is_patient_model(card: dict) -> bool:
+    return card.get("unit") == "patient"
+
+
+def output_columns(card: dict) -> list[str]:
+    """predictions.csv's columns: ``patient_id`` first for a patient model."""
+    return ([PATIENT] if is_patient_model(card) else []) + prediction_columns(card)
 
 
 # ----------------------------------------------------------------------------- model
 
 def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
 def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
@@ -105,29 +134,55 @@ def _row_bags(card: dict, row: dict) -> tuple[str, dict]:
                  for e, f in feats.items()}
 
 
+def _units(card: dict, records: list[dict]) -> list[tuple[str | None, list[dict]]]:
+    """(patient id, its rows) per patient of a patient model, in order of first appearance;
+    (None, [row]) per row of a slide model."""
+    if not is_patient_model(card):
+        return [(None, [r]) for r in records]
+    lacking = [str(r.get("slide_id")) for r in records
+               if _missing(r.get(PATIENT)) or str(r.get(PATIENT)).strip() == ""]
+    if lacking:
+        raise ValueError(f"this model was fused with unit: patient (its card) and predicts "
+                         f"patients: give every row a {PATIENT!r} column naming the slide's "
+                         f"patient (none for slide(s) {lacking[:3]}); bags_frame(..., "
+                         "patients=<slide table>) fills it from a slide table")
+    ids = [str(r["slide_id"]) for r in records]
+    twice = sorted({s for s in ids if ids.count(s) > 1})
+    if twice:
+        raise ValueError(f"slide(s) {twice[:3]} appear in more than one row; a patient model "
+                         "pools each slide once, give each slide one row")
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r[PATIENT]), []).append(r)
+    return list(groups.items())
+
+
 def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame:
     """The prediction table of ``frame`` (see the module docstring), as numbers."""
     experts = weight_experts(card)
-    tile = card["task"] == "tile_classification"
+    classes = card["task"] in ("classification", "tile_classification")
     rows = []
-    for rec in frame.to_dict("records"):
-        sid, bags = _row_bags(card, rec)
+    for patient, recs in _units(card, frame.to_dict("records")):
+        per_slide = dict(_row_bags(card, r) for r in recs)
+        uid = patient if patient is not None else next(iter(per_slide))
         try:
-            x = model.slide_inputs(bags, sid, {e: f"column {e!r}" for e in bags})
+            p = model.predict_unit(per_slide, uid,
+                                   {s: {e: f"column {e!r}" for e in b}
+                                    for s, b in per_slide.items()},
+                                   device, patient is not None)
         except SlideError as err:
-            raise ValueError(f"slide {sid}: {err}") from None
-        outs = model.predict(x, device)
+            raise ValueError(f"{'slide' if patient is None else 'patient'} {uid}: "
+                             f"{err}") from None
+        lead = [] if patient is None else [patient]
         for name in card["methods"]:
-            o = outs[name]
-            pred = np.atleast_1d(np.asarray(o.pred.mean(0) if tile else o.pred[0], np.float64))
-            vals: list[Any] = pred.tolist()
-            if card["task"] == "classification" or tile:
+            pred, w = p.methods[name]
+            vals: list[Any] = np.atleast_1d(pred).tolist()
+            if classes:
                 vals.append(card["targets"]["classes"][int(np.argmax(pred))]
                             if np.isfinite(pred).all() else "")
-            w = (np.asarray(o.weights, np.float64).mean(0).tolist() if o.weights is not None
-                 else [math.nan] * len(experts))
-            rows.append([sid, name] + vals + w)
-    return strict_numbers(pd.DataFrame(rows, columns=prediction_columns(card)))
+            w = w.tolist() if w is not None else [math.nan] * len(experts)
+            rows.append(lead + [SEP.join(p.slides), name] + vals + w)
+    return strict_numbers(pd.DataFrame(rows, columns=output_columns(card)))
 
 
 def strict_numbers(frame: pd.DataFrame) -> pd.DataFrame:
@@ -160,24 +215,34 @@ class FusedPyfunc(mlflow.pyfunc.PythonModel):
         return predict_rows(self.model, self.model.card, model_input, self.device)
 
 
-def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = None
-               ) -> pd.DataFrame:
+def bags_frame(bags: str, encoders: list[str], slide_ids: list[str] | None = None,
+               patients: str | None = None) -> pd.DataFrame:
     """The model input for slides' bags under ``<bags>/<encoder>/``: one row per slide with
-    every encoder's features and coords (default: the slides every encoder has a bag for)."""
+    every encoder's features and coords (default: the slides every encoder has a bag for).
+    ``patients``: a slide table (slide_id, patient_id; the one ``fusedist predict
+    --patients`` reads) whose patient ids fill a ``patient_id`` column, as a patient model
+    needs; by default only the slides it lists are taken."""
     index = {e: list_bags(storage.join(bags, e)) for e in encoders}
+    of = None if patients is None else patient_of(read_slide_table(patients))
     if slide_ids is None:
-        slide_ids = sorted(set.intersection(*(set(v) for v in index.values())))
+        common = set.intersection(*(set(v) for v in index.values()))
+        slide_ids = sorted(common if of is None else common & set(of))
     rows = []
     for sid in slide_ids:
         rec: dict[str, Any] = {"slide_id": sid}
+        if of is not None:
+            if sid not in of:
+                raise ValueError(f"slide {sid!r} is not in the slide table {patients}, so "
+                                 "its patient is unknown; add a row (slide_id, patient_id)")
+            rec[PATIENT] = of[sid]
         for e in encoders:
             if sid not in index[e]:
                 raise FileNotFoundError(f"{storage.join(bags, e)}: no bag for slide {sid!r}")
             b = read_bag(index[e][sid], sid)
             rec[e], rec[e + COORDS] = b.features, b.coords
         rows.append(rec)
-    return pd.DataFrame(rows, columns=["slide_id"] + [c for e in encoders
-                                                      for c in (e, e + COORDS)])
+    lead = ["slide_id"] + ([PATIENT] if of is not None else [])
+    return pd.DataFrame(rows, columns=lead + [c for e in encoders for c in (e, e + COORDS)])
 
 
 # ----------------------------------------------------------------------------- logging

@@ -109,19 +109,19 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
                  patient: bool = False) -> dict:
     """Every component's prediction for one unit: a slide, or (``patient``) a patient whose
     slides (``slides``: slide -> encoder -> bag URL, pooled in slide-id order) are one
-    sample, as in a ``unit: patient`` fuse run."""
-    order = sorted(slides) if patient else list(slides)
-    per_slide = [_read_slide(card, s, slides[s]) for s in order]
-    x, pooled = model.unit_inputs(per_slide, unit_id, [slides[s] for s in order])
+    sample, as in a ``unit: patient`` fuse run (``FusedModel.predict_unit``)."""
+    per_slide = {s: _read_slide(card, s, slides[s])
+                 for s in (sorted(slides) if patient else slides)}
+    p = model.predict_unit(per_slide, unit_id, slides, device, patient)
+    x, pooled = p.inputs, p.pooled
     bags = pooled.bags
-    out = {"slide_id": ";".join(order), "methods": {}, "attention": {}}
+    out = {"slide_id": ";".join(p.slides), "methods": {}, "attention": {}}
     if patient:
         out["patient_id"] = unit_id
-    for name, o in model.predict(x, device).items():
-        pred = o.pred.mean(0) if card["task"] == "tile_classification" else o.pred[0]
-        rec = {"pred": np.asarray(pred, np.float64).tolist()}
-        if o.weights is not None:
-            rec["weights"] = np.asarray(o.weights, np.float64).mean(0).tolist()
+    for name, (pred, weights) in p.methods.items():
+        rec = {"pred": pred.tolist()}
+        if weights is not None:
+            rec["weights"] = weights.tolist()
         out["methods"][name] = rec
     if x.attention_for:
         for e, f in _experts(model).items():
@@ -132,7 +132,7 @@ def predict_unit(model, card: dict, unit_id: str, slides: dict[str, dict[str, st
                                        "extent": tile_extent(bags[e])}
                 if patient:  # to draw each slide on its own (coords repeat across slides)
                     out["attention"][e]["slides"] = [[s, n] for s, n in
-                                                     zip(order, pooled.sizes[e])]
+                                                     zip(p.slides, pooled.sizes[e])]
     return out
 
 

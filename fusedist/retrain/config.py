@@ -117,7 +117,9 @@ class RetrainConfig(StrictModel):
     ``tile``; a recipe without tile stages works on bags that appear by other means)."""
 
     labels: str
-    """Labels CSV of the cohort (``slide_id``, ...), read fresh every run."""
+    """Labels CSV of the cohort, read fresh every run: keyed by ``slide_id``, or by
+    ``patient_id`` (a clinical table; then ``fuse.slides`` must be the slide table that joins
+    patients to slides, and samples, folds and both models' scores are per patient)."""
 
     output: str
     """Where retrain runs go: ``<output>/runs/<run_id>/`` (challenger, champion, promotion)."""

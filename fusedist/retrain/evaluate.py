@@ -6,6 +6,11 @@ the challenger's recipe trains on the fold's training slides; the champion's rec
 card) trains on those of them that the champion was trained on (``FuseConfig.train_slides``);
 both predict the same held-out fold. The question answered is "do the new slides (and the new
 recipe, and the new student) make a better model", and no test slide is ever trained on.
+
+With ``unit: patient`` (labels keyed by ``patient_id``, ``fuse.slides`` the slide table) the
+samples and folds are patients: both runs read today's slide table, and the champion's
+recipe trains on the fold's training patients that have a slide among its trained slides
+(``fusion.data.restrict_training``), pooling each such patient's slides of today.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def families(components: list[str]) -> tuple[list[str], list[str]]:
 
 def champion_config(card: dict, base: FuseConfig, output: str, rows: list[str]) -> FuseConfig:
     """The champion's recipe (its card's, else ``base``'s), on today's bags and labels and
-    the challenger's folds, trained only on the champion's slides, without a refit."""
+    the challenger's folds (and slide table), trained only on the champion's slides, without
+    a refit."""
     if not card.get("trained_slides"):
         raise ConfigError("the champion's card.json lists no trained_slides (it was written by "
                           "an older fusedist); re-run `fusedist fuse` to write it again, or "
@@ -51,7 +57,7 @@ def champion_config(card: dict, base: FuseConfig, output: str, rows: list[str]) 
     recipe = dict(card.get("recipe") or recipe_of(base))
     fams, strategies = families(rows)
     data = {**recipe,
-            "bags": base.bags, "labels": base.labels, "output": output,
+            "bags": base.bags, "labels": base.labels, "slides": base.slides, "output": output,
             "encoders": sorted(card["encoders"]), "methods": fams,
             "meta": {**recipe.get("meta", {}), **({"strategies": strategies} if strategies
                                                   else {})},

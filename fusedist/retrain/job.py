@@ -31,6 +31,7 @@ from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.data import read_labels
 from fusedist.fusion.model import flat_reason, recipe_of
 from fusedist.fusion.run import lineage_inputs, run_fuse
+from fusedist.fusion.units import join_patients
 from fusedist.models.refs import resolve_ref
 from fusedist.retrain import ingest as ing
 from fusedist.retrain.config import RetrainConfig
@@ -89,28 +90,45 @@ def challenger_encoders(cfg: RetrainConfig, student: str | None) -> list[str] | 
 
 
 def cohort_slides(cfg: RetrainConfig, encoders: list[str] | None) -> list[str]:
-    """Labelled slides with a bag for every encoder (a listing, no bag is opened)."""
+    """Labelled slides with a bag for every encoder (a listing, no bag is opened): the
+    labels' slides, or (labels keyed by patient_id) the labelled patients' slides in
+    ``fuse.slides``, patient by patient in label order, each patient's in slide-id order."""
     rows, cols = read_labels(cfg.labels)
-    if "slide_id" not in cols:
-        raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; retrain compares "
-                          "models on slide-keyed labels only (one row per slide, with "
-                          "patient_id), for now")
     folders = encoder_folders(cfg.fuse.bags) if storage.exists(cfg.fuse.bags) else {}
     names = encoders or list(folders)
     have = [set(list_bags(folders.get(e) or storage.join(cfg.fuse.bags, e))) for e in names]
-    return [r["slide_id"] for r in rows if have and all(r["slide_id"] in h for h in have)]
+    return [s for s in _labelled_slides(cfg, rows, cols) if have and all(s in h for h in have)]
+
+
+def _labelled_slides(cfg: RetrainConfig, rows: list[dict[str, str]], cols: list[str]
+                     ) -> list[str]:
+    if "slide_id" in cols:
+        return [r["slide_id"] for r in rows]
+    if not cfg.fuse.slides:
+        raise ConfigError(f"labels: {cfg.labels} is keyed by patient_id; set fuse.slides to a "
+                          "slide table (slide_id, path, patient_id) so retrain can join its "
+                          "patients to their slides' bags")
+    _, slides_of, labelled = join_patients(cfg.fuse, rows, "patient_id")
+    return [s for p in labelled for s in sorted(slides_of.get(p, []))]
 
 
 def inputs_digest(cfg: RetrainConfig, encoders: list[str] | None) -> str:
-    """What a retrain's result depends on: labels, cohort, encoders, the recipes."""
+    """What a retrain's result depends on: labels, cohort, encoders, the recipes, and the
+    slide table that joins slides to patients (``fuse.slides``, when set)."""
     student = None
     if cfg.student is not None and cfg.student.retrain and cfg.student.distill is not None:
         student = [cfg.student.warm_start, config_digest(cfg.student.distill, {
             "run_name", "ray", "storage", "mlflow", "export", "storage_path"})]
-    payload = {"labels": hashlib.sha256(storage.read_text(cfg.labels).encode()).hexdigest(),
+    payload = {"labels": _sha256(cfg.labels),
                "slides": cohort_slides(cfg, encoders), "encoders": encoders,
                "recipe": recipe_of(cfg.fuse), "student": student}
+    if cfg.fuse.slides:  # only then: recipes without one keep the digests they registered
+        payload["slide_table"] = _sha256(cfg.fuse.slides)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(url: str) -> str:
+    return hashlib.sha256(storage.read_bytes(url)).hexdigest()
 
 
 def _stage_mlflow(cfg, parent_run_id: str | None, run_id: str):
@@ -139,6 +157,7 @@ def run_retrain(cfg: RetrainConfig, progress: bool = True, force_promote: bool =
     """One scheduled retraining run; see the module docstring."""
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
+    _labelled_slides(cfg, *read_labels(cfg.labels))  # bad labels / slide table: before any work
     reg = Registry(cfg.mlflow)
     state = StageState(cfg.output)
     pending = state.read(PENDING)
@@ -222,13 +241,14 @@ class _Job:
         metric = cfg.promotion.metric or chal.primary_metric
         check_metric(metric, cfg.fuse.task)
         c_score = score_of(chal, cfg.promotion.method or chal_card["methods"][0], metric)
-        c_score.trained_slides = len(chal_card["trained_slides"])
+        _trained(c_score, chal_card)
         c_score.extra["flat_refit"] = flat_reason(chal_card)
 
         k_score, champ_card, unscored = None, None, None
         if champion is not None:
             try:
-                k_score, champ_card = self._score_champion(champion, chal, metric)
+                k_score, champ_card = self._score_champion(champion, chal, metric,
+                                                           chal_card.get("unit", "slide"))
             except ConfigError as e:
                 if not force:
                     raise
@@ -315,16 +335,22 @@ class _Job:
                                  "student.challenger", res, self.progress)
         return out.export_dir, name, version
 
-    def _score_champion(self, champion: Version, chal, metric: str) -> tuple[Score, dict]:
+    def _score_champion(self, champion: Version, chal, metric: str, unit: str
+                        ) -> tuple[Score, dict]:
         folder = self._download(champion, "champion-model", FUSED_ARTIFACT)
         card = storage.read_json(storage.join(folder, "card.json"))
+        if card.get("unit", "slide") != unit:  # per-slide and per-patient folds never match
+            raise ConfigError(f"the champion (version {champion.version}) predicts "
+                              f"{card.get('unit', 'slide')}s, the challenger {unit}s (the labels "
+                              "or fuse.unit changed): they cannot be scored on the same folds; "
+                              "run `fusedist retrain --force-promote` once to replace it")
         row = self.cfg.promotion.method or card["methods"][0]
         kcfg = champion_config(card, self.cfg.fuse, storage.join(self.url, "champion"), [row])
         kcfg = kcfg.model_copy(update={"mlflow": self._mlflow(kcfg.mlflow)})
         res = run_fuse(kcfg, progress=self.progress)
         check_same_folds(chal.output, res.output)
         score = score_of(res, row, metric)
-        score.trained_slides = len(card["trained_slides"])
+        _trained(score, card)
         return score, card
 
     def _score_students(self, champion_dir: str, challenger_dir: str) -> dict:
@@ -365,6 +391,13 @@ class _Job:
         self.reg.set_tags(version, {f"{TAG}.decision": promotion["decision"]})
 
 
+def _trained(score: Score, card: dict) -> None:
+    """What the model was fitted on: its slides, and its patients when samples are patients."""
+    score.trained_slides = len(card["trained_slides"])
+    if card.get("unit") == "patient":
+        score.extra["trained_patients"] = card["trained_on"]["patients"]
+
+
 def _finite(x):
     """``x`` with every non-finite float replaced by None (strict JSON, MLflow-safe)."""
     import math
@@ -390,8 +423,10 @@ def summary_md(p: dict) -> str:
     def row(label: str, s: dict) -> str:
         folds = ", ".join("-" if v is None else f"{v:.4f}" for v in s.get("folds", []))
         mean = s.get("mean")
+        patients = (f" ({s['trained_patients']} patients)" if s.get("trained_patients")
+                    is not None else "")
         return (f"| {label} | {s.get('version') or '-'} | {s.get('method', '-')} | "
-                f"{s.get('trained_slides', '-')} | "
+                f"{s.get('trained_slides', '-')}{patients} | "
                 f"{'-' if mean is None else f'{mean:.4f}'} | {folds} |")
 
     lines.append(row("challenger", c))
