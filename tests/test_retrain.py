@@ -429,6 +429,16 @@ def test_patient_keyed_labels_are_retrained_on_patient_folds(ingested, tmp_path)
     third = run_retrain(cfg, progress=False)  # nothing changed since
     assert (third.status, third.message) == ("nothing", NOTHING)
 
+    # Slide-keyed labels against the patient champion: its folds are per patient, the
+    # challenger's per slide, so no score compares them; --force-promote replaces it.
+    per_slide = RetrainConfig.model_validate({**recipe, "labels": str(work / "slides" /
+                                                                      "labels.csv")})
+    with pytest.raises(ConfigError, match="predicts patients, the challenger slides.*"
+                                          "--force-promote"):
+        run_retrain(per_slide, progress=False)
+    forced = run_retrain(per_slide, progress=False, force_promote=True)
+    assert forced.status == "promoted", forced.message
+
 
 # ------------------------------------------------------------------------- student
 
