@@ -4,6 +4,7 @@ reproducible and resumable, labels depend on the cues as documented."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import re
@@ -21,7 +22,7 @@ from fusedist.config import ConfigError, load_config
 from fusedist.formats.slide_table import read_slide_table
 from fusedist.synth import (CUES, SynthConfig, make_labels, make_slide, slide_specs,
                             synthesize, tissue_mask)
-from fusedist.synth.cues import LabelParams
+from fusedist.synth.cues import LabelParams, clinical_csv
 from fusedist.synth.render import TileRenderer, build_scene
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 
@@ -224,6 +225,19 @@ def _cfg(out: str, **kw) -> SynthConfig:
     base = dict(output=out, num_slides=3, size=1024, num_classes=2, seed=4,
                 paired_fraction=0.7, num_genes=3)
     return SynthConfig(**{**base, **kw})
+
+
+def test_clinical_table_is_one_row_per_patient_and_refuses_disagreeing_slides():
+    rows = make_labels(0, 6, LabelParams(paired_fraction=0.6))
+    lines = clinical_csv(rows).splitlines()
+    assert lines[0] == "patient_id,label,time,event"
+    assert [ln.split(",")[0] for ln in lines[1:]] == list(dict.fromkeys(r.patient_id
+                                                                         for r in rows))
+    assert len(lines) - 1 < len(rows)  # some patients have two slides
+    twin = next(r for r, s in zip(rows, rows[1:]) if r.patient_id == s.patient_id)
+    bad = [*rows, dataclasses.replace(twin, slide_id="x", label=1 - twin.label)]
+    with pytest.raises(ValueError, match=f"patient {twin.patient_id} disagree"):
+        clinical_csv(bad)
 
 
 def test_synthesize_writes_slides_masks_labels_and_resumes(tmp_path):
