@@ -1,14 +1,18 @@
 """``fusedist demo``: the pipeline end to end on embedded defaults (local Ray, local files).
 
-Synthetic slides -> ``tile`` (pairs for XMAG and a grid for bags) -> a streaming read of the
-shards -> ``cache`` (two seeded ``test-*`` teachers on the pairs) -> ``embed`` (slide bags from
-two encoders) -> ``distill`` (a tiny XMAG student on 2 Ray workers with DeepSpeed, exported and
-registered in MLflow) -> ``embed`` at 5x with that student -> ``fuse`` (experts, LogitProd,
-Meta-Encoder, FuseCPath and baselines, cross-validated, for slide classification and survival)
--> ``predict --slides``: the classification model on held-out synthetic slides (another seed,
-not in the labels ``fuse`` saw), tiled and embedded as its card records -> a Markdown report
-with the results tables, plots and the held-out predictions. Everything is logged to a local
-MLflow store.
+It goes the way a TCGA user goes: synthetic slides laid out as the GDC client downloads them,
+with the two tables such a user has, a slide table (``slides/slides.csv``: slide_id, path,
+patient_id, as a LIMS export gives) and a clinical table keyed by patient
+(``slides/clinical.csv``: patient_id, label, time, event) -> ``tile`` of the slide table (pairs
+for XMAG and a grid for bags) -> a streaming read of the shards -> ``cache`` (two seeded
+``test-*`` teachers on the pairs) -> ``embed`` (slide bags from two encoders) -> ``distill`` (a
+tiny XMAG student on 2 Ray workers with DeepSpeed, exported and registered in MLflow) ->
+``embed`` at 5x with that student -> ``fuse`` (experts, LogitProd, Meta-Encoder, FuseCPath and
+baselines, cross-validated, for classification and survival per patient: a patient's slides
+pooled, folds by patient) -> ``predict --slides``: the classification model on held-out
+synthetic patients (another seed, not in the labels ``fuse`` saw), tiled and embedded as its
+card records, one prediction per patient -> a Markdown report with the results tables, plots
+and the held-out predictions. Everything is logged to a local MLflow store.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from fusedist.features.slides import tile_grid
 from fusedist.formats import tile_manifest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.metrics import classification_metrics
+from fusedist.fusion.model import CARD
 from fusedist.predict import PredictConfig, run_predict
 from fusedist.fusion.run import run_fuse
 from fusedist.execution.rayrun import init_ray
 from fusedist.synth import SynthConfig, synthesize
+from fusedist.synth.dataset import CLINICAL, LABELS, SLIDES
 from fusedist.synth.ink import PenConfig
 from fusedist.tiling import TileConfig, run_tile
 from fusedist.tracking import MlflowConfig
@@ -85,13 +91,19 @@ class DemoConfig(StrictModel):
 
     fuse_tasks: list[Literal["classification", "survival", "regression"]] = Field(
         default_factory=lambda: ["classification", "survival"])
-    """Slide-level tasks the fuse step evaluates (labels from the synthetic cues)."""
+    """Tasks the fuse step evaluates (labels from the synthetic cues). ``classification`` and
+    ``survival`` are per patient, as TCGA's labels are: ``slides/clinical.csv`` (keyed by
+    patient_id) joined to the bags through ``slides/slides.csv``, ``unit: auto`` (-> patient:
+    a patient's slides pooled, folds and predictions per patient). ``regression`` (targets
+    ``gene_*``, which are per slide) reads the slide-keyed ``slides/labels.csv`` with ``unit:
+    slide``."""
 
     heldout_slides: int = Field(4, ge=0)
-    """Held-out synthetic slides (seed ``seed + 1``, in ``heldout/``, laid out as ``layout``
-    says (ids ``heldout-*`` when flat), not in the labels ``fuse`` uses) that the
-    classification model predicts from the raw slides (``predict --slides``); 0 skips that
-    stage."""
+    """Held-out synthetic slides (seed ``seed + 1``, in ``heldout/`` with their own
+    ``slides.csv`` and ``clinical.csv``, laid out as ``layout`` says (ids ``heldout-*`` when
+    flat), not in the labels ``fuse`` uses) that the classification model predicts from the
+    raw slides (``predict --slides heldout/slides.csv``, grouped into patients by that table:
+    one row per patient); 0 skips that stage."""
 
     distill_workers: int = Field(2, ge=1)
     """Ray Train workers (DeepSpeed ranks, gloo on CPU) for the student."""
@@ -142,7 +154,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                                             "seed": cfg.seed + 1, "id_prefix": "heldout"}),
                    progress=progress)
     times.append(StageTime("synth", time.perf_counter() - t,
-                           f"{cfg.num_slides} slides of {cfg.size} px + labels.csv"
+                           f"{cfg.num_slides} slides of {cfg.size} px + {SLIDES}, {CLINICAL}"
+                           f" and {LABELS}"
                            + (f"; {cfg.heldout_slides} held-out slides" if cfg.heldout_slides
                               else "")))
 
@@ -152,14 +165,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     times.append(StageTime("ray start", time.perf_counter() - t,
                            "once, shared by every stage" if started else "already running"))
 
+    # Every stage that reads slides reads them from the slide table, as a TCGA user's would.
+    table = storage.join(slides, SLIDES)
     summaries = []
     for mode, extra in (("pairs", {}), ("grid", {"tile_mpp": 0.5, "tile_size": 224})):
         t = time.perf_counter()
         if mode == "grid":  # the grid the encoders take (as `embed --slides` tiles it)
-            res = tile_grid(slides, tiles, mode, extra, samples_per_shard=256, ray=cfg.ray,
+            res = tile_grid(table, tiles, mode, extra, samples_per_shard=256, ray=cfg.ray,
                             storage=cfg.storage, progress=progress)
         else:
-            res = run_tile(TileConfig(input=slides, output=tiles, dataset=mode, mode=mode,
+            res = run_tile(TileConfig(input=table, output=tiles, dataset=mode, mode=mode,
                                       samples_per_shard=256, ray=cfg.ray, storage=cfg.storage),
                            progress=progress)
         summaries.append(res.summary())
@@ -206,7 +221,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                            + f"; exported as {dist.encoder}"))
 
     t = time.perf_counter()
-    emb5 = run_embed(EmbedConfig(slides=slides, output=storage.join(root, "bags"),
+    emb5 = run_embed(EmbedConfig(slides=table, output=storage.join(root, "bags"),
                                  encoders=[dist.export_dir], min_tissue=0.4,
                                  engine=EngineConfig(batch_size=64), ray=cfg.ray,
                                  storage=cfg.storage, mlflow=mlflow), progress=progress)
@@ -217,8 +232,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     fused = []
     for task in cfg.fuse_tasks:
         t = time.perf_counter()
-        res = run_fuse(_fuse_config(cfg, root, _labels(slides), tiles, task, mlflow),
-                       progress=progress)
+        res = run_fuse(_fuse_config(cfg, root, slides, tiles, task, mlflow), progress=progress)
         fused.append(res)
         times.append(StageTime(f"fuse ({task})", time.perf_counter() - t,
                                f"{len(res.methods)} methods x {cfg.fuse_folds} folds; best "
@@ -229,10 +243,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     if cfg.heldout_slides and model:
         t = time.perf_counter()
         predicted = _predict_heldout(cfg, root, heldout, model, mlflow, progress)
+        what = "patients" if predicted["patients"] else "slides"
         times.append(StageTime("predict (held-out slides)", time.perf_counter() - t,
-                               f"{len(predicted['predicted'])} held-out slides tiled, embedded "
-                               f"and predicted from the raw slides, "
-                               f"{len(predicted['failed'])} failed"))
+                               f"{cfg.heldout_slides} held-out slides tiled and embedded, "
+                               f"{len(predicted['predicted'])} {what} predicted from the raw "
+                               f"slides, {len(predicted['failed'])} failed"))
 
     report = storage.join(root, "report.md")
     storage.write_text(report, _report(cfg, times, summaries, fused, predicted))
@@ -241,26 +256,38 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
 
 def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
                      mlflow: MlflowConfig, progress: bool) -> dict:
-    """``fusedist predict --slides``: the classification model on the held-out slides."""
-    pcfg = PredictConfig(model=model, slides=heldout, output=storage.join(root, "predict"),
+    """``fusedist predict --slides heldout/slides.csv --patients heldout/slides.csv``: the
+    classification model on the held-out slides; a patient model (the demo's) pools each
+    patient's slides as the table groups them and predicts one row per patient. The
+    manifest it returns gains ``patients``: whether its rows are patients."""
+    table = storage.join(heldout, SLIDES)
+    pcfg = PredictConfig(model=model, slides=table, patients=table,
+                         output=storage.join(root, "predict"),
                          engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
                          mlflow=mlflow)
-    return run_predict(pcfg, progress=progress)
+    return {**run_predict(pcfg, progress=progress), "patients": _is_patient_model(model)}
+
+
+def _is_patient_model(model: str) -> bool:
+    """Whether the fused model's card says ``unit: patient`` (it predicts patients)."""
+    return storage.read_json(storage.join(model, CARD)).get("unit") == "patient"
 
 
 def _heldout_vs_cv(rows: list[dict], truth: dict[str, str], method: str, probs: list[str],
-                   cv: dict | None) -> list[str]:
-    """The held-out slides' AUC, balanced accuracy and accuracy for ``method``, beside the
+                   cv: dict | None, key: str = "slide_id") -> list[str]:
+    """The held-out units' AUC, balanced accuracy and accuracy for ``method``, beside the
     cross-validated estimate of the same method (``cv``: its summary, metric -> (mean, std)):
-    how far the CV number carries to slides no fold ever saw."""
+    how far the CV number carries to units no fold ever saw. ``key``: the predictions'
+    unit column (``patient_id`` for a patient model, whose ``truth`` is per patient)."""
     import numpy as np
 
+    what = "patients" if key == "patient_id" else "slides"
     classes = [c[5:] for c in probs]
-    mine = [r for r in rows if r["method"] == method and r["slide_id"] in truth
-            and truth[r["slide_id"]] in classes]
+    mine = [r for r in rows if r["method"] == method and r[key] in truth
+            and truth[r[key]] in classes]
     if not mine:
         return []
-    y = np.array([classes.index(truth[r["slide_id"]]) for r in mine])
+    y = np.array([classes.index(truth[r[key]]) for r in mine])
     p = np.array([[float(r[c]) for c in probs] for r in mine])
     got = classification_metrics(y, p)
     acc = float((p.argmax(1) == y).mean())
@@ -268,7 +295,7 @@ def _heldout_vs_cv(rows: list[dict], truth: dict[str, str], method: str, probs: 
     def fmt(v: float) -> str:
         return "n/a" if not np.isfinite(v) else f"{v:.3f}"
 
-    lines = [f"| `{method}` | AUC | balanced accuracy | accuracy | slides |",
+    lines = [f"| `{method}` | AUC | balanced accuracy | accuracy | {what} |",
              "|---|---:|---:|---:|---|"]
     if cv:
         lines.append("| cross-validation (mean ± std over folds) | "
@@ -276,19 +303,31 @@ def _heldout_vs_cv(rows: list[dict], truth: dict[str, str], method: str, probs: 
                                   for k in ("auc", "balanced_accuracy"))
                      + " | | the labelled cohort |")
     counts = ", ".join(f"{int((y == i).sum())} of class {c}" for i, c in enumerate(classes))
-    lines += [f"| held-out slides (the refit model) | {fmt(got['auc'])} | "
+    lines += [f"| held-out {what} (the refit model) | {fmt(got['auc'])} | "
               f"{fmt(got['balanced_accuracy'])} | {acc:.3f} | {len(y)} ({counts}) |", "",
-              "A handful of held-out slides gives a rough check only (AUC is undefined "
+              f"A handful of held-out {what} gives a rough check only (AUC is undefined "
               "without both classes); it says whether the refit model carries the folds' "
-              "estimate to slides no fold saw.", ""]
+              f"estimate to {what} no fold saw.", ""]
     return lines
+
+
+def _heldout_truth(root: str, key: str) -> dict[str, str]:
+    """Held-out unit -> true label: per patient from ``heldout/clinical.csv``, per slide from
+    ``heldout/labels.csv``."""
+    import csv
+    import io
+
+    name = CLINICAL if key == "patient_id" else LABELS
+    text = storage.read_text(storage.join(root, "heldout", name))
+    return {r[key]: r["label"] for r in csv.DictReader(io.StringIO(text))}
 
 
 def _predict_section(cfg: DemoConfig, root: str, result: dict,
                      classification=None) -> list[str]:
-    """The held-out predictions table: one row per slide, the model's first (best) component's
-    label and probabilities, LogitProd's per-expert weights; true labels from the synthesis;
-    then the held-out scores beside the CV estimate (``classification``: that FuseResult)."""
+    """The held-out predictions table: one row per unit (per patient for a patient model: its
+    slides pooled), the model's first (best) component's label and probabilities, LogitProd's
+    per-expert weights; true labels from the synthesis; then the held-out scores beside the
+    CV estimate (``classification``: that FuseResult)."""
     import csv
     import io
     import json
@@ -297,32 +336,38 @@ def _predict_section(cfg: DemoConfig, root: str, result: dict,
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out,
                                                                         "predictions.csv")))))
-    truth = {r["slide_id"]: r["label"] for r in csv.DictReader(io.StringIO(
-        storage.read_text(storage.join(root, "heldout", "labels.csv"))))}
+    patient = bool(result.get("patients"))
+    key = "patient_id" if patient else "slide_id"
+    truth = _heldout_truth(root, key)
     primary = manifest["methods"][0]
     head = list(rows[0]) if rows else []
     probs = [c for c in head if c.startswith("prob_")]
     weights = [c for c in head if c.startswith("weight_")]
+    unit = ("patient | slides" if patient else "slide")
     lines = ["## Held-out slides: `fusedist predict --slides`", "",
              f"{cfg.heldout_slides} synthetic slides that `fuse` never saw (`heldout/`, seed "
              f"{cfg.seed + 1}), tiled and embedded as the classification model's card records "
-             f"(`predict/tiles/`, `predict/bags/`), then predicted. Label and probabilities: "
-             f"`{primary}` (the model's first component: the CV's best); weights: "
-             "LogitProd's per-expert weights for the slide.", "",
-             "| slide | true label | predicted | "
+             f"(`predict/tiles/`, `predict/bags/`), then predicted"
+             + (" per patient (the model was fused per patient: `heldout/slides.csv` groups "
+                "the slides, a patient's slides are pooled; true labels from "
+                "`heldout/clinical.csv`)" if patient else "")
+             + f". Label and probabilities: `{primary}` (the model's first component: the "
+             "CV's best); weights: LogitProd's per-expert weights.", "",
+             f"| {unit} | true label | predicted | "
              + " | ".join(f"p({c[5:]})" for c in probs) + " | "
              + " | ".join(f"w({c[7:]})" for c in weights) + " |",
-             "|---|---|---|" + "---:|" * (len(probs) + len(weights))]
-    by = {(r["slide_id"], r["method"]): r for r in rows}
-    for sid in manifest["predicted"]:
-        r, lp = by[(sid, primary)], by.get((sid, "logitprod"), {})
-        lines.append(f"| {sid} | {truth.get(sid, '')} | {r['predicted']} | "
+             "|---|" + "---:|" * patient + "---|---|" + "---:|" * (len(probs) + len(weights))]
+    by = {(r[key], r["method"]): r for r in rows}
+    for uid in manifest["predicted"]:
+        r, lp = by[(uid, primary)], by.get((uid, "logitprod"), {})
+        n = f" {len(r['slide_id'].split(';'))} |" if patient else ""
+        lines.append(f"| {uid} |{n} {truth.get(uid, '')} | {r['predicted']} | "
                      + " | ".join(f"{float(r[c]):.3f}" for c in probs) + " | "
                      + " | ".join(f"{float(lp[c]):.3f}" if lp.get(c) else "" for c in weights)
                      + " |")
     lines += [f"- failed {f['slide_id']}: {f['reason']}" for f in result["failed"]]
     lines += [""] + _heldout_vs_cv(rows, truth, primary, probs, classification.summary.get(
-        primary) if classification is not None else None)
+        primary) if classification is not None else None, key)
     if classification is not None and classification.flat:
         lines += [f"**FLAT REFIT {m}**: {why}." for m, why in classification.flat.items()]
         lines.append("")
@@ -332,19 +377,25 @@ def _predict_section(cfg: DemoConfig, root: str, result: dict,
     return lines
 
 
-def _labels(slides: str) -> str:
-    """The labels ``fuse`` reads: written as a user writes them from the slides' file names
-    (``synth``: slide_id = the file stem, patient_id = its first 12 characters under the
-    ``gdc`` layout), one row per slide."""
-    return storage.join(slides, "labels.csv")
+def _labels(slides: str, task: str) -> tuple[str, str]:
+    """(labels, unit) of a fuse task. Classification and survival: the clinical table, one
+    row per patient (TCGA's labels are per case), so ``unit: auto`` makes each patient one
+    sample; regression's ``gene_*`` targets differ between a patient's slides, so it reads
+    the slide-keyed ``labels.csv`` with ``unit: slide``."""
+    if task == "regression":
+        return storage.join(slides, LABELS), "slide"
+    return storage.join(slides, CLINICAL), "auto"
 
 
-def _fuse_config(cfg: DemoConfig, root: str, labels: str, tiles: str, task: str,
+def _fuse_config(cfg: DemoConfig, root: str, slides: str, tiles: str, task: str,
                  mlflow: MlflowConfig):
     """The fuse step on every bag the demo made (two 20x encoders + the 5x student, which
-    joins the logit-level methods), sized for a few dozen tiles per slide."""
+    joins the logit-level methods), sized for a few dozen tiles per slide; the slide table
+    joins the labels' patients to their slides' bags."""
+    labels, unit = _labels(slides, task)
     return FuseConfig(
-        bags=storage.join(root, "bags"), labels=labels, task=task,
+        bags=storage.join(root, "bags"), labels=labels, slides=storage.join(slides, SLIDES),
+        unit=unit, task=task,
         target="gene_*" if task == "regression" else "label",
         output=storage.join(root, "fuse", task), folds=cfg.fuse_folds, inner_folds=2,
         seed=cfg.seed, thumbnails=storage.join(tiles, "grid"), heatmaps=1,

@@ -4,6 +4,7 @@ reproducible and resumable, labels depend on the cues as documented."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import re
@@ -18,9 +19,10 @@ from scipy import ndimage
 
 from fusedist import storage
 from fusedist.config import ConfigError, load_config
+from fusedist.formats.slide_table import read_slide_table
 from fusedist.synth import (CUES, SynthConfig, make_labels, make_slide, slide_specs,
                             synthesize, tissue_mask)
-from fusedist.synth.cues import LabelParams
+from fusedist.synth.cues import LabelParams, clinical_csv
 from fusedist.synth.render import TileRenderer, build_scene
 from tests.s3util import moto_server, s3_bucket  # noqa: F401
 
@@ -225,6 +227,19 @@ def _cfg(out: str, **kw) -> SynthConfig:
     return SynthConfig(**{**base, **kw})
 
 
+def test_clinical_table_is_one_row_per_patient_and_refuses_disagreeing_slides():
+    rows = make_labels(0, 6, LabelParams(paired_fraction=0.6))
+    lines = clinical_csv(rows).splitlines()
+    assert lines[0] == "patient_id,label,time,event"
+    assert [ln.split(",")[0] for ln in lines[1:]] == list(dict.fromkeys(r.patient_id
+                                                                         for r in rows))
+    assert len(lines) - 1 < len(rows)  # some patients have two slides
+    twin = next(r for r, s in zip(rows, rows[1:]) if r.patient_id == s.patient_id)
+    bad = [*rows, dataclasses.replace(twin, slide_id="x", label=1 - twin.label)]
+    with pytest.raises(ValueError, match=f"patient {twin.patient_id} disagree"):
+        clinical_csv(bad)
+
+
 def test_synthesize_writes_slides_masks_labels_and_resumes(tmp_path):
     cfg = _cfg(str(tmp_path / "ds"))
     recs = synthesize(cfg, progress=False)
@@ -281,6 +296,23 @@ def test_gdc_layout_is_the_flat_data_set_renamed_and_switches_cleanly(tmp_path):
         assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", p.parent.name)
     rows = list(csv.DictReader(io.StringIO((out / "labels.csv").read_text())))
     assert [(r["slide_id"], r["patient_id"]) for r in rows] == [(i, i[:12]) for i in ids]
+    # What a TCGA user has instead: a slide table (paths relative to it, so the folder can
+    # move) and a clinical table with one row per patient, its slides' label and outcome.
+    assert (out / "slides.csv").read_text().splitlines()[1].split(",")[1] == \
+        Path(gdc[0]["url"]).relative_to(out).as_posix()
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    table = read_slide_table(str(moved / "slides.csv"))
+    assert [(t.slide_id, t.patient_id) for t in table] == [(i, i[:12]) for i in ids]
+    assert all(Path(t.path).is_file() and Path(t.path).parent.parent == moved for t in table)
+    clinical = list(csv.DictReader(io.StringIO((moved / "clinical.csv").read_text())))
+    assert list(clinical[0]) == ["patient_id", "label", "time", "event"]
+    assert [c["patient_id"] for c in clinical] == list(dict.fromkeys(i[:12] for i in ids))
+    by_patient = {c["patient_id"]: c for c in clinical}
+    for r in rows:
+        assert {k: by_patient[r["patient_id"]][k] for k in ("label", "time", "event")} == \
+            {k: r[k] for k in ("label", "time", "event")}
+    moved.rename(out)
     # Back to flat in the same folder: the GDC files are removed, the flat ones written.
     synthesize(_cfg(str(out)), progress=False)
     assert sorted(p.name for p in out.rglob("*.svs")) == []
@@ -291,6 +323,10 @@ def test_synthesize_to_s3(s3_bucket, tmp_path):  # noqa: F811
     cfg = _cfg(f"{s3_bucket}/synth", num_slides=2, paired_fraction=0.0)
     recs = synthesize(cfg, progress=False)
     assert storage.exists(f"{s3_bucket}/synth/labels.csv")
+    assert storage.exists(f"{s3_bucket}/synth/clinical.csv")
+    # The slide table's relative paths resolve against the bucket.
+    table = read_slide_table(f"{s3_bucket}/synth/slides.csv")
+    assert [t.path for t in table] == [r["url"] for r in recs]
     for r in recs:
         assert r["url"] == f"{s3_bucket}/synth/{r['slide_id']}.tiff"
         local = tmp_path / f"{r['slide_id']}.tiff"

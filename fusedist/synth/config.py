@@ -17,7 +17,9 @@ class SynthConfig(StrictModel):
 
     output: str
     """Directory URL for the slides (local path, ``file://`` or ``s3://``): writes
-    ``<output>/<slide_id>.tiff``, ``labels.csv``, ``masks/<slide_id>.png`` and
+    ``<output>/<slide_id>.tiff``, ``labels.csv`` (one row per slide: every target and cue),
+    ``slides.csv`` (a slide table: slide_id, path relative to it, patient_id), ``clinical.csv``
+    (one row per patient: patient_id, label, time, event), ``masks/<slide_id>.png`` and
     ``synth_manifest.json`` (what was written, so re-runs skip finished slides)."""
 
     num_slides: int = Field(8, ge=1)

@@ -208,3 +208,19 @@ def labels_csv(rows: Sequence[SlideLabels]) -> str:
                 *(f"{r.genes[g]:.4f}" for g in genes), *(f"{r.cues[c]:.4f}" for c in CUES)]
         lines.append(",".join(vals))
     return "\n".join(lines) + "\n"
+
+
+def clinical_csv(rows: Sequence[SlideLabels]) -> str:
+    """``clinical.csv`` text: patient_id, label, time, event, one row per patient (in the order
+    of their first slide): the patient-keyed table TCGA's clinical data gives. A patient's
+    slides share these by construction (:func:`make_labels`); a disagreement is a bug here."""
+    lines, seen = ["patient_id,label,time,event"], {}
+    for r in rows:
+        values = (str(r.label), f"{r.time:.2f}", str(r.event))
+        if r.patient_id not in seen:
+            seen[r.patient_id] = values
+            lines.append(",".join([r.patient_id, *values]))
+        elif seen[r.patient_id] != values:
+            raise ValueError(f"synth: slides of patient {r.patient_id} disagree on label, time "
+                             f"or event ({seen[r.patient_id]} vs {values})")
+    return "\n".join(lines) + "\n"

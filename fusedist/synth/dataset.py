@@ -1,5 +1,10 @@
 """``synthesize``: a whole synthetic data set (slides, masks, labels) at a URL, resumably.
 
+Beside the slides go three tables: ``labels.csv`` (one row per slide, every target and cue),
+and the two a TCGA user starts from, ``slides.csv`` (a slide table, as a LIMS export gives:
+slide_id, path relative to the table, patient_id) and ``clinical.csv`` (one row per patient:
+patient_id, label, time, event).
+
 Per slide the spec (cues, seed, geometry, rendering options, generator and codec versions)
 has a digest. ``synth_manifest.json`` records the digest, size and sha256 of every finished
 slide and is rewritten after each one, so a killed run resumes where it stopped and a re-run
@@ -27,12 +32,20 @@ import numpy as np
 import tifffile
 
 from fusedist import storage
+from fusedist.formats.slide_table import SlideRow, write_slide_table
 from fusedist.synth.config import SynthConfig
-from fusedist.synth.cues import SlideLabels, labels_csv, make_labels
+from fusedist.synth.cues import SlideLabels, clinical_csv, labels_csv, make_labels
 from fusedist.synth.fields import tissue_mask
 from fusedist.synth.slide import GENERATOR_VERSION, RenderOptions, make_slide
 
 MANIFEST = "synth_manifest.json"
+LABELS = "labels.csv"
+"""One row per slide: slide_id, patient_id, label, time, event, gene_*, cue_*."""
+SLIDES = "slides.csv"
+"""The slide table (slide_id, path relative to it, patient_id): what ``tile`` and ``fuse``'s
+``slides`` read."""
+CLINICAL = "clinical.csv"
+"""One row per patient (patient_id, label, time, event): labels keyed by patient."""
 log = logging.getLogger(__name__)
 
 
@@ -209,8 +222,10 @@ def _read_manifest(url: str) -> dict[str, dict]:
 def synthesize(cfg: SynthConfig, progress: bool = True) -> list[dict]:
     """Write the data set described by ``cfg`` and return one record per slide.
 
-    Slides go to ``<output>/<slide_id>.tiff``, masks to ``<output>/masks/<slide_id>.png``, and
-    ``<output>/labels.csv`` holds slide_id, patient_id, label, time, event, gene_*, cue_*.
+    Slides go to ``<output>/<slide_id>.tiff`` (``layout: gdc``: ``<uuid>/<slide_id>.svs``),
+    masks to ``<output>/masks/<slide_id>.png``; ``<output>/labels.csv`` holds slide_id,
+    patient_id, label, time, event, gene_*, cue_*, ``slides.csv`` the slide table and
+    ``clinical.csv`` one row per patient (:func:`write_tables`).
     Finished slides whose spec is unchanged are skipped (``record["skipped"]``); slides that
     an earlier run of this output recorded but the config no longer has (a smaller
     ``num_slides``) are deleted, so a later ``fusedist tile`` of the folder sees only these.
@@ -267,9 +282,22 @@ def synthesize(cfg: SynthConfig, progress: bool = True) -> list[dict]:
     if set(manifest) != {s.slide_id for s in specs}:  # stale entries were dropped
         manifest = {s.slide_id: manifest[s.slide_id] for s in specs}
         save_manifest()
-    storage.write_text(storage.join(out, "labels.csv"), labels_csv([s.labels for s in specs]))
+    write_tables(out, specs)
     return [_record(s, urls[s.slide_id], manifest[s.slide_id], seconds.get(s.slide_id))
             for s in specs]
+
+
+def write_tables(out: str, specs: list[SlideSpec]) -> None:
+    """``labels.csv``, ``slides.csv`` and ``clinical.csv`` of ``specs`` under ``out``.
+
+    The slide table's paths are relative to it (read_slide_table joins them to its folder),
+    so the data set can be moved or copied to S3 and still be read."""
+    rows = [s.labels for s in specs]
+    storage.write_text(storage.join(out, LABELS), labels_csv(rows))
+    write_slide_table(storage.join(out, SLIDES),
+                      [SlideRow(s.slide_id, s.path or f"{s.slide_id}.tiff", s.labels.patient_id)
+                       for s in specs])
+    storage.write_text(storage.join(out, CLINICAL), clinical_csv(rows))
 
 
 def _urls(out: str, slide_id: str, path: str = "") -> tuple[str, str]:
