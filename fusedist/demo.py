@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import yaml
 from pydantic import Field
 
 from fusedist import storage
@@ -43,6 +44,9 @@ from fusedist.synth.dataset import CLINICAL, LABELS, SLIDES
 from fusedist.synth.ink import PenConfig
 from fusedist.tiling import TileConfig, run_tile
 from fusedist.tracking import MlflowConfig
+
+
+SYNTH_RECIPE = "synth.yaml"  # <workdir>/synth.yaml: the synth config of the demo's slides
 
 
 class DemoConfig(StrictModel):
@@ -148,6 +152,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
                         paired_fraction=0.4,
                         storage=cfg.storage)
     synthesize(synth, progress=progress)
+    # The recipe of these slides, so more of the same cohort is one command away
+    # (`fusedist synth -c <workdir>/synth.yaml --num-slides 22`: docs/retrain.md).
+    storage.write_text(storage.join(root, SYNTH_RECIPE), yaml.safe_dump(
+        synth.model_dump(mode="json", exclude={"storage"}), sort_keys=False))
     heldout = storage.join(root, "heldout")
     if cfg.heldout_slides:
         synthesize(synth.model_copy(update={"output": heldout, "num_slides": cfg.heldout_slides,

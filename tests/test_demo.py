@@ -61,6 +61,14 @@ def test_small_demo_end_to_end(ray_cluster, tmp_path):
     slide_labels = {r["slide_id"]: r for r in _csv(work / "slides" / "labels.csv")}
     assert all(clinical[s[:12]]["label"] == r["label"] and clinical[s[:12]]["time"] == r["time"]
                for s, r in slide_labels.items())
+    # synth.yaml is the recipe of these slides: synthesizing it again redraws nothing.
+    import yaml
+
+    from fusedist.synth import SynthConfig, synthesize
+
+    recipe = SynthConfig.model_validate(yaml.safe_load((work / "synth.yaml").read_text()))
+    assert (recipe.output, recipe.layout, recipe.num_slides) == (str(work / "slides"), "gdc", 12)
+    assert all(r["skipped"] for r in synthesize(recipe, progress=False))
     for mode in ("pairs", "grid"):
         m = json.loads((work / "tiles" / mode / "manifest.json").read_text())
         assert m["mode"] == mode and m["totals"]["slides_ok"] >= 6 and m["totals"]["tiles"] > 0

@@ -98,8 +98,8 @@ def test_recipes_and_their_errors(tmp_path):
     demo = yaml.safe_load((REPO / "configs/retrain/demo.yaml").read_text())
     cfg = RetrainConfig.model_validate(demo)
     # One statement of slides, labels, Ray, S3 and MLflow reaches every stage.
-    assert {t.input for t in cfg.tile.values()} == {"demo-output/slides"}
-    assert cfg.fuse.labels == "demo-output/slides/labels.csv"
+    assert {t.input for t in cfg.tile.values()} == {"demo-output/slides/slides.csv"}
+    assert cfg.fuse.labels == "demo-output/slides/clinical.csv"
     assert cfg.cache["pairs"].mlflow.tracking_uri == cfg.mlflow.tracking_uri
     with pytest.raises(ValueError, match="tile stages need `slides`"):
         RetrainConfig.model_validate({**demo, "slides": None})
