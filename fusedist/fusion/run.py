@@ -108,9 +108,11 @@ def _fold_tasks(cfg: FuseConfig, folds: int, samples: int) -> Tasks:
     ``fold_cpus`` cores and at most one per fold, or this process (one core, or a cohort of
     at most ``INLINE_SAMPLES`` samples). Every fold sets its torch threads to ``fold_cpus``
     (``fold_context``), so the results do not depend on where it ran."""
-    # torch.optim's first use imports torch._dynamo (seconds): once, in the forkserver.
+    # torch (seconds): once, in the forkserver. The folds train without torch._dynamo
+    # (training.eager_optim), so it is not loaded there.
     return open_tasks(cfg.executor, cfg.ray, "fuse folds", cpus=cfg.fold_cpus,
-                      gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold", "torch._dynamo"),
+                      gpus=cfg.fold_gpus, preload=("fusedist.fusion.fold",
+                                                   "fusedist.fusion.training"),
                       most=folds, inline=samples <= INLINE_SAMPLES)
 
 
