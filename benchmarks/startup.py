@@ -199,6 +199,7 @@ def main() -> None:
     print(f"\nfuse folds' own work: {', '.join(f'{t:.2f}' for t in folds)} s per fold; "
           f"{span(local):.2f} s in a default run ({local} process(es) at once), "
           f"{span(on_ray):.2f} s on Ray ({on_ray} at once)")
+    print("(fixed cost: everything but the folds' own work; the final refit counts in it)")
     print(f"| fuse: fixed cost above the folds' own work (default executor) | "
           f"{wall - span(local):.1f} | | |")
     print(f"| fuse: fixed cost above the folds' own work (on Ray) | "
