@@ -9,10 +9,11 @@ folds' own work (each fold timed in this process, warm, as ``run_fold``), placed
 places them: a cohort this small runs its folds one after the other in the driver (their
 times add up), Ray runs one per ``fold_cpus`` cores at once. Everything else is fixed cost:
 imports, the cohort, the report and plots, and the final refit (model training on every
-sample, but once per run whatever the folds: it is not fold work). In the same run, the floors it cannot go below:
-the CLI's imports, a lean local Ray start + stop (``fusedist.execution.rayrun.init_ray``) and a plain
-``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
-pointed at a missing input (which must fail before Ray starts).
+sample, but once per run whatever the folds: it is not fold work). In the same run, the
+floors it cannot go below: the CLI's imports, a lean local Ray start + stop
+(``fusedist.execution.rayrun.init_ray``) and a plain ``ray.init(address="local")`` +
+``shutdown()`` with Ray's defaults; and the same stages pointed at a missing input (which
+must fail before Ray starts).
 
     python benchmarks/startup.py --reps 3
     python benchmarks/startup.py --reps 1 --only fuse   # fuse (and the CLI's imports) only
