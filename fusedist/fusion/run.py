@@ -299,7 +299,7 @@ def _imports_frozen() -> Iterator[None]:
     """Import the driver's dependencies with the cyclic garbage collector paused, then keep
     the objects they made out of its later passes (``gc.freeze``) until the run ends. Imports
     make hundreds of thousands of long-lived objects, and every full collection walks them
-    all again: ~0.5-0.8 s of a small run on a 2-core machine (issue 27), for no garbage.
+    all again: ~0.4-0.5 s of a small run on a 2-core machine (issue 27), for no garbage.
     Nothing that reaches an output changes. A caller that froze objects itself keeps its
     own scheme (nothing here is frozen or unfrozen)."""
     if gc.get_freeze_count() or not gc.isenabled():
