@@ -5,11 +5,15 @@ For each stage, one tiny input (one small slide; one shard; one slide's grid til
 in a fresh process, interleaved over ``--reps`` rounds (medians); tile, cache, embed and fuse
 run with their default executor (no Ray on a laptop) and again on Ray (``executor=ray``).
 For fuse the table's last line is its fixed cost: the whole process's wall time less the
-folds' own work (each fold timed in this process, warm, as ``run_fold``; the folds of a local
-run share its processes' cores). In the same run, the floors it cannot go below:
-the CLI's imports, a lean local Ray start + stop (``fusedist.execution.rayrun.init_ray``) and a plain
-``ray.init(address="local")`` + ``shutdown()`` with Ray's defaults; and the same stages
-pointed at a missing input (which must fail before Ray starts).
+folds' own work (each fold timed in this process, warm, as ``run_fold``), placed as the run
+places them: a cohort this small runs its folds one after the other in the driver (their
+times add up), Ray runs one per ``fold_cpus`` cores at once. Everything else is fixed cost:
+imports, the cohort, the report and plots, and the final refit (model training on every
+sample, but once per run whatever the folds: it is not fold work). In the same run, the
+floors it cannot go below: the CLI's imports, a lean local Ray start + stop
+(``fusedist.execution.rayrun.init_ray``) and a plain ``ray.init(address="local")`` +
+``shutdown()`` with Ray's defaults; and the same stages pointed at a missing input (which
+must fail before Ray starts).
 
     python benchmarks/startup.py --reps 3
     python benchmarks/startup.py --reps 1 --only fuse   # fuse (and the CLI's imports) only
@@ -82,9 +86,10 @@ FUSE_SETS = {"folds": "2", "inner_folds": "2", "experts.epochs": "1",
              "logitprod.max_epochs": "1", "mlflow.enabled": "false"}
 
 
-def _fold_work(work: Path) -> tuple[list[float], int]:
+def _fold_work(work: Path) -> tuple[list[float], int, int]:
     """Each fold of the benchmark's fuse run timed in this process (imports warm, one fold
-    run untimed first), and how many local processes a default run spreads them over."""
+    run untimed first), and how many processes a default run and a Ray run spread them over
+    (1: one after the other, e.g. in the driver)."""
     import numpy as np
 
     from fusedist.config import load_config
@@ -93,6 +98,7 @@ def _fold_work(work: Path) -> tuple[list[float], int]:
     from fusedist.fusion.data import load_cohort, make_folds
     from fusedist.fusion.fold import run_fold
     from fusedist.fusion.fold import prepare_methods, select_methods
+    from fusedist.fusion.run import _fold_tasks
 
     cfg = load_config(FuseConfig, None, [f"{k}={v}" for k, v in FUSE_SETS.items()],
                       bags=str(work / "cohort" / "bags"),
@@ -108,8 +114,14 @@ def _fold_work(work: Path) -> tuple[list[float], int]:
         t = time.perf_counter()
         run_fold(c, cfg, fold_ids, f, heat, methods, prepared)
         times.append(time.perf_counter() - t)
-    workers = max(1, min(cfg.folds, int(local_cpus(cfg.ray.num_cpus) // cfg.fold_cpus)))
-    return times, workers
+    # How a default run places them: the choice run_fuse makes (a cohort this small runs its
+    # folds one after the other in the driver, so their work adds up); on Ray, one per
+    # fold_cpus cores.
+    tasks = _fold_tasks(cfg.model_copy(update={"executor": "local"}), cfg.folds, c.num_samples)
+    local = 1 if tasks.inline else tasks.slots
+    tasks.close()
+    on_ray = max(1, min(cfg.folds, int(local_cpus(cfg.ray.num_cpus) // cfg.fold_cpus)))
+    return times, local, on_ray
 
 
 def main() -> None:
@@ -178,16 +190,21 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
-    folds, workers = _fold_work(work)
-    # The folds' own work in a default (local) run: spread over `workers` processes.
-    span = max(sum(folds[i::workers]) for i in range(workers))
+    folds, local, on_ray = _fold_work(work)
+
+    def span(workers: int) -> float:  # the folds' own work spread over `workers` processes
+        return max(sum(folds[i::workers]) for i in range(workers))
+
     wall = statistics.median(times["fuse: 12 slides, 2 folds"])
     ray_wall = statistics.median(times["fuse: 12 slides, 2 folds, on Ray"])
-    print(f"\nfuse folds' own work: {', '.join(f'{t:.1f}' for t in folds)} s per fold, "
-          f"{span:.1f} s over {workers} process(es)")
+    print(f"\nfuse folds' own work: {', '.join(f'{t:.2f}' for t in folds)} s per fold; "
+          f"{span(local):.2f} s in a default run ({local} process(es) at once), "
+          f"{span(on_ray):.2f} s on Ray ({on_ray} at once)")
+    print("(fixed cost: everything but the folds' own work; the final refit counts in it)")
     print(f"| fuse: fixed cost above the folds' own work (default executor) | "
-          f"{wall - span:.1f} | | |")
-    print(f"| fuse: fixed cost above the folds' own work (on Ray) | {ray_wall - span:.1f} | | |")
+          f"{wall - span(local):.1f} | | |")
+    print(f"| fuse: fixed cost above the folds' own work (on Ray) | "
+          f"{ray_wall - span(on_ray):.1f} | | |")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -562,3 +562,29 @@ def test_fuse_locally_predicts_what_it_predicts_on_ray(ray_cluster, cohort, tmp_
     for name in ("inline", "pool"):
         assert (tmp_path / name / "predictions.csv").read_bytes() == want, name
         assert model_files(str(tmp_path / name / "model")) == model, name
+
+
+_FRESH_FUSE = """
+import gc, json, sys
+from fusedist.fusion.config import FuseConfig
+from fusedist.fusion.run import run_fuse
+cfg = FuseConfig.model_validate(json.loads(sys.argv[1]))
+run_fuse(cfg, progress=False)
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "frozen": gc.get_freeze_count(),
+                  "gc": gc.isenabled()}))
+"""
+
+
+def test_a_small_fuse_trains_without_dynamo_and_leaves_the_gc_as_it_was(cohort, tmp_path):
+    """Issue 27's fixed costs: a default fuse of a small cohort (folds and refit in the driver)
+    never imports ``torch._dynamo`` (``training.eager_optim``; 1-1.4 s of a 2-core machine),
+    and the objects its imports froze out of the GC's passes are collectable again after it."""
+    cfg = cfg_for(cohort, tmp_path / "out", executor="local",
+                  final={"enabled": True, "methods": ["logitprod"]})
+    p = subprocess.run([sys.executable, "-c", _FRESH_FUSE, cfg.model_dump_json()],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"dynamo": False, "frozen": 0,
+                                                             "gc": True}
+    assert (tmp_path / "out" / "model" / "card.json").exists()

@@ -620,3 +620,54 @@ def test_meta_encoder_mil_fuses_per_tile_then_pools():
         assert torch.allclose(m(xs)["logits"], m([x[perm] for x in xs])["logits"], atol=1e-5)
     t = MetaEncoderTile([5, 3], "token_attention", 4, token_dim=8)
     assert t([torch.randn(6, 5), torch.randn(6, 3)]).shape == (6, 4)
+
+
+_EAGER_OPTIM_PARITY = """
+import sys
+import torch
+from torch import nn
+from fusedist.fusion.training import eager_optim
+
+def train():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+    for make in (lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-5),
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)):
+        opt = make(m.parameters())
+        warm = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2,
+                                                                    eta_min=1e-6)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5, eta_min=0.001)
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            m(torch.randn(4, 5)).square().sum().backward()
+            opt.step(); warm.step(); cos.step()
+        opt.state_dict()
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+with eager_optim():
+    a = train()
+    print("inside", type(sys.modules["torch._dynamo"]).__name__)  # the stand-in
+print("after", "torch._dynamo" in sys.modules)
+import torch._dynamo  # the real one, after the block: torch's wrappers use it again
+b = train()
+print("equal", torch.equal(a, b))
+with eager_optim():  # a process that has torch._dynamo keeps it
+    print("kept", type(sys.modules["torch._dynamo"]).__name__)
+"""
+
+
+def test_eager_optim_trains_the_same_without_importing_dynamo():
+    """``eager_optim`` (issue 27): the optimisers and schedulers the fusion heads use step to
+    the same parameters as with the real ``torch._dynamo``, which is not imported inside the
+    block and is importable (and used) after it. A fresh process: this one may have it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", _EAGER_OPTIM_PARITY], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["inside", "_EagerDynamo", "after", "False", "equal", "True", "kept",
+                                "module"], p.stdout

@@ -263,6 +263,16 @@ def run_fold(c: Cohort, cfg: FuseConfig, fold_ids: np.ndarray, fold: int,
         prepared = prepare_methods(methods, c, cfg, progress=False)[0]
     train, test = np.flatnonzero(fold_ids != fold), np.flatnonzero(fold_ids == fold)
     train = restrict_training(c, cfg, train)  # train_slides: the test fold is unchanged
+    # lazy: training imports torch; fuse's driver imports this module without it
+    from fusedist.fusion.training import eager_optim
+
+    with eager_optim():
+        return _run_fold(c, cfg, train, test, fold, heatmap_slides, methods, prepared)
+
+
+def _run_fold(c: Cohort, cfg: FuseConfig, train: np.ndarray, test: np.ndarray, fold: int,
+              heatmap_slides: list[int], methods: list[Method],
+              prepared: dict[str, object]) -> FoldResult:
     ctx = fold_context(c, cfg, train, test, fold, prepared)
     res = FoldResult(fold, test)
     heat = () if ctx.task.tile else tuple(i for i in heatmap_slides if i in set(test.tolist()))

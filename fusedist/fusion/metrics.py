@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import chi2
 
 TASKS = ("classification", "tile_classification", "survival", "regression")
 PRIMARY_METRIC: dict[str, str] = {
@@ -209,4 +208,7 @@ def logrank_p(time_a, event_a, time_b, event_b) -> float:
             variance += d * (n_a / n) * (1 - n_a / n) * (n - d) / (n - 1)
     if variance <= 0:
         return _NAN
+    # lazy: scipy.stats takes ~0.4 s to import, and fuse's input check imports this module
+    from scipy.stats import chi2
+
     return float(chi2.sf((observed - expected) ** 2 / variance, df=1))

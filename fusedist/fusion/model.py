@@ -68,8 +68,12 @@ def refit(c: Cohort, cfg: FuseConfig, rows: list[Method], prepared: dict,
     """Fit ``rows`` on every sample with the fold's recipe. ``epochs`` (head name -> epochs,
     ``fold.refit_epochs`` of the folds' choices) replaces the validation split of
     ``select_best`` heads: those train that many epochs on every sample."""
-    ctx = _refit_context(c, cfg, prepared, epochs)
-    return {m.name: m.fit(ctx) for m in rows}
+    # lazy: training imports torch; fuse's driver imports this module without it
+    from fusedist.fusion.training import eager_optim
+
+    with eager_optim():
+        ctx = _refit_context(c, cfg, prepared, epochs)
+        return {m.name: m.fit(ctx) for m in rows}
 
 
 def spread_checks(c: Cohort, cfg: FuseConfig, fitted: dict[str, Fitted],

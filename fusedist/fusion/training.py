@@ -11,9 +11,12 @@ fold's ``tasks.Targets``; the loops never look at the task name.
 from __future__ import annotations
 
 import copy
+import sys
 import time
+import types
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -51,6 +54,60 @@ def holdout_split(n: int, strat: np.ndarray, val_fraction: float, seed: int
     except ValueError:  # a stratum with a single member
         tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed)
     return np.sort(tr), np.sort(va)
+
+
+class _EagerDynamo(types.ModuleType):
+    """A stand-in for ``torch._dynamo`` with the two calls eager ``torch.optim`` makes on it:
+    ``graph_break()`` (in every ``step``) and ``disable(fn)`` (``add_param_group``,
+    ``zero_grad``, ``state_dict``...: the first call of each imports ``torch._dynamo`` to wrap
+    the method). Outside a compiled frame both are no-ops, and nothing is compiled while
+    :func:`eager_optim` holds: the same steps, the same numbers. Anything else asked of it
+    fails loudly (it is not a package, so no submodule imports either)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch._dynamo")
+        self.disabled: list = []
+
+    def graph_break(self) -> None:
+        pass
+
+    def disable(self, fn=None, recursive: bool = True, *, wrapping: bool = True):
+        if fn is None:
+            return self.disable
+        self.disabled.append(fn)  # torch caches the result on fn: dropped on exit
+        return fn
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"torch._dynamo.{name}: torch._dynamo is not loaded inside "
+                             "fusedist.fusion.training.eager_optim (eager training only)")
+
+
+@contextmanager
+def eager_optim() -> Iterator[None]:
+    """Train with ``torch.optim`` without importing ``torch._dynamo``. Its first optimiser
+    imports it (torch 2.x: ``add_param_group`` and ``step`` are wrapped for
+    ``torch.compile``), and that import costs more than a small cohort's folds take to train
+    (1-1.4 s of a 2-core machine; issue 27). The fold heads are never compiled, so a
+    stand-in with the two no-ops eager code calls (:class:`_EagerDynamo`) sits in
+    ``sys.modules`` while the block runs, and is taken out after it, with what torch cached
+    from it. A process that has ``torch._dynamo`` already (a local fold worker, Ray) uses it."""
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    stub = _EagerDynamo()
+    sys.modules["torch._dynamo"] = stub
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch._dynamo") is stub:
+            del sys.modules["torch._dynamo"]
+        if vars(torch).get("_dynamo") is stub:
+            delattr(torch, "_dynamo")
+        for fn in stub.disabled:  # torch._compile caches disable(fn) as fn.__dynamo_disable
+            if getattr(fn, "__dynamo_disable", None) is fn:
+                delattr(fn, "__dynamo_disable")
 
 
 def _aux(model: nn.Module, like: Tensor) -> Tensor:
