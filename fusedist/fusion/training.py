@@ -11,6 +11,7 @@ fold's ``tasks.Targets``; the loops never look at the task name.
 from __future__ import annotations
 
 import copy
+import importlib
 import sys
 import time
 import types
@@ -62,7 +63,8 @@ class _EagerDynamo(types.ModuleType):
     ``zero_grad``, ``state_dict``...: the first call of each imports ``torch._dynamo`` to wrap
     the method). Outside a compiled frame both are no-ops, and nothing is compiled while
     :func:`eager_optim` holds: the same steps, the same numbers. Anything else asked of it
-    fails loudly (it is not a package, so no submodule imports either)."""
+    (another torch's optimiser, a method that compiles) steps aside for the real module,
+    which is imported then and answers: slower, never wrong."""
 
     def __init__(self) -> None:
         super().__init__("torch._dynamo")
@@ -80,8 +82,15 @@ class _EagerDynamo(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise AttributeError(f"torch._dynamo.{name}: torch._dynamo is not loaded inside "
-                             "fusedist.fusion.training.eager_optim (eager training only)")
+        self.retire()
+        return getattr(importlib.import_module("torch._dynamo"), name)
+
+    def retire(self) -> None:
+        """Out of ``sys.modules`` and ``torch``: the next import finds the real module."""
+        if sys.modules.get("torch._dynamo") is self:
+            del sys.modules["torch._dynamo"]
+        if vars(torch).get("_dynamo") is self:
+            delattr(torch, "_dynamo")
 
 
 @contextmanager
@@ -101,10 +110,7 @@ def eager_optim() -> Iterator[None]:
     try:
         yield
     finally:
-        if sys.modules.get("torch._dynamo") is stub:
-            del sys.modules["torch._dynamo"]
-        if vars(torch).get("_dynamo") is stub:
-            delattr(torch, "_dynamo")
+        stub.retire()
         for fn in stub.disabled:  # torch._compile caches disable(fn) as fn.__dynamo_disable
             if getattr(fn, "__dynamo_disable", None) is fn:
                 delattr(fn, "__dynamo_disable")
