@@ -35,7 +35,6 @@ from fusedist.features.slides import tile_grid
 from fusedist.formats import tile_manifest
 from fusedist.fusion.config import FuseConfig
 from fusedist.fusion.metrics import classification_metrics
-from fusedist.fusion.model import CARD
 from fusedist.predict import PredictConfig, run_predict
 from fusedist.fusion.run import run_fuse
 from fusedist.execution.rayrun import init_ray
@@ -251,7 +250,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> str:
     if cfg.heldout_slides and model:
         t = time.perf_counter()
         predicted = _predict_heldout(cfg, root, heldout, model, mlflow, progress)
-        what = "patients" if predicted["patients"] else "slides"
+        what = "patients" if predicted["unit"] == "patient" else "slides"
         times.append(StageTime("predict (held-out slides)", time.perf_counter() - t,
                                f"{cfg.heldout_slides} held-out slides tiled and embedded, "
                                f"{len(predicted['predicted'])} {what} predicted from the raw "
@@ -266,19 +265,14 @@ def _predict_heldout(cfg: DemoConfig, root: str, heldout: str, model: str,
                      mlflow: MlflowConfig, progress: bool) -> dict:
     """``fusedist predict --slides heldout/slides.csv --patients heldout/slides.csv``: the
     classification model on the held-out slides; a patient model (the demo's) pools each
-    patient's slides as the table groups them and predicts one row per patient. The
-    manifest it returns gains ``patients``: whether its rows are patients."""
+    patient's slides as the table groups them and predicts one row per patient (the result's
+    ``unit``)."""
     table = storage.join(heldout, SLIDES)
     pcfg = PredictConfig(model=model, slides=table, patients=table,
                          output=storage.join(root, "predict"),
                          engine=EngineConfig(batch_size=64), ray=cfg.ray, storage=cfg.storage,
                          mlflow=mlflow)
-    return {**run_predict(pcfg, progress=progress), "patients": _is_patient_model(model)}
-
-
-def _is_patient_model(model: str) -> bool:
-    """Whether the fused model's card says ``unit: patient`` (it predicts patients)."""
-    return storage.read_json(storage.join(model, CARD)).get("unit") == "patient"
+    return run_predict(pcfg, progress=progress)
 
 
 def _heldout_vs_cv(rows: list[dict], truth: dict[str, str], method: str, probs: list[str],
@@ -344,7 +338,7 @@ def _predict_section(cfg: DemoConfig, root: str, result: dict,
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out,
                                                                         "predictions.csv")))))
-    patient = bool(result.get("patients"))
+    patient = result["unit"] == "patient"
     key = "patient_id" if patient else "slide_id"
     truth = _heldout_truth(root, key)
     primary = manifest["methods"][0]

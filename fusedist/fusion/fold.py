@@ -2,8 +2,8 @@
 (``prepare_methods``), the ``FoldContext`` every method of a fold trains in (targets, seeds,
 device, the experts trained once, the inner cross-validation), and one outer fold
 (``run_fold``): a loop over the selected methods, each fitted on the training folds and
-asked to predict the held-out fold. A fold is one task of the execution layer (a Ray task, a local process, or inline:
-``FuseConfig.executor``) and the unit of resumption.
+asked to predict the held-out fold. A fold is one task of the execution layer (a Ray task,
+a local process, or inline: ``FuseConfig.executor``) and the unit of resumption.
 
 Logit-level methods (best expert, mean ensemble, LogitProd) reuse the experts, which the
 ``FoldContext`` trains once; the LogitProd gate and the best-expert choice learn from the

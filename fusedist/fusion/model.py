@@ -285,11 +285,17 @@ def weight_experts(card: dict) -> list[str]:
     return list(lp[0]["spec"]["experts"]) if lp else []
 
 
+def is_patient_model(card: dict) -> bool:
+    """Whether the model was fused with ``unit: patient`` (it predicts patients)."""
+    return card.get("unit") == "patient"
+
+
 def prediction_columns(card: dict) -> list[str]:
-    """``slide_id``, ``method``, the task's columns, LogitProd's weights: one row per slide
-    (or patient) per method, in ``predictions.csv`` and the pyfunc model's output."""
-    return (["slide_id", "method"] + task_columns(card)
-            + [f"weight_{e}" for e in weight_experts(card)])
+    """(a patient model) ``patient_id``, then ``slide_id`` (a patient's slides joined by
+    ``;``), ``method``, the task's columns, LogitProd's weights: one row per slide (or
+    patient) per method, in ``predictions.csv`` and the pyfunc model's output."""
+    return ((["patient_id"] if is_patient_model(card) else []) + ["slide_id", "method"]
+            + task_columns(card) + [f"weight_{e}" for e in weight_experts(card)])
 
 
 def model_files(url: str) -> dict[str, bytes]:

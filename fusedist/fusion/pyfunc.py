@@ -56,7 +56,7 @@ from fusedist import mlmodels, storage
 from fusedist.formats.bags import Bag, list_bags, read_bag
 from fusedist.formats.slide_table import patients as patient_of, read_slide_table
 from fusedist.fusion.model import (CARD, SlideError, flat_reason, load_model, model_files,
-                                   prediction_columns, weight_experts)
+                                   is_patient_model, prediction_columns, weight_experts)
 from fusedist.fusion.units import SEP
 
 ARTIFACT = "model"
@@ -83,17 +83,8 @@ def signature(card: dict):
         inputs += [ColSpec(Array(Array(DataType.double)), e),
                    ColSpec(Array(Array(DataType.long)), e + COORDS, required=False)]
     outputs = [ColSpec(DataType.string if c in (PATIENT, "slide_id", "method", "predicted")
-                       else DataType.double, c) for c in output_columns(card)]
+                       else DataType.double, c) for c in prediction_columns(card)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
-
-
-def is_patient_model(card: dict) -> bool:
-    return card.get("unit") == "patient"
-
-
-def output_columns(card: dict) -> list[str]:
-    """predictions.csv's columns: ``patient_id`` first for a patient model."""
-    return ([PATIENT] if is_patient_model(card) else []) + prediction_columns(card)
 
 
 # ----------------------------------------------------------------------------- model
@@ -182,7 +173,7 @@ def predict_rows(model, card: dict, frame: pd.DataFrame, device) -> pd.DataFrame
                             if np.isfinite(pred).all() else "")
             w = w.tolist() if w is not None else [math.nan] * len(experts)
             rows.append(lead + [SEP.join(p.slides), name] + vals + w)
-    return strict_numbers(pd.DataFrame(rows, columns=output_columns(card)))
+    return strict_numbers(pd.DataFrame(rows, columns=prediction_columns(card)))
 
 
 def strict_numbers(frame: pd.DataFrame) -> pd.DataFrame:

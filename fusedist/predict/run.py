@@ -40,8 +40,8 @@ from fusedist.formats.slide_table import is_slide_table, patients, read_slide_ta
 from fusedist.fusion import report as rp
 from fusedist.fusion.data import tile_extent
 from fusedist.fusion.methods.experts import HeadFitted
-from fusedist.fusion.model import (CARD, SlideError, load_model, task_columns,
-                                   weight_experts)
+from fusedist.fusion.model import (CARD, SlideError, is_patient_model, load_model,
+                                   prediction_columns, weight_experts)
 from fusedist.fusion.units import no_shared_ids
 from fusedist.predict.config import PredictConfig
 from fusedist.predict.slides import embed_slides
@@ -160,9 +160,8 @@ def _predictions_csv(card: dict, results: list[dict]) -> str:
     experts = weight_experts(card)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    patient = card.get("unit") == "patient"  # one row per patient, its slides joined by ;
-    w.writerow((["patient_id"] if patient else []) + ["slide_id", "method"] + task_columns(card)
-               + [f"weight_{e}" for e in experts])
+    patient = is_patient_model(card)  # one row per patient, its slides joined by ;
+    w.writerow(prediction_columns(card))
     for r in results:
         for name in card["methods"]:
             rec = r["methods"][name]
@@ -193,7 +192,7 @@ def check(cfg: PredictConfig) -> None:
     if mlmodels.is_registry_uri(cfg.model):
         return
     card = json.loads(storage.read_text(_card_url(cfg.model)))
-    if card.get("unit") == "patient":
+    if is_patient_model(card):
         _patient_table(cfg)
 
 
@@ -222,7 +221,8 @@ def _targets(cfg: PredictConfig, card: dict, failed: dict[str, str] | None = Non
 
 
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
-    """Predict every slide; returns the manifest (``failed`` lists the slides that failed)."""
+    """Predict every slide; returns the manifest (``failed`` lists the slides that failed)
+    and the model's ``unit`` (``patient``: ``predicted`` lists patients)."""
     from tqdm import tqdm
 
     # lazy: fusion.train imports torch
@@ -238,7 +238,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     results, failed = [], []
     early = None
-    if card.get("unit") == "patient":
+    if is_patient_model(card):
         _patient_table(cfg)  # before any tiling: a patient model needs the patients
     if cfg.slides:
         made = embed_slides(cfg, card, progress)
@@ -251,7 +251,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
             log.warning("predict: %s failed: %s", s, r)
     todo = _targets(cfg, card, early)
     _check_weights(card, todo)
-    patient = card.get("unit", "slide") == "patient"
+    patient = is_patient_model(card)
     units = _units(cfg, todo, failed) if patient else {s: {s: todo[s]} for s in todo}
     state = StageState(cfg.output)
     finished = state.read_many(units)
@@ -275,7 +275,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         results.append(r)
     _write(cfg, card, results, failed, source)
     return {"predicted": [r.get("patient_id") or r["slide_id"] for r in results],
-            "failed": failed,
+            "failed": failed, "unit": card.get("unit", "slide"),
             "output": cfg.output, "model": source}
 
 
@@ -380,7 +380,7 @@ def _write(cfg: PredictConfig, card: dict, results: list[dict], failed: list[dic
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         lines = ["# fusedist predict\n", f"Model `{cfg.model}` ({card['task']}, methods "
                  f"{', '.join(card['methods'])}); {len(results)} "
-                 f"{'patient' if card.get('unit') == 'patient' else 'slide'}(s) predicted, "
+                 f"{'patient' if is_patient_model(card) else 'slide'}(s) predicted, "
                  f"{len(failed)} failed.\n"]
         for m, s in (card.get("cv_metrics") or {}).items():
             lines.append(f"- CV {m}: " + ", ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}"
